@@ -1,0 +1,132 @@
+// CPU kernel of memllm::tol_gather_add / tol_gather_add_: out[t] = hidden[t] + table[ids[t](, layer)].
+//
+// One pass over memory: read the hidden row and the table row, add in float32 (float64 when
+// either input is float64), round once to hidden's dtype, write. Tokens are split across threads
+// with at::parallel_for; the inner loop over d is a plain loop that g++ -O3 vectorizes.
+//
+// Extension points (kept in this file, not a new family): a row-quantized table (int8/int4 + a
+// per-row scale, paper Table 7) is another `load_row` that dequantizes; a fused add + RMSNorm is
+// another `store_row` that needs the whole summed row, which this row-at-a-time loop already has.
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../tol_gather_add.h"
+
+namespace memllm {
+namespace {
+
+template <typename hidden_t, typename table_t>
+using acc_type_t = std::conditional_t<std::is_same_v<hidden_t, double> || std::is_same_v<table_t, double>,
+                                      double, float>;
+
+template <typename hidden_t, typename table_t, typename index_t>
+void tol_gather_add_rows(hidden_t* out, int64_t out_rs, const hidden_t* hidden, int64_t hidden_rs,
+                         const index_t* ids, const table_t* table, const TolTableView& tv, int64_t T,
+                         int64_t d) {
+  using acc_t = acc_type_t<hidden_t, table_t>;
+  // About 32K elements per task: big enough to amortize scheduling, small enough to balance.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const table_t* row = table + static_cast<int64_t>(ids[t]) * tv.row_stride + tv.layer_offset;
+      const hidden_t* h = hidden + t * hidden_rs;
+      hidden_t* o = out + t * out_rs;
+      for (int64_t i = 0; i < d; ++i) {
+        o[i] = static_cast<hidden_t>(static_cast<acc_t>(h[i]) + static_cast<acc_t>(row[i]));
+      }
+    }
+  });
+}
+
+// Checks every id before any write, so a bad id never leaves a half-updated hidden behind.
+template <typename index_t>
+void check_id_range(const index_t* ids, int64_t T, int64_t num_rows) {
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t id = static_cast<int64_t>(ids[t]);
+    if (id < 0 || id >= num_rows) throw_bad_id("tol_gather_add", t, id, num_rows);
+  }
+}
+
+// Without the host check a bad id must still never be read: those rows become NaN.
+template <typename index_t>
+bool all_ids_in_range(const index_t* ids, int64_t T, int64_t num_rows) {
+  bool ok = true;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t id = static_cast<int64_t>(ids[t]);
+    ok &= (id >= 0) & (id < num_rows);
+  }
+  return ok;
+}
+
+// out and hidden are [T, d] row-strided views (out may alias hidden for the in-place op).
+void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
+            const at::Tensor& ids_flat, const at::Tensor& table, const TolTableView& tv, bool check_ids) {
+  const int64_t T = ids_flat.numel();
+  const int64_t d = hidden.size(-1);
+  if (T == 0) return;
+  AT_DISPATCH_INDEX_TYPES(ids_flat.scalar_type(), "tol_gather_add_cpu_ids", [&] {
+    const index_t* ids = ids_flat.const_data_ptr<index_t>();
+    if (check_ids) {
+      check_id_range(ids, T, tv.num_rows);
+    }
+    const bool ids_ok = check_ids || all_ids_in_range(ids, T, tv.num_rows);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "tol_gather_add_cpu", [&] {
+      using hidden_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "tol_gather_add_cpu_table", [&] {
+        using table_t = scalar_t;
+        if (ids_ok) {
+          tol_gather_add_rows<hidden_t, table_t, index_t>(
+              out.data_ptr<hidden_t>(), out_rs, hidden.const_data_ptr<hidden_t>(), hidden_rs, ids,
+              table.const_data_ptr<table_t>(), tv, T, d);
+          return;
+        }
+        // Rare path (check_ids=false and a bad id): row by row, NaN for the bad ones.
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t id = static_cast<int64_t>(ids[t]);
+          hidden_t* o = out.data_ptr<hidden_t>() + t * out_rs;
+          if (id < 0 || id >= tv.num_rows) {
+            std::fill(o, o + d, std::numeric_limits<hidden_t>::quiet_NaN());
+          } else {
+            tol_gather_add_rows<hidden_t, table_t, index_t>(o, out_rs, hidden.const_data_ptr<hidden_t>() + t * hidden_rs,
+                                                           hidden_rs, ids + t, table.const_data_ptr<table_t>(), tv, 1, d);
+          }
+        }
+      });
+    });
+  });
+}
+
+at::Tensor tol_gather_add_cpu(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& table,
+                              std::optional<int64_t> layer, bool check_ids) {
+  const TolTableView tv = check_tol_gather_add_args("tol_gather_add", hidden, ids, table, layer);
+  const int64_t d = hidden.size(-1);
+  at::Tensor out = at::empty(hidden.sizes(), hidden.options());
+  int64_t hidden_rs = row_stride(hidden);
+  const at::Tensor h = hidden_rs < 0 ? hidden.contiguous() : hidden;
+  if (hidden_rs < 0) hidden_rs = d;
+  launch(out, d, h, hidden_rs, ids.contiguous().view(-1), table, tv, check_ids);
+  return out;
+}
+
+void tol_gather_add_cpu_(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& table,
+                         std::optional<int64_t> layer, bool check_ids) {
+  const TolTableView tv = check_tol_gather_add_args("tol_gather_add_", hidden, ids, table, layer);
+  at::assert_no_internal_overlap(hidden);
+  const int64_t rs = row_stride(hidden);
+  if (rs < 0) {  // not viewable as [T, d]: compute out of place, then copy into hidden's layout
+    hidden.copy_(tol_gather_add_cpu(hidden, ids, table, layer, check_ids));
+    return;
+  }
+  launch(hidden, rs, hidden, rs, ids.contiguous().view(-1), table, tv, check_ids);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memllm, CPU, m) {
+  m.impl("tol_gather_add", &tol_gather_add_cpu);
+  m.impl("tol_gather_add_", &tol_gather_add_cpu_);
+}
+
+}  // namespace memllm

@@ -1,0 +1,155 @@
+// CUDA kernel of memllm::tol_gather_add / tol_gather_add_: out[t] = hidden[t] + table[ids[t](, layer)].
+//
+// Memory-bound: per token it reads one hidden row and one table row and writes one row (about 6*d
+// bytes in bf16), so the kernel is judged against device-copy bandwidth. Each thread moves 16-byte
+// vectors of hidden (8 bf16 / 4 fp32) when every pointer and stride allows it, else single
+// elements. Blocks hold whole rows (threads along d, rows along y) so that small d still fills a
+// block; a grid-stride loop over rows keeps the grid bounded.
+//
+// Extension points: a row-quantized table is another `load_vec` that dequantizes with the row's
+// scale; a fused add + RMSNorm needs a block-wide sum of squares per row before the store.
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include "../tol_gather_add.h"
+
+namespace memllm {
+namespace {
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename hidden_t, typename table_t>
+using acc_type_t = std::conditional_t<std::is_same_v<hidden_t, double> || std::is_same_v<table_t, double>,
+                                      double, float>;
+
+template <typename hidden_t, typename table_t, typename index_t, int VEC>
+__global__ void tol_gather_add_kernel(hidden_t* __restrict__ out, int64_t out_rs,
+                                      const hidden_t* __restrict__ hidden, int64_t hidden_rs,
+                                      const index_t* __restrict__ ids, const table_t* __restrict__ table,
+                                      int64_t table_rs, int64_t layer_offset, int64_t num_rows, int64_t T,
+                                      int64_t d) {
+  using acc_t = acc_type_t<hidden_t, table_t>;
+  const int64_t nvec = d / VEC;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; t < T;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t id = static_cast<int64_t>(ids[t]);
+    hidden_t* o = out + t * out_rs;
+    if (id < 0 || id >= num_rows) {
+      // Only reachable with check_ids=false: never read outside the table, poison the row instead.
+      for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = static_cast<hidden_t>(NAN);
+      continue;
+    }
+    const hidden_t* h = hidden + t * hidden_rs;
+    const table_t* r = table + id * table_rs + layer_offset;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+      const Vec<hidden_t, VEC> hv = reinterpret_cast<const Vec<hidden_t, VEC>*>(h)[j];
+      const Vec<table_t, VEC> rv = reinterpret_cast<const Vec<table_t, VEC>*>(r)[j];
+      Vec<hidden_t, VEC> ov;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        ov.v[k] = static_cast<hidden_t>(static_cast<acc_t>(hv.v[k]) + static_cast<acc_t>(rv.v[k]));
+      }
+      reinterpret_cast<Vec<hidden_t, VEC>*>(o)[j] = ov;
+    }
+  }
+}
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Host-side id check: one small reduction and one device sync. check_ids=false skips it (for
+// CUDA graphs and for callers that validated the ids once for all layers).
+void check_id_range(const at::Tensor& ids_flat, int64_t num_rows) {
+  if (ids_flat.numel() == 0) return;
+  auto [lo, hi] = at::aminmax(ids_flat);
+  const at::Tensor both = at::stack({lo.to(at::kLong), hi.to(at::kLong)}).cpu();
+  const int64_t lo_v = both[0].item<int64_t>(), hi_v = both[1].item<int64_t>();
+  if (lo_v >= 0 && hi_v < num_rows) return;
+  const int64_t bad = lo_v < 0 ? lo_v : hi_v;
+  const int64_t pos = (ids_flat == bad).nonzero()[0][0].item<int64_t>();
+  throw_bad_id("tol_gather_add", pos, bad, num_rows);
+}
+
+void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
+            const at::Tensor& ids_flat, const at::Tensor& table, const TolTableView& tv, bool check_ids) {
+  const int64_t T = ids_flat.numel();
+  const int64_t d = hidden.size(-1);
+  if (check_ids) check_id_range(ids_flat, tv.num_rows);
+  if (T == 0 || d == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(hidden.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(ids_flat.scalar_type(), "tol_gather_add_cuda_ids", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "tol_gather_add_cuda", [&] {
+      using hidden_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "tol_gather_add_cuda_table", [&] {
+        using table_t = scalar_t;
+        constexpr int kVec = 16 / sizeof(hidden_t);  // 16-byte accesses of hidden and out
+        const hidden_t* h = hidden.const_data_ptr<hidden_t>();
+        hidden_t* o = out.data_ptr<hidden_t>();
+        const table_t* tab = table.const_data_ptr<table_t>();
+        const bool vec_ok = d % kVec == 0 && out_rs % kVec == 0 && hidden_rs % kVec == 0 &&
+                            tv.row_stride % kVec == 0 && tv.layer_offset % kVec == 0 && aligned(h, 16) &&
+                            aligned(o, 16) && aligned(tab, sizeof(table_t) * kVec);
+        const int vec = vec_ok ? kVec : 1;
+        // Threads along d cover one row's vectors (a multiple of 32, at most 256); the rest of a
+        // 256-thread block takes further rows, so d=8 still runs 32 rows per block.
+        const int64_t nvec = d / vec;
+        const int tx = static_cast<int>(std::min<int64_t>(256, (nvec + 31) / 32 * 32));
+        const int ty = 256 / tx;
+        // 65535 blocks of up to 256 threads saturate any current GPU; more rows loop.
+        const int64_t blocks = std::min<int64_t>((T + ty - 1) / ty, 65535);
+        const dim3 block(tx, ty);
+        const index_t* id_ptr = ids_flat.const_data_ptr<index_t>();
+        if (vec_ok) {
+          tol_gather_add_kernel<hidden_t, table_t, index_t, kVec><<<blocks, block, 0, stream>>>(
+              o, out_rs, h, hidden_rs, id_ptr, tab, tv.row_stride, tv.layer_offset, tv.num_rows, T, d);
+        } else {
+          tol_gather_add_kernel<hidden_t, table_t, index_t, 1><<<blocks, block, 0, stream>>>(
+              o, out_rs, h, hidden_rs, id_ptr, tab, tv.row_stride, tv.layer_offset, tv.num_rows, T, d);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+at::Tensor tol_gather_add_cuda(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& table,
+                               std::optional<int64_t> layer, bool check_ids) {
+  const TolTableView tv = check_tol_gather_add_args("tol_gather_add", hidden, ids, table, layer);
+  const int64_t d = hidden.size(-1);
+  at::Tensor out = at::empty(hidden.sizes(), hidden.options());
+  int64_t hidden_rs = row_stride(hidden);
+  const at::Tensor h = hidden_rs < 0 ? hidden.contiguous() : hidden;
+  if (hidden_rs < 0) hidden_rs = d;
+  launch(out, d, h, hidden_rs, ids.contiguous().view(-1), table, tv, check_ids);
+  return out;
+}
+
+void tol_gather_add_cuda_(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& table,
+                          std::optional<int64_t> layer, bool check_ids) {
+  const TolTableView tv = check_tol_gather_add_args("tol_gather_add_", hidden, ids, table, layer);
+  at::assert_no_internal_overlap(hidden);
+  const int64_t rs = row_stride(hidden);
+  if (rs < 0) {
+    hidden.copy_(tol_gather_add_cuda(hidden, ids, table, layer, check_ids));
+    return;
+  }
+  launch(hidden, rs, hidden, rs, ids.contiguous().view(-1), table, tv, check_ids);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memllm, CUDA, m) {
+  m.impl("tol_gather_add", &tol_gather_add_cuda);
+  m.impl("tol_gather_add_", &tol_gather_add_cuda_);
+}
+
+}  // namespace memllm

@@ -1,0 +1,88 @@
+// Argument checks and layout helpers shared by the CPU and CUDA tol_gather_add kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+
+namespace memllm {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// Stride between consecutive rows if `t` ([..., d], last dim contiguous) can be read as a
+// [T, d] matrix without a copy, else -1 (then callers work on a contiguous copy).
+inline int64_t row_stride(const at::Tensor& t) {
+  const int64_t n = t.dim();
+  if (t.size(-1) > 1 && t.stride(-1) != 1) return -1;
+  int64_t rs = -1, expect = -1;
+  for (int64_t i = n - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (rs < 0) {
+      rs = t.stride(i);
+      expect = rs * t.size(i);
+    } else if (t.stride(i) != expect) {
+      return -1;
+    } else {
+      expect *= t.size(i);
+    }
+  }
+  return rs < 0 ? t.size(-1) : rs;  // zero or one row: any stride will do
+}
+
+// Where the rows of one layer start: a [V, d] table, or the `layer` slice of a [V, L, d] one.
+struct TolTableView {
+  int64_t num_rows;      // V
+  int64_t row_stride;    // elements between consecutive tokens' rows (64-bit: 128256*24*2048 > 2^31)
+  int64_t layer_offset;  // elements from a token's first row to its `layer` row
+};
+
+// Checks everything but the id range; throws a Python-mappable error that names the problem.
+inline TolTableView check_tol_gather_add_args(
+    const char* op, const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& table,
+    const std::optional<int64_t>& layer) {
+  TORCH_CHECK_TYPE(is_supported_float(hidden.scalar_type()), op,
+                   ": hidden must be float32, float16, bfloat16 or float64, got ", hidden.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_float(table.scalar_type()), op,
+                   ": table must be float32, float16, bfloat16 or float64, got ", table.scalar_type());
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
+                   ": ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(hidden.dim() >= 1, op, ": hidden must have shape [..., d], got a 0-d tensor");
+  TORCH_CHECK_VALUE(ids.sizes() == hidden.sizes().slice(0, hidden.dim() - 1), op,
+                    ": ids must have hidden's leading shape ", hidden.sizes().slice(0, hidden.dim() - 1),
+                    ", got ", ids.sizes());
+  TORCH_CHECK_VALUE(table.dim() == 2 || table.dim() == 3, op,
+                    ": table must be [V, d] or token-major [V, L, d], got shape ", table.sizes());
+  TORCH_CHECK_VALUE(table.size(-1) == hidden.size(-1), op, ": table rows have d=", table.size(-1),
+                    " but hidden has d=", hidden.size(-1));
+  TORCH_CHECK(hidden.device() == ids.device() && hidden.device() == table.device(), op,
+              ": hidden, ids and table must be on one device, got ", hidden.device(), ", ", ids.device(),
+              " and ", table.device());
+  TORCH_CHECK_VALUE(table.size(-1) <= 1 || table.stride(-1) == 1, op,
+                    ": table's last dim must be contiguous (stride 1), got strides ", table.strides(),
+                    "; pass table.contiguous() if a copy of the table is acceptable");
+  int64_t layer_offset = 0;
+  if (table.dim() == 3) {
+    TORCH_CHECK_VALUE(layer.has_value(), op, ": a token-major [V, L, d] table needs layer=, with L=",
+                      table.size(1));
+    TORCH_CHECK_INDEX(*layer >= 0 && *layer < table.size(1), op, ": layer=", *layer,
+                      " is outside the table's [0, ", table.size(1), ") layers");
+    layer_offset = *layer * table.stride(1);
+  } else {
+    TORCH_CHECK_VALUE(!layer.has_value(), op, ": layer=", *layer,
+                      " was given for a [V, d] table; pass a [V, L, d] table or layer=None");
+  }
+  return {table.size(0), table.stride(0), layer_offset};
+}
+
+// The error for an id outside [0, V): names the id, where it is, and V.
+[[noreturn]] inline void throw_bad_id(const char* op, int64_t position, int64_t id, int64_t num_rows) {
+  TORCH_CHECK_INDEX(false, op, ": id ", id, " (at flat position ", position, " of ids) is outside [0, V) for a ",
+                    "table of V=", num_rows, " rows");
+  __builtin_unreachable();
+}
+
+}  // namespace memllm

@@ -1,0 +1,16 @@
+"""memllm-kernels: fused kernels for MemoryLLM's token-wise lookups (ToLs).
+
+    import memllm_kernels as mk
+    out = mk.tol_gather_add(hidden, ids, table, layer)   # hidden + table[ids, layer]
+    mk.available_backends()                               # e.g. ['reference', 'cpu', 'triton']
+"""
+
+from .ops import (  # noqa: F401
+    BACKENDS,
+    available_backends,
+    backend_unavailable_reason,
+    tol_gather_add,
+    tol_gather_add_,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,211 @@
+"""The public ops: typed wrappers with shapes, backend choice, fake kernels and autograd.
+
+Schemas (defined once, in csrc/ops.cpp):
+    memllm::tol_gather_add(Tensor hidden, Tensor ids, Tensor table, int? layer=None, bool check_ids=True) -> Tensor
+    memllm::tol_gather_add_(Tensor(a!) hidden, Tensor ids, Tensor table, int? layer=None, bool check_ids=True) -> ()
+with CPU (C++) and CUDA kernels; the Triton kernel is memllm::tol_gather_add_triton(_)
+(memllm_kernels/triton/tol_gather_add.py). reference.py holds the spec every backend is tested against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from . import _ext, reference
+
+_ext.load()
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+if _HAS_TRITON:
+    from . import triton as _triton  # noqa: F401  (registers memllm::tol_gather_add_triton(_))
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend_unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:
+    """None if `backend` can run on `device` here (default: any device it supports), else why not."""
+    device = None if device is None else torch.device(device)
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'"
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device is not None and device.type != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors, these are on {device}"
+        return None
+    if backend == "cuda":
+        if not _ext.has_kernel("tol_gather_add", "CUDA"):
+            return ("memllm_kernels._C was built without CUDA kernels (CPU-only torch or no nvcc at build "
+                    "time); rebuild with a CUDA torch and MEMLLM_BUILD_CUDA=1")
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
+        if device is not None and device.type != "cuda":
+            return f"the 'cuda' backend runs on CUDA tensors, these are on {device}"
+        return None
+    # triton
+    if not _HAS_TRITON:
+        return "triton is not installed (pip install triton)"
+    if _triton_interpret():
+        return None  # the interpreter runs kernels on CPU (and copies CUDA tensors through the host)
+    if not torch.cuda.is_available():
+        return "triton needs a GPU, or TRITON_INTERPRET=1 (set before import) to run on the CPU"
+    if device is not None and device.type != "cuda":
+        return f"triton kernels run on CUDA tensors, these are on {device} (or set TRITON_INTERPRET=1)"
+    return None
+
+
+def available_backends() -> list[str]:
+    """The backends this install can run: 'reference' always, 'cpu', 'triton', 'cuda' when usable."""
+    return [b for b in BACKENDS if backend_unavailable_reason(b) is None]
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        order = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
+        for b in order:
+            if backend_unavailable_reason(b, device) is None:
+                return b
+        raise RuntimeError(f"no compiled backend can run on {device}: "
+                           + "; ".join(f"{b}: {backend_unavailable_reason(b, device)}" for b in order)
+                           + ". backend='reference' runs anywhere")
+    reason = backend_unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    return backend
+
+
+def _check_args(op: str, hidden, ids, table, layer) -> None:
+    """The checks the C++ kernels make, made in Python so every backend raises the same errors."""
+    for name, t in (("hidden", hidden), ("ids", ids), ("table", table)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
+    if table.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: table must be float32, float16, bfloat16 or float64, got {table.dtype}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: ids must be int32 or int64, got {ids.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{op}: hidden must have shape [..., d], got a 0-d tensor")
+    if ids.shape != hidden.shape[:-1]:
+        raise ValueError(f"{op}: ids must have hidden's leading shape {list(hidden.shape[:-1])}, "
+                         f"got {list(ids.shape)}")
+    if table.dim() not in (2, 3):
+        raise ValueError(f"{op}: table must be [V, d] or token-major [V, L, d], got shape {list(table.shape)}")
+    if table.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: table rows have d={table.shape[-1]} but hidden has d={hidden.shape[-1]}")
+    if not (hidden.device == ids.device == table.device):
+        raise RuntimeError(f"{op}: hidden, ids and table must be on one device, got {hidden.device}, "
+                           f"{ids.device} and {table.device}")
+    if table.shape[-1] > 1 and table.stride(-1) != 1:
+        raise ValueError(f"{op}: table's last dim must be contiguous (stride 1), got strides {table.stride()}; "
+                         "pass table.contiguous() if a copy of the table is acceptable")
+    if table.dim() == 3:
+        if layer is None:
+            raise ValueError(f"{op}: a token-major [V, L, d] table needs layer=, with L={table.shape[1]}")
+        if not 0 <= layer < table.shape[1]:
+            raise IndexError(f"{op}: layer={layer} is outside the table's [0, {table.shape[1]}) layers")
+    elif layer is not None:
+        raise ValueError(f"{op}: layer={layer} was given for a [V, d] table; pass a [V, L, d] table or layer=None")
+
+
+def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
+    """Raises IndexError naming the first id outside [0, V). One device sync on GPU tensors."""
+    if ids.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(ids))
+    if lo >= 0 and hi < num_rows:
+        return
+    bad = lo if lo < 0 else hi
+    pos = int((ids.reshape(-1) == bad).nonzero()[0, 0])
+    raise IndexError(f"{op}: id {bad} (at flat position {pos} of ids) is outside [0, V) for a table of "
+                     f"V={num_rows} rows")
+
+
+def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, layer: int | None = None,
+                   *, backend: str = "auto", check_ids: bool = True) -> torch.Tensor:
+    """Add token-wise lookup rows to the residual stream: hidden + table[ids] (or table[ids, layer]).
+
+    hidden: [..., d] float32/float16/bfloat16 (float64 for gradcheck), any strides.
+    ids:    [...] int32/int64, hidden's leading shape, each in [0, V).
+    table:  [V, d], or token-major [V, L, d] with `layer` in [0, L); float32/float16/bfloat16/float64,
+            last dim contiguous. A table of another dtype is upcast: the sum is taken in float32 and
+            returned in hidden's dtype.
+    backend: 'auto' (fastest compiled backend for the device), 'reference', 'cpu', 'triton', 'cuda'.
+    check_ids: raise IndexError on an id outside [0, V) (on CUDA this costs one device sync; pass
+            False under CUDA graphs: kernels still never read outside the table, they write NaN rows).
+    Returns a new contiguous [..., d] tensor. Differentiable in hidden and table.
+    """
+    _check_args("tol_gather_add", hidden, ids, table, layer)
+    backend = _pick_backend(backend, hidden.device)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.memllm.tol_gather_add(hidden, ids, table, layer, check_ids)
+    if check_ids:
+        _check_id_range("tol_gather_add", ids, table.shape[0])
+    if backend == "triton":
+        return torch.ops.memllm.tol_gather_add_triton(hidden, ids, table, layer)
+    return reference.tol_gather_add(hidden, ids, table, layer)
+
+
+def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, layer: int | None = None,
+                    *, backend: str = "auto", check_ids: bool = True) -> torch.Tensor:
+    """In-place tol_gather_add: hidden += table[ids] (or table[ids, layer]); returns hidden.
+
+    Shapes and arguments as in tol_gather_add. For inference: no autograd (use tol_gather_add to train).
+    A bad id raises before anything is written (with check_ids=True).
+    """
+    _check_args("tol_gather_add_", hidden, ids, table, layer)
+    if torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad):
+        raise RuntimeError("tol_gather_add_ works in place and has no autograd; use tol_gather_add "
+                           "(out of place) when gradients are needed, or run under torch.no_grad()")
+    backend = _pick_backend(backend, hidden.device)
+    if backend in ("cpu", "cuda"):
+        torch.ops.memllm.tol_gather_add_(hidden, ids, table, layer, check_ids)
+        return hidden
+    if check_ids:
+        _check_id_range("tol_gather_add_", ids, table.shape[0])
+    if backend == "triton":
+        torch.ops.memllm.tol_gather_add_triton_(hidden, ids, table, layer)
+    else:
+        hidden.copy_(reference.tol_gather_add(hidden, ids, table, layer))
+    return hidden
+
+
+# ---- fake kernels: allocation only, same layout as the real kernels (a new contiguous tensor) ----
+@torch.library.register_fake("memllm::tol_gather_add")
+def _tol_gather_add_fake(hidden, ids, table, layer=None, check_ids=True):
+    return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+
+
+@torch.library.register_fake("memllm::tol_gather_add_")
+def _tol_gather_add__fake(hidden, ids, table, layer=None, check_ids=True):
+    return None
+
+
+# ---- autograd: d/dhidden is the identity, d/dtable scatters grad rows back onto ids ----
+def _setup_context(ctx, inputs, output):
+    hidden, ids, table, layer = inputs[:4]
+    ctx.save_for_backward(ids)
+    ctx.table_shape, ctx.table_dtype, ctx.layer = table.shape, table.dtype, layer
+
+
+def _backward(ctx, grad):
+    (ids,) = ctx.saved_tensors
+    grad_table = None
+    if ctx.needs_input_grad[2]:
+        grad_table = reference.tol_gather_add_backward_table(grad, ids, ctx.table_shape, ctx.table_dtype, ctx.layer)
+    grad_hidden = grad if ctx.needs_input_grad[0] else None
+    return (grad_hidden, None, grad_table) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+torch.library.register_autograd("memllm::tol_gather_add", _backward, setup_context=_setup_context)
+if _HAS_TRITON:
+    torch.library.register_autograd("memllm::tol_gather_add_triton", _backward, setup_context=_setup_context)

@@ -1,0 +1,104 @@
+"""Triton kernel of the ToL gather-add: out[t] = hidden[t] + table[ids[t](, layer)].
+
+Registered as memllm::tol_gather_add_triton (functional) and memllm::tol_gather_add_triton_ (in place)
+with torch.library.triton_op, so torch.compile sees the kernel. The id range is checked by the caller
+(memllm_kernels.ops) before launch; the kernel itself never reads a row outside [0, V) and writes NaN
+rows for out-of-range ids, so a launch that skipped the check cannot read out of bounds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+
+# The interpreter costs about 2 ms per program instance and runs each tile as NumPy arrays, so
+# under it we launch 8x bigger tiles: T=4097, d=2048 becomes 129 programs (~0.3 s), not 1025.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_TILE_ELEMS = 1 << 16 if _INTERPRET else 1 << 13
+
+
+@triton.jit
+def tol_gather_add_kernel(
+    out_ptr, hidden_ptr, ids_ptr, table_ptr,
+    T, d, out_rs, hidden_rs, table_rs, layer_offset, num_rows,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FP64: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    ids = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    id_ok = (ids >= 0) & (ids < num_rows)
+    mask = row_ok[:, None] & (cols < d)[None, :]
+    h = tl.load(hidden_ptr + rows[:, None] * hidden_rs + cols[None, :], mask=mask)
+    r = tl.load(table_ptr + ids[:, None] * table_rs + layer_offset + cols[None, :],
+                mask=mask & id_ok[:, None], other=float("nan"))
+    # Sum in float32 (float64 if an input is float64), round once to hidden's dtype.
+    acc = tl.float64 if FP64 else tl.float32
+    out = (h.to(acc) + r.to(acc)).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(out_ptr + rows[:, None] * out_rs + cols[None, :], out, mask=mask)
+
+
+def _launch(out: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
+            layer: int | None) -> None:
+    """out, hidden: [T, d] views with unit column stride; ids: [T] contiguous."""
+    T, d = hidden.shape
+    if T == 0 or d == 0:
+        return
+    if _INTERPRET and (out.device.type == "meta" or is_fake(out)):
+        # Under the interpreter wrap_triton hands back the eager kernel, which would run on fake
+        # tensors while torch traces this op's fake kernel; on a GPU wrap_triton's own fake is a no-op.
+        return
+    block_d = min(triton.next_power_of_2(d), _TILE_ELEMS)
+    block_t = min(triton.next_power_of_2(T), max(1, _TILE_ELEMS // block_d))
+    grid = (triton.cdiv(T, block_t), triton.cdiv(d, block_d))
+    layer_offset = 0 if layer is None else layer * table.stride(1)
+    wrap_triton(tol_gather_add_kernel)[grid](
+        out, hidden, ids, table,
+        T, d, out.stride(0), hidden.stride(0), table.stride(0), layer_offset, table.shape[0],
+        BLOCK_T=block_t, BLOCK_D=block_d,
+        FP64=hidden.dtype == torch.float64 or table.dtype == torch.float64,
+        num_warps=4 if block_t * block_d <= 4096 else 8,
+    )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """t [..., d] as a [T, d] view with unit column stride, or None if that needs a copy."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+@triton_op("memllm::tol_gather_add_triton", mutates_args=())
+def tol_gather_add_triton(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
+                          layer: int | None = None) -> torch.Tensor:
+    """hidden [..., d], ids [...] int32/int64, table [V, d] or [V, L, d] -> [..., d] like hidden."""
+    d = hidden.shape[-1]
+    out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    if out.numel() == 0:
+        return out
+    h = _rows(hidden)
+    if h is None:
+        h = hidden.contiguous().view(-1, d)
+    _launch(out.view(-1, d), h, ids.reshape(-1).contiguous(), table, layer)
+    return out
+
+
+@triton_op("memllm::tol_gather_add_triton_", mutates_args={"hidden"})
+def tol_gather_add_triton_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
+                           layer: int | None = None) -> None:
+    """In place on hidden [..., d]; see tol_gather_add_triton."""
+    if hidden.numel() == 0:
+        return
+    h = _rows(hidden)
+    if h is None:  # not viewable as [T, d]: compute out of place, copy back into hidden's layout
+        hidden.copy_(tol_gather_add_triton(hidden, ids, table, layer))
+        return
+    _launch(h, h, ids.reshape(-1).contiguous(), table, layer)

@@ -1,0 +1,327 @@
+"""tol_gather_add / tol_gather_add_ on every backend against the reference (memllm_kernels/reference.py)."""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import memllm_kernels as mk
+from memllm_kernels import reference
+
+from conftest import BACKEND_DEVICES, DEVICES
+
+# ---- the test matrix, named once ----
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_PAIRS = list(itertools.product(FLOAT_DTYPES, FLOAT_DTYPES))  # (hidden, table): all 9
+TOKENS = [0, 1, 7, 4097]
+DIMS = [1, 8, 769, 2048]
+LAYERS = [None, 3]  # None: a [V, d] table; 3: a token-major [V, 3, d] table, read at its last layer
+ID_DTYPES = [torch.int32, torch.int64]
+VOCAB = 37  # small, so T=4097 repeats every id many times
+
+# ---- tolerances, with reasons ----
+# The sum is taken in float32 and rounded once to hidden's dtype, on every backend and in the
+# reference, and float32 has more than 2p+2 mantissa bits for bf16/fp16 (p = 8, 11), so the result is
+# the correctly rounded sum everywhere: every backend must match the reference bit for bit.
+# One exception: Triton's CPU interpreter (not the GPU) truncates float32 -> bfloat16 instead of
+# rounding to nearest; there each bf16 output must equal either the reference or the truncated sum.
+
+
+def _interpreted(backend):
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def assert_matches_reference(out, hidden, ids, table, layer, backend):
+    expected = reference.tol_gather_add(hidden, ids, table, layer)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    if _interpreted(backend) and out.dtype == torch.bfloat16:
+        exact = reference.tol_rows(table, ids, layer).float() + hidden.float()
+        truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+        ok = (out.cpu() == expected.cpu()) | (out.cpu() == truncated.cpu())
+        assert bool(ok.all()), f"{int((~ok).sum())} elements neither rounded nor truncated"
+        return
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=False)
+
+
+def make_case(T, d, layer, hidden_dtype, table_dtype, id_dtype, device, vocab=VOCAB):
+    table_shape = (vocab, d) if layer is None else (vocab, layer + 1, d)
+    table = torch.randn(table_shape, device=device).to(table_dtype)
+    hidden = torch.randn(T, d, device=device).to(hidden_dtype)
+    ids = torch.randint(0, vocab, (T,), device=device)
+    if T >= 2:
+        ids[0] = vocab - 1  # the largest id
+        ids[1] = ids[0]  # a repeated id
+    return hidden, ids.to(id_dtype), table
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=str)
+@pytest.mark.parametrize("layer", LAYERS, ids=["VxD", "VxLxD"])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("hidden_dtype,table_dtype", DTYPE_PAIRS, ids=str)
+def test_matches_reference(backend, device, hidden_dtype, table_dtype, T, d, layer, id_dtype):
+    hidden, ids, table = make_case(T, d, layer, hidden_dtype, table_dtype, id_dtype, device)
+    before = hidden.clone()
+    out = mk.tol_gather_add(hidden, ids, table, layer, backend=backend)
+    assert torch.equal(hidden, before), "the functional op modified its input"
+    assert_matches_reference(out, hidden, ids, table, layer, backend)
+    ret = mk.tol_gather_add_(hidden, ids, table, layer, backend=backend)
+    assert ret is hidden
+    assert_matches_reference(hidden, before, ids, table, layer, backend)
+
+
+def strided(kind, T, d, dtype, device):
+    if kind == "padded-rows":  # viewable as [T, d] with row stride d + 3 (also breaks 16-byte alignment)
+        return torch.randn(T, d + 3, device=device).to(dtype)[:, 1:d + 1]
+    if kind == "column-stride-2":  # last dim not contiguous: kernels work on a copy
+        return torch.randn(T, 2 * d, device=device).to(dtype)[:, ::2]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("kind", ["padded-rows", "column-stride-2"])
+@pytest.mark.parametrize("T,d", [(7, 8), (4097, 769), (33, 2048)])
+@pytest.mark.parametrize("hidden_dtype,table_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                                      (torch.float32, torch.bfloat16)], ids=str)
+def test_strided_hidden(backend, device, kind, T, d, hidden_dtype, table_dtype):
+    _, ids, table = make_case(T, d, 3, hidden_dtype, table_dtype, torch.int64, device)
+    hidden = strided(kind, T, d, hidden_dtype, device)
+    assert not hidden.is_contiguous()
+    before = hidden.clone()
+    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 3, backend=backend), hidden, ids, table, 3, backend)
+    mk.tol_gather_add_(hidden, ids, table, 3, backend=backend)
+    assert_matches_reference(hidden, before, ids, table, 3, backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_leading_dims_and_transposed(backend, device):
+    """hidden [B, S, d] with any leading shape; a transposed one is not viewable as [T, d]."""
+    table = torch.randn(50, 4, 64, device=device, dtype=torch.bfloat16)
+    hidden = torch.randn(5, 3, 64, device=device, dtype=torch.bfloat16).transpose(0, 1)  # [3, 5, 64]
+    ids = torch.randint(0, 50, (3, 5), device=device)
+    assert not hidden.is_contiguous()
+    out = mk.tol_gather_add(hidden, ids, table, 2, backend=backend)
+    assert out.shape == (3, 5, 64) and out.is_contiguous()
+    assert_matches_reference(out, hidden, ids, table, 2, backend)
+    before = hidden.clone()
+    mk.tol_gather_add_(hidden, ids, table, 2, backend=backend)
+    assert_matches_reference(hidden, before, ids, table, 2, backend)
+    one_token = torch.randn(64, device=device, dtype=torch.bfloat16)  # hidden [d], ids []
+    out = mk.tol_gather_add(one_token, torch.tensor(7, device=device), table, 0, backend=backend)
+    assert_matches_reference(out, one_token, torch.tensor(7, device=device), table, 0, backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_huge_vocab_ids(backend, device):
+    """The 1b preset's vocabulary: ids near 128,255 address rows far into the table."""
+    V, L, d = 128_256, 2, 16
+    table = torch.randn(V, L, d, device=device, dtype=torch.bfloat16)
+    ids = torch.tensor([V - 1, 0, 100_000, V - 1, 65_536], device=device, dtype=torch.int32)
+    hidden = torch.randn(5, d, device=device, dtype=torch.bfloat16)
+    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 1, backend=backend), hidden, ids, table, 1, backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_offsets_beyond_int32(backend, device):
+    """A table of 2^31 + 2^26 elements (the 1b table has 6.3e9): offsets of the last rows overflow int32.
+
+    torch.empty maps the 4.3 GB lazily; only the rows read are ever written, so this stays cheap.
+    """
+    V, L, d = 33_792, 2, 32_768  # V*L*d = 2.21e9 > 2^31
+    table = torch.empty(V, L, d, device=device, dtype=torch.bfloat16)
+    ids = torch.tensor([V - 1, 1, V - 2], device=device)
+    table[ids] = torch.randn(3, L, d, device=device, dtype=torch.bfloat16)
+    hidden = torch.randn(3, d, device=device, dtype=torch.bfloat16)
+    assert (V - 1) * L * d + d > 2**31
+    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 1, backend=backend), hidden, ids, table, 1, backend)
+    del table
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_unchecked_bad_ids_never_read_out_of_bounds(backend, device):
+    """check_ids=False skips the host check; bad ids then yield NaN rows, good rows stay exact."""
+    hidden, ids, table = make_case(6, 32, 3, torch.float32, torch.float32, torch.int64, device)
+    ids[2], ids[4] = VOCAB, -(2**40)
+    out = mk.tol_gather_add(hidden, ids, table, 3, backend=backend, check_ids=False)
+    assert torch.isnan(out[[2, 4]]).all()
+    good = torch.tensor([0, 1, 3, 5], device=device)
+    assert_matches_reference(out[good], hidden[good], ids[good], table, 3, backend)
+
+
+# ---- bad input: a clear Python exception on every backend, before anything is written ----
+def _bad_cases(device):
+    h = torch.randn(4, 8, device=device)
+    ids = torch.tensor([0, 1, 2, 3], device=device)
+    t2 = torch.randn(10, 8, device=device)
+    t3 = torch.randn(10, 2, 8, device=device)
+    return {
+        "id-too-large": ((h, torch.tensor([0, 1, 10, 3], device=device), t3, 0), IndexError, r"id 10 .*V=10"),
+        "id-negative": ((h, torch.tensor([0, -1, 2, 3], device=device), t3, 0), IndexError, r"id -1 .*V=10"),
+        "float-ids": ((h, ids.float(), t3, 0), TypeError, "ids must be int32 or int64"),
+        "int16-ids": ((h, ids.short(), t3, 0), TypeError, "ids must be int32 or int64"),
+        "ids-shape": ((h, ids[:3], t3, 0), ValueError, "leading shape"),
+        "d-mismatch": ((h, ids, torch.randn(10, 2, 9, device=device), 0), ValueError, "d=9"),
+        "layer-too-large": ((h, ids, t3, 2), IndexError, r"layer=2 is outside"),
+        "layer-negative": ((h, ids, t3, -1), IndexError, r"layer=-1 is outside"),
+        "layer-missing": ((h, ids, t3, None), ValueError, "needs layer="),
+        "layer-for-2d-table": ((h, ids, t2, 0), ValueError, r"\[V, d\] table"),
+        "table-1d": ((h, ids, torch.randn(8, device=device), None), ValueError, r"\[V, d\] or"),
+        "int-hidden": ((h.long(), ids, t3, 0), TypeError, "hidden must be float"),
+        "int-table": ((h, ids, t3.long(), 0), TypeError, "table must be float"),
+        "scalar-hidden": ((h[0, 0], ids[0], t3, 0), ValueError, "0-d"),
+        "table-not-row-contiguous": ((h, ids, torch.randn(10, 2, 16, device=device)[..., ::2], 0), ValueError,
+                                     "last dim must be contiguous"),
+    }
+
+
+BAD_CASE_NAMES = list(_bad_cases("cpu"))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("case", BAD_CASE_NAMES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["functional", "inplace"])
+def test_bad_input_raises(backend, device, case, inplace):
+    (hidden, ids, table, layer), exc, match = _bad_cases(device)[case]
+    before = hidden.clone()
+    fn = mk.tol_gather_add_ if inplace else mk.tol_gather_add
+    with pytest.raises(exc, match=match):
+        fn(hidden, ids, table, layer, backend=backend)
+    assert torch.equal(hidden, before), "a failed call modified hidden"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["id-too-large", "id-negative", "float-ids", "ids-shape", "d-mismatch",
+                                  "layer-too-large", "layer-missing", "layer-for-2d-table", "int-hidden",
+                                  "table-not-row-contiguous"])
+def test_bad_input_raises_in_compiled_op(device, case):
+    """torch.ops.memllm.* check their own inputs too (the C++ TORCH_CHECKs), with the same errors."""
+    (hidden, ids, table, layer), exc, match = _bad_cases(device)[case]
+    with pytest.raises(exc, match=match):
+        torch.ops.memllm.tol_gather_add(hidden, ids, table, layer)
+    with pytest.raises(exc, match=match):
+        torch.ops.memllm.tol_gather_add_(hidden, ids, table, layer)
+
+
+@pytest.mark.requires_cuda
+def test_mixed_devices_raise():
+    h = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="one device"):
+        mk.tol_gather_add(h, torch.tensor([0, 1]), torch.randn(4, 8, device="cuda"))
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.memllm.tol_gather_add(h, torch.tensor([0, 1]), torch.randn(4, 8, device="cuda"))
+
+
+def test_unknown_or_unavailable_backend_raises():
+    h, ids, t = torch.randn(2, 8), torch.tensor([0, 1]), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="unknown backend"):
+        mk.tol_gather_add(h, ids, t, backend="cublas")
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        mk.tol_gather_add(h, ids, t, backend="cuda")  # CPU tensors (and maybe no GPU at all)
+
+
+def test_available_backends_are_usable():
+    names = mk.available_backends()
+    assert names[:2] == ["reference", "cpu"]
+    for b in names:
+        device = "cuda" if b == "cuda" or (b == "triton" and os.environ.get("TRITON_INTERPRET") != "1") else "cpu"
+        h, ids, t = torch.randn(3, 8, device=device), torch.tensor([0, 2, 2], device=device), torch.randn(4, 8, device=device)
+        torch.testing.assert_close(mk.tol_gather_add(h, ids, t, backend=b), h + t[ids], rtol=0, atol=0)
+
+
+def test_inplace_refuses_autograd():
+    h = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no autograd"):
+        mk.tol_gather_add_(h, torch.tensor([0, 1]), torch.randn(4, 8))
+
+
+# ---- torch.library integration: opcheck, gradcheck, meta, torch.compile ----
+def _opcheck_samples(device):
+    yield torch.randn(5, 8, device=device), torch.tensor([0, 3, 3, 1, 2], device=device), torch.randn(4, 8, device=device), None
+    yield (torch.randn(2, 3, 16, device=device, dtype=torch.bfloat16), torch.randint(0, 6, (2, 3), device=device, dtype=torch.int32),
+           torch.randn(6, 2, 16, device=device), 1)
+    yield torch.randn(0, 8, device=device), torch.zeros(0, dtype=torch.long, device=device), torch.randn(4, 8, device=device), None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["tol_gather_add", "tol_gather_add_"])
+def test_opcheck(op, device):
+    for hidden, ids, table, layer in _opcheck_samples(device):
+        torch.library.opcheck(getattr(torch.ops.memllm, op), (hidden, ids, table, layer))
+        if op == "tol_gather_add":
+            torch.library.opcheck(torch.ops.memllm.tol_gather_add, (hidden.requires_grad_(), ids, table.requires_grad_(), layer))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
+@pytest.mark.parametrize("op", ["tol_gather_add_triton", "tol_gather_add_triton_"])
+def test_opcheck_triton(op, backend, device):
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
+    if _interpreted(backend):
+        # torch.compile cannot trace an interpreted kernel (wrap_triton returns it unwrapped, eager
+        # only), so AOT dispatch is checked on a GPU (TRITON_INTERPRET=0), not here.
+        utils.remove("test_aot_dispatch_dynamic")
+    for hidden, ids, table, layer in _opcheck_samples(device):
+        torch.library.opcheck(getattr(torch.ops.memllm, op), (hidden, ids, table, layer), test_utils=utils)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("layer", [None, 1])
+def test_gradcheck(backend, device, layer):
+    table = torch.randn((5, 8) if layer is None else (5, 2, 8), dtype=torch.float64, device=device, requires_grad=True)
+    hidden = torch.randn(2, 3, 8, dtype=torch.float64, device=device, requires_grad=True)
+    ids = torch.tensor([[4, 0, 4], [1, 4, 2]], device=device)  # id 4 repeats: its gradient accumulates
+    assert torch.autograd.gradcheck(lambda h, t: mk.tol_gather_add(h, ids, t, layer, backend=backend), (hidden, table))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_table_gradient_accumulates_in_float32(backend, device):
+    table = torch.randn(4, 2, 8, dtype=torch.bfloat16, device=device, requires_grad=True)
+    hidden = torch.randn(3, 8, dtype=torch.float32, device=device, requires_grad=True)
+    ids = torch.tensor([2, 2, 0], device=device)
+    mk.tol_gather_add(hidden, ids, table, 1, backend=backend).sum().backward()
+    expected = torch.zeros(4, 2, 8, device=device)
+    expected[2, 1], expected[0, 1] = 2.0, 1.0
+    assert table.grad.dtype == torch.bfloat16 and torch.equal(table.grad.float(), expected)
+    assert torch.equal(hidden.grad, torch.ones_like(hidden))
+
+
+def test_meta_device():
+    hidden = torch.empty(2, 5, 2048, device="meta", dtype=torch.bfloat16)
+    ids = torch.empty(2, 5, device="meta", dtype=torch.long)
+    table = torch.empty(128_256, 24, 2048, device="meta", dtype=torch.bfloat16)  # the 1b table, allocates nothing
+    out = torch.ops.memllm.tol_gather_add(hidden, ids, table, 23)
+    assert out.device.type == "meta" and out.shape == hidden.shape and out.dtype == hidden.dtype
+    assert torch.ops.memllm.tol_gather_add_(hidden, ids, table, 0) is None
+    out = torch.ops.memllm.tol_gather_add_triton(hidden, ids, table, 23)
+    assert out.shape == hidden.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    """Traced without graph breaks (fullgraph=True) and without copying the table into the graph."""
+    table = torch.randn(100, 4, 64, device=device)
+    w = torch.randn(64, 64, device=device)
+
+    def block(h, ids):
+        h = h @ w
+        h = mk.tol_gather_add(h, ids, table, 2)
+        return mk.tol_gather_add_(h, ids, table, 3) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    h, ids = torch.randn(2, 7, 64, device=device), torch.randint(0, 100, (2, 7), device=device)
+    torch.testing.assert_close(compiled(h, ids), block(h, ids), rtol=1e-5, atol=1e-5)
+    h, ids = torch.randn(1, 3, 64, device=device), torch.randint(0, 100, (1, 3), device=device)  # new shape
+    torch.testing.assert_close(compiled(h, ids), block(h, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.requires_triton_gpu
+def test_torch_compile_fullgraph_triton():
+    table = torch.randn(100, 4, 64, device="cuda", dtype=torch.bfloat16)
+
+    def f(h, ids):
+        return mk.tol_gather_add(h * 2, ids, table, 1, backend="triton", check_ids=False)
+
+    h, ids = torch.randn(9, 64, device="cuda", dtype=torch.bfloat16), torch.randint(0, 100, (9,), device="cuda")
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(h, ids), f(h, ids), rtol=0, atol=0)
