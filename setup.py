@@ -50,17 +50,17 @@ def want_cuda() -> bool:
 def extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # No -std flag: torch's cpp_extension passes the standard its headers need (C++20 from 2.14 on).
+    cxx = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     kwargs = dict(
         name="memllm_kernels._C",
         include_dirs=[os.path.join(here, "csrc")],
-        py_limited_api=True,
-        define_macros=[("Py_LIMITED_API", "0x03090000")],  # one _C.abi3.so for every Python >= 3.9
+        py_limited_api=True,  # one _C.abi3.so for every Python >= 3.10 (torch defines Py_LIMITED_API)
     )
     if want_cuda():
         # With no GPU attached and no list given, torch cannot guess the targets (and 2.14 raises).
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-Wall"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-Wall"]
         return [cpp_extension.CUDAExtension(sources=sources + sorted(glob.glob("csrc/cuda/*.cu")),
                                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)]
     return [cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
@@ -70,5 +70,5 @@ setup(
     packages=find_packages(include=["memllm_kernels", "memllm_kernels.*"]),
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

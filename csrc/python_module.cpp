@@ -6,7 +6,15 @@
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "memllm_kernels compiled ops (registered in torch.ops.memllm)", -1, nullptr,
+      PyModuleDef_HEAD_INIT,
+      "_C",                                                         // m_name
+      "memllm_kernels compiled ops (registered in torch.ops.memllm)",  // m_doc
+      -1,                                                           // m_size
+      nullptr,                                                      // m_methods
+      nullptr,                                                      // m_slots
+      nullptr,                                                      // m_traverse
+      nullptr,                                                      // m_clear
+      nullptr,                                                      // m_free
   };
   return PyModule_Create(&module_def);
 }

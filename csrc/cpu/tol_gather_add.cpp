@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include "../tol_gather_add.h"
@@ -21,21 +22,85 @@ template <typename hidden_t, typename table_t>
 using acc_type_t = std::conditional_t<std::is_same_v<hidden_t, double> || std::is_same_v<table_t, double>,
                                       double, float>;
 
+// Element conversions written so that g++ vectorizes the row loop: c10's Half/BFloat16
+// conversions are out-of-line bit-twiddling that stays scalar (the bf16 kernel ran 2.4x slower
+// than eager torch with them, at T=4096, d=2048 on a 2-core x86-64 VM).
+inline float to_acc(float x) { return x; }
+inline double to_acc(double x) { return x; }
+inline float to_acc(c10::BFloat16 x) { return c10::bit_cast<float>(static_cast<uint32_t>(x.x) << 16); }
+inline float to_acc(c10::Half x) { return static_cast<float>(c10::bit_cast<_Float16>(x.x)); }
+
+template <typename T> inline T from_acc(float v);
+template <typename T> inline T from_acc(double v) { return static_cast<T>(v); }
+template <> inline float from_acc<float>(float v) { return v; }
+template <> inline double from_acc<double>(float v) { return v; }
+template <> inline c10::Half from_acc<c10::Half>(float v) {
+  return c10::Half(c10::bit_cast<uint16_t>(static_cast<_Float16>(v)), c10::Half::from_bits());  // RNE
+}
+template <> inline c10::BFloat16 from_acc<c10::BFloat16>(float v) {
+  // Round to nearest even, as c10::BFloat16(float) does; NaN stays a quiet NaN.
+  const uint32_t u = c10::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t bits = (v != v) ? ((u >> 16) | 0x40u) : rounded;
+  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+}
+
 template <typename hidden_t, typename table_t, typename index_t>
-void tol_gather_add_rows(hidden_t* out, int64_t out_rs, const hidden_t* hidden, int64_t hidden_rs,
-                         const index_t* ids, const table_t* table, const TolTableView& tv, int64_t T,
-                         int64_t d) {
+struct RowArgs {
+  hidden_t* out;
+  int64_t out_rs;
+  const hidden_t* hidden;
+  int64_t hidden_rs;
+  const index_t* ids;
+  const table_t* table;
+  TolTableView tv;
+  int64_t d;
+};
+
+// Rows [begin, end): out[t, :] = round(hidden[t, :] + table_row(ids[t])[:]).
+template <typename hidden_t, typename table_t, typename index_t>
+__attribute__((always_inline)) inline void add_rows(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin,
+                                                    int64_t end) {
   using acc_t = acc_type_t<hidden_t, table_t>;
+  for (int64_t t = begin; t < end; ++t) {
+    const table_t* __restrict__ row = a.table + static_cast<int64_t>(a.ids[t]) * a.tv.row_stride + a.tv.layer_offset;
+    const hidden_t* __restrict__ h = a.hidden + t * a.hidden_rs;
+    hidden_t* __restrict__ o = a.out + t * a.out_rs;
+    for (int64_t i = 0; i < a.d; ++i) {
+      o[i] = from_acc<hidden_t>(static_cast<acc_t>(to_acc(h[i])) + static_cast<acc_t>(to_acc(row[i])));
+    }
+  }
+}
+
+// The same loop compiled for AVX2/F16C (every x86-64 CPU since 2013), picked at run time so the
+// wheel still runs on older CPUs.
+template <typename hidden_t, typename table_t, typename index_t>
+__attribute__((target("avx2,fma,f16c"))) void add_rows_avx2(const RowArgs<hidden_t, table_t, index_t>& a,
+                                                            int64_t begin, int64_t end) {
+  add_rows(a, begin, end);
+}
+
+template <typename hidden_t, typename table_t, typename index_t>
+void add_rows_default(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
+  add_rows(a, begin, end);
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+template <typename hidden_t, typename table_t, typename index_t>
+void tol_gather_add_rows(const RowArgs<hidden_t, table_t, index_t>& a, int64_t T) {
   // About 32K elements per task: big enough to amortize scheduling, small enough to balance.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.d, 1));
+  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const table_t* row = table + static_cast<int64_t>(ids[t]) * tv.row_stride + tv.layer_offset;
-      const hidden_t* h = hidden + t * hidden_rs;
-      hidden_t* o = out + t * out_rs;
-      for (int64_t i = 0; i < d; ++i) {
-        o[i] = static_cast<hidden_t>(static_cast<acc_t>(h[i]) + static_cast<acc_t>(row[i]));
-      }
+    if (avx2) {
+      add_rows_avx2(a, begin, end);
+    } else {
+      add_rows_default(a, begin, end);
     }
   });
 }
@@ -76,21 +141,20 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
       using hidden_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "tol_gather_add_cpu_table", [&] {
         using table_t = scalar_t;
+        RowArgs<hidden_t, table_t, index_t> args{out.data_ptr<hidden_t>(), out_rs, hidden.const_data_ptr<hidden_t>(),
+                                                 hidden_rs, ids, table.const_data_ptr<table_t>(), tv, d};
         if (ids_ok) {
-          tol_gather_add_rows<hidden_t, table_t, index_t>(
-              out.data_ptr<hidden_t>(), out_rs, hidden.const_data_ptr<hidden_t>(), hidden_rs, ids,
-              table.const_data_ptr<table_t>(), tv, T, d);
+          tol_gather_add_rows(args, T);
           return;
         }
         // Rare path (check_ids=false and a bad id): row by row, NaN for the bad ones.
         for (int64_t t = 0; t < T; ++t) {
           const int64_t id = static_cast<int64_t>(ids[t]);
-          hidden_t* o = out.data_ptr<hidden_t>() + t * out_rs;
           if (id < 0 || id >= tv.num_rows) {
+            hidden_t* o = args.out + t * out_rs;
             std::fill(o, o + d, std::numeric_limits<hidden_t>::quiet_NaN());
           } else {
-            tol_gather_add_rows<hidden_t, table_t, index_t>(o, out_rs, hidden.const_data_ptr<hidden_t>() + t * hidden_rs,
-                                                           hidden_rs, ids + t, table.const_data_ptr<table_t>(), tv, 1, d);
+            add_rows_default(args, t, t + 1);
           }
         }
       });

@@ -1,0 +1,181 @@
+"""Benchmark harness shared by bench/bench_*.py (pytest-benchmark).
+
+Timing: every benchmark calls `timed(benchmark, fn, device)`. On CPU each round is one call timed
+with perf_counter; on a GPU each round brackets a batch of launches with CUDA events (launch gaps
+overlap with execution, as in a model), after warm-up. The number reported is the median per call.
+Results are collected in RESULTS and written, with the machine description, to a JSON file and a
+summary table at the end of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import pytest
+import torch
+
+RESULTS: list[dict] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None, help="cpu or cuda (default: cuda if a GPU is visible, else cpu)")
+    parser.addoption("--full", action="store_true", help="also run the large prefill sizes")
+    parser.addoption("--results-root", default=os.path.join(os.path.dirname(__file__), "results"),
+                     help="results go to <root>/<machine>/<op>.json (default bench/results)")
+
+
+def bench_device(config) -> str:
+    dev = config.getoption("--device")
+    return dev or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine_info(device: str) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    try:  # MEMLLM_COMMIT names the commit where the tree travels without .git (e.g. to a GPU machine)
+        commit = os.environ.get("MEMLLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "device": device,
+        "cpu": cpu,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "dirty": dirty,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+    return info
+
+
+def machine_tag(info: dict) -> str:
+    name = info.get("gpu") if info["device"] == "cuda" else f"cpu-{info['cpu_threads']}t"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):  # pytest-benchmark hook
+    machine_info["memllm"] = globals()["machine_info"](bench_device(config))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(benchmark, fn, device: str, target_s: float = 0.25) -> float:
+    """Benchmark `fn` (no arguments) and return the median seconds per call.
+
+    CPU: rounds of one call each, perf_counter. CUDA: rounds of `inner` back-to-back launches between
+    two CUDA events, `inner` chosen so a round lasts about 1 ms; the per-call time is the event
+    time over `inner`. Warm-up rounds (compilation, caches, allocator) are not counted.
+    """
+    for _ in range(3):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    est = max(time.perf_counter() - t0, 1e-7)
+    samples: list[float] = []
+    if device == "cuda":
+        inner = int(min(200, max(1, 1e-3 / est)))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def run():
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / inner)
+
+        rounds = int(min(100, max(5, target_s / (est * inner))))
+    else:
+        def run():
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+
+        rounds = int(min(200, max(5, target_s / est)))
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
+    return statistics.median(samples)
+
+
+def record(**row) -> dict:
+    RESULTS.append(row)
+    return row
+
+
+def _derive(rows: list[dict]) -> None:
+    """Adds GB/s, % of the same-bytes torch.add ceiling and speed-ups, from rows of one session."""
+    key = lambda r: (r["op"], r["dtype"], r["preset"], r["T"])  # noqa: E731
+    by = {(key(r), r["provider"]): r for r in rows}
+    copy = next((r for r in rows if r["provider"] == "copy"), None)
+    for r in rows:
+        if r.get("bytes"):
+            r["gbps"] = r["bytes"] / (r["ms"] * 1e-3) / 1e9
+            if copy is not None and r["provider"] != "copy":
+                r["pct_copy_bw"] = 100 * r["gbps"] / copy["gbps_copy"]
+        add, eager, ffn = (by.get((key(r), p)) for p in ("add", "eager", "ffn"))
+        if add is not None and r["provider"] not in ("add", "ffn"):
+            r["pct_ceiling"] = 100 * add["ms"] / r["ms"]
+        if eager is not None and r["provider"] not in ("eager", "add", "ffn"):
+            r["speedup_vs_eager"] = eager["ms"] / r["ms"]
+        if ffn is not None and r["provider"] not in ("ffn", "add"):
+            r["speedup_vs_ffn"] = ffn["ms"] / r["ms"]
+
+
+def _fmt(x, spec):
+    width = int(spec.split(".")[0])
+    return f"{'-':>{width}}" if x is None else format(x, spec)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not RESULTS:
+        return
+    device = bench_device(config)
+    info = machine_info(device)
+    out_dir = os.path.join(config.getoption("--results-root"), machine_tag(info))
+    os.makedirs(out_dir, exist_ok=True)
+    _derive(RESULTS)
+    by_op: dict[str, list[dict]] = {}
+    for r in RESULTS:
+        by_op.setdefault(r["op"], []).append(r)
+    for op, rows in by_op.items():
+        path = os.path.join(out_dir, f"{op}.json")
+        with open(path, "w") as f:
+            json.dump({"machine": info, "results": rows}, f, indent=1)
+        terminalreporter.write_line(f"wrote {path}")
+    tr = terminalreporter
+    tr.section(f"summary on {info.get('gpu') or info['cpu']} ({device})")
+    header = f"{'op':<16}{'provider':<10}{'dtype':<9}{'preset':<7}{'T':>6}{'ms':>10}{'GB/s':>9}{'%ceil':>7}{'x eager':>9}{'x ffn':>9}"
+    tr.write_line(header)
+    for r in sorted(RESULTS, key=lambda r: (r["op"], r["dtype"], r["preset"], r["T"], r["provider"])):
+        tr.write_line(f"{r['op']:<16}{r['provider']:<10}{r['dtype']:<9}{r['preset']:<7}{r['T']:>6}"
+                      f"{r['ms']:>10.4f}{_fmt(r.get('gbps'), '9.1f')}{_fmt(r.get('pct_ceiling'), '7.0f')}"
+                      f"{_fmt(r.get('speedup_vs_eager'), '9.2f')}{_fmt(r.get('speedup_vs_ffn'), '9.1f')}")

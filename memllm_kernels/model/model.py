@@ -1,0 +1,327 @@
+"""Dense, MemoryLLM and Flex-MemoryLLM transformers in one readable file (in the style of gpt-fast).
+
+Blocks (DESIGN.md section 1; x0 = E[ids] is the token embedding, h the residual stream):
+    dense:      h' = h + Attn(norm_a(h));                          h_next = h' + FFN(norm_f(h'))
+    memoryllm:  h_next = h + Attn(norm_a(h)) + a_l * FFN_l(norm_m,l(x0))
+    flex-beta:  h' = h + Attn(norm_a(h)) + a_l * FFN_M,l(norm_m,l(x0));   h_next = h' + FFN_C,l(norm_c,l(h'))
+FFNs are SwiGLU, norms RMSNorm, attention is multi-head (optionally GQA) with RoPE through
+F.scaled_dot_product_attention. a_l is the memory scale: alpha (paper Table 1) or 0 for a dropped layer
+(paper Fig. 4), set with `Transformer.set_memory_scale`.
+
+The memory term depends on the token id alone, so after training it can be precomputed for the whole
+vocabulary (model/tol.py) and `swap_ffn_for_tol` replaces each `MemoryFFN` below by a `ToLMemory`
+that adds one row of that table with the `tol_gather_add_` op. Both expose the same
+`forward(h, x0, ids) -> h + memory term`, which is all a `Block` knows about them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., d] -> [..., d], normalised in float32 (bf16 autocast keeps the statistics accurate)."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: W_down(W_up x * silu(W_gate x)), no biases. [..., d] -> [..., d] through width `hidden`."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class MemoryFFN(nn.Module):
+    """A layer's context-free memory: scale * FFN_l(norm_m,l(x0)), added to the residual stream.
+
+    The per-layer norm matters for convergence (paper section 2.2). `scale` is a plain float, not a
+    parameter: alpha for the paper's Table 1 experiment, 0.0 to drop the layer's memory (Fig. 4).
+    """
+
+    def __init__(self, dim: int, hidden: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.ffn = FeedForward(dim, hidden)
+        self.scale = 1.0
+
+    def lookup(self, x0: torch.Tensor) -> torch.Tensor:
+        """The unscaled memory value FFN_l(norm_m,l(x0)): x0 [..., d] -> [..., d]. What a ToL stores."""
+        return self.ffn(self.norm(x0))
+
+    def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """h, x0: [B, T, d]; ids: [B, T] (unused: the FFN reads x0 = E[ids]). Returns h + scale * memory."""
+        if self.scale == 0.0:
+            return h  # a dropped layer costs nothing, as it would with a ToL
+        m = self.lookup(x0)
+        return h + m if self.scale == 1.0 else h + self.scale * m
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far: k, v [B, H_kv, S_max, head_dim]."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """pos: [T] cache slots; k, v: [B, H_kv, T, head_dim]. Returns the whole cache (k, v)."""
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [seq_len, head_dim // 2] float32, angle = pos * base^(-2i/head_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, hd]; cos, sin: [T, hd/2] or [B, T, hd/2]. Rotates (x[:hd/2], x[hd/2:]) pairs."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, d]; cos/sin: RoPE rows for these positions; mask: [B, 1, T, S] bool (True = attend) or
+        None for plain causal attention over x alone; input_pos: [T] cache slots when a KV cache is set."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        gqa = self.n_kv_head != self.n_head
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        # memory: MemoryFFN (MemoryLLM, Flex FFN-M) or, after swap_ffn_for_tol, ToLMemory; None for dense.
+        self.memory = MemoryFFN(cfg.d_model, cfg.ffn_memory_hidden, cfg.norm_eps) if cfg.has_memory else None
+        # ffn: the context-dependent FFN reading the residual stream (dense FFN or Flex FFN-C).
+        ctx_hidden = cfg.ffn_context_hidden if cfg.has_memory else cfg.ffn_hidden
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if ctx_hidden else None
+        self.ffn = FeedForward(cfg.d_model, ctx_hidden) if ctx_hidden else None
+
+    def forward(self, h, x0, ids, cos, sin, mask=None, input_pos=None):
+        """h, x0: [B, T, d]; ids: [B, T]. Returns the next residual stream [B, T, d]."""
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, input_pos)
+        if self.memory is not None:
+            h = self.memory(h, x0, ids)  # in parallel with attention: reads x0, not h
+        if self.ffn is not None:
+            h = h + self.ffn(self.ffn_norm(h))
+        return h
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._cache_len = 0
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """N(0, 0.02) for embeddings and linear weights, output projections scaled by 1/sqrt(2L) (GPT-2's
+        residual scaling, which keeps the residual stream's variance independent of depth); norms at 1."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, std=std)
+
+    # ---- memory knobs (paper Table 1 and Fig. 4) ----
+    def memory_modules(self) -> list[nn.Module]:
+        """Each layer's memory module (MemoryFFN or ToLMemory), in layer order; [] for dense models."""
+        return [b.memory for b in self.layers if b.memory is not None]
+
+    def set_memory_scale(self, alpha: float = 1.0, drop_layers=()) -> None:
+        """Scale every layer's memory term by alpha and drop (scale 0) the layers in `drop_layers`.
+
+        Works the same before and after swap_ffn_for_tol. Raises for dense models and bad layer indices.
+        """
+        if not self.config.has_memory:
+            raise ValueError(f"{self.config.name} is a dense model: it has no memory term to scale or drop")
+        drop = set(int(i) for i in drop_layers)
+        bad = sorted(i for i in drop if not 0 <= i < self.config.n_layer)
+        if bad:
+            raise ValueError(f"drop_layers {bad} outside [0, {self.config.n_layer})")
+        for i, m in enumerate(self.memory_modules()):
+            m.scale = 0.0 if i in drop else float(alpha)
+
+    # ---- KV cache ----
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        """Allocate a KV cache for `batch` sequences of up to `max_len` tokens (<= block_size)."""
+        if max_len > self.config.block_size:
+            raise ValueError(f"max_len={max_len} exceeds block_size={self.config.block_size}")
+        p = self.output.weight
+        for b in self.layers:
+            b.attn.kv_cache = KVCache(batch, self.config.n_kv_head, max_len, self.config.head_dim, p.dtype, p.device)
+        self._cache_len = max_len
+
+    def clear_caches(self) -> None:
+        for b in self.layers:
+            b.attn.kv_cache = None
+        self._cache_len = 0
+
+    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for token ids [B, T].
+
+        Training / scoring: input_pos None, plain causal attention over the T tokens (T <= block_size).
+        Decoding with a cache (setup_caches first): input_pos [T] are the cache slots of these tokens, and
+        pad [B] (optional) is each row's count of left-padding slots, which no token attends to and which
+        RoPE positions skip, so a left-padded prompt behaves exactly like the unpadded one.
+        """
+        B, T = ids.shape
+        x0 = self.tok_embeddings(ids)
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+        else:
+            if self._cache_len == 0:
+                raise RuntimeError("input_pos was given but no KV cache is set up; call setup_caches first")
+            pad = torch.zeros(B, dtype=torch.long, device=ids.device) if pad is None else pad
+            slots = torch.arange(self._cache_len, device=ids.device)
+            pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # [B, T] RoPE positions
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            causal = slots[None, :] <= input_pos[:, None]  # [T, S]
+            real = slots[None, :] >= pad[:, None]  # [B, S]: not a padding slot
+            mask = causal[None] & real[:, None, :]
+            # A padding query would attend to nothing (a NaN row in SDPA); let it see itself. Its output is
+            # never read: real queries mask padding keys.
+            mask = mask | (slots[None, None, :] == input_pos[None, :, None])
+            mask = mask[:, None]  # [B, 1, T, S]
+        h = x0
+        for block in self.layers:
+            h = block(h, x0, ids, cos, sin, mask, input_pos)
+        return self.output(self.norm(h))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy plus z_loss * mean(logsumexp^2) (PaLM's z-loss keeps the softmax normaliser near 1).
+
+    logits [B, T, V], targets [B, T]. Returns (total loss, cross-entropy), both scalar float32.
+    """
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    ce = F.cross_entropy(logits, targets.reshape(-1))
+    if z_loss:
+        return ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean(), ce
+    return ce, ce
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """logits [B, V] -> next ids [B]. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, seed: int | None = None, eos_id: int | None = None) -> list[list[int]]:
+    """Continue a batch of prompts (lists of ids, any lengths >= 1) with a KV cache.
+
+    Prompts are left-padded to a common length; `pad` keeps padding out of attention and RoPE, so each
+    row gets what it would get alone. temperature 0 is greedy; otherwise softmax sampling at `temperature`
+    over the `top_k` most likely tokens (all if None), repeatable with `seed`. A row stops at `eos_id`
+    (which is kept). Returns the new ids of each prompt.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token")
+    device = model.output.weight.device
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    total = T0 + max_new_tokens
+    if total > model.config.block_size:
+        raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"block_size={model.config.block_size}")
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+    pad = torch.tensor([T0 - len(p) for p in prompts], device=device)
+    ids = torch.tensor([[0] * (T0 - len(p)) + list(p) for p in prompts], device=device)
+    model.setup_caches(B, total)
+    try:
+        logits = model(ids, input_pos=torch.arange(T0, device=device), pad=pad)[:, -1]
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            nxt = _sample(logits, temperature, top_k, gen)
+            for i in range(B):
+                if not done[i]:
+                    out[i].append(int(nxt[i]))
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if bool(done.all()):
+                    break
+            if t + 1 < max_new_tokens:
+                logits = model(nxt[:, None], input_pos=torch.tensor([T0 + t], device=device), pad=pad)[:, -1]
+    finally:
+        model.clear_caches()
+    return out
