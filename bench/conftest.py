@@ -1,8 +1,9 @@
 """Benchmark harness shared by bench/bench_*.py (pytest-benchmark).
 
 Timing: every benchmark calls `timed(benchmark, fn, device)`. On CPU each round is one call timed
-with perf_counter; on a GPU each round brackets a batch of launches with CUDA events (launch gaps
-overlap with execution, as in a model), after warm-up. The number reported is the median per call.
+with perf_counter; on a GPU each round replays a CUDA graph of a batch of calls between CUDA events
+(GPU time, no launch overhead), and eager back-to-back launches are timed too. After warm-up;
+the number reported is the median per call.
 Results are collected in RESULTS and written, with the machine description, to a JSON file and a
 summary table at the end of the session.
 """
@@ -87,12 +88,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(benchmark, fn, device: str, target_s: float = 0.25) -> float:
-    """Benchmark `fn` (no arguments) and return the median seconds per call.
+def timed(benchmark, fn, device: str, target_s: float = 0.25) -> dict:
+    """Benchmark `fn` (no arguments); returns median seconds per call as {"s": ..., "s_launch": ...}.
 
-    CPU: rounds of one call each, perf_counter. CUDA: rounds of `inner` back-to-back launches between
-    two CUDA events, `inner` chosen so a round lasts about 1 ms; the per-call time is the event
-    time over `inner`. Warm-up rounds (compilation, caches, allocator) are not counted.
+    CPU: rounds of one call each, timed with perf_counter ("s_launch" is None).
+    CUDA: "s" is the GPU time per call: `inner` calls captured once in a CUDA graph, each round one
+    replay between two CUDA events (no host launch overhead, as in a model decoding under CUDA
+    graphs). "s_launch" is the per-call time of `inner` eager back-to-back launches between events,
+    which includes the Python and launch overhead a caller without graphs pays.
+    Warm-up calls (compilation, caches, allocator) are never counted.
     """
     for _ in range(3):
         fn()
@@ -102,28 +106,47 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25) -> float:
     sync(device)
     est = max(time.perf_counter() - t0, 1e-7)
     samples: list[float] = []
-    if device == "cuda":
-        inner = int(min(200, max(1, 1e-3 / est)))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def run():
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / inner)
-
-        rounds = int(min(100, max(5, target_s / (est * inner))))
-    else:
+    if device != "cuda":
         def run():
             t = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t)
 
-        rounds = int(min(200, max(5, target_s / est)))
+        benchmark.pedantic(run, rounds=int(min(200, max(5, target_s / est))), iterations=1, warmup_rounds=2)
+        return {"s": statistics.median(samples), "s_launch": None}
+
+    inner = int(min(100, max(1, 1e-3 / est)))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    launch: list[float] = []
+    for _ in range(5):
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        launch.append(start.elapsed_time(end) / 1e3 / inner)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # graph capture wants its warm-up on a side stream
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+
+    def run():
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / inner)
+
+    rounds = int(min(100, max(5, target_s / (statistics.median(launch) * inner))))
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
-    return statistics.median(samples)
+    del graph
+    return {"s": statistics.median(samples), "s_launch": statistics.median(launch)}
 
 
 def record(**row) -> dict:
@@ -173,9 +196,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"wrote {path}")
     tr = terminalreporter
     tr.section(f"summary on {info.get('gpu') or info['cpu']} ({device})")
-    header = f"{'op':<16}{'provider':<10}{'dtype':<9}{'preset':<7}{'T':>6}{'ms':>10}{'GB/s':>9}{'%ceil':>7}{'x eager':>9}{'x ffn':>9}"
+    header = (f"{'op':<16}{'provider':<10}{'dtype':<9}{'preset':<7}{'T':>6}{'ms':>10}{'GB/s':>9}{'%ceil':>7}"
+              f"{'%copy':>7}{'x eager':>9}{'x ffn':>9}{'ms launch':>11}")
     tr.write_line(header)
     for r in sorted(RESULTS, key=lambda r: (r["op"], r["dtype"], r["preset"], r["T"], r["provider"])):
         tr.write_line(f"{r['op']:<16}{r['provider']:<10}{r['dtype']:<9}{r['preset']:<7}{r['T']:>6}"
                       f"{r['ms']:>10.4f}{_fmt(r.get('gbps'), '9.1f')}{_fmt(r.get('pct_ceiling'), '7.0f')}"
-                      f"{_fmt(r.get('speedup_vs_eager'), '9.2f')}{_fmt(r.get('speedup_vs_ffn'), '9.1f')}")
+                      f"{_fmt(r.get('pct_copy_bw'), '7.0f')}{_fmt(r.get('speedup_vs_eager'), '9.2f')}"
+                      f"{_fmt(r.get('speedup_vs_ffn'), '9.1f')}{_fmt(r.get('ms_launch'), '11.4f')}")

@@ -22,6 +22,8 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Read once: a dispatcher query that torch.compile cannot trace.
+_HAS_CUDA_KERNELS = _ext.has_kernel("tol_gather_add", "CUDA")
 if _HAS_TRITON:
     from . import triton as _triton  # noqa: F401  (registers memllm::tol_gather_add_triton(_))
 
@@ -42,7 +44,7 @@ def backend_unavailable_reason(backend: str, device: torch.device | str | None =
             return f"the 'cpu' backend runs on CPU tensors, these are on {device}"
         return None
     if backend == "cuda":
-        if not _ext.has_kernel("tol_gather_add", "CUDA"):
+        if not _HAS_CUDA_KERNELS:
             return ("memllm_kernels._C was built without CUDA kernels (CPU-only torch or no nvcc at build "
                     "time); rebuild with a CUDA torch and MEMLLM_BUILD_CUDA=1")
         if not torch.cuda.is_available():
@@ -67,7 +69,19 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if backend_unavailable_reason(b) is None]
 
 
+_PICKED: dict[tuple[str, str], str] = {}
+
+
 def _pick_backend(backend: str, device: torch.device) -> str:
+    """The backend to run on `device`; cached, since it is asked on every call (10 us matter at decode)."""
+    key = (backend, device.type)
+    picked = _PICKED.get(key)
+    if picked is None:
+        picked = _PICKED[key] = _resolve_backend(backend, device)
+    return picked
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         order = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
         for b in order:
@@ -83,7 +97,8 @@ def _pick_backend(backend: str, device: torch.device) -> str:
 
 
 def _check_args(op: str, hidden, ids, table, layer) -> None:
-    """The checks the C++ kernels make, made in Python so every backend raises the same errors."""
+    """The checks the C++ kernels make, made in Python first so that every backend raises the same
+    TypeError / ValueError / IndexError (the C++ ops raise RuntimeError, TypeError for dtypes)."""
     for name, t in (("hidden", hidden), ("ids", ids), ("table", table)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -130,6 +145,19 @@ def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
                      f"V={num_rows} rows")
 
 
+_BAD_ID = "is outside [0, V)"
+
+
+def _run_compiled(op, *args):
+    """Calls a C++/CUDA op; its bad-id RuntimeError becomes the IndexError the Python backends raise."""
+    try:
+        return op(*args)
+    except RuntimeError as e:
+        if _BAD_ID in str(e):
+            raise IndexError(str(e).split("\n")[0]) from None
+        raise
+
+
 def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, layer: int | None = None,
                    *, backend: str = "auto", check_ids: bool = True) -> torch.Tensor:
     """Add token-wise lookup rows to the residual stream: hidden + table[ids] (or table[ids, layer]).
@@ -147,7 +175,7 @@ def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     _check_args("tol_gather_add", hidden, ids, table, layer)
     backend = _pick_backend(backend, hidden.device)
     if backend in ("cpu", "cuda"):
-        return torch.ops.memllm.tol_gather_add(hidden, ids, table, layer, check_ids)
+        return _run_compiled(torch.ops.memllm.tol_gather_add, hidden, ids, table, layer, check_ids)
     if check_ids:
         _check_id_range("tol_gather_add", ids, table.shape[0])
     if backend == "triton":
@@ -168,7 +196,7 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
                            "(out of place) when gradients are needed, or run under torch.no_grad()")
     backend = _pick_backend(backend, hidden.device)
     if backend in ("cpu", "cuda"):
-        torch.ops.memllm.tol_gather_add_(hidden, ids, table, layer, check_ids)
+        _run_compiled(torch.ops.memllm.tol_gather_add_, hidden, ids, table, layer, check_ids)
         return hidden
     if check_ids:
         _check_id_range("tol_gather_add_", ids, table.shape[0])
