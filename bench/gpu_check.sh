@@ -6,7 +6,8 @@
 #
 #   bash bench/gpu_check.sh [RESULTS_DIR]        default: bench/results
 #   env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MEMLLM_COMMIT (when .git
-#        did not travel), TEST_TIMEOUT / BENCH_TIMEOUT seconds (default 300 / 240)
+#        did not travel), TESTS (pytest paths, default tests), TEST_TIMEOUT / BENCH_TIMEOUT seconds
+#        (default 300 / 240)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
@@ -32,8 +33,8 @@ $PY -c "import memllm_kernels as mk; print('backends:', mk.available_backends())
 
 step "tests on the GPU (TRITON_INTERPRET=0: Triton kernels compiled for the GPU)"
 xdist=""
-$PY -c "import xdist" 2>/dev/null && xdist="-n 8"
-TRITON_INTERPRET=0 timeout "${TEST_TIMEOUT:-300}" $PY -m pytest tests -q -rs $xdist -p no:cacheprovider \
+$PY -c "import xdist" 2>/dev/null && xdist="-n 12"
+TRITON_INTERPRET=0 timeout "${TEST_TIMEOUT:-300}" $PY -m pytest ${TESTS:-tests} -q -rs $xdist -p no:cacheprovider \
   --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1 || status=1
 grep -E "passed|failed|error" "$out/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -30
