@@ -144,10 +144,30 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _random_memory_model(cfg, seed: int, device: str, n_layer: int | None = None):
+    """A randomly initialised model of `cfg` (optionally with fewer layers) in which only what a ToL reads
+    -- the embedding and the memory FFNs -- is allocated; the rest stays on the meta device. The 1b
+    preset's attention and head alone would take 2.7 GB of float32 for nothing."""
+    import torch
+
+    from .model import Transformer
+
+    if n_layer is not None:
+        cfg = cfg.replace(n_layer=n_layer)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.tok_embeddings.to_empty(device=device)
+    for m in model.memory_modules():
+        m.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.reset_parameters()  # initialises the materialised tensors; a no-op on meta ones
+    return model.eval()
+
+
 def _cmd_precompute(a) -> int:
     import torch
 
-    from .model import Transformer, estimate_tol, get_preset
+    from .model import estimate_tol, get_preset
     from .model.tol import iter_tol_chunks, precompute_tol
     from .model.train import load_run
 
@@ -170,39 +190,30 @@ def _cmd_precompute(a) -> int:
     chunk_bytes = int(a.chunk_mb * (1 << 20))
 
     if a.dry_run:
-        if a.preset:
-            # Timing needs real weights; one layer of the same width and vocabulary takes 1/L of the time.
-            torch.manual_seed(a.seed)
-            model_cfg = cfg
-            model = Transformer(cfg.replace(n_layer=1)).to(a.device).eval()
-        else:
-            model, _ = load_run(a.run, a.device)
-            model_cfg = model.config
+        model = _random_memory_model(cfg, a.seed, a.device, n_layer=1) if a.preset else load_run(a.run, a.device)[0]
+        full_cfg = cfg if a.preset else model.config
         dtype = a.dtype or model.tok_embeddings.weight.dtype
-        est = estimate_tol(model_cfg, dtype, chunk_bytes)
-        layer_ratio = model_cfg.n_layer / model.config.n_layer
-        ct = max(1, est["chunk_tokens"] * model_cfg.n_layer // model.config.n_layer)
-        it = iter_tol_chunks(model, ct, dtype)
-        next(it)  # warm-up
-        t0 = time.perf_counter()
+        est = estimate_tol(full_cfg, dtype, chunk_bytes)
+        # Time a sample of at most 512 tokens (after a warm-up one) and scale it by tokens and layers.
+        n = min(512, est["chunk_tokens"], full_cfg.vocab_size)
+        it = iter_tol_chunks(model, n, dtype)
         next(it)
-        per_chunk = (time.perf_counter() - t0) * layer_ratio
-        est["seconds_per_chunk"] = per_chunk
-        est["estimated_seconds"] = per_chunk * est["chunks"]
+        t0 = time.perf_counter()
+        next(it, None)
+        per_token = (time.perf_counter() - t0) / n * full_cfg.n_layer / model.config.n_layer
+        est["seconds_per_chunk"] = per_token * est["chunk_tokens"]
+        est["estimated_seconds"] = per_token * full_cfg.vocab_size
         gb = 1e9
         print(f"ToL {est['shape']} {est['dtype']}: {est['table_bytes'] / gb:.2f} GB in {est['chunks']} chunks of "
               f"{est['chunk_tokens']} tokens; working memory beyond the model ~{est['work_bytes'] / gb:.2f} GB "
-              f"(model weights {est['model_bytes'] / gb:.2f} GB); {est['flops'] / 1e12:.1f} TFLOP; estimated "
-              f"{est['estimated_seconds'] / 60:.1f} min on {a.device} ({per_chunk:.2f} s/chunk measured"
-              + (f" on a 1-layer model, x{model_cfg.n_layer})" if a.preset else ")"))
+              f"(full model weights {est['model_bytes'] / gb:.2f} GB; a --preset run materialises only the "
+              f"embedding and memory FFNs); {est['flops'] / 1e12:.1f} TFLOP; estimated "
+              f"{est['estimated_seconds'] / 60:.1f} min on {a.device} (timed on {n} tokens"
+              + (", 1 layer)" if a.preset else ")"))
         print(json.dumps(est))
         return 0
 
-    if a.preset:
-        torch.manual_seed(a.seed)
-        model = Transformer(cfg).to(a.device).eval()
-    else:
-        model, _ = load_run(a.run, a.device)
+    model = _random_memory_model(cfg, a.seed, a.device) if a.preset else load_run(a.run, a.device)[0]
     info = precompute_tol(model, out, dtype=a.dtype, chunk_bytes=chunk_bytes, progress=not a.no_progress)
     print(f"wrote {info['path']}: {info['shape']} {info['dtype']}, {info['bytes'] / 1e6:.1f} MB in "
           f"{info['chunks']} chunks, {info['seconds']:.1f} s")
