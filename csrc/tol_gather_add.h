@@ -40,52 +40,61 @@ struct TolTableView {
   int64_t layer_offset;  // elements from a token's first row to its `layer` row
 };
 
+// Error messages are plain std::string built with std::to_string: with torch 2.11 on the GPU test
+// machine, every TORCH_CHECK whose message streamed an integer through c10::str crashed the process
+// (SIGSEGV) while messages of strings, ScalarTypes and Devices raised fine. memllm_kernels.ops checks
+// the same conditions first and raises TypeError / ValueError / IndexError from Python; the C++ ops
+// raise TypeError for dtypes and RuntimeError for the rest.
+inline std::string to_str(int64_t v) { return std::to_string(v); }
+inline std::string to_str(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+
 // Checks everything but the id range; throws an error that names the problem.
-// Only TORCH_CHECK (RuntimeError) and TORCH_CHECK_TYPE (TypeError): with torch 2.11 on the GPU test
-// machine, a c10::ValueError or c10::IndexError thrown from this extension crashed the process
-// (SIGSEGV) where c10::Error and c10::TypeError were caught fine. memllm_kernels.ops checks the same
-// conditions first and raises ValueError / IndexError from Python.
 inline TolTableView check_tol_gather_add_args(
     const char* op, const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& table,
     const std::optional<int64_t>& layer) {
-  TORCH_CHECK_TYPE(is_supported_float(hidden.scalar_type()), op,
-                   ": hidden must be float32, float16, bfloat16 or float64, got ", hidden.scalar_type());
-  TORCH_CHECK_TYPE(is_supported_float(table.scalar_type()), op,
-                   ": table must be float32, float16, bfloat16 or float64, got ", table.scalar_type());
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
-                   ": ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK(hidden.dim() >= 1, op, ": hidden must have shape [..., d], got a 0-d tensor");
-  TORCH_CHECK(ids.sizes() == hidden.sizes().slice(0, hidden.dim() - 1), op,
-                    ": ids must have hidden's leading shape ", hidden.sizes().slice(0, hidden.dim() - 1),
-                    ", got ", ids.sizes());
-  TORCH_CHECK(table.dim() == 2 || table.dim() == 3, op,
-                    ": table must be [V, d] or token-major [V, L, d], got shape ", table.sizes());
-  TORCH_CHECK(table.size(-1) == hidden.size(-1), op, ": table rows have d=", table.size(-1),
-                    " but hidden has d=", hidden.size(-1));
-  TORCH_CHECK(hidden.device() == ids.device() && hidden.device() == table.device(), op,
-              ": hidden, ids and table must be on one device, got ", hidden.device(), ", ", ids.device(),
-              " and ", table.device());
-  TORCH_CHECK(table.size(-1) <= 1 || table.stride(-1) == 1, op,
-                    ": table's last dim must be contiguous (stride 1), got strides ", table.strides(),
-                    "; pass table.contiguous() if a copy of the table is acceptable");
+  const std::string o = op;
+  TORCH_CHECK_TYPE(is_supported_float(hidden.scalar_type()),
+                   o + ": hidden must be float32, float16, bfloat16 or float64, got " + c10::toString(hidden.scalar_type()));
+  TORCH_CHECK_TYPE(is_supported_float(table.scalar_type()),
+                   o + ": table must be float32, float16, bfloat16 or float64, got " + c10::toString(table.scalar_type()));
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
+                   o + ": ids must be int32 or int64, got " + c10::toString(ids.scalar_type()));
+  TORCH_CHECK(hidden.dim() >= 1, o + ": hidden must have shape [..., d], got a 0-d tensor");
+  const c10::IntArrayRef lead = hidden.sizes().slice(0, hidden.dim() - 1);
+  TORCH_CHECK(ids.sizes() == lead,
+              o + ": ids must have hidden's leading shape " + to_str(lead) + ", got " + to_str(ids.sizes()));
+  TORCH_CHECK(table.dim() == 2 || table.dim() == 3,
+              o + ": table must be [V, d] or token-major [V, L, d], got shape " + to_str(table.sizes()));
+  TORCH_CHECK(table.size(-1) == hidden.size(-1), o + ": table rows have d=" + to_str(table.size(-1)) +
+                                                     " but hidden has d=" + to_str(hidden.size(-1)));
+  TORCH_CHECK(hidden.device() == ids.device() && hidden.device() == table.device(),
+              o + ": hidden, ids and table must be on one device, got " + hidden.device().str() + ", " +
+                  ids.device().str() + " and " + table.device().str());
+  TORCH_CHECK(table.size(-1) <= 1 || table.stride(-1) == 1,
+              o + ": table's last dim must be contiguous (stride 1), got strides " + to_str(table.strides()) +
+                  "; pass table.contiguous() if a copy of the table is acceptable");
   int64_t layer_offset = 0;
   if (table.dim() == 3) {
-    TORCH_CHECK(layer.has_value(), op, ": a token-major [V, L, d] table needs layer=, with L=",
-                      table.size(1));
-    TORCH_CHECK(*layer >= 0 && *layer < table.size(1), op, ": layer=", *layer,
-                      " is outside the table's [0, ", table.size(1), ") layers");
+    TORCH_CHECK(layer.has_value(), o + ": a token-major [V, L, d] table needs layer=, with L=" + to_str(table.size(1)));
+    TORCH_CHECK(*layer >= 0 && *layer < table.size(1), o + ": layer=" + to_str(*layer) +
+                                                           " is outside the table's [0, " + to_str(table.size(1)) +
+                                                           ") layers");
     layer_offset = *layer * table.stride(1);
   } else {
-    TORCH_CHECK(!layer.has_value(), op, ": layer=", *layer,
-                      " was given for a [V, d] table; pass a [V, L, d] table or layer=None");
+    TORCH_CHECK(!layer.has_value(), o + ": layer=" + to_str(layer.value_or(0)) +
+                                        " was given for a [V, d] table; pass a [V, L, d] table or layer=None");
   }
   return {table.size(0), table.stride(0), layer_offset};
 }
 
 // The error for an id outside [0, V): names the id, where it is, and V.
 [[noreturn]] inline void throw_bad_id(const char* op, int64_t position, int64_t id, int64_t num_rows) {
-  TORCH_CHECK(false, op, ": id ", id, " (at flat position ", position, " of ids) is outside [0, V) for a ",
-                    "table of V=", num_rows, " rows");
+  TORCH_CHECK(false, std::string(op) + ": id " + to_str(id) + " (at flat position " + to_str(position) +
+                         " of ids) is outside [0, V) for a table of V=" + to_str(num_rows) + " rows");
   __builtin_unreachable();
 }
 
