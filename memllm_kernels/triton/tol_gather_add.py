@@ -102,3 +102,19 @@ def tol_gather_add_triton_(hidden: torch.Tensor, ids: torch.Tensor, table: torch
         hidden.copy_(tol_gather_add_triton(hidden, ids, table, layer))
         return
     _launch(h, h, ids.reshape(-1).contiguous(), table, layer)
+
+
+def aot_specs():
+    """Specializations compiled ahead of time for a GPU target in CI, where no GPU is present
+    (tests/test_triton_aot.py): every hidden/table dtype pair, both id dtypes, the tile of the 1b shape.
+    Yields (name, kernel, signature, constexprs, args known to be 16-byte aligned / divisible by 16)."""
+    ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    ints = {"T": "i32", "d": "i32", "out_rs": "i32", "hidden_rs": "i32", "table_rs": "i64",
+            "layer_offset": "i64", "num_rows": "i32"}
+    aligned = ("out_ptr", "hidden_ptr", "ids_ptr", "table_ptr", "d", "out_rs", "hidden_rs", "table_rs", "layer_offset")
+    for h, t in [(h, t) for h in ty for t in ty]:
+        for ids in ("i32", "i64") if (h, t) == (torch.bfloat16, torch.bfloat16) else ("i64",):
+            sig = {"out_ptr": f"*{ty[h]}", "hidden_ptr": f"*{ty[h]}", "ids_ptr": f"*{ids}", "table_ptr": f"*{ty[t]}",
+                   **ints, "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "FP64": "constexpr"}
+            yield (f"tol_gather_add_kernel[{ty[h]},{ty[t]},{ids}]", tol_gather_add_kernel, sig,
+                   {"BLOCK_T": 4, "BLOCK_D": 2048, "FP64": False}, aligned)
