@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +14,10 @@ import pytest
 from memllm_kernels.cli import build_parser, main
 
 SUBCOMMANDS = ["train", "precompute", "eval", "generate", "info"]
+# Training needs the model's runtime dependencies; a bare GPU test machine may lack them.
+needs_train_deps = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("safetensors", "tokenizers", "tqdm")),
+    reason="safetensors, tokenizers and tqdm are needed to train (pip install -e . installs them)")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,6 +61,7 @@ def test_top_level_help_and_entry_point():
     assert callable(main) and build_parser().prog == "memllm"
 
 
+@needs_train_deps
 def test_end_to_end_smoke(tmp_path, text, capsys):
     """train (a few steps of the real tiny preset) -> precompute -> eval with FFN and ToL -> generate."""
     runs = tmp_path / "run"
@@ -105,6 +111,7 @@ def test_info_prints_the_paper_counts(capsys):
     assert json.loads(out)["1b-flex3"]["non_embedding"] == 1_208_352_768
 
 
+@needs_train_deps
 def test_refusals_have_clear_messages(tmp_path, text, capsys):
     rc, _, err = run(capsys, "train", "--preset", "tiny-moe", "--out", str(tmp_path / "x"))
     assert rc == 2 and "unknown preset 'tiny-moe'; valid presets:" in err and "tiny-memoryllm" in err
@@ -132,6 +139,7 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
     assert (runs / "model.safetensors").read_bytes() != before
 
 
+@needs_train_deps
 def test_precompute_refuses_overwrite_and_dry_run(tmp_path, text, capsys):
     runs = tmp_path / "run"
     assert run(capsys, "train", "--preset", "tiny-flex1", "--out", str(runs), "--text", str(text), "--steps", "1",

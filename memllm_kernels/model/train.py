@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import data as D
 from .config import ModelConfig, describe_params, param_counts
@@ -184,6 +183,8 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
     cfg = read_run_config(run)
     if not (run / "model.safetensors").is_file():
         raise FileNotFoundError(f"{run} has no model.safetensors (training never reached a checkpoint)")
+    from safetensors.torch import load_model
+
     model = Transformer(ModelConfig.from_dict(cfg["model"]))
     missing, unexpected = load_model(model, run / "model.safetensors", strict=False)
     if missing or unexpected:
@@ -210,6 +211,8 @@ def run_tokens(run_cfg: dict, run: Path, split: str = "val", text: str | None = 
 
 def _save_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, tokens: int,
                      elapsed: float) -> None:
+    from safetensors.torch import save_file, save_model
+
     meta = {"step": str(step)}
     save_model(model, str(run / "model.safetensors.tmp"), metadata=meta)
     state = opt.state_dict()
@@ -223,9 +226,10 @@ def _save_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer, 
 
 
 def _load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) -> dict:
-    state = json.loads((run / "state.json").read_text())
     from safetensors import safe_open
+    from safetensors.torch import load_file, load_model
 
+    state = json.loads((run / "state.json").read_text())
     for name in ("model.safetensors", "optimizer.safetensors"):
         with safe_open(str(run / name), "pt") as f:
             step = (f.metadata() or {}).get("step")
