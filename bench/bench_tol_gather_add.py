@@ -5,6 +5,9 @@
 
 Providers (one row each per dtype, preset and token count T):
     eager    hidden + table[ids, layer]           (what a user writes; allocates the gathered rows)
+    eager_select  hidden + table.select(1, layer).index_select(0, ids): the same in its fastest torch
+             form (on CPU, advanced indexing of the strided layer view is ~1000x slower at small T).
+             "x eager" compares with the faster of the two.
     compile  torch.compile of the eager line
     cpu / cuda / triton   memllm_kernels.tol_gather_add(..., backend=...), functional, ids validated
              on CPU (free there) and not on the GPU (check_ids=False: no device sync, as in a model's
@@ -39,11 +42,11 @@ def pytest_generate_tests(metafunc):
     if device == "cuda":
         tokens = [1, 8, 512, 4096, 16384]
         dtypes = ["bfloat16", "float16", "float32"] if full else ["bfloat16"]
-        providers = ["eager", "compile", "cuda", "cuda_", "triton", "triton_", "add", "ffn"]
+        providers = ["eager", "eager_select", "compile", "cuda", "cuda_", "triton", "triton_", "add", "ffn"]
     else:
         tokens = [1, 8, 512, 4096] + ([16384] if full else [])
         dtypes = ["bfloat16", "float32"]
-        providers = ["eager", "compile", "cpu", "cpu_", "add", "ffn"]
+        providers = ["eager", "eager_select", "compile", "cpu", "cpu_", "add", "ffn"]
     if "provider" in metafunc.fixturenames:
         cases = []
         for dtype in dtypes:
@@ -122,6 +125,10 @@ def test_tol_gather_add(benchmark, device, dtype, preset, T, provider):
             def fn():
                 hidden, ids = nxt()
                 return hidden + table[ids, LAYER]
+        elif provider == "eager_select":
+            def fn():
+                hidden, ids = nxt()
+                return hidden + table.select(1, LAYER).index_select(0, ids)
         elif provider == "compile":
             torch._dynamo.reset()
             compiled = torch.compile(lambda h, i: h + table[i, LAYER])

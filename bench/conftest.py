@@ -164,10 +164,12 @@ def _derive(rows: list[dict]) -> None:
             r["gbps"] = r["bytes"] / (r["ms"] * 1e-3) / 1e9
             if copy is not None and r["provider"] != "copy":
                 r["pct_copy_bw"] = 100 * r["gbps"] / copy["gbps_copy"]
-        add, eager, ffn = (by.get((key(r), p)) for p in ("add", "eager", "ffn"))
+        add, ffn = by.get((key(r), "add")), by.get((key(r), "ffn"))
+        eagers = [e for e in (by.get((key(r), "eager")), by.get((key(r), "eager_select"))) if e is not None]
+        eager = min(eagers, key=lambda e: e["ms"]) if eagers else None
         if add is not None and r["provider"] not in ("add", "ffn"):
             r["pct_ceiling"] = 100 * add["ms"] / r["ms"]
-        if eager is not None and r["provider"] not in ("eager", "add", "ffn"):
+        if eager is not None and r["provider"] not in ("eager", "eager_select", "add", "ffn"):
             r["speedup_vs_eager"] = eager["ms"] / r["ms"]
         if ffn is not None and r["provider"] not in ("ffn", "add"):
             r["speedup_vs_ffn"] = ffn["ms"] / r["ms"]

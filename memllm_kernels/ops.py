@@ -10,7 +10,6 @@ with CPU (C++) and CUDA kernels; the Triton kernel is memllm::tol_gather_add_tri
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
@@ -25,11 +24,12 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Read once: a dispatcher query that torch.compile cannot trace.
 _HAS_CUDA_KERNELS = _ext.has_kernel("tol_gather_add", "CUDA")
 if _HAS_TRITON:
-    from . import triton as _triton  # noqa: F401  (registers memllm::tol_gather_add_triton(_))
+    from . import triton as _triton  # registers memllm::tol_gather_add_triton(_)
 
 
 def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the Triton kernels were defined under the interpreter (decided when they were imported)."""
+    return _HAS_TRITON and _triton.tol_gather_add._INTERPRET
 
 
 def backend_unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:

@@ -15,8 +15,10 @@ def tol_rows(table: torch.Tensor, ids: torch.Tensor, layer: int | None = None) -
     table: [V, d] or token-major [V, L, d]; ids: integer tensor of any shape [...];
     returns [..., d] in table's dtype (a pure gather, bit-exact by definition).
     """
-    rows = table[ids.long()]
-    return rows if layer is None else rows[..., layer, :]
+    # select + index_select, not table[ids, layer]: on CPU torch's advanced indexing of a strided
+    # view took 15 ms for 8 tokens of a [8192, 24, 960] table (torch 2.13), index_select 12 us.
+    src = table if layer is None else table.select(1, layer)
+    return src.index_select(0, ids.reshape(-1).long()).reshape(*ids.shape, table.shape[-1])
 
 
 def tol_gather_add(
