@@ -1,0 +1,555 @@
+"""Tests of the interpretability toolkit (memllm_kernels.interpret) on tiny models: shapes, the key-value
+identity sum_i c_i v_i = FFN output, determinism, planted structure recovered, edits that change exactly what
+they should, clear errors for bad arguments, and the `inspect` command on two tiny trained runs.
+
+Models are tiny (d = 32, 2 layers, vocabulary 300) so the file runs in about a minute on two CPU cores; the
+runs for the command-line tests train for 20 steps on a synthetic text (module fixture, trained once).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from memllm_kernels.interpret import (access_map, alpha_sweep, bigram_agreement, check_decomposition, cluster_layer,
+                                      clustering_coefficient, coefficients, copy_token_rows, edit_effect, edited_rows,
+                                      iter_coefficients, key_value_weights, layer_drop_sweep, memory_lens,
+                                      memory_rows, nearest_tokens, outlier_key_counts, resolve_token,
+                                      suppress_token_rows, suppressed_keys)
+from memllm_kernels.interpret.clusters import kmeans, knn_graph, local_clustering, normalise_rows, shuffled_columns
+from memllm_kernels.interpret.lens import top_successors
+from memllm_kernels.interpret.sweeps import dropped_ffn, memory_scale
+from memllm_kernels.model import ModelConfig, Transformer
+from memllm_kernels.model.tol import iter_tol_chunks, swap_ffn_for_tol
+from memllm_kernels.model.train import evaluate
+
+# ---- the test matrix, named once
+MEMORY_KINDS = ["memoryllm", "flex2"]  # flex: the analyses read FFN-M
+TINY = dict(vocab_size=300, n_layer=2, d_model=32, n_head=4, block_size=64, name="test-tiny")
+SEEDS = [0, 1]
+# float32 tolerances, with reasons:
+#   the identity is checked against an independent float64 evaluation of the same weights; float32 sums of
+#   d = 32 and K = 88 products of O(1) terms err by ~1e-7 relative, 1e-5 leaves a 100x margin.
+IDENTITY_RTOL = 1e-5
+#   a key edit removes c_i v_i; the edited FFN sums K - 1 terms in another order than old - c_i v_i: same size.
+EDIT_ATOL = 1e-6
+
+needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                                   reason="scikit-learn not installed (pip install -e '.[interpret]')")
+needs_mpl = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                               reason="matplotlib not installed (pip install -e '.[interpret]')")
+needs_train_deps = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("safetensors", "tokenizers", "tqdm", "sklearn", "matplotlib")),
+    reason="training a run and the report need safetensors, tokenizers, tqdm, scikit-learn and matplotlib")
+
+
+def tiny_model(kind: str = "memoryllm", seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(kind=kind, **{**TINY, **kw})).eval()
+    # Bigger-than-init memory weights so coefficients, losses and edits are far from rounding noise.
+    with torch.no_grad():
+        for mem in m.memory_modules():
+            for w in (mem.ffn.w_gate.weight, mem.ffn.w_up.weight, mem.ffn.w_down.weight):
+                w.mul_(10)
+        m.norm.weight.fill_(1.0)
+    return m
+
+
+def ffn_reference64(model: Transformer, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    """The memory FFN in float64, written out independently: RMSNorm then SwiGLU. [N] -> [N, d]."""
+    mem = model.layers[layer].memory
+    x = model.tok_embeddings.weight.detach().double()[ids]
+    q = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mem.norm.eps) * mem.norm.weight.detach().double()
+    f = mem.ffn
+    return f.w_down.weight.detach().double() @ (torch.nn.functional.silu(q @ f.w_gate.weight.detach().double().t())
+                                                * (q @ f.w_up.weight.detach().double().t())).t()
+
+
+# ---------------------------------------------------------------- coefficients
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+def test_coefficients_shapes_and_identity(kind):
+    model = tiny_model(kind)
+    cfg = model.config
+    for layer in range(cfg.n_layer):
+        co = coefficients(model, layer, chunk_tokens=37)  # chunks that do not divide the vocabulary
+        assert co.coef.shape == (cfg.vocab_size, cfg.ffn_memory_hidden) and co.coef.dtype == np.float32
+        assert co.value_norms.shape == (cfg.ffn_memory_hidden,)
+        np.testing.assert_array_equal(co.tokens, np.arange(cfg.vocab_size))
+        kv = key_value_weights(model, layer)
+        assert kv.keys.shape == kv.gates.shape == kv.values.shape == (cfg.ffn_memory_hidden, cfg.d_model)
+        summed = torch.from_numpy(co.coef).double() @ kv.values.double()  # sum_i c_i v_i
+        ref = ffn_reference64(model, layer, torch.arange(cfg.vocab_size)).t()
+        err = (summed - ref).abs().max() / ref.abs().max()
+        assert err < IDENTITY_RTOL, err
+        # and against the model's own module, as the toolkit checks it
+        own = model.layers[layer].memory.lookup(model.tok_embeddings.weight).detach().double()
+        assert ((summed - own).abs().max() / own.abs().max()) < IDENTITY_RTOL
+        chk = check_decomposition(model, layer)
+        assert chk["ok"] and chk["tokens"] == cfg.vocab_size
+    assert cfg.is_flex == (kind == "flex2") and (cfg.ffn_memory_hidden < cfg.ffn_hidden) == cfg.is_flex
+
+
+def test_identity_check_catches_a_wrong_decomposition(monkeypatch):
+    """The built-in check is live: a decomposition without the gate fails it."""
+    model = tiny_model()
+    # the module, not the function of the same name that the package exports
+    coef_mod = importlib.import_module("memllm_kernels.interpret.coefficients")
+    monkeypatch.setattr(coef_mod, "coefficients_of", lambda q, kv: q @ kv.keys.t())
+    with pytest.raises(AssertionError, match="differs from the memory FFN's output"):
+        list(iter_coefficients(model, 0, verify=True))
+    assert not check_decomposition(model, 0)["ok"]
+
+
+def test_coefficients_of_a_token_subset_match_the_full_table():
+    model = tiny_model()
+    full = coefficients(model, 1).coef
+    sub = coefficients(model, 1, [5, 0, 299]).coef
+    np.testing.assert_allclose(sub, full[[5, 0, 299]], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- access maps
+def test_access_map_matches_brute_force_and_finds_a_planted_dead_key():
+    model = tiny_model()
+    layer, k, dead = 1, 4, 17
+    with torch.no_grad():
+        model.layers[layer].memory.ffn.w_down.weight[:, dead] = 0  # value 17 is zero: no token can read it
+    am = access_map(model, layer, k=k, tokens_per_key=5, chunk_tokens=64)
+    co = coefficients(model, layer)
+    contrib = co.contributions
+    V, K = contrib.shape
+    assert am.top_keys.shape == am.top_coef.shape == am.top_contrib.shape == (V, k)
+    brute = np.argsort(-contrib, axis=1, kind="stable")[:, :k]
+    np.testing.assert_allclose(np.take_along_axis(contrib, am.top_keys, 1), np.take_along_axis(contrib, brute, 1),
+                               rtol=1e-6)
+    np.testing.assert_allclose(am.top_coef, np.take_along_axis(co.coef, am.top_keys, 1), rtol=1e-6)
+    assert am.utilization.sum() == V * k and am.utilization.shape == (K,)
+    np.testing.assert_array_equal(am.utilization, np.bincount(am.top_keys.ravel(), minlength=K))
+    # inverted index: the tokens that use each key most
+    for key in (0, 3, K - 1):
+        want = np.sort(contrib[:, key])[::-1][:5]
+        np.testing.assert_allclose([c for _, c in am.tokens_of(key)], want, rtol=1e-6)
+        assert contrib[am.tokens_of(key)[0][0], key] == pytest.approx(want[0], rel=1e-6)
+    assert dead in am.dead_keys and am.key_max[dead] == 0
+    assert am.summary()["dead_keys"] == len(am.dead_keys)
+    with pytest.raises(ValueError, match="key 88 is out of range"):
+        am.tokens_of(88)
+
+
+# ---------------------------------------------------------------- clusters
+def test_local_clustering_on_a_known_graph():
+    # a triangle 0-1-2 plus a pendant node 3 attached to 2
+    adj = np.zeros((4, 4), bool)
+    for a, b in [(0, 1), (1, 2), (0, 2), (2, 3)]:
+        adj[a, b] = adj[b, a] = True
+    np.testing.assert_allclose(local_clustering(adj), [1, 1, 1 / 3, 0])
+
+
+def test_clustering_coefficient_separates_blobs_from_noise():
+    rng = np.random.default_rng(0)
+    # 20 tight blobs of k + 1 = 11 points: each point's 10 neighbours are its blob, a clique, so C = 1 exactly
+    centers = rng.normal(size=(20, 40))
+    blobs = np.concatenate([c + 0.05 * rng.normal(size=(11, 40)) for c in centers]).astype(np.float32)
+    noise = rng.normal(size=(220, 40)).astype(np.float32)
+    cb, cn = clustering_coefficient(blobs, 10), clustering_coefficient(noise, 10)
+    assert cb == 1.0 and cn < 0.3
+    # shuffling each column across rows destroys the blobs
+    assert clustering_coefficient(shuffled_columns(blobs, 0), 10) < 0.3
+    adj = knn_graph(blobs, 10)
+    assert (adj == adj.T).all() and not adj.diagonal().any() and (adj.sum(1) >= 10).all()
+
+
+@needs_sklearn
+def test_planted_groups_land_in_one_cluster_each():
+    """Tokens given identical embeddings have identical coefficient vectors at every layer: one cluster."""
+    model = tiny_model()
+    groups = [list(range(10, 20)), list(range(100, 115)), list(range(200, 208))]
+    with torch.no_grad():
+        E = model.tok_embeddings.weight
+        for g in groups:
+            E[g] = torch.randn(model.config.d_model) * 3
+    for layer in range(model.config.n_layer):
+        cr = cluster_layer(model, layer, n_clusters=8, sample=120, seed=0, tsne=False)
+        for g in groups:
+            assert len(set(cr.labels[g])) == 1, (layer, g, cr.labels[g])
+        assert len({cr.labels[g[0]] for g in groups}) == 3  # and the groups are told apart
+        assert cr.labels.shape == (300,) and cr.centers.shape == (8, model.config.ffn_memory_hidden)
+        assert cr.sizes.sum() == 300 and cr.outliers.shape == (300,)
+        # a planted group member's nearest neighbours are its group (cosine 1)
+        nb = nearest_tokens(model, layer, groups[1][0], n=len(groups[1]) - 1)
+        assert {t for t, _ in nb} == set(groups[1][1:]) and min(s for _, s in nb) > 1 - 1e-5
+
+
+@needs_sklearn
+@pytest.mark.parametrize("seed", SEEDS)
+def test_clusters_are_deterministic_with_a_seed(seed):
+    model = tiny_model()
+    counts = np.arange(300)[::-1].copy()
+    a = cluster_layer(model, 0, n_clusters=5, sample=80, seed=seed, counts=counts)
+    b = cluster_layer(model, 0, n_clusters=5, sample=80, seed=seed, counts=counts)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.sample, b.sample)
+    np.testing.assert_array_equal(a.tsne, b.tsne)
+    assert a.tsne.shape == (80, 2) and a.clustering_coefficient == b.clustering_coefficient
+    assert a.frequent == b.frequent and all(len(v) <= 8 for v in a.frequent.values())
+    other = cluster_layer(model, 0, n_clusters=5, sample=80, seed=seed + 10, tsne=False)
+    assert not np.array_equal(a.sample, other.sample)
+
+
+def test_outlier_key_counts_definition():
+    K = 100
+    flat = np.ones((1, K), np.float32)
+    spike = np.ones((1, K), np.float32)
+    spike[0, 7] = 100.0  # far above 6 x RMS (RMS ~ 10.4)
+    two = np.ones((1, K), np.float32)
+    two[0, [1, 2]] = 30.0  # RMS ~ 4.6: both above 6 x RMS
+    vn = np.ones(K, np.float32)
+    got = outlier_key_counts(np.concatenate([flat, spike, two]), vn)
+    np.testing.assert_array_equal(got, [0, 1, 2])
+    np.testing.assert_array_equal(outlier_key_counts(np.concatenate([flat, spike, two]) * 1000, vn), got)  # scale-free
+    np.testing.assert_array_equal(outlier_key_counts(-spike, vn), [1])  # signs do not matter
+    vn2 = vn.copy()
+    vn2[3] = 500.0  # a huge value vector makes its key an outlier through its contribution
+    assert outlier_key_counts(flat, vn2)[0] == 1
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        outlier_key_counts(flat, vn, tau=0)
+
+
+@needs_sklearn
+def test_planted_outlier_key_is_counted():
+    model = tiny_model()
+    base = cluster_layer(model, 1, n_clusters=4, sample=50, tsne=False).outliers
+    with torch.no_grad():
+        model.layers[1].memory.ffn.w_down.weight[:, 5] *= 200  # value 5 dominates every output
+    planted = cluster_layer(model, 1, n_clusters=4, sample=50, tsne=False).outliers
+    assert planted.mean() > base.mean() + 0.5
+
+
+# ---------------------------------------------------------------- logit lens
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+def test_memory_lens_matches_brute_force(kind):
+    model = tiny_model(kind)
+    toks = [3, 77, 250]
+    lens = memory_lens(model, toks, k=6, chunk_tokens=2)
+    assert lens.layers == [0, 1, "sum"] and lens.top_ids.shape == (3, 3, 6)
+    with torch.no_grad():
+        rows = [model.layers[l].memory.lookup(model.tok_embeddings.weight[toks]) for l in range(2)]
+        for j, r in enumerate(rows + [rows[0] + rows[1]]):
+            logits = model.output(model.norm(r))
+            np.testing.assert_allclose(lens.top_logits[:, j], logits.topk(6).values.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_planted_promotion_is_found_by_the_lens_and_the_bigram_check():
+    """Point the LM head row of token 9 along token 4's layer-1 memory: the lens says 4 promotes 9."""
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(20, 300, 6000)
+    ids[::10] = 4
+    ids[1::10] = 9  # 4 is always followed by 9
+    toks, succ = top_successors(ids, 300, min_count=20)
+    assert succ[list(toks).index(4)] == 9
+    before = bigram_agreement(model, ids, [1], k=1, min_count=20)
+    assert memory_lens(model, [4], [1], k=1, include_sum=False).promoted(4, 1)[0][0] != 9
+    with torch.no_grad():
+        r = memory_rows(model, [4], 1)[0]
+        model.output.weight[9] = 5 * r / r.norm()
+    assert memory_lens(model, [4], [1], k=1, include_sum=False).promoted(4, 1)[0][0] == 9
+    ba = bigram_agreement(model, ids, [1], k=1, min_count=20)
+    assert ba.successor[list(ba.tokens).index(4)] == 9 and set(ba.hit) == {1, "sum"}
+    # token 4 is now a hit; no other token's top successor is 9, so it is the only change that can add one
+    assert ba.hit[1] >= before.hit[1] + 1 / len(ba.tokens) - 1e-12
+
+
+# ---------------------------------------------------------------- sweeps
+def _ids(n=2000, seed=0):
+    return np.random.default_rng(seed).integers(0, 300, n)
+
+
+def test_layer_sweep_uses_the_models_memory_knob_and_restores_it():
+    model = tiny_model()
+    ids = _ids()
+    sw = layer_drop_sweep(model, ids, 32, max_tokens=640)
+    assert sw.what == "memory" and [p[0] for p in sw.points] == [0, 1] and sw.tokens == 640
+    for layer, loss, ppl in sw.points:
+        model.set_memory_scale(1.0, [layer])
+        assert loss == pytest.approx(evaluate(model, ids, 32, max_tokens=640)["loss"], rel=1e-6)
+        assert ppl == pytest.approx(math.exp(loss)) and loss != pytest.approx(sw.baseline[0], rel=1e-6)
+        model.set_memory_scale(1.0)
+    with memory_scale(model, 0.3, [1]):
+        assert [m.scale for m in model.memory_modules()] == [0.3, 0.0]
+    assert [m.scale for m in model.memory_modules()] == [1.0, 1.0]
+
+
+def test_alpha_sweep_endpoints():
+    model = tiny_model()
+    ids = _ids()
+    al = alpha_sweep(model, ids, 32, alphas=[1.0, 0.5, 0.0], max_tokens=640)
+    assert [p[0] for p in al.points] == [1.0, 0.5, 0.0] and al.points[0][1] == al.baseline[0]
+    model.set_memory_scale(1.0, [0, 1])  # alpha 0 is every layer's memory dropped
+    assert al.points[2][1] == pytest.approx(evaluate(model, ids, 32, max_tokens=640)["loss"], rel=1e-6)
+    model.set_memory_scale(0.5)
+    assert al.points[1][1] == pytest.approx(evaluate(model, ids, 32, max_tokens=640)["loss"], rel=1e-6)
+
+
+def test_dense_layer_sweep_drops_the_ffn():
+    model = tiny_model("dense")
+    ids = _ids()
+    before = evaluate(model, ids, 32, max_tokens=640)["loss"]
+    sw = layer_drop_sweep(model, ids, 32, max_tokens=640)
+    assert sw.what == "ffn" and sw.baseline[0] == pytest.approx(before)
+    with dropped_ffn(model, 1):
+        assert model.layers[1].ffn is None
+        assert evaluate(model, ids, 32, max_tokens=640)["loss"] == pytest.approx(sw.points[1][1], rel=1e-6)
+    assert model.layers[1].ffn is not None and evaluate(model, ids, 32, max_tokens=640)["loss"] == before
+    assert all(p[1] != pytest.approx(before, rel=1e-6) for p in sw.points)
+    with pytest.raises(ValueError, match="has no context FFN"):
+        with dropped_ffn(tiny_model("memoryllm"), 0):
+            pass
+
+
+# ---------------------------------------------------------------- edits
+def test_suppressing_a_key_removes_exactly_its_term():
+    model = tiny_model()
+    layer, keys = 1, [3, 40]
+    E = model.tok_embeddings.weight
+    mem = model.layers[layer].memory
+    with torch.no_grad():
+        before = mem.lookup(E).clone()
+        w_before = mem.ffn.w_down.weight.clone()
+    co = coefficients(model, layer)
+    kv = key_value_weights(model, layer)
+    removed = torch.from_numpy(co.coef[:, keys]) @ kv.values[keys]
+    with suppressed_keys(model, layer, keys), torch.no_grad():
+        after = mem.lookup(E)
+        torch.testing.assert_close(after, before - removed, atol=EDIT_ATOL, rtol=0)
+        assert (after - before).abs().max() > 100 * EDIT_ATOL  # the edit did something
+        other = model.layers[0].memory.lookup(E)  # another layer is untouched
+    assert torch.equal(mem.ffn.w_down.weight, w_before)  # restored bit for bit
+    with torch.no_grad():
+        assert torch.equal(other, model.layers[0].memory.lookup(E))
+    with pytest.raises(ValueError, match="key 88 is out of range"):
+        with suppressed_keys(model, layer, [88]):
+            pass
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["ffn", "tol"])
+def test_row_edit_changes_exactly_the_token_and_what_follows(swapped):
+    model = tiny_model()
+    if swapped:  # the same edit on a model whose memory FFNs are ToLs
+        table = torch.cat(list(iter_tol_chunks(model, 128)))
+        swap_ffn_for_tol(model, table, backend="reference")
+    tok, src = 7, 123
+    ids = torch.from_numpy(_ids(2 * 40, 3).reshape(2, 40))
+    ids[ids == tok] = tok + 1
+    ids[0, 25], ids[1, 5] = tok, tok
+    ids[0, 30], ids[1, 30] = 8, 9
+    first = [25, 5]
+    with torch.no_grad():
+        base = model(ids)
+        rows_src = [memory_rows(model, [src], l)[0] for l in range(2)]
+        rows_other = [memory_rows(model, [8, 9], l) for l in range(2)]
+    with edited_rows(model, copy_token_rows(model, tok, src)), torch.no_grad():
+        edited = model(ids)
+        x0 = model.tok_embeddings(ids)
+        for l in range(2):
+            term = model.layers[l].memory(torch.zeros_like(x0), x0, ids)  # the memory term alone
+            torch.testing.assert_close(term[0, 25], rows_src[l], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(term[0, 30], rows_other[l][0], atol=1e-6, rtol=1e-6)  # other tokens: as before
+            torch.testing.assert_close(term[1, 30], rows_other[l][1], atol=1e-6, rtol=1e-6)
+    for b in range(2):
+        assert torch.equal(edited[b, :first[b]], base[b, :first[b]])  # causal: nothing before the token moves
+        assert not torch.allclose(edited[b, first[b]], base[b, first[b]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), base)  # restored
+    assert all(type(b.memory).__name__ != "RowOverride" for b in model.layers)
+
+
+def test_edit_effect_measures_the_edit():
+    model = tiny_model()
+    ids = _ids(3000, 5)
+    tok = int(np.bincount(ids).argmax())
+    eff = edit_effect(model, ids, lambda: edited_rows(model, suppress_token_rows(model, tok)), seq_len=32,
+                      focus=[tok], max_tokens=1280, description="zero")
+    s = eff.summary()
+    assert s["positions"] == 1280 and s["focus_positions"] == int((eff.inputs == tok).sum()) > 0
+    assert s["max_abs_delta_unreached"] == 0.0 and s["unreached_positions"] > 0
+    assert abs(s["mean_delta_at_focus"]) > 1e-4
+    assert eff.dprob_focus.shape == (300,) and abs(eff.dprob_focus.sum()) < 1e-5  # probabilities still sum to 1
+    # the per-position scoring agrees with the model's own evaluate()
+    assert eff.base_loss.mean() == pytest.approx(evaluate(model, ids, 32, max_tokens=1280)["loss"], rel=1e-5)
+    # an edit of a token absent from the text changes nothing
+    absent = int(np.setdiff1d(np.arange(300), ids)[0])
+    none = edit_effect(model, ids, lambda: edited_rows(model, suppress_token_rows(model, absent)), seq_len=32,
+                       focus=[absent], max_tokens=640)
+    assert np.array_equal(none.base_loss, none.edited_loss) and not none.reached.any()
+
+
+# ---------------------------------------------------------------- bad arguments
+def test_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"layer 2 is out of range: test-tiny has 2 layers \(0..1\)"):
+        coefficients(model, 2)
+    with pytest.raises(ValueError, match="layer -1 is out of range"):
+        access_map(model, -1)
+    with pytest.raises(ValueError, match=r"token id 300 is outside the vocabulary \[0, 300\)"):
+        memory_lens(model, [300])
+    with pytest.raises(ValueError, match="k must be in"):
+        access_map(model, 0, k=0)
+    with pytest.raises(ValueError, match="n_clusters must be in"):
+        kmeans(normalise_rows(np.ones((5, 3))), 9)
+    dense = tiny_model("dense")
+    for call in (lambda: coefficients(dense, 0), lambda: access_map(dense, 0), lambda: memory_lens(dense, [1]),
+                 lambda: alpha_sweep(dense, _ids(), 32), lambda: edited_rows(dense, {(1, 0): torch.zeros(32)}).__enter__()):
+        with pytest.raises(ValueError, match="is a dense model .*no memory FFNs to analyse"):
+            call()
+    table = torch.cat(list(iter_tol_chunks(model, 300)))
+    swap_ffn_for_tol(model, table, backend="reference")
+    with pytest.raises(ValueError, match="swapped for a ToL"):
+        coefficients(model, 0)
+    assert memory_lens(model, [1], k=2).top_ids.shape == (1, 3, 2)  # the lens reads ToL rows directly
+
+
+class _Tok:
+    """A stand-in tokenizer: ' king', 'king' and 'dom' are single tokens; everything else is per character."""
+
+    vocab = {" king": 10, "king": 11, "dom": 12}
+
+    def encode(self, s):
+        if s in self.vocab:
+            return [self.vocab[s]]
+        if s.endswith("dom") and s[:-3] in self.vocab:
+            return [self.vocab[s[:-3]], 12]
+        return [100 + ord(c) % 100 for c in s]
+
+    def decode(self, ids):
+        inv = {v: k for k, v in self.vocab.items()}
+        return "".join(inv.get(i, "?") for i in ids)
+
+
+def test_resolve_token():
+    tok = _Tok()
+    assert resolve_token(tok, "king", 300)[0] == 10  # the word form wins
+    assert resolve_token(tok, " king", 300)[0] == 10
+    assert resolve_token(tok, "#11", 300) == (11, "raw id 11")
+    with pytest.raises(ValueError, match=r"unknown token 'kingdom': .*\['king', 'dom'\]"):
+        resolve_token(tok, "kingdom", 300)
+    with pytest.raises(ValueError, match=r"token id 999 is outside the vocabulary \[0, 300\)"):
+        resolve_token(tok, "#999", 300)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        resolve_token(None, "king", 300)
+
+
+# ---------------------------------------------------------------- the `inspect` command on trained runs
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs trained for 20 steps on a synthetic text: a MemoryLLM and a dense one (same data)."""
+    from memllm_kernels.model.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("interpret")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEMLLM_CACHE", str(root / "cache"))
+        rng = np.random.default_rng(0)
+        words = "the king queen lord lady sword crown night day love death fair foul speak hear go come".split()
+        text = root / "text"
+        text.mkdir()
+        for i in range(6):
+            (text / f"w{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(150)) + "\n")
+        out = {}
+        for kind in ("memoryllm", "dense"):
+            cfg = ModelConfig(kind=kind, **{**TINY, "name": f"t-{kind}"})
+            tc = TrainConfig(steps=20, batch_size=8, seq_len=32, tokenizer="bpe-320", text=str(text), eval_every=0,
+                             warmup=5, lr=3e-3)
+            train(root / kind, cfg, tc, progress=False, log=lambda *a: None)
+            out[kind] = root / kind
+        yield out, mp
+
+
+def _inspect(*argv):
+    from memllm_kernels.interpret.cli import build_parser, main
+
+    return main(build_parser().parse_args(["inspect", *argv]))
+
+
+def test_inspect_help_lists_the_arguments(capsys):
+    from memllm_kernels.interpret.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["inspect", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: memllm inspect")
+    for opt in ("--layer", "--out", "--token", "--dense", "--seed", "--tsne-sample", "--skip"):
+        assert opt in out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["inspect", "RUN", "--skip", "nonsense"])
+    assert "unknown section" in capsys.readouterr().err
+
+
+@needs_train_deps
+def test_inspect_writes_the_report(runs, tmp_path, capsys):
+    paths, _ = runs
+    out = tmp_path / "rep"
+    rc = _inspect(str(paths["memoryllm"]), "--out", str(out), "--dense", str(paths["dense"]), "--tsne-sample", "60",
+                  "--clusters", "4", "--eval-tokens", "640", "--no-progress")
+    assert rc == 0, capsys.readouterr().err
+    md = (out / "report.md").read_text()
+    for head in ("## 1. The key-value decomposition", "## 2. Access maps", "## 3. Clusters", "## 4. Logit lens",
+                 "## 5. Sweeps", "## 6. Memory edits"):
+        assert head in md
+    assert "t-dense (FFN)" in md and "t-memoryllm (memory)" in md
+    for png in ("access_l0.png", "access_l1.png", "tsne_l0.png", "tsne_l1.png", "layers_clusters_outliers.png",
+                "lens_bigram.png", "sweep_layers.png", "sweep_alpha.png", "edit_suppress_token.png",
+                "edit_suppress_key.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    res = json.loads((out / "report.json").read_text())
+    assert all(r["ok"] for r in res["identity"]) and len(res["clusters"]) == 2
+    assert res["edits"]["suppress_token"]["max_abs_delta_unreached"] == 0.0
+    assert [p["at"] for p in res["sweeps"]["alpha"]["points"]] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    # --layer restricts the per-layer analyses; the sweep still covers every layer
+    out1 = tmp_path / "rep1"
+    rc = _inspect(str(paths["memoryllm"]), "--layer", "1", "--out", str(out1), "--skip", "clusters,edits",
+                  "--eval-tokens", "320", "--no-progress")
+    assert rc == 0
+    res1 = json.loads((out1 / "report.json").read_text())
+    assert [r["layer"] for r in res1["identity"]] == [1] and len(res1["sweeps"]["layers"][0]["points"]) == 2
+    assert not (out1 / "access_l0.png").exists() and "clusters" not in res1
+
+
+@needs_train_deps
+def test_inspect_one_token(runs, capsys):
+    paths, _ = runs
+    rc = _inspect(str(paths["memoryllm"]), "--token", "king", "--no-progress")
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "' king'" in out and "promoted next tokens" in out and "nearest 10 tokens" in out
+    assert len([ln for ln in out.splitlines() if ln.startswith("| 0 |") or ln.startswith("| 1 |")]) == 2
+
+
+@needs_train_deps
+@pytest.mark.parametrize("argv, message", [
+    (["--layer", "2"], "layer 2 is out of range"),
+    (["--token", "zzzqqq"], "unknown token 'zzzqqq'"),
+    (["--token", "#99999"], "outside the vocabulary"),
+    (["--edit-token", "zzzqqq", "--skip", "identity,access,clusters,lens,sweeps"], "unknown token 'zzzqqq'"),
+])
+def test_inspect_bad_arguments(runs, capsys, argv, message):
+    paths, _ = runs
+    assert _inspect(str(paths["memoryllm"]), "--no-progress", *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memllm inspect: error:") and message in err
+
+
+@needs_train_deps
+def test_inspect_refuses_dense_and_missing_runs(runs, tmp_path, capsys):
+    paths, _ = runs
+    assert _inspect(str(paths["dense"]), "--no-progress") == 2
+    assert "is a dense model" in capsys.readouterr().err
+    assert _inspect(str(paths["dense"]), "--token", "king", "--no-progress") == 2
+    assert "is a dense model" in capsys.readouterr().err
+    assert _inspect(str(tmp_path / "nope"), "--no-progress") == 2
+    assert "does not exist" in capsys.readouterr().err
