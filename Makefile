@@ -23,7 +23,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 
 # --no-build-isolation: build against the torch installed above, not a second multi-GB download.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation -e ".[interpret]"
 	touch $@
 
 build: $(VENV)/.built

@@ -196,6 +196,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         with open(path, "w") as f:
             json.dump({"machine": info, "results": rows}, f, indent=1)
         terminalreporter.write_line(f"wrote {path}")
+    from report import targets_missed, write_report
+
+    terminalreporter.write_line(f"wrote {write_report(out_dir)}")
     tr = terminalreporter
     tr.section(f"summary on {info.get('gpu') or info['cpu']} ({device})")
     header = (f"{'op':<16}{'provider':<10}{'dtype':<9}{'preset':<7}{'T':>6}{'ms':>10}{'GB/s':>9}{'%ceil':>7}"
@@ -206,3 +209,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                       f"{r['ms']:>10.4f}{_fmt(r.get('gbps'), '9.1f')}{_fmt(r.get('pct_ceiling'), '7.0f')}"
                       f"{_fmt(r.get('pct_copy_bw'), '7.0f')}{_fmt(r.get('speedup_vs_eager'), '9.2f')}"
                       f"{_fmt(r.get('speedup_vs_ffn'), '9.1f')}{_fmt(r.get('ms_launch'), '11.4f')}")
+    for op, rows in by_op.items():
+        for miss in targets_missed({"machine": info, "results": rows}):
+            tr.write_line(f"TARGET MISSED ({op}): {miss}")
