@@ -387,6 +387,25 @@ def test_edit_effect_measures_the_edit():
     none = edit_effect(model, ids, lambda: edited_rows(model, suppress_token_rows(model, absent)), seq_len=32,
                        focus=[absent], max_tokens=640)
     assert np.array_equal(none.base_loss, none.edited_loss) and not none.reached.any()
+    with pytest.raises(ValueError, match="no focus token"):
+        edit_effect(model, ids, lambda: edited_rows(model, suppress_token_rows(model, absent)), seq_len=32,
+                    focus=[absent], windows="focus")
+
+
+def test_edit_effect_focus_windows_find_a_late_token():
+    """windows='focus' scores the windows that hold the edited token, wherever they are in the text."""
+    model = tiny_model()
+    ids = _ids(3200, 6)
+    tok = 299
+    ids[ids == tok] = 298
+    ids[[2500, 2900, 3100]] = tok  # only late in the text, in three different 32-token windows
+    edit = lambda: edited_rows(model, suppress_token_rows(model, tok))  # noqa: E731
+    first = edit_effect(model, ids, edit, seq_len=32, focus=[tok], max_tokens=640)
+    assert first.summary()["focus_positions"] == 0 and np.array_equal(first.base_loss, first.edited_loss)
+    eff = edit_effect(model, ids, edit, seq_len=32, focus=[tok], max_tokens=640, windows="focus")
+    s = eff.summary()
+    assert s["positions"] == 3 * 32 and s["focus_positions"] == 3 and s["max_abs_delta_unreached"] == 0.0
+    assert np.abs(eff.delta[eff.reached]).max() > 0
 
 
 # ---------------------------------------------------------------- bad arguments

@@ -213,7 +213,7 @@ def _grouped(keys: np.ndarray, vals: np.ndarray, min_count: int) -> list[tuple[i
 
 @torch.inference_mode()
 def edit_effect(model: Transformer, ids: np.ndarray, edit, *, seq_len: int, focus=(), max_tokens: int | None = 16384,
-                batch_size: int = 16, description: str = "", progress: bool = False) -> EditEffect:
+                windows: str = "first", batch_size: int = 16, description: str = "", progress: bool = False) -> EditEffect:
     """Score non-overlapping windows of `ids` (seq_len + 1 tokens each, at most max_tokens predictions)
     without and with the edit, and return the per-position loss changes.
 
@@ -221,19 +221,35 @@ def edit_effect(model: Transformer, ids: np.ndarray, edit, *, seq_len: int, focu
         lambda: edited_rows(model, suppress_token_rows(model, tok))
         lambda: suppressed_keys(model, layer, [k])
     focus: the token ids the edit targets (for the summary and `reached`; empty: every position is reached).
+    windows: "first" scores the first windows of the text; "focus" the first windows (anywhere in the text)
+        whose inputs hold a focus token -- a row edit cannot change any other window, and a word like ' king'
+        may not occur in the first 16k tokens of a validation split at all.
     """
     ids = np.asarray(ids, dtype=np.int64)
     V = model.config.vocab_size
     if seq_len < 1 or seq_len > model.config.block_size:
         raise ValueError(f"seq_len must be in [1, {model.config.block_size}], got {seq_len}")
-    n_pred = len(ids) - 1 if max_tokens is None else min(len(ids) - 1, max_tokens)
-    n_win = n_pred // seq_len
-    if n_win < 1:
-        raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens, got {min(len(ids), n_pred + 1)}")
+    if windows not in ("first", "focus"):
+        raise ValueError(f"windows must be 'first' or 'focus', got {windows!r}")
     focus = [int(t) for t in check_token_ids(model, list(focus))] if len(focus) else []
+    if windows == "focus" and not focus:
+        raise ValueError("windows='focus' needs focus tokens")
+    n_all = (len(ids) - 1) // seq_len  # every complete window of the text
+    n_win = n_all if max_tokens is None else min(n_all, max_tokens // seq_len)
+    if n_win < 1:
+        raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens (and max_tokens >= seq_len), got "
+                         f"{len(ids)} tokens, max_tokens={max_tokens}")
+    starts = np.arange(n_win) * seq_len
+    if windows == "focus":
+        inputs = ids[:n_all * seq_len].reshape(n_all, seq_len)
+        has = np.flatnonzero(np.isin(inputs, focus).any(1))
+        if not len(has):
+            raise ValueError(f"no focus token {focus} occurs in the text's {n_all} windows of {seq_len} tokens")
+        starts = has[:n_win] * seq_len
     dev = model.output.weight.device
     focus_t = torch.tensor(focus, dtype=torch.int64, device=dev)
-    win = torch.from_numpy(np.stack([ids[s * seq_len:s * seq_len + seq_len + 1] for s in range(n_win)])).to(dev)
+    win = torch.from_numpy(np.stack([ids[s:s + seq_len + 1] for s in starts])).to(dev)
+    n_win = len(starts)
     base, edited, reached = [], [], []
     dprob = torch.zeros(V, dtype=torch.float64, device=dev) if focus else None
     n_focus = 0

@@ -286,15 +286,17 @@ def _edits_section(h: RunHandle, tok: int, src: int, layers, val_ids, seq_len, e
     md += ["## 6. Memory edits", "",
            f"Edited token {nm(tok)} (token {tok}, {int(counts[tok]):,} times in training), rows copied from "
            f"{nm(src)} (token {src}); layers {layers if len(layers) < model.config.n_layer else 'all'}. Loss changes "
-           f"(nats) over the first {eval_tokens:,} validation tokens, edited model minus original.", ""] + notes
+           f"(nats), edited model minus original, in windows of {seq_len} validation tokens: for (a) and (b) the "
+           f"first windows that contain {nm(tok)} (up to {eval_tokens:,} tokens; no other window can change), "
+           f"for (c) the first {eval_tokens:,} tokens.", ""] + notes
     # (a) suppress the token's memory rows
     e1 = edit_effect(model, val_ids, lambda: edited_rows(model, suppress_token_rows(model, tok, layers)),
-                     seq_len=seq_len, focus=[tok], max_tokens=eval_tokens, progress=progress,
+                     seq_len=seq_len, focus=[tok], max_tokens=eval_tokens, progress=progress, windows="focus",
                      description=f"memory rows of {names(tok)} set to zero")
     e1.plot(png("edit_suppress_token.png"), names=names)
     # (b) rewrite the token's rows with the source's
     e2 = edit_effect(model, val_ids, lambda: edited_rows(model, copy_token_rows(model, tok, src, layers)),
-                     seq_len=seq_len, focus=[tok], max_tokens=eval_tokens, progress=progress,
+                     seq_len=seq_len, focus=[tok], max_tokens=eval_tokens, progress=progress, windows="focus",
                      description=f"memory rows of {names(tok)} replaced by those of {names(src)}")
     # (c) suppress the key the token reads most, at the layer where its top contribution is largest
     best = (None, -1.0, None)
