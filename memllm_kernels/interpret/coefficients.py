@@ -85,6 +85,8 @@ def iter_coefficients(model: Transformer, layer: int, tokens=None, *, chunk_toke
     m = memory_ffn(model, layer)
     kv = key_value_weights(model, layer)
     ids = check_token_ids(model, tokens)
+    if ids.numel() == 0:
+        raise ValueError("no tokens to analyse (an empty token list)")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     starts = range(0, ids.numel(), chunk_tokens)
