@@ -88,14 +88,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(benchmark, fn, device: str, target_s: float = 0.25) -> dict:
+def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True) -> dict:
     """Benchmark `fn` (no arguments); returns median seconds per call as {"s": ..., "s_launch": ...}.
 
     CPU: rounds of one call each, timed with perf_counter ("s_launch" is None).
     CUDA: "s" is the GPU time per call: `inner` calls captured once in a CUDA graph, each round one
     replay between two CUDA events (no host launch overhead, as in a model decoding under CUDA
     graphs). "s_launch" is the per-call time of `inner` eager back-to-back launches between events,
-    which includes the Python and launch overhead a caller without graphs pays.
+    which includes the Python and launch overhead a caller without graphs pays. graph=False (code that
+    is not written for capture, like a whole model step) makes the eager time the primary one.
     Warm-up calls (compilation, caches, allocator) are never counted.
     """
     for _ in range(3):
@@ -125,6 +126,18 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25) -> dict:
         end.record()
         end.synchronize()
         launch.append(start.elapsed_time(end) / 1e3 / inner)
+    if not graph:
+        def run():
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / inner)
+
+        benchmark.pedantic(run, rounds=int(min(100, max(5, target_s / (statistics.median(launch) * inner)))),
+                           iterations=1, warmup_rounds=1)
+        return {"s": statistics.median(samples), "s_launch": statistics.median(samples)}
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # graph capture wants its warm-up on a side stream
@@ -156,7 +169,7 @@ def record(**row) -> dict:
 
 def _derive(rows: list[dict]) -> None:
     """Adds GB/s, % of the same-bytes torch.add ceiling and speed-ups, from rows of one session."""
-    key = lambda r: (r["op"], r["dtype"], r["preset"], r["T"])  # noqa: E731
+    key = lambda r: (r["op"], r["dtype"], r["preset"], r["T"], r.get("batch"))  # noqa: E731
     by = {(key(r), r["provider"]): r for r in rows}
     copy = next((r for r in rows if r["provider"] == "copy"), None)
     for r in rows:
@@ -173,6 +186,9 @@ def _derive(rows: list[dict]) -> None:
             r["speedup_vs_eager"] = eager["ms"] / r["ms"]
         if ffn is not None and r["provider"] not in ("ffn", "add"):
             r["speedup_vs_ffn"] = ffn["ms"] / r["ms"]
+        dense = by.get((key(r), "dense"))
+        if dense is not None and r["op"].startswith("e2e") and r["provider"] != "dense":
+            r["speedup_vs_dense"] = dense["ms"] / r["ms"]
 
 
 def _fmt(x, spec):
@@ -204,11 +220,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     header = (f"{'op':<16}{'provider':<10}{'dtype':<9}{'preset':<7}{'T':>6}{'ms':>10}{'GB/s':>9}{'%ceil':>7}"
               f"{'%copy':>7}{'x eager':>9}{'x ffn':>9}{'ms launch':>11}")
     tr.write_line(header)
-    for r in sorted(RESULTS, key=lambda r: (r["op"], r["dtype"], r["preset"], r["T"], r["provider"])):
+    e2e = [r for r in RESULTS if r["op"].startswith("e2e")]
+    for r in sorted((r for r in RESULTS if not r["op"].startswith("e2e")),
+                    key=lambda r: (r["op"], r["dtype"], r["preset"], r["T"], r["provider"])):
         tr.write_line(f"{r['op']:<16}{r['provider']:<10}{r['dtype']:<9}{r['preset']:<7}{r['T']:>6}"
                       f"{r['ms']:>10.4f}{_fmt(r.get('gbps'), '9.1f')}{_fmt(r.get('pct_ceiling'), '7.0f')}"
                       f"{_fmt(r.get('pct_copy_bw'), '7.0f')}{_fmt(r.get('speedup_vs_eager'), '9.2f')}"
                       f"{_fmt(r.get('speedup_vs_ffn'), '9.1f')}{_fmt(r.get('ms_launch'), '11.4f')}")
+    if e2e:
+        tr.write_line(f"\n{'op':<14}{'model':<11}{'dtype':<9}{'preset':<7}{'T':>6}{'batch':>6}{'ms':>10}"
+                      f"{'tokens/s':>11}{'x dense':>9}{'weights GB':>11}{'table GB':>10}{'peak GB':>9}")
+        for r in sorted(e2e, key=lambda r: (r["op"], r["T"], r["batch"], r["provider"])):
+            tr.write_line(f"{r['op']:<14}{r['provider']:<11}{r['dtype']:<9}{r['preset']:<7}{r['T']:>6}{r['batch']:>6}"
+                          f"{r['ms']:>10.3f}{r['tokens_per_s']:>11.1f}{_fmt(r.get('speedup_vs_dense'), '9.2f')}"
+                          f"{r['weight_bytes'] / 1e9:>11.3f}{r['table_bytes'] / 1e9:>10.3f}"
+                          f"{r['peak_memory_bytes'] / 1e9:>9.2f}")
     for op, rows in by_op.items():
         for miss in targets_missed({"machine": info, "results": rows}):
             tr.write_line(f"TARGET MISSED ({op}): {miss}")
