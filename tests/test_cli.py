@@ -66,7 +66,7 @@ def test_end_to_end_smoke(tmp_path, text, capsys):
     """train (a few steps of the real tiny preset) -> precompute -> eval with FFN and ToL -> generate."""
     runs = tmp_path / "run"
     rc, out, err = run(capsys, "train", "--preset", "tiny-memoryllm", "--out", str(runs), "--text", str(text),
-                       "--steps", "3", "--tokenizer", "bpe-320", "--batch-size", "2", "--seq-len", "32",
+                       "--steps", "3", "--tokenizer", "bpe-320", "--batch-size", "8", "--seq-len", "32",
                        "--eval-every", "0", "--no-progress")
     assert rc == 0, err
     assert "non-embedding 4.74M" in out and "validation loss" in out
@@ -125,7 +125,7 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
 
     runs = tmp_path / "run"
     args = ["train", "--preset", "tiny-dense", "--out", str(runs), "--text", str(text), "--steps", "1",
-            "--tokenizer", "bpe-300", "--batch-size", "1", "--seq-len", "16", "--no-progress"]
+            "--tokenizer", "bpe-300", "--batch-size", "8", "--seq-len", "32", "--no-progress"]
     assert run(capsys, *args)[0] == 0
     before = (runs / "model.safetensors").read_bytes()
     rc, _, err = run(capsys, *args)
@@ -143,7 +143,7 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
 def test_precompute_refuses_overwrite_and_dry_run(tmp_path, text, capsys):
     runs = tmp_path / "run"
     assert run(capsys, "train", "--preset", "tiny-flex1", "--out", str(runs), "--text", str(text), "--steps", "1",
-               "--tokenizer", "bpe-300", "--batch-size", "1", "--seq-len", "16", "--no-progress")[0] == 0
+               "--tokenizer", "bpe-300", "--batch-size", "8", "--seq-len", "32", "--no-progress")[0] == 0
     assert run(capsys, "precompute", str(runs), "--no-progress")[0] == 0
     stamp = (runs / "tol.safetensors").stat().st_mtime_ns
     rc, _, err = run(capsys, "precompute", str(runs))
