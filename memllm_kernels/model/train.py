@@ -269,7 +269,8 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         tc = TrainConfig(**saved["train"])
         if steps is not None and steps != tc.steps:
             log(f"resume: steps {tc.steps} -> {steps} (the cosine schedule changes from here on)")
-            tc.steps = steps
+            tc.steps = saved["train"]["steps"] = steps
+            D.save_json(out / "config.json", saved)  # a later --resume continues to the new end
         tok = D.load_run_tokenizer(out, saved["tokenizer"])
         train_ids, _ = run_tokens(saved, out, "train")
         val_ids, _ = run_tokens(saved, out, "val")
