@@ -39,7 +39,7 @@ def _layers(s: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memllm", description="Train MemoryLLM / Flex-MemoryLLM / dense reference "
                                 "models, precompute their token-wise lookups (ToLs) and run them with the ToL op.")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{train,precompute,eval,generate,info}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{train,precompute,eval,generate,info,inspect}")
 
     t = sub.add_parser("train", help="train a model into a run directory",
                        description="Train a preset on real text (default: Shakespeare, split by whole works). "
@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "embeddings, head or norms; millions truncated). No argument: every preset.")
     i.add_argument("target", nargs="?", help="a preset name or a run directory")
     i.add_argument("--json", action="store_true")
+
+    from .interpret.cli import add_parser as add_inspect_parser  # memllm inspect (memllm_kernels/interpret/)
+
+    add_inspect_parser(sub)
     return p
 
 
@@ -304,10 +308,16 @@ def _cmd_info(a) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from .interpret.cli import main as inspect_main
+
+    return inspect_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "precompute": _cmd_precompute, "eval": _cmd_eval,
-               "generate": _cmd_generate, "info": _cmd_info}[args.cmd]
+               "generate": _cmd_generate, "info": _cmd_info, "inspect": _cmd_inspect}[args.cmd]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
