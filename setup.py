@@ -52,8 +52,16 @@ def extensions():
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # No -std flag: torch's cpp_extension passes the standard its headers need (C++20 from 2.14 on).
     cxx = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    link = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is inline OpenMP: without -fopenmp it compiles to a serial loop (the CPU kernel
+        # ran on one core and reached 0.4x of torch.add with two). libgomp.so.1 resolves to the copy torch
+        # already loaded, so there is one OpenMP runtime and torch.set_num_threads applies.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     kwargs = dict(
         name="memllm_kernels._C",
+        extra_link_args=link,
         include_dirs=[os.path.join(here, "csrc")],
         py_limited_api=True,  # one _C.abi3.so for every Python >= 3.10 (torch defines Py_LIMITED_API)
     )
