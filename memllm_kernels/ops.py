@@ -175,6 +175,12 @@ def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     _check_args("tol_gather_add", hidden, ids, table, layer)
     backend = _pick_backend(backend, hidden.device)
     if backend in ("cpu", "cuda"):
+        if not torch.compiler.is_compiling() and not (
+                torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad)):
+            # The op's autograd kernel is Python (register_autograd) and costs about 7 us per call even
+            # when no gradient is wanted (12 -> 5 us for one token on CPU): go straight to the kernel.
+            with torch._C._AutoDispatchBelowAutograd():
+                return _run_compiled(torch.ops.memllm.tol_gather_add, hidden, ids, table, layer, check_ids)
         return _run_compiled(torch.ops.memllm.tol_gather_add, hidden, ids, table, layer, check_ids)
     if check_ids:
         _check_id_range("tol_gather_add", ids, table.shape[0])
