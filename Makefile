@@ -10,6 +10,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
+BENCHES := bench/bench_tol_gather_add.py bench/bench_e2e.py
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
 
 .PHONY: test bench bench-full build clean
@@ -32,10 +33,10 @@ test: build
 	$(PY) -m pytest tests -q
 
 bench: build
-	$(PY) -m pytest bench/bench_tol_gather_add.py -q --benchmark-columns=median,rounds --benchmark-sort=name
+	$(PY) -m pytest $(BENCHES) -q --benchmark-columns=median,rounds --benchmark-sort=name
 
 bench-full: build
-	$(PY) -m pytest bench/bench_tol_gather_add.py -q --full --benchmark-columns=median,rounds --benchmark-sort=name
+	$(PY) -m pytest $(BENCHES) -q --full --benchmark-columns=median,rounds --benchmark-sort=name
 
 clean:
 	rm -rf build memllm_kernels/_C*.so $(VENV)/.built

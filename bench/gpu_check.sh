@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh [RESULTS_DIR]        default: bench/results
 #   env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MEMLLM_COMMIT (when .git
 #        did not travel), TESTS (pytest paths, default tests), TEST_TIMEOUT / BENCH_TIMEOUT seconds
-#        (default 300 / 240)
+#        (default 300 / 240), BENCHES (benchmark files, default the gather-add and end-to-end ones)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
@@ -40,8 +40,8 @@ grep -E "passed|failed|error" "$out/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -30
 
 step "benchmarks"
-timeout "${BENCH_TIMEOUT:-240}" $PY -m pytest bench/bench_tol_gather_add.py -q -p no:cacheprovider --device cuda \
-  --results-root "$out" --benchmark-json="$out/pytest-benchmark-tol_gather_add.json" \
+timeout "${BENCH_TIMEOUT:-240}" $PY -m pytest ${BENCHES:-bench/bench_tol_gather_add.py bench/bench_e2e.py} -q -p no:cacheprovider --device cuda \
+  --results-root "$out" --benchmark-json="$out/pytest-benchmark.json" \
   --benchmark-columns=median,rounds >"$out/bench.log" 2>&1 || status=1
 sed -n '/summary on/,/benchmark:/p' "$out/bench.log"
 tail -3 "$out/bench.log"
