@@ -16,4 +16,30 @@ TORCH_LIBRARY(memllm, m) {
   m.def(
       "tol_gather_add_(Tensor(a!) hidden, Tensor ids, Tensor table, int? layer=None, "
       "bool check_ids=True) -> ()");
+
+  // ---- offload (memllm_kernels/offload, docs/offload.md): tables in host memory, a device row cache ----
+  // out[rows[i]] = table[ids[i]] (out[i] without rows): whole token rows ([L, d] or [d]), a pure copy.
+  // table may live in host memory that the device can map (registered / pinned, read over PCIe through
+  // its UVA address) while ids, rows and out are on the device; or all on the CPU. Bad ids / rows raise
+  // with check_ids=True; without the check a bad id writes an all-ones (NaN) row and a bad row is skipped.
+  m.def("tol_host_gather(Tensor table, Tensor ids, Tensor(a!) out, Tensor? rows=None, bool check_ids=True) -> ()");
+  // hidden + row(ids, layer), row = cache[slot_map[id]] on a hit (slot in [0, C)), host_table[id] on a
+  // miss (slot -1): one pass that picks the cache slot or the host row per token.
+  m.def(
+      "tol_cached_gather_add(Tensor hidden, Tensor ids, Tensor slot_map, Tensor cache, Tensor host_table, "
+      "int? layer=None, bool check_ids=True) -> Tensor");
+  m.def(
+      "tol_cached_gather_add_(Tensor(a!) hidden, Tensor ids, Tensor slot_map, Tensor cache, Tensor host_table, "
+      "int? layer=None, bool check_ids=True) -> ()");
+  // One step's rows, deduplicated, in one token-major pass: for position b, first[b] = the first position
+  // holding ids[b], slots[b] = slot_map[ids[b]] (-1: miss), and, at first occurrences, layers
+  // [layer_begin, layer_end) of the token's row (from its cache slot, else from host_table) go to out[b].
+  // The model then reads out[first[b], l] with tol_gather_add_.
+  m.def(
+      "tol_cache_prefetch(Tensor ids, Tensor slot_map, Tensor cache, Tensor host_table, Tensor(a!) out, "
+      "Tensor(b!) first, Tensor(c!) slots, int layer_begin=0, int? layer_end=None, bool check_ids=True) -> ()");
+  // An exact-size host allocation (anonymous mmap, not the caching pinned allocator, which rounds a
+  // 47.7 GiB table up to 64 GiB), page-locked and device-mapped with cudaHostRegister when pin=True, the
+  // build has CUDA and a GPU is visible; ordinary memory otherwise. Freed with unregister + munmap.
+  m.def("tol_host_alloc(int[] size, ScalarType dtype, bool pin=True) -> Tensor");
 }

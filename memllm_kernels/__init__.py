@@ -12,5 +12,12 @@ from .ops import (  # noqa: F401
     tol_gather_add,
     tol_gather_add_,
 )
+from .offload.ops import (  # noqa: F401  the offload engine's ops (memllm_kernels/offload, docs/offload.md)
+    tol_cache_prefetch,
+    tol_cached_gather_add,
+    tol_cached_gather_add_,
+    tol_host_alloc,
+    tol_host_gather,
+)
 
 __version__ = "0.1.0"

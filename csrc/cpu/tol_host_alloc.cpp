@@ -1,0 +1,67 @@
+// memllm::tol_host_alloc: the pinned host tier's memory, allocated at its exact size.
+//
+// Why not torch.empty(..., pin_memory=True): PyTorch's caching host allocator rounds every request up
+// to a power of two, so the 47.7 GiB fp32 table of the 1b preset would take 64 GiB of page-locked RAM
+// (peers hit this). An anonymous mmap is exact to the page; cudaHostRegister then page-locks and maps
+// it for the device (csrc/cuda/tol_host_alloc.cu installs that hook), so kernels read rows over PCIe
+// through the pointer itself (UVA). The tensor owns the mapping: its deleter unregisters and unmaps.
+// Registered as a CompositeExplicitAutograd kernel: the op has no tensor inputs to dispatch on.
+#include <sys/mman.h>
+
+#include <torch/library.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "../tol_offload.h"
+
+namespace memllm {
+
+HostPinHooks& host_pin_hooks() {
+  static HostPinHooks hooks;
+  return hooks;
+}
+
+namespace {
+
+at::Tensor tol_host_alloc(c10::IntArrayRef size, at::ScalarType dtype, bool pin) {
+  int64_t numel = 1;
+  for (size_t i = 0; i < size.size(); ++i) {
+    TORCH_CHECK(size[i] >= 0, "tol_host_alloc: negative size " + to_str(size));
+    numel *= size[i];
+  }
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  if (bytes == 0) return at::empty(size, options);
+  void* ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(ptr != MAP_FAILED, "tol_host_alloc: mmap of " + to_str(static_cast<int64_t>(bytes)) +
+                                     " bytes failed: " + std::strerror(errno));
+  // Huge pages where the kernel allows them: ~3M fewer page faults to fill a 12.6 GB table. Advice only.
+  (void)madvise(ptr, bytes, MADV_HUGEPAGE);
+  bool pinned = false;
+  const HostPinHooks& hooks = host_pin_hooks();
+  if (pin && hooks.pin != nullptr && hooks.device_present != nullptr && hooks.device_present()) {
+    const std::string err = hooks.pin(ptr, bytes);
+    if (!err.empty()) {
+      munmap(ptr, bytes);
+      TORCH_CHECK(false, "tol_host_alloc: cudaHostRegister of " + to_str(static_cast<int64_t>(bytes)) +
+                             " bytes failed: " + err +
+                             " (page-locked memory is limited by RAM and `ulimit -l`; pass pin=False for "
+                             "ordinary memory)");
+    }
+    pinned = true;
+  }
+  auto deleter = [bytes, pinned](void* p) {
+    if (pinned && host_pin_hooks().unpin != nullptr) host_pin_hooks().unpin(p);
+    munmap(p, bytes);
+  };
+  return at::from_blob(ptr, size, deleter, options);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memllm, CompositeExplicitAutograd, m) {
+  m.impl("tol_host_alloc", &tol_host_alloc);
+}
+
+}  // namespace memllm

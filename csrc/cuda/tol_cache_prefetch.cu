@@ -1,0 +1,147 @@
+// CUDA kernel of memllm::tol_cache_prefetch: one step's token rows, deduplicated, in one token-major pass
+// (launched on the offload engine's side stream as soon as the ids exist, see engine.py).
+//
+// Grid: x = positions b of ids, y = chunks of a row (a 96 KiB 1b row splits into 12 blocks of 8 KiB, so a
+// single decode token still has many PCIe loads in flight). Each block finds the first position holding
+// ids[b] (a block-wide scan of ids[0:b] with a shared atomicMin: O(N) per position, ~4M compares for a
+// 2048-token prompt, microseconds), looks up the slot, and if b is that first position copies its chunk
+// of layers [layer_begin, layer_end) from the cache slot (hit) or the host row (miss, mapped memory).
+// No host synchronisation: everything it decides stays on the device (usable in a CUDA graph).
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "tol_offload_cuda.cuh"
+
+namespace memllm {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kChunkBytes = 8 << 10;
+
+template <typename vec_t, typename index_t>
+__global__ void cache_prefetch_kernel(const index_t* __restrict__ ids, const int32_t* __restrict__ slot_map,
+                                      const char* __restrict__ cache, int64_t cache_rs, int64_t num_slots,
+                                      const char* __restrict__ host, int64_t host_rs, int64_t num_rows,
+                                      char* __restrict__ out, int64_t out_rs, int32_t* __restrict__ first,
+                                      int32_t* __restrict__ slots, int64_t N, int64_t offset_bytes,
+                                      int64_t range_vecs, int64_t chunk_vecs) {
+  __shared__ int first_s;
+  for (int64_t b = blockIdx.x; b < N; b += gridDim.x) {
+    const index_t id = ids[b];
+    if (threadIdx.x == 0) first_s = static_cast<int>(b);
+    __syncthreads();
+    for (int64_t a = threadIdx.x; a < b; a += blockDim.x) {
+      if (ids[a] == id) atomicMin(&first_s, static_cast<int>(a));
+    }
+    __syncthreads();
+    const int f = first_s;
+    const bool ok = id >= 0 && static_cast<int64_t>(id) < num_rows;
+    int32_t slot = ok ? slot_map[id] : -1;
+    if (slot >= num_slots) slot = -1;  // a slot outside the cache reads as a miss
+    if (blockIdx.y == 0 && threadIdx.x == 0) {
+      first[b] = f;
+      slots[b] = slot;
+    }
+    if (f == b) {
+      const int64_t j0 = static_cast<int64_t>(blockIdx.y) * chunk_vecs;
+      const int64_t j1 = j0 + chunk_vecs < range_vecs ? j0 + chunk_vecs : range_vecs;
+      vec_t* dst = reinterpret_cast<vec_t*>(out + b * out_rs + offset_bytes);
+      const vec_t* src = nullptr;
+      if (ok) {
+        src = reinterpret_cast<const vec_t*>(slot >= 0 ? cache + slot * cache_rs + offset_bytes
+                                                       : host + static_cast<int64_t>(id) * host_rs + offset_bytes);
+      }
+      for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) dst[j] = src != nullptr ? src[j] : all_ones<vec_t>();
+    }
+    __syncthreads();  // first_s is rewritten by the next position
+  }
+}
+
+void cache_prefetch_cuda(const at::Tensor& ids, const at::Tensor& slot_map, const at::Tensor& cache,
+                         const at::Tensor& host_table, const at::Tensor& out, const at::Tensor& first,
+                         const at::Tensor& slots, int64_t layer_begin, std::optional<int64_t> layer_end,
+                         bool check_ids) {
+  const std::string op = "tol_cache_prefetch";
+  check_token_table(op, "cache", cache);
+  check_token_table(op, "host_table", host_table);
+  check_token_table(op, "out", out);
+  check_index_dtype(op, "ids", ids);
+  TORCH_CHECK(ids.dim() == 1, op + ": ids must be 1-D [N], got shape " + to_str(ids.sizes()));
+  const int64_t N = ids.size(0);
+  for (const at::Tensor* t : {&host_table, &out}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == cache.scalar_type(), op + ": cache, host_table and out must share one dtype, got " +
+                                                                  c10::toString(cache.scalar_type()) + " and " +
+                                                                  c10::toString(t->scalar_type()));
+    TORCH_CHECK(t->dim() == cache.dim() && t->sizes().slice(1) == cache.sizes().slice(1),
+                op + ": cache, host_table and out must share one row shape " + to_str(cache.sizes().slice(1)) +
+                    ", got " + to_str(t->sizes()));
+  }
+  TORCH_CHECK(out.size(0) >= N, op + ": out has " + to_str(out.size(0)) + " rows for " + to_str(N) + " ids");
+  // The kernel keeps positions in int (first[] is int32): a step of 2^31 tokens is far beyond any prompt.
+  TORCH_CHECK(N < (int64_t{1} << 31), op + ": " + to_str(N) + " ids in one step exceed int32 positions");
+  TORCH_CHECK_TYPE(slot_map.scalar_type() == at::kInt && first.scalar_type() == at::kInt &&
+                       slots.scalar_type() == at::kInt,
+                   op + ": slot_map, first and slots must be int32");
+  TORCH_CHECK(slot_map.dim() == 1 && slot_map.size(0) == host_table.size(0),
+              op + ": slot_map must be [V] with V=" + to_str(host_table.size(0)) + ", got shape " + to_str(slot_map.sizes()));
+  TORCH_CHECK(first.dim() == 1 && first.size(0) == N && slots.dim() == 1 && slots.size(0) == N &&
+                  first.is_contiguous() && slots.is_contiguous(),
+              op + ": first and slots must be contiguous [N] with N=" + to_str(N));
+  const at::Device dev = out.device();
+  TORCH_CHECK(dev.is_cuda() && ids.device() == dev && slot_map.device() == dev && cache.device() == dev &&
+                  first.device() == dev && slots.device() == dev,
+              op + ": ids, slot_map, cache, out, first and slots must be on one CUDA device (host_table may be host "
+                   "memory)");
+  const int64_t L = cache.dim() == 3 ? cache.size(1) : 1;
+  const int64_t lend = layer_end.value_or(L);
+  TORCH_CHECK(0 <= layer_begin && layer_begin <= lend && lend <= L,
+              op + ": layers [" + to_str(layer_begin) + ", " + to_str(lend) + ") are not within [0, " + to_str(L) + ")");
+  const c10::cuda::OptionalCUDAGuard guard(dev);
+  const at::Tensor ids_c = ids.contiguous();
+  const at::Tensor sm = slot_map.contiguous();
+  const int64_t V = host_table.size(0);
+  if (check_ids) check_range_cuda("tol_cache_prefetch", ids_c, V, false);
+  if (N == 0) return;
+  const int64_t es = cache.element_size();
+  const int64_t d = cache.size(-1);
+  const int64_t offset = layer_begin * d * es, range_bytes = (lend - layer_begin) * d * es;
+  const char* c = static_cast<const char*>(cache.const_data_ptr());
+  const char* h = device_address(host_table, dev, op, "host_table");
+  char* o = static_cast<char*>(out.data_ptr());
+  const int64_t crs = cache.stride(0) * es, hrs = host_table.stride(0) * es, ors = out.stride(0) * es;
+  const int w = copy_width(range_bytes, {reinterpret_cast<int64_t>(c), reinterpret_cast<int64_t>(h),
+                                         reinterpret_cast<int64_t>(o), crs, hrs, ors, offset});
+  const int64_t range_vecs = range_bytes / w;
+  const int64_t chunk_vecs = std::max<int64_t>(kThreads, kChunkBytes / w);
+  const int64_t chunks = std::max<int64_t>(1, (range_vecs + chunk_vecs - 1) / chunk_vecs);
+  TORCH_CHECK(chunks <= 65535, op + ": a row range of " + to_str(range_bytes) + " bytes needs more than 65535 chunks");
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(N, 1 << 30)), static_cast<unsigned>(chunks));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(ids_c.scalar_type(), "tol_cache_prefetch_cuda", [&] {
+    const index_t* id_ptr = ids_c.const_data_ptr<index_t>();
+    auto run = [&](auto width_tag) {
+      using vec_t = typename CopyVec<decltype(width_tag)::value>::type;
+      cache_prefetch_kernel<vec_t, index_t><<<grid, kThreads, 0, stream>>>(
+          id_ptr, sm.const_data_ptr<int32_t>(), c, crs, cache.size(0), h, hrs, V, o, ors,
+          first.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), N, offset, range_vecs, chunk_vecs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    switch (w) {
+      case 16: run(std::integral_constant<int, 16>{}); break;
+      case 8: run(std::integral_constant<int, 8>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      default: run(std::integral_constant<int, 1>{}); break;
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memllm, CUDA, m) {
+  m.impl("tol_cache_prefetch", &cache_prefetch_cuda);
+}
+
+}  // namespace memllm

@@ -1,0 +1,176 @@
+// CUDA kernel of memllm::tol_cached_gather_add(_): out[t] = hidden[t] + row(ids[t], layer), the row read
+// from the device cache slot slot_map[id] on a hit and from the host table (mapped memory, over PCIe) on
+// a miss, chosen per token in the same pass as the add. FBGEMM's MANAGED_CACHING makes the same hit/miss
+// choice for embedding bags; here the residual add is fused in, so a hit costs what tol_gather_add costs.
+//
+// Layout as in tol_gather_add.cu: threads along d with 16-byte vectors of hidden where everything is
+// aligned, rows along y, a grid-stride loop over tokens. A slot outside [0, C) reads as a miss, an id
+// outside [0, V) (check_ids=false only) writes a NaN row: nothing outside either table is ever read.
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "tol_offload_cuda.cuh"
+
+namespace memllm {
+namespace {
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename hidden_t, typename table_t>
+using acc_type_t = std::conditional_t<std::is_same_v<hidden_t, double> || std::is_same_v<table_t, double>,
+                                      double, float>;
+
+template <typename hidden_t, typename table_t, typename index_t, int VEC>
+__global__ void cached_gather_add_kernel(hidden_t* __restrict__ out, int64_t out_rs,
+                                         const hidden_t* __restrict__ hidden, int64_t hidden_rs,
+                                         const index_t* __restrict__ ids, const int32_t* __restrict__ slot_map,
+                                         const table_t* __restrict__ cache, int64_t cache_rs, int64_t num_slots,
+                                         const table_t* __restrict__ host, int64_t host_rs, int64_t num_rows,
+                                         int64_t layer_offset_cache, int64_t layer_offset_host, int64_t T,
+                                         int64_t d) {
+  using acc_t = acc_type_t<hidden_t, table_t>;
+  const int64_t nvec = d / VEC;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; t < T;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t id = static_cast<int64_t>(ids[t]);
+    hidden_t* o = out + t * out_rs;
+    if (id < 0 || id >= num_rows) {
+      for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = static_cast<hidden_t>(NAN);
+      continue;
+    }
+    const int64_t slot = slot_map[id];
+    const table_t* r = (slot >= 0 && slot < num_slots) ? cache + slot * cache_rs + layer_offset_cache
+                                                       : host + id * host_rs + layer_offset_host;
+    const hidden_t* h = hidden + t * hidden_rs;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+      const Vec<hidden_t, VEC> hv = reinterpret_cast<const Vec<hidden_t, VEC>*>(h)[j];
+      const Vec<table_t, VEC> rv = reinterpret_cast<const Vec<table_t, VEC>*>(r)[j];
+      Vec<hidden_t, VEC> ov;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        ov.v[k] = static_cast<hidden_t>(static_cast<acc_t>(hv.v[k]) + static_cast<acc_t>(rv.v[k]));
+      }
+      reinterpret_cast<Vec<hidden_t, VEC>*>(o)[j] = ov;
+    }
+  }
+}
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+struct Views {
+  TolTableView cache, host;
+};
+
+Views check_args(const char* op, const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& slot_map,
+                 const at::Tensor& cache, const at::Tensor& host_table, const std::optional<int64_t>& layer) {
+  const std::string o = op;
+  Views v;
+  v.cache = check_tol_gather_add_args(op, hidden, ids, cache, layer);
+  TORCH_CHECK(host_table.device() == hidden.device() || host_table.device().is_cpu(),
+              o + ": host_table must be on hidden's device or in host memory, got " + host_table.device().str());
+  TORCH_CHECK_TYPE(host_table.scalar_type() == cache.scalar_type(),
+                   o + ": host_table must have cache's dtype " + c10::toString(cache.scalar_type()) + ", got " +
+                       c10::toString(host_table.scalar_type()));
+  TORCH_CHECK(host_table.dim() == cache.dim() && host_table.sizes().slice(1) == cache.sizes().slice(1),
+              o + ": host_table rows must have cache's row shape " + to_str(cache.sizes().slice(1)) +
+                  ", got host_table " + to_str(host_table.sizes()));
+  TORCH_CHECK(host_table.size(-1) <= 1 || host_table.stride(-1) == 1,
+              o + ": host_table's last dim must be contiguous, got strides " + to_str(host_table.strides()));
+  v.host = {host_table.size(0), host_table.stride(0), cache.dim() == 3 ? *layer * host_table.stride(1) : 0};
+  TORCH_CHECK_TYPE(slot_map.scalar_type() == at::kInt,
+                   o + ": slot_map must be int32, got " + c10::toString(slot_map.scalar_type()));
+  TORCH_CHECK(slot_map.dim() == 1 && slot_map.size(0) == host_table.size(0),
+              o + ": slot_map must be [V] with V=" + to_str(host_table.size(0)) + " (host_table's rows), got shape " +
+                  to_str(slot_map.sizes()));
+  TORCH_CHECK(slot_map.device() == hidden.device(),
+              o + ": slot_map must be on hidden's device " + hidden.device().str() + ", got " + slot_map.device().str());
+  return v;
+}
+
+void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
+            const at::Tensor& ids_flat, const at::Tensor& slot_map, const at::Tensor& cache,
+            const at::Tensor& host_table, const Views& v, bool check_ids) {
+  const int64_t T = ids_flat.numel();
+  const int64_t d = hidden.size(-1);
+  const c10::cuda::OptionalCUDAGuard guard(hidden.device());
+  if (check_ids) check_range_cuda("tol_cached_gather_add", ids_flat, v.host.num_rows, false);
+  if (T == 0 || d == 0) return;
+  const at::Tensor sm = slot_map.contiguous();
+  const char* host_addr = device_address(host_table, hidden.device(), "tol_cached_gather_add", "host_table");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(ids_flat.scalar_type(), "tol_cached_gather_add_cuda_ids", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "tol_cached_gather_add_cuda", [&] {
+      using hidden_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cache.scalar_type(), "tol_cached_gather_add_cuda_t", [&] {
+        using table_t = scalar_t;
+        constexpr int kVec = 16 / sizeof(hidden_t);
+        const hidden_t* h = hidden.const_data_ptr<hidden_t>();
+        hidden_t* o = out.data_ptr<hidden_t>();
+        const table_t* c = cache.const_data_ptr<table_t>();
+        const table_t* ht = reinterpret_cast<const table_t*>(host_addr);
+        const bool vec_ok = d % kVec == 0 && out_rs % kVec == 0 && hidden_rs % kVec == 0 &&
+                            v.cache.row_stride % kVec == 0 && v.cache.layer_offset % kVec == 0 &&
+                            v.host.row_stride % kVec == 0 && v.host.layer_offset % kVec == 0 && aligned(h, 16) &&
+                            aligned(o, 16) && aligned(c, sizeof(table_t) * kVec) && aligned(ht, sizeof(table_t) * kVec);
+        const int vec = vec_ok ? kVec : 1;
+        const int64_t nvec = d / vec;
+        const int tx = static_cast<int>(std::min<int64_t>(256, (nvec + 31) / 32 * 32));
+        const int ty = 256 / tx;
+        const int64_t blocks = std::min<int64_t>((T + ty - 1) / ty, 65535);
+        const dim3 block(tx, ty);
+        const index_t* id_ptr = ids_flat.const_data_ptr<index_t>();
+        if (vec_ok) {
+          cached_gather_add_kernel<hidden_t, table_t, index_t, kVec><<<blocks, block, 0, stream>>>(
+              o, out_rs, h, hidden_rs, id_ptr, sm.const_data_ptr<int32_t>(), c, v.cache.row_stride, v.cache.num_rows,
+              ht, v.host.row_stride, v.host.num_rows, v.cache.layer_offset, v.host.layer_offset, T, d);
+        } else {
+          cached_gather_add_kernel<hidden_t, table_t, index_t, 1><<<blocks, block, 0, stream>>>(
+              o, out_rs, h, hidden_rs, id_ptr, sm.const_data_ptr<int32_t>(), c, v.cache.row_stride, v.cache.num_rows,
+              ht, v.host.row_stride, v.host.num_rows, v.cache.layer_offset, v.host.layer_offset, T, d);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+at::Tensor cached_gather_add_cuda(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& slot_map,
+                                  const at::Tensor& cache, const at::Tensor& host_table, std::optional<int64_t> layer,
+                                  bool check_ids) {
+  const Views v = check_args("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table, layer);
+  const int64_t d = hidden.size(-1);
+  at::Tensor out = at::empty(hidden.sizes(), hidden.options());
+  int64_t hidden_rs = row_stride(hidden);
+  const at::Tensor h = hidden_rs < 0 ? hidden.contiguous() : hidden;
+  if (hidden_rs < 0) hidden_rs = d;
+  launch(out, d, h, hidden_rs, ids.contiguous().view(-1), slot_map, cache, host_table, v, check_ids);
+  return out;
+}
+
+void cached_gather_add_cuda_(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& slot_map,
+                             const at::Tensor& cache, const at::Tensor& host_table, std::optional<int64_t> layer,
+                             bool check_ids) {
+  const Views v = check_args("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table, layer);
+  at::assert_no_internal_overlap(hidden);
+  const int64_t rs = row_stride(hidden);
+  if (rs < 0) {
+    hidden.copy_(cached_gather_add_cuda(hidden, ids, slot_map, cache, host_table, layer, check_ids));
+    return;
+  }
+  launch(hidden, rs, hidden, rs, ids.contiguous().view(-1), slot_map, cache, host_table, v, check_ids);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memllm, CUDA, m) {
+  m.impl("tol_cached_gather_add", &cached_gather_add_cuda);
+  m.impl("tol_cached_gather_add_", &cached_gather_add_cuda_);
+}
+
+}  // namespace memllm

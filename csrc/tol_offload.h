@@ -1,0 +1,64 @@
+// Shared by the offload ops (tol_host_gather, tol_cached_gather_add, tol_cache_prefetch, tol_host_alloc):
+// argument checks of token-row tables and the hook through which the CUDA build pins host memory.
+//
+// A "token-row table" is [V, d] or token-major [V, L, d]: each token's rows (all L layers) are one
+// contiguous run of L*d elements, so one token moves as one copy (96 KiB at the 1b preset in bf16).
+// Rows may sit at any row stride (a [V, L, d] view of a bigger buffer), but within a row the layout is
+// dense. Error messages use std::string + to_str (see tol_gather_add.h for why).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstddef>
+#include <string>
+
+#include "tol_gather_add.h"
+
+namespace memllm {
+
+// Elements of one token's row: L*d, or d for a [V, d] table.
+inline int64_t token_row_elems(const at::Tensor& t) {
+  int64_t n = 1;
+  for (int64_t i = 1; i < t.dim(); ++i) n *= t.size(i);
+  return n;
+}
+
+// Checks a [V, d] / [V, L, d] table whose token rows are dense (layer rows back to back).
+inline void check_token_table(const std::string& op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()),
+                   op + ": " + name + " must be float32, float16, bfloat16 or float64, got " +
+                       c10::toString(t.scalar_type()));
+  TORCH_CHECK(t.dim() == 2 || t.dim() == 3,
+              op + ": " + name + " must be [V, d] or token-major [V, L, d], got shape " + to_str(t.sizes()));
+  const bool dense_rows = (t.size(-1) <= 1 || t.stride(-1) == 1) &&
+                          (t.dim() == 2 || t.size(1) <= 1 || t.stride(1) == t.size(2));
+  TORCH_CHECK(dense_rows, op + ": " + name + "'s token rows must be dense ([L, d] contiguous), got strides " +
+                              to_str(t.strides()) + "; pass a .contiguous() table");
+}
+
+inline void check_index_dtype(const std::string& op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
+                   op + ": " + name + " must be int32 or int64, got " + c10::toString(t.scalar_type()));
+}
+
+// The error for a destination row outside [0, M).
+[[noreturn]] inline void throw_bad_row(const char* op, int64_t position, int64_t row, int64_t num_rows) {
+  TORCH_CHECK(false, std::string(op) + ": destination row " + to_str(row) + " (at position " + to_str(position) +
+                         " of rows) is outside [0, " + to_str(num_rows) + ") rows of out");
+  __builtin_unreachable();
+}
+
+// Page-locking host memory needs the CUDA runtime, which only the CUDA build links. The CPU file
+// csrc/cpu/tol_host_alloc.cpp allocates; csrc/cuda/tol_host_alloc.cu installs these hooks from a static
+// initializer. With no hooks (CPU-only build) the host tier is ordinary memory and says so.
+struct HostPinHooks {
+  // Registers [ptr, ptr + bytes) as page-locked, device-mapped memory. Returns "" on success, else why not.
+  std::string (*pin)(void* ptr, size_t bytes) = nullptr;
+  void (*unpin)(void* ptr) = nullptr;
+  // Whether a CUDA device is visible (no hooks: false).
+  bool (*device_present)() = nullptr;
+};
+HostPinHooks& host_pin_hooks();
+
+}  // namespace memllm

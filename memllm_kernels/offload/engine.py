@@ -1,0 +1,559 @@
+"""The offload engine: ToL rows move on demand from disk or host memory into a device row cache.
+
+    engine = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=6400,
+                           policy="hot+lru", token_counts=train_counts)
+    engine.prefetch(ids)                 # as soon as a step's ids exist: rows start moving (side stream)
+    engine.gather_add_(h, ids, layer)    # per layer: h += ToL[ids, layer], waiting only for that layer's rows
+    engine.stats()                       # lookups, hits, misses, bytes moved, evictions; per layer and total
+
+Data path of one step (docs/offload.md has the full argument):
+  1. prefetch(ids) records an event on the compute ("main") stream and, on a side stream that waits for it,
+     runs tol_cache_prefetch once per layer group: every distinct token's rows of those layers go, in one
+     token-major pass, into a step buffer `buf` [N, L, d] -- from its cache slot on a hit, from the host
+     table over PCIe (mapped memory) on a miss -- and `first[b]` names the buffer row of position b.
+     An event after each group lets layer l wait for its own group only.
+  2. gather_add_(h, ids, l) makes main wait for l's group event, then runs tol_gather_add_(h, first, buf, l).
+  3. The host learns the step's ids and hit flags later, from a non-blocking device-to-host copy that it
+     polls (event.query) at the next prefetch: no host synchronisation per decode step. That bookkeeping
+     updates the statistics and the policy (CacheDirectory), which decides admissions and evictions; those
+     are applied on the side stream (rows copied host -> cache slot, slot map updated) and so serve later
+     steps. On the CPU everything runs synchronously, in the same order, through the same ops.
+Eviction safety: every cache write is on the side stream after an event recorded on main at the time it
+is enqueued (so every kernel launched before it that reads the cache has finished), and every main-stream
+read of the cache (the fused tol_cached_gather_add_ path) first waits for the side stream. So cache reads
+and writes execute in the order the host enqueued them, and a slot is never overwritten while a launched
+kernel still reads it; the step buffer is reused only after the same main-stream event.
+
+Disk tier on a GPU: the device cannot map a file, so the miss path is 'staged': the step's ids come to the
+host (one sync per step), the CPU gathers missing rows from the mapping into pinned staging and one copy
+moves them; hits are copied from the cache on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import ops as _ops
+from . import ops
+from .policy import POLICIES, CacheDirectory, hot_set_from_counts
+from .tiers import DiskTable, HostTable, mem_available
+
+MISS_PATHS = ("auto", "mapped", "staged")
+
+
+class _TensorSource:
+    """A plain CPU (or same-device) tensor used as the host tier, for tests and benchmarks."""
+
+    location = "tensor"
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.pinned = table.device.type == "cuda" or (torch.cuda.is_available() and bool(table.is_pinned()))
+        self.pin_note = None if self.pinned else "a plain tensor"
+        self.nbytes = table.numel() * table.element_size()
+
+    def read_rows(self, ids, out):
+        ops.tol_host_gather(self.table, ids, out, check_ids=False)
+
+    def describe(self):
+        return {"location": self.location, "bytes": self.nbytes, "pinned": self.pinned, "pin_note": self.pin_note}
+
+
+@dataclass
+class _Step:
+    """One prefetched step: what the layers of its forward read."""
+
+    ids: torch.Tensor
+    n: int
+    first: torch.Tensor  # [N] int32: buffer row of each position
+    buf: torch.Tensor  # [>= N, L, d]
+    events: list  # per layer group (CUDA), else empty
+    layers_read: list = field(default_factory=list)
+    waited: set = field(default_factory=set)
+    counted: bool = False
+    hits: int = 0
+    unique_misses: int = 0
+
+
+class OffloadEngine:
+    """A device row cache over a ToL table held by a lower tier (HostTable, DiskTable or a CPU tensor).
+
+    source: HostTable / DiskTable / CPU tensor [V, L, d].
+    device: where the model runs ('cpu' or 'cuda[:n]'): the cache and step buffers live there.
+    cache_rows: C, slots of the device cache (each holds one token's L x d rows); 0 <= C <= V.
+    policy: one of POLICIES (see policy.py); hot-set policies take their hot set from `hot` (token ids,
+        most important first) or the top tokens of `token_counts` ([V] counts of some corpus).
+    hot_fraction: share of C given to the hot set by the hot+lru / hot+lfu policies (0.75 measured best on
+        held-out Shakespeare, bench/results: 91.0% hits at 5% of GPT-2's vocabulary).
+    layer_groups: how many groups of layers the prefetch is split into (each with its own event; default
+        4 on a GPU, 1 on the CPU). miss_path: 'mapped' (the device reads host rows by address: pinned host
+        tier, or the CPU), 'staged' (via the host: the disk tier on a GPU), 'auto' picks.
+    check_memory: refuse a cache larger than the device's free memory (a clear error instead of an OOM).
+    """
+
+    def __init__(self, source, *, device="cpu", cache_rows: int, policy: str = "hot+lru", hot=None,
+                 token_counts=None, hot_fraction: float = 0.75, layer_groups: int | None = None,
+                 miss_path: str = "auto", backend: str = "auto", check_memory: bool = True):
+        if isinstance(source, torch.Tensor):
+            source = _TensorSource(source)
+        self.source = source
+        table = source.table
+        if table.dim() != 3:
+            raise ValueError(f"the ToL table must be token-major [V, L, d], got shape {list(table.shape)}")
+        self.V, self.L, self.d = (int(s) for s in table.shape)
+        self.dtype = table.dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.backend = backend
+        self.row_bytes = self.L * self.d * table.element_size()
+        if isinstance(cache_rows, bool) or not isinstance(cache_rows, (int, np.integer)):
+            raise TypeError(f"cache_rows must be an int, got {type(cache_rows).__name__}")
+        cache_rows = int(cache_rows)
+        if cache_rows < 0:
+            raise ValueError(f"cache_rows must be >= 0, got {cache_rows}")
+        if cache_rows > self.V:
+            raise ValueError(f"a cache of {cache_rows} rows is larger than the vocabulary (V={self.V}); "
+                             f"use at most {self.V} (all of it: then --tol-location device is simpler)")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r}; choose one of {POLICIES}")
+        if check_memory:
+            self._check_free_memory(cache_rows)
+        if miss_path not in MISS_PATHS:
+            raise ValueError(f"miss_path must be one of {MISS_PATHS}, got {miss_path!r}")
+        mappable = self.device.type == "cpu" or bool(getattr(source, "pinned", False))
+        if miss_path == "auto":
+            miss_path = "mapped" if mappable else "staged"
+        elif miss_path == "mapped" and not mappable:
+            raise ValueError(f"miss_path='mapped' needs host memory the device can read by address; this "
+                             f"{getattr(source, 'location', 'source')} tier is not ({source.pin_note})")
+        self.miss_path = miss_path
+        if hot is None and token_counts is not None:
+            counts = np.asarray(token_counts)
+            if counts.shape != (self.V,):
+                raise ValueError(f"token_counts must be [V] = [{self.V}], got shape {list(counts.shape)}")
+            hot = hot_set_from_counts(counts, cache_rows)
+        if policy in ("static", "hot+lru", "hot+lfu") and hot is None:
+            if policy == "static":
+                raise ValueError("policy 'static' needs a hot set: pass hot= or token_counts=")
+            hot = ()
+        self.directory = CacheDirectory(self.V, cache_rows, policy, () if hot is None else hot, hot_fraction)
+        self.capacity = cache_rows
+        self.cache = torch.empty((cache_rows, self.L, self.d), dtype=self.dtype, device=self.device)
+        self.slot_map = torch.full((self.V,), -1, dtype=torch.int32, device=self.device)
+        self._cuda = self.device.type == "cuda"
+        self.layer_groups = max(1, min(self.L, layer_groups or (4 if self._cuda else 1)))
+        self._side = torch.cuda.Stream(self.device) if self._cuda else None
+        self._buf = self._first = self._slots = None
+        self._staging = None
+        self._staging_event = None
+        self._pending: list = []  # (step, pinned ids, pinned slots, pinned first, event) awaiting bookkeeping
+        self._step: _Step | None = None
+        z = lambda: np.zeros(self.L, dtype=np.int64)  # noqa: E731
+        self._lookups, self._hits, self._misses, self._bytes = z(), z(), z(), z()
+        self._fused_hits = torch.zeros(self.L, dtype=torch.int64, device=self.device) if self._cuda else None
+        self.prefetches = 0
+        self.bytes_admitted = 0
+        self.rows_from_disk = 0
+        # The hot set goes in at start, before any step.
+        self._apply(self.directory.preload(), [], fence=None)
+
+    # ------------------------------------------------------------ set-up helpers
+    def _check_free_memory(self, rows: int) -> None:
+        need = rows * self.row_bytes
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            where = f"{self.device} has {free / 2**30:.2f} GiB free"
+        else:
+            free = mem_available()
+            where = f"the host has {(free or 0) / 2**30:.2f} GiB available"
+        if free is not None and need > free:
+            raise ValueError(f"a cache of {rows} rows needs {need / 2**30:.2f} GiB ({self.row_bytes} bytes per row) "
+                             f"but {where}; use fewer --cache-rows")
+
+    def _ensure_buffers(self, n: int) -> None:
+        if self._buf is None or self._buf.shape[0] < n:
+            cap = 1 << max(0, (n - 1).bit_length())
+            old = self._buf
+            self._buf = torch.empty((cap, self.L, self.d), dtype=self.dtype, device=self.device)
+            if self._cuda:
+                self._buf.record_stream(self._side)  # used on the side stream; freed on main
+                if old is not None:
+                    old.record_stream(self._side)
+        if self._first is None or self._first.shape[0] < n:
+            self._first = torch.empty(max(n, 1), dtype=torch.int32, device=self.device)
+            self._slots = torch.empty(max(n, 1), dtype=torch.int32, device=self.device)
+            if self._cuda:
+                self._first.record_stream(self._side)
+                self._slots.record_stream(self._side)
+
+    def _groups(self):
+        G = self.layer_groups
+        return [(g * self.L // G, (g + 1) * self.L // G) for g in range(G)]
+
+    def _group_of(self, layer: int) -> int:
+        return min(self.layer_groups - 1, layer * self.layer_groups // self.L) if self.layer_groups > 1 else 0
+
+    def _index(self, values) -> torch.Tensor:
+        """A host list of ints as an int64 tensor on the device (through pinned memory, non-blocking)."""
+        t = torch.tensor(values, dtype=torch.int64)
+        if not self._cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------ admissions and evictions
+    def _apply(self, admitted, evicted, src=None, src_rows=None, *, fence) -> None:
+        """Mirror the directory's decisions onto the device: slot_map[evicted] = -1, rows of admitted tokens
+        into their slots (from the source table, or from rows `src_rows` of `src`), slot_map[admitted] = slot.
+        On CUDA, on the side stream after `fence` (a main-stream event; see the module docstring)."""
+        if not admitted and not evicted:
+            return
+        ctx = torch.cuda.stream(self._side) if self._cuda else _nullcontext()
+        with ctx:
+            if self._cuda and fence is not None:
+                self._side.wait_event(fence)
+            if evicted:
+                self.slot_map.index_fill_(0, self._index([t for t, _ in evicted]), -1)
+            if admitted:
+                toks = self._index([t for t, _ in admitted])
+                slots = self._index([s for _, s in admitted])
+                if src is None:
+                    ops.tol_host_gather(self.source.table, toks, self.cache, slots, backend=self.backend,
+                                        check_ids=False)
+                    self.bytes_admitted += len(admitted) * self.row_bytes
+                    if isinstance(self.source, DiskTable):
+                        self.source.note_read(len(admitted))
+                        self.rows_from_disk += len(admitted)
+                else:
+                    ops.tol_host_gather(src, self._index(src_rows), self.cache, slots, backend=self.backend,
+                                        check_ids=False)
+                self.slot_map.index_copy_(0, toks, slots.to(torch.int32))
+
+    def evict(self, ids) -> int:
+        """Drop these tokens' rows from the cache (hot ones too). Returns how many were resident."""
+        flat = torch.as_tensor(ids).reshape(-1)
+        self._check_ids(flat)
+        self._drain(block=True)
+        evicted = self.directory.evict(dict.fromkeys(int(t) for t in flat.tolist()))
+        self._apply([], evicted, fence=self._main_fence())
+        return len(evicted)
+
+    def _main_fence(self):
+        if not self._cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    # ------------------------------------------------------------ the step path
+    def _check_ids(self, flat: torch.Tensor) -> None:
+        if not isinstance(flat, torch.Tensor) or flat.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"ids must be an int32 or int64 tensor, got "
+                            f"{flat.dtype if isinstance(flat, torch.Tensor) else type(flat).__name__}")
+        _ops._check_id_range("OffloadEngine", flat, self.V)
+
+    def prefetch(self, ids: torch.Tensor, *, check_ids: bool = True) -> None:
+        """Start moving every layer's rows of `ids` ([...] int32/int64, any shape) for the next forward.
+
+        Deduplicated (a repeated token moves once). On CUDA it returns at once (the transfer runs on a side
+        stream) and needs no host synchronisation, except check_ids=True on CUDA ids (one sync for the
+        range check; the model's hook passes False there: its embedding lookup rejects bad ids anyway) and
+        the staged (disk) miss path, which reads the ids on the host.
+        """
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+        flat = ids.reshape(-1)
+        if flat.device != self.device:
+            flat = flat.to(self.device)
+        if check_ids:
+            self._check_ids(flat)
+        elif flat.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"ids must be int32 or int64, got {flat.dtype}")
+        self._drain(block=False)
+        self.prefetches += 1
+        if self.miss_path == "staged":
+            self._step = self._prefetch_staged(ids, flat)
+        else:
+            self._step = self._prefetch_mapped(ids, flat)
+
+    def _prefetch_mapped(self, ids, flat) -> _Step:
+        n = flat.numel()
+        self._ensure_buffers(n)
+        first, slots, buf = self._first[:n], self._slots[:n], self._buf
+        if not self._cuda:
+            ops.tol_cache_prefetch(flat, self.slot_map, self.cache, self.source.table, buf, first, slots,
+                                   backend=self.backend, check_ids=False)
+            step = _Step(ids, n, first, buf, [])
+            self._bookkeep(step, flat.numpy(), slots.numpy(), first.numpy())
+            return step
+        fence = self._main_fence()
+        events = []
+        with torch.cuda.stream(self._side):
+            self._side.wait_event(fence)  # the ids exist; the last step's reads of buf are done
+            flat.record_stream(self._side)
+            for lb, le in self._groups():
+                ops.tol_cache_prefetch(flat, self.slot_map, self.cache, self.source.table, buf, first, slots, lb, le,
+                                       backend=self.backend, check_ids=False)
+                ev = torch.cuda.Event()
+                ev.record(self._side)
+                events.append(ev)
+            # The host learns ids and hits later, without waiting: pinned copies it polls at the next prefetch.
+            h_ids = torch.empty(n, dtype=flat.dtype, pin_memory=True)
+            h_slots = torch.empty(n, dtype=torch.int32, pin_memory=True)
+            h_first = torch.empty(n, dtype=torch.int32, pin_memory=True)
+            h_ids.copy_(flat, non_blocking=True)
+            h_slots.copy_(slots, non_blocking=True)
+            h_first.copy_(first, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._side)
+        step = _Step(ids, n, first, buf, events)
+        self._pending.append((step, h_ids, h_slots, h_first, done))
+        return step
+
+    def _prefetch_staged(self, ids, flat) -> _Step:
+        """The ids go to the host; hits are copied from the cache, misses read by the CPU into (pinned) staging
+        and copied to the device in one transfer. Bookkeeping is immediate."""
+        host_ids = flat.cpu().numpy().astype(np.int64)  # a sync on CUDA: the disk tier needs the ids on the host
+        n = host_ids.shape[0]
+        uniq, first_idx, inverse = np.unique(host_ids, return_index=True, return_inverse=True)
+        order = np.argsort(first_idx, kind="stable")  # distinct tokens in order of first occurrence
+        tokens = uniq[order]
+        slot_of = self.directory.slot_of
+        tok_slots = slot_of[tokens] if tokens.size else np.zeros(0, dtype=np.int32)
+        hit_mask = tok_slots >= 0
+        hit_toks, miss_toks = tokens[hit_mask], tokens[~hit_mask]
+        nh, nm = hit_toks.size, miss_toks.size
+        # Buffer rows: hits first, then misses (contiguous, so the misses move in one copy).
+        row_of_token = {}
+        for r, t in enumerate(hit_toks.tolist()):
+            row_of_token[t] = r
+        for r, t in enumerate(miss_toks.tolist()):
+            row_of_token[t] = nh + r
+        rows_by_rank = np.array([row_of_token[t] for t in tokens.tolist()], dtype=np.int32)
+        rank_of_uniq = np.empty(uniq.size, dtype=np.int64)
+        rank_of_uniq[order] = np.arange(uniq.size)
+        first_host = rows_by_rank[rank_of_uniq[inverse]] if n else np.zeros(0, dtype=np.int32)
+        self._ensure_buffers(max(n, 1))
+        buf = self._buf
+        if self._staging is None or self._staging.shape[0] < nm:
+            cap = 1 << max(0, (max(nm, 1) - 1).bit_length())
+            if self._staging_event is not None:
+                self._staging_event.synchronize()
+            self._staging = torch.empty((cap, self.L, self.d), dtype=self.dtype, pin_memory=self._cuda)
+        if self._staging_event is not None:
+            self._staging_event.synchronize()  # the previous step's copy out of staging is done
+        if nm:
+            self.source.read_rows(torch.from_numpy(miss_toks), self._staging[:nm])
+            self.rows_from_disk += nm if isinstance(self.source, DiskTable) else 0
+        main = torch.cuda.current_stream(self.device) if self._cuda else None
+        fence = self._main_fence()
+        ctx = torch.cuda.stream(self._side) if self._cuda else _nullcontext()
+        with ctx:
+            if self._cuda:
+                self._side.wait_event(fence)
+            if nh:
+                ops.tol_host_gather(self.cache, self._index(tok_slots[hit_mask].tolist()), buf,
+                                    self._index(list(range(nh))), backend=self.backend, check_ids=False)
+            if nm:
+                buf[nh:nh + nm].copy_(self._staging[:nm], non_blocking=True)
+            first = torch.from_numpy(first_host.astype(np.int32))
+            if self._cuda:
+                first = first.pin_memory().to(self.device, non_blocking=True)
+                first.record_stream(main)  # made on the side stream, read on main
+            events = []
+            if self._cuda:
+                ev = torch.cuda.Event()
+                ev.record(self._side)
+                self._staging_event = ev
+                events = [ev] * self.layer_groups
+        step = _Step(ids, n, first, buf, events)
+        slots_host = slot_of[host_ids] if n else np.zeros(0, dtype=np.int32)
+        self._count(step, int((slots_host >= 0).sum()), nm)
+        admitted, evicted = self.directory.access(tokens.tolist())
+        # Admitted tokens were this step's misses: their rows are already on the device, in buf.
+        self._apply(admitted, evicted, buf, [row_of_token[t] for t, _ in admitted], fence=None)
+        return step
+
+    def _bookkeep(self, step: _Step, host_ids: np.ndarray, host_slots: np.ndarray, host_first: np.ndarray) -> None:
+        """Statistics and policy for one step whose ids and hit flags are on the host; applies admissions."""
+        n = step.n
+        firsts = host_first[:n] == np.arange(n)
+        tokens = host_ids[:n][firsts].astype(np.int64)
+        hits = int((host_slots[:n] >= 0).sum())
+        unique_misses = int((host_slots[:n][firsts] < 0).sum())
+        self._count(step, hits, unique_misses)
+        valid = tokens[(tokens >= 0) & (tokens < self.V)]
+        admitted, evicted = self.directory.access(valid.tolist())
+        self._apply(admitted, evicted, fence=self._main_fence())
+        if isinstance(self.source, DiskTable) and unique_misses:
+            self.source.note_read(unique_misses)
+            self.rows_from_disk += unique_misses
+
+    def _count(self, step: _Step, hits: int, unique_misses: int) -> None:
+        step.hits, step.unique_misses, step.counted = hits, unique_misses, True
+        for layer in step.layers_read:
+            self._count_layer(step, layer)
+
+    def _count_layer(self, step: _Step, layer: int) -> None:
+        self._lookups[layer] += step.n
+        self._hits[layer] += step.hits
+        self._misses[layer] += step.n - step.hits
+        self._bytes[layer] += step.unique_misses * self.d * self.cache.element_size()
+
+    def _drain(self, block: bool) -> None:
+        """Bookkeeping of CUDA steps whose device-to-host copies have landed (all of them if block)."""
+        while self._pending:
+            step, h_ids, h_slots, h_first, done = self._pending[0]
+            # More than 8 steps behind: wait for the oldest rather than let the backlog grow.
+            if not block and len(self._pending) <= 8 and not done.query():
+                return
+            done.synchronize()
+            self._pending.pop(0)
+            self._bookkeep(step, h_ids.numpy(), h_slots.numpy(), h_first.numpy())
+
+    # ------------------------------------------------------------ per-layer reads
+    def gather_add_(self, hidden: torch.Tensor, ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """hidden += ToL[ids, layer], in place; returns hidden. hidden [..., d] on the engine's device, ids [...].
+
+        If `ids` is the tensor last passed to prefetch, this reads that step's buffer (waiting only for the
+        layer's group); otherwise it reads the cache and the host table directly (tol_cached_gather_add_:
+        hit or miss per token), without changing the cache.
+        """
+        if not 0 <= layer < self.L:
+            raise IndexError(f"layer={layer} is outside the table's [0, {self.L}) layers")
+        step = self._step
+        if step is None or step.ids is not ids:
+            if self.miss_path == "staged":  # the device cannot read this tier directly: prefetch first
+                self.prefetch(ids)
+                return self.gather_add_(hidden, ids, layer)
+            return self._fused(hidden, ids, layer)
+        if self._cuda:
+            g = self._group_of(layer)
+            if g not in step.waited:
+                torch.cuda.current_stream(self.device).wait_event(step.events[g])
+                step.waited.add(g)
+        _ops.tol_gather_add_(hidden, step.first.view(ids.shape), step.buf, layer, backend=self.backend,
+                             check_ids=False)
+        step.layers_read.append(layer)
+        if step.counted:
+            self._count_layer(step, layer)
+        return hidden
+
+    def _fused(self, hidden, ids, layer):
+        check = not self._cuda
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
+        ops.tol_cached_gather_add_(hidden, ids, self.slot_map, self.cache, self.source.table, layer,
+                                   backend=self.backend, check_ids=check)
+        n = ids.numel()
+        self._lookups[layer] += n
+        if self._cuda:
+            self._fused_hits[layer] += (self.slot_map[ids.reshape(-1).long()] >= 0).sum()
+        else:
+            h = int((self.directory.slot_of[ids.reshape(-1).numpy()] >= 0).sum())
+            self._hits[layer] += h
+            self._misses[layer] += n - h
+            self._bytes[layer] += (n - h) * self.d * self.cache.element_size()
+        return hidden
+
+    def rows(self, ids: torch.Tensor, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """ToL[ids, layer] as a new [..., d] tensor (in `dtype`, default the table's): the gather alone."""
+        out = torch.zeros(*ids.shape, self.d, dtype=dtype or self.dtype, device=self.device)
+        return self.gather_add_(out, ids, layer)
+
+    # ------------------------------------------------------------ statistics and checks
+    def synchronize(self) -> None:
+        """Wait for all transfers and finish all pending bookkeeping (tests, statistics, shutdown)."""
+        if self._cuda:
+            self._side.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+        self._drain(block=True)
+
+    def stats(self) -> dict:
+        """Cache statistics, total and per layer (synchronises first).
+
+        lookups: token positions read (per layer that read them); hits: rows found in the cache at the
+        step's prefetch; misses = lookups - hits; bytes_h2d: bytes of rows moved from the lower tier to the
+        device (step misses, counted once per distinct token, plus admissions into the cache); evictions and
+        admissions are token granular (all L layers of a row at once).
+        """
+        self.synchronize()
+        hits = self._hits.copy()
+        misses = self._misses.copy()
+        if self._cuda:
+            fh = self._fused_hits.cpu().numpy()
+            # fused-path lookups are counted at launch; their hits on the device
+            fused_lookups = self._lookups - (hits + misses)
+            hits += fh
+            misses += fused_lookups - fh
+        es = self.cache.element_size()
+        admit_per_layer = self.directory.admissions * self.d * es
+        per_layer = []
+        for l in range(self.L):
+            lk = int(self._lookups[l])
+            per_layer.append({"layer": l, "lookups": lk, "hits": int(hits[l]), "misses": int(misses[l]),
+                              "hit_rate": (int(hits[l]) / lk) if lk else None,
+                              "bytes_h2d": int(self._bytes[l]) + admit_per_layer})
+        lookups = int(self._lookups.sum())
+        total_hits = int(hits.sum())
+        return {
+            "policy": self.directory.policy_name, "cache_rows": self.capacity, "vocab": self.V,
+            "cache_fraction": self.capacity / self.V, "hot_rows": len(self.directory.hot),
+            "resident": int((self.directory.slot_of >= 0).sum()), "device": str(self.device),
+            "miss_path": self.miss_path, "tier": self.source.describe(), "pinned": bool(self.source.pinned),
+            "lookups": lookups, "hits": total_hits, "misses": lookups - total_hits,
+            "hit_rate": total_hits / lookups if lookups else None,
+            "bytes_h2d": int(sum(p["bytes_h2d"] for p in per_layer)), "admissions": self.directory.admissions,
+            "evictions": self.directory.evictions, "prefetches": self.prefetches,
+            "rows_from_disk": self.rows_from_disk, "per_layer": per_layer,
+        }
+
+    def check_consistency(self) -> None:
+        """Raise AssertionError unless the device slot map mirrors the directory and every occupied slot holds
+        exactly its token's rows (tests)."""
+        self.synchronize()
+        d = self.directory
+        dev_map = self.slot_map.cpu().numpy()
+        assert np.array_equal(dev_map, d.slot_of), "device slot map differs from the directory"
+        occupied = np.nonzero(d.owner >= 0)[0]
+        toks = d.owner[occupied]
+        assert np.array_equal(d.slot_of[toks], occupied), "slot owners and slot map disagree"
+        assert int((d.slot_of >= 0).sum()) == occupied.size, "a token maps to a slot it does not own"
+        if occupied.size:
+            got = self.cache[torch.from_numpy(occupied).to(self.device)].cpu()
+            want = self.source.table[torch.from_numpy(toks)].cpu()
+            assert torch.equal(got, want), "a cache slot holds stale or wrong rows"
+
+    def close(self) -> None:
+        self.synchronize()
+        self._step = None
+        self._pending.clear()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def format_stats(s: dict) -> str:
+    """A few lines of text for the CLI."""
+    gb = 1e9
+    hr = "-" if s["hit_rate"] is None else f"{100 * s['hit_rate']:.1f}%"
+    tier = s["tier"]
+    pinned = "pinned" if s["pinned"] else f"not pinned: {tier.get('pin_note')}"
+    lines = [f"cache: {s['policy']}, {s['cache_rows']} of {s['vocab']} rows ({100 * s['cache_fraction']:.1f}%, "
+             f"{s['hot_rows']} hot) on {s['device']}; tier {tier['location']} ({pinned}), miss path {s['miss_path']}",
+             f"cache: {s['lookups']:,} lookups, {s['hits']:,} hits ({hr}), {s['misses']:,} misses, "
+             f"{s['bytes_h2d'] / gb:.4f} GB moved to the device, {s['admissions']:,} admissions, "
+             f"{s['evictions']:,} evictions, {s['rows_from_disk']:,} rows read from disk"]
+    per = [p for p in s["per_layer"] if p["lookups"]]
+    if per:
+        lines.append("cache per layer (lookups/hit rate): " + ", ".join(
+            f"{p['layer']}:{p['lookups']}/{100 * p['hit_rate']:.0f}%" for p in per))
+    return "\n".join(lines)

@@ -1,0 +1,311 @@
+"""The offload ops: typed wrappers with shapes, backend choice, fake kernels and autograd.
+
+Schemas (defined once, in csrc/ops.cpp; CPU kernels in csrc/cpu/, CUDA kernels in csrc/cuda/, files named
+after the op; Triton kernels in memllm_kernels/triton/):
+    tol_host_gather(Tensor table, Tensor ids, Tensor(a!) out, Tensor? rows=None, bool check_ids=True) -> ()
+    tol_cached_gather_add(Tensor hidden, Tensor ids, Tensor slot_map, Tensor cache, Tensor host_table,
+                          int? layer=None, bool check_ids=True) -> Tensor          (and tol_cached_gather_add_)
+    tol_cache_prefetch(Tensor ids, Tensor slot_map, Tensor cache, Tensor host_table, Tensor(a!) out,
+                       Tensor(b!) first, Tensor(c!) slots, int layer_begin=0, int? layer_end=None,
+                       bool check_ids=True) -> ()
+    tol_host_alloc(int[] size, ScalarType dtype, bool pin=True) -> Tensor
+Backends: 'reference' (memllm_kernels/offload/reference.py, any device), 'cpu', 'cuda', and 'triton' for
+tol_host_gather and tol_cached_gather_add. Every check below runs before anything moves, so a bad id
+raises IndexError naming the id and V on every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops as _ops
+from . import reference
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX = (torch.int32, torch.int64)
+
+
+def _tensor(op, name, t, dtypes=None, what=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must be {what}, got {t.dtype}")
+
+
+def _check_token_table(op, name, t):
+    _tensor(op, name, t, _FLOAT, "float32, float16, bfloat16 or float64")
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{op}: {name} must be [V, d] or token-major [V, L, d], got shape {list(t.shape)}")
+    dense = (t.shape[-1] <= 1 or t.stride(-1) == 1) and (t.dim() == 2 or t.shape[1] <= 1 or t.stride(1) == t.shape[2])
+    if not dense:
+        raise ValueError(f"{op}: {name}'s token rows must be dense ([L, d] contiguous), got strides {t.stride()}; "
+                         "pass a .contiguous() table")
+
+
+def _same_rows(op, names, tables):
+    ref_name, ref = names[0], tables[0]
+    for name, t in zip(names[1:], tables[1:]):
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+        if t.shape[1:] != ref.shape[1:]:
+            raise ValueError(f"{op}: {name} rows must have {ref_name}'s row shape {list(ref.shape[1:])}, "
+                             f"got {name} {list(t.shape)}")
+
+
+def _check_slot_map(op, slot_map, num_rows, device):
+    _tensor(op, "slot_map", slot_map, (torch.int32,), "int32")
+    if slot_map.dim() != 1 or slot_map.shape[0] != num_rows:
+        raise ValueError(f"{op}: slot_map must be [V] with V={num_rows}, got shape {list(slot_map.shape)}")
+    if slot_map.device != device:
+        raise RuntimeError(f"{op}: slot_map must be on {device}, got {slot_map.device}")
+
+
+def _host_or(op, name, t, device):
+    if t.device != device and t.device.type != "cpu":
+        raise RuntimeError(f"{op}: {name} must be on {device} or in host memory, got {t.device}")
+
+
+def _check_range(op, idx, bound, what="id"):
+    if what == "id":
+        _ops._check_id_range(op, idx, bound)
+        return
+    if idx.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(idx))
+    if lo >= 0 and hi < bound:
+        return
+    bad = lo if lo < 0 else hi
+    pos = int((idx.reshape(-1) == bad).nonzero()[0, 0])
+    raise IndexError(f"{op}: destination row {bad} (at position {pos} of rows) is outside [0, {bound}) rows of out")
+
+
+_PICKED: dict = {}
+
+
+def _backend(backend: str, device: torch.device, triton_ok: bool) -> str:
+    """As memllm_kernels.ops picks for tol_gather_add; 'auto' on a GPU falls back to 'reference' where
+    neither CUDA kernels nor (for ops that have one) a Triton kernel can run. Cached per call site kind."""
+    key = (backend, device.type, triton_ok)
+    picked = _PICKED.get(key)
+    if picked is not None:
+        return picked
+    if backend == "triton" and not triton_ok:
+        raise RuntimeError("backend='triton' is not available: this op has no Triton kernel "
+                           "(use 'cuda', 'cpu' or 'reference')")
+    if backend == "auto" and device.type != "cpu":
+        picked = "reference"
+        for b in ("cuda", "triton") if triton_ok else ("cuda",):
+            if _ops.backend_unavailable_reason(b, device) is None:
+                picked = b
+                break
+    else:
+        picked = _ops._pick_backend(backend, device)
+    _PICKED[key] = picked
+    return picked
+
+
+# ---------------------------------------------------------------- tol_host_gather
+def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None = None,
+                    *, backend: str = "auto", check_ids: bool = True) -> torch.Tensor:
+    """Copy whole token rows: out[rows[i]] = table[ids[i]] (out[i] without rows). Bit exact.
+
+    table: [V, d] or [V, L, d], dense rows, on out's device or in host memory (on a GPU: registered or
+           pinned memory, read by the kernel over PCIe; the pinned host tier is such memory).
+    ids:   [N] int32/int64 on out's device (on the CPU for a CPU out), each in [0, V).
+    out:   [M, ...] with table's row shape and dtype; rows: [N] int32/int64 in [0, M), or None (M >= N).
+    Returns out. check_ids=False skips the range checks (no device sync): a bad id then writes a NaN row,
+    a bad destination row is skipped; nothing outside table or out is touched.
+    """
+    op = "tol_host_gather"
+    _check_token_table(op, "table", table)
+    _tensor(op, "out", out)
+    _same_rows(op, ["table", "out"], [table, out])
+    _check_token_table(op, "out", out)
+    _tensor(op, "ids", ids, _INDEX, "int32 or int64")
+    if ids.dim() != 1:
+        raise ValueError(f"{op}: ids must be 1-D [N], got shape {list(ids.shape)}")
+    if ids.device != out.device:
+        raise RuntimeError(f"{op}: ids must be on out's device {out.device}, got {ids.device}")
+    _host_or(op, "table", table, out.device)
+    if rows is not None:
+        _tensor(op, "rows", rows, _INDEX, "int32 or int64")
+        if rows.shape != ids.shape or rows.device != out.device:
+            raise ValueError(f"{op}: rows must be [N] like ids ({ids.shape[0]}) on {out.device}, got shape "
+                             f"{list(rows.shape)} on {rows.device}")
+    elif out.shape[0] < ids.shape[0]:
+        raise ValueError(f"{op}: out has {out.shape[0]} rows for {ids.shape[0]} ids; pass rows= or a bigger out")
+    if check_ids:
+        _check_range(op, ids, table.shape[0])
+        if rows is not None:
+            _check_range(op, rows, out.shape[0], "row")
+    b = _backend(backend, out.device, triton_ok=True)
+    if b in ("cpu", "cuda"):
+        torch.ops.memllm.tol_host_gather(table, ids, out, rows, False)
+    elif b == "triton":
+        torch.ops.memllm.tol_host_gather_triton(table, ids, out, rows)
+    else:
+        reference.tol_host_gather(table, ids, out, rows)
+    return out
+
+
+@torch.library.register_fake("memllm::tol_host_gather")
+def _tol_host_gather_fake(table, ids, out, rows=None, check_ids=True):
+    return None
+
+
+# ---------------------------------------------------------------- tol_cached_gather_add
+def _check_cached(op, hidden, ids, slot_map, cache, host_table, layer):
+    _ops._check_args(op, hidden, ids, cache, layer)
+    _check_token_table(op, "host_table", host_table)
+    _same_rows(op, ["cache", "host_table"], [cache, host_table])
+    _host_or(op, "host_table", host_table, hidden.device)
+    _check_slot_map(op, slot_map, host_table.shape[0], hidden.device)
+
+
+def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor,
+                          host_table: torch.Tensor, layer: int | None = None, *, backend: str = "auto",
+                          check_ids: bool = True) -> torch.Tensor:
+    """hidden + row(ids, layer), read per token from cache[slot_map[id]] on a hit, host_table[id] on a miss.
+
+    hidden:     [..., d] float32/float16/bfloat16/float64; ids: [...] int32/int64, hidden's leading shape.
+    slot_map:   [V] int32 on hidden's device: the token's cache slot in [0, C), or -1 (anything outside
+                [0, C) reads as a miss).
+    cache:      [C, d] or [C, L, d] on hidden's device; host_table: [V, ...] with cache's row shape and dtype,
+                on hidden's device or in host memory (mapped: the pinned host tier). layer as tol_gather_add.
+    Returns a new [..., d] tensor; equal bit for bit to tol_gather_add(hidden, ids, full_table, layer).
+    Differentiable in hidden only (the tables are inference data).
+    """
+    op = "tol_cached_gather_add"
+    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer)
+    if check_ids:
+        _check_range(op, ids, host_table.shape[0])
+    b = _backend(backend, hidden.device, triton_ok=True)
+    if b in ("cpu", "cuda"):
+        return _ops._run_compiled(torch.ops.memllm.tol_cached_gather_add, hidden, ids, slot_map, cache, host_table,
+                                  layer, False)
+    if b == "triton":
+        return torch.ops.memllm.tol_cached_gather_add_triton(hidden, ids, slot_map, cache, host_table, layer)
+    return reference.tol_cached_gather_add(hidden, ids, slot_map, cache, host_table, layer)
+
+
+def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor,
+                           host_table: torch.Tensor, layer: int | None = None, *, backend: str = "auto",
+                           check_ids: bool = True) -> torch.Tensor:
+    """In-place tol_cached_gather_add: hidden += row(ids, layer); returns hidden. No autograd."""
+    op = "tol_cached_gather_add_"
+    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        raise RuntimeError("tol_cached_gather_add_ works in place and has no autograd; use tol_cached_gather_add "
+                           "or run under torch.no_grad()")
+    if check_ids:
+        _check_range(op, ids, host_table.shape[0])
+    b = _backend(backend, hidden.device, triton_ok=True)
+    if b in ("cpu", "cuda"):
+        _ops._run_compiled(torch.ops.memllm.tol_cached_gather_add_, hidden, ids, slot_map, cache, host_table, layer,
+                           False)
+    elif b == "triton":
+        torch.ops.memllm.tol_cached_gather_add_triton_(hidden, ids, slot_map, cache, host_table, layer)
+    else:
+        hidden.copy_(reference.tol_cached_gather_add(hidden, ids, slot_map, cache, host_table, layer))
+    return hidden
+
+
+@torch.library.register_fake("memllm::tol_cached_gather_add")
+def _tol_cached_gather_add_fake(hidden, ids, slot_map, cache, host_table, layer=None, check_ids=True):
+    return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+
+
+@torch.library.register_fake("memllm::tol_cached_gather_add_")
+def _tol_cached_gather_add__fake(hidden, ids, slot_map, cache, host_table, layer=None, check_ids=True):
+    return None
+
+
+def _cached_setup_context(ctx, inputs, output):
+    pass
+
+
+def _cached_backward(ctx, grad):
+    # d/dhidden is the identity; slot_map, cache and host_table are inference data (no gradient).
+    return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+torch.library.register_autograd("memllm::tol_cached_gather_add", _cached_backward, setup_context=_cached_setup_context)
+if _ops._HAS_TRITON:
+    torch.library.register_autograd("memllm::tol_cached_gather_add_triton", _cached_backward,
+                                    setup_context=_cached_setup_context)
+
+
+# ---------------------------------------------------------------- tol_cache_prefetch
+def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor, host_table: torch.Tensor,
+                       out: torch.Tensor, first: torch.Tensor, slots: torch.Tensor, layer_begin: int = 0,
+                       layer_end: int | None = None, *, backend: str = "auto", check_ids: bool = True) -> None:
+    """One step's rows, deduplicated, in one token-major pass (see csrc/ops.cpp).
+
+    ids:   [N] int32/int64 on out's device. slot_map [V] int32, cache [C, ...] on out's device; host_table
+           [V, ...] there or in host memory. out: [>= N, ...] with the tables' row shape and dtype.
+    first, slots: [N] int32 outputs: first[b] = the first position holding ids[b]; slots[b] = its cache
+           slot or -1. At first occurrences, layers [layer_begin, layer_end) (default all) of the token's
+           row are written to out[b], from the cache on a hit, from host_table on a miss.
+    """
+    op = "tol_cache_prefetch"
+    for name, t in (("cache", cache), ("host_table", host_table)):
+        _check_token_table(op, name, t)
+    _tensor(op, "out", out)
+    _same_rows(op, ["cache", "host_table", "out"], [cache, host_table, out])
+    _check_token_table(op, "out", out)
+    _tensor(op, "ids", ids, _INDEX, "int32 or int64")
+    if ids.dim() != 1:
+        raise ValueError(f"{op}: ids must be 1-D [N], got shape {list(ids.shape)}")
+    dev = out.device
+    for name, t in (("ids", ids), ("cache", cache), ("first", first), ("slots", slots)):
+        if t.device != dev:
+            raise RuntimeError(f"{op}: {name} must be on out's device {dev}, got {t.device}")
+    _host_or(op, "host_table", host_table, dev)
+    _check_slot_map(op, slot_map, host_table.shape[0], dev)
+    N = ids.shape[0]
+    for name, t in (("first", first), ("slots", slots)):
+        _tensor(op, name, t, (torch.int32,), "int32")
+        if t.shape != (N,) or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be a contiguous [N] tensor with N={N}, got shape {list(t.shape)}")
+    if out.shape[0] < N:
+        raise ValueError(f"{op}: out has {out.shape[0]} rows for {N} ids")
+    L = cache.shape[1] if cache.dim() == 3 else 1
+    end = L if layer_end is None else layer_end
+    if not 0 <= layer_begin <= end <= L:
+        raise IndexError(f"{op}: layers [{layer_begin}, {end}) are not within [0, {L})")
+    if check_ids:
+        _check_range(op, ids, host_table.shape[0])
+    b = _backend(backend, dev, triton_ok=False)
+    if b in ("cpu", "cuda"):
+        torch.ops.memllm.tol_cache_prefetch(ids, slot_map, cache, host_table, out, first, slots, layer_begin,
+                                            layer_end, False)
+    else:
+        reference.tol_cache_prefetch(ids, slot_map, cache, host_table, out, first, slots, layer_begin, layer_end)
+
+
+@torch.library.register_fake("memllm::tol_cache_prefetch")
+def _tol_cache_prefetch_fake(ids, slot_map, cache, host_table, out, first, slots, layer_begin=0, layer_end=None,
+                             check_ids=True):
+    return None
+
+
+# ---------------------------------------------------------------- tol_host_alloc
+def tol_host_alloc(shape, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
+    """An uninitialised CPU tensor of exactly `shape` x dtype bytes (rounded up to a page), from an anonymous
+    mmap. pin=True page-locks and maps it for the GPU (cudaHostRegister) when the extension was built with
+    CUDA and a GPU is visible; then `tensor.is_pinned()` is True. Otherwise it is ordinary memory."""
+    return torch.ops.memllm.tol_host_alloc([int(s) for s in shape], dtype, bool(pin))
+
+
+@torch.library.register_fake("memllm::tol_host_alloc")
+def _tol_host_alloc_fake(size, dtype, pin=True):
+    return torch.empty(size, dtype=dtype, device="cpu")
+
+
+def pin_unavailable_reason() -> str | None:
+    """None if tol_host_alloc(pin=True) page-locks memory here, else why it gives ordinary memory."""
+    if not _ops._HAS_CUDA_KERNELS:
+        return "memllm_kernels._C was built without CUDA (no cudaHostRegister): the host tier is ordinary memory"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible: the host tier is ordinary memory"
+    return None

@@ -1,0 +1,77 @@
+"""Pure-PyTorch references of the offload ops: the test oracle and the spec of each (see csrc/ops.cpp).
+
+They run on any device (a CPU host_table with CUDA outputs is read with a host gather and a copy) and are
+the fallback where no compiled kernel exists (e.g. tol_cache_prefetch with Triton only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference as _ref
+
+
+def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """out[rows[i]] = table[ids[i]] (out[i] without rows): whole token rows. table [V, ...]; ids [N];
+    out [M, ...] with table's row shape and dtype; rows [N]. Returns out (modified in place)."""
+    src = table.index_select(0, ids.to(table.device).long()).to(out.device)
+    dst = torch.arange(ids.shape[0], device=out.device) if rows is None else rows.to(out.device).long()
+    out.index_copy_(0, dst, src)
+    return out
+
+
+def cached_rows(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor, host_table: torch.Tensor,
+                layer: int | None = None) -> torch.Tensor:
+    """The rows tol_cached_gather_add adds: cache[slot_map[id]] where the slot is in [0, C), else
+    host_table[id]; [..., d] in the tables' dtype on cache's device."""
+    flat = ids.reshape(-1).long()
+    slots = slot_map[flat.to(slot_map.device)].long().to(cache.device)
+    hit = (slots >= 0) & (slots < cache.shape[0])
+    from_cache = _ref.tol_rows(cache, slots.clamp(0, max(cache.shape[0] - 1, 0)), layer) if cache.shape[0] else None
+    from_host = _ref.tol_rows(host_table, flat.to(host_table.device), layer).to(cache.device)
+    rows = from_host if from_cache is None else torch.where(hit[:, None], from_cache, from_host)
+    return rows.reshape(*ids.shape, cache.shape[-1])
+
+
+def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor,
+                          host_table: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """hidden + row(ids, layer), the row from the cache slot on a hit, from host_table on a miss; the sum in
+    float32 (float64 if an input is float64), rounded once to hidden's dtype (as tol_gather_add)."""
+    rows = cached_rows(ids, slot_map, cache, host_table, layer)
+    acc = torch.promote_types(torch.promote_types(hidden.dtype, cache.dtype), torch.float32)
+    return (hidden.to(acc) + rows.to(acc)).to(hidden.dtype)
+
+
+def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """first[b] = the smallest a with ids[a] == ids[b]; ids [N] -> int32 [N]."""
+    flat = ids.reshape(-1).long()
+    if flat.numel() == 0:
+        return torch.zeros(0, dtype=torch.int32, device=ids.device)
+    _, inverse = torch.unique(flat, return_inverse=True)
+    pos = torch.arange(flat.numel(), device=ids.device)
+    firsts = torch.full((int(inverse.max()) + 1,), flat.numel(), device=ids.device, dtype=torch.long)
+    firsts.scatter_reduce_(0, inverse, pos, reduce="amin")
+    return firsts[inverse].to(torch.int32)
+
+
+def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor, host_table: torch.Tensor,
+                       out: torch.Tensor, first: torch.Tensor, slots: torch.Tensor, layer_begin: int = 0,
+                       layer_end: int | None = None) -> None:
+    """first[b] = first position of ids[b]; slots[b] = slot_map[ids[b]] (-1 outside [0, C)); at first
+    occurrences, out[b, layer_begin:layer_end] = the token's row from its slot (hit) or host_table (miss)."""
+    flat = ids.reshape(-1).long()
+    first.copy_(first_occurrence(flat))
+    s = slot_map[flat.to(slot_map.device)].long()
+    s = torch.where((s >= 0) & (s < cache.shape[0]), s, -1)
+    slots.copy_(s.to(torch.int32))
+    uniq = (first.long() == torch.arange(flat.numel(), device=first.device)).nonzero().reshape(-1)
+    if uniq.numel() == 0:
+        return
+    L = cache.shape[1] if cache.dim() == 3 else 1
+    end = L if layer_end is None else layer_end
+    rows = cached_rows(flat[uniq], slot_map, cache, host_table, None)  # [U, L, d] or [U, d]
+    if cache.dim() == 3:
+        out[uniq.to(out.device), layer_begin:end] = rows[:, layer_begin:end].to(out.device)
+    elif end > layer_begin:
+        out[uniq.to(out.device)] = rows.to(out.device)

@@ -1,0 +1,203 @@
+"""The two storage tiers below the device cache: a ToL file read in place (disk) and an exact-size,
+page-locked host copy of it (pinned host). Both expose `.table`, a CPU tensor [V, L, d] the kernels read.
+
+    disk         DiskTable(path): the safetensors file mapped read-only (mmap, nothing loaded up front).
+                 Rows page in from storage as they are gathered; random-access advice (no read-ahead of
+                 neighbours: a 1b row is 96 KiB, the kernel's default read-ahead would pull unrelated
+                 rows), `willneed(ids)` starts reading a prompt's rows ahead, and `page_cache_bytes` bounds
+                 how much of the file stays mapped/cached (the rest is dropped after that many bytes read).
+    pinned host  HostTable.from_file(path): tol_host_alloc (anonymous mmap + cudaHostRegister, never the
+                 caching pinned allocator, which rounds 47.7 GiB up to 64 GiB), filled from the file in
+                 64 MiB chunks straight into that memory (no second copy, never on the GPU), with the
+                 file's page cache dropped behind the reads so the table is not held twice in RAM.
+                 On a machine without CUDA (or a CPU-only build) it is ordinary memory: `pinned` is False
+                 and `pin_note` says why.
+Both check the file with the model's ToL checks (memllm_kernels.model.tol): a missing, truncated or
+mismatched file raises before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ops
+
+CHUNK_BYTES = 64 << 20
+
+
+def _open_tol(path, model=None):
+    """(metadata, entry, data offset, shape, dtype) of a checked ToL file."""
+    from ..model.tol import _TORCH_DTYPE, check_tol_matches, read_tol_header
+
+    meta, entry, offset = read_tol_header(path)
+    shape, dtype = [int(s) for s in entry["shape"]], _TORCH_DTYPE[entry["dtype"]]
+    if model is not None:
+        check_tol_matches(path, meta, shape, model)
+    return meta, entry, offset, shape, dtype
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_fits_in_ram(what: str, nbytes: int) -> None:
+    avail = mem_available()
+    if avail is not None and nbytes > avail:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.2f} GiB of host memory but only {avail / 2**30:.2f} GiB "
+                          "is available; use the disk tier (--tol-location disk) or free memory")
+
+
+class HostTable:
+    """A ToL table in one exact-size host allocation (page-locked and device-mapped where CUDA allows).
+
+    table: CPU tensor [V, L, d]; pinned: whether cudaHostRegister succeeded (kernels then read it over PCIe
+    by address); pin_note: why not, when not; nbytes: the allocation's size.
+    """
+
+    location = "host"
+
+    def __init__(self, table: torch.Tensor, path: str | None = None):
+        self.table = table
+        self.path = path
+        self.pinned = bool(table.is_pinned()) if torch.cuda.is_available() else False
+        self.pin_note = None if self.pinned else (ops.pin_unavailable_reason() or "pin=False was asked")
+        self.nbytes = table.numel() * table.element_size()
+
+    @classmethod
+    def from_file(cls, path, model=None, *, pin: bool = True, chunk_bytes: int = CHUNK_BYTES) -> "HostTable":
+        """Read a ToL file into the host tier, checked against `model` (if given) first."""
+        _, entry, offset, shape, dtype = _open_tol(path, model)
+        nbytes = entry["data_offsets"][1]
+        _check_fits_in_ram(f"the host tier for {path}", nbytes)
+        table = ops.tol_host_alloc(shape, dtype, pin)
+        dst = memoryview(table.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_SEQUENTIAL)
+            done = 0
+            f.seek(offset)
+            while done < nbytes:
+                n = f.readinto(dst[done:done + min(chunk_bytes, nbytes - done)])
+                if not n:
+                    raise ValueError(f"{path}: truncated while reading ({done} of {nbytes} data bytes)")
+                if hasattr(os, "posix_fadvise"):  # this table is the copy we keep: drop the page cache's
+                    os.posix_fadvise(fd, offset + done, n, os.POSIX_FADV_DONTNEED)
+                done += n
+        return cls(table, str(path))
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor, *, pin: bool = True) -> "HostTable":
+        """Copy an in-memory [V, L, d] table (any device) into the host tier, in chunks of rows."""
+        table = ops.tol_host_alloc(t.shape, t.dtype, pin)
+        rows = max(1, CHUNK_BYTES // max(1, t[0].numel() * t.element_size())) if t.shape[0] else 1
+        for i in range(0, t.shape[0], rows):
+            table[i:i + rows].copy_(t[i:i + rows])
+        return cls(table)
+
+    def read_rows(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """out[:N] = table[ids] on the CPU (ids a CPU int tensor [N])."""
+        ops.tol_host_gather(self.table, ids, out, check_ids=False)
+
+    def describe(self) -> dict:
+        return {"location": self.location, "bytes": self.nbytes, "pinned": self.pinned, "pin_note": self.pin_note,
+                "path": self.path}
+
+
+class DiskTable:
+    """A ToL file mapped read-only in place: table is a CPU tensor [V, L, d] over the mapping.
+
+    advice: 'random' (default: no read-ahead around a row), 'normal' or 'sequential'.
+    page_cache_bytes: if set, after that many bytes of rows were read the mapping's pages are released
+    (MADV_DONTNEED) and the file's page cache dropped (POSIX_FADV_DONTNEED), bounding RSS and page cache to
+    about that much plus one step's rows. None: the kernel keeps what it likes (fastest re-reads).
+    """
+
+    location = "disk"
+    pinned = False
+
+    def __init__(self, path, model=None, *, advice: str = "random", page_cache_bytes: int | None = None):
+        _, entry, offset, shape, dtype = _open_tol(path, model)
+        self.path = str(path)
+        self.nbytes = entry["data_offsets"][1]
+        self._offset = offset
+        self._file = open(path, "rb")
+        size = offset + self.nbytes
+        # ACCESS_COPY (MAP_PRIVATE): reads come straight from the page cache like a shared mapping, but the
+        # buffer is writable for torch.frombuffer; nothing ever writes it, so no page is ever copied.
+        self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        self.advice = advice
+        if self._map is not None:
+            flag = {"random": mmap.MADV_RANDOM, "normal": mmap.MADV_NORMAL, "sequential": mmap.MADV_SEQUENTIAL}
+            if advice not in flag:
+                raise ValueError(f"advice must be one of {sorted(flag)}, got {advice!r}")
+            self._map.madvise(flag[advice])
+        n = int(np.prod(shape))
+        if self._map is not None and n:
+            self.table = torch.frombuffer(self._map, dtype=dtype, count=n, offset=offset).view(shape)
+        else:
+            self.table = torch.empty(shape, dtype=dtype)
+        self.row_bytes = int(np.prod(shape[1:])) * self.table.element_size()
+        self.page_cache_bytes = page_cache_bytes
+        self._since_drop = 0
+        self.drops = 0
+        self.pin_note = "rows are read from a file mapping (not page-locked)"
+
+    def read_rows(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """out[:N] = table[ids] (ids a CPU int tensor [N]): page faults read the rows from storage."""
+        ops.tol_host_gather(self.table, ids, out, check_ids=False)
+        self.note_read(ids.numel())
+
+    def note_read(self, rows: int) -> None:
+        """Counts rows read from the mapping; drops the mapping's pages past page_cache_bytes."""
+        if self.page_cache_bytes is None:
+            return
+        self._since_drop += rows * self.row_bytes
+        if self._since_drop > self.page_cache_bytes:
+            self.drop_pages()
+
+    def drop_pages(self) -> None:
+        """Release every page of the mapping and the file's page cache (they are re-read on demand)."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        self._since_drop = 0
+        self.drops += 1
+
+    def willneed(self, ids) -> None:
+        """Ask the kernel to start reading these tokens' rows now (a prompt's rows, before prefill needs them)."""
+        if self._map is None:
+            return
+        page = mmap.PAGESIZE
+        for t in sorted(set(int(i) for i in ids)):
+            start = self._offset + t * self.row_bytes
+            lo = start - start % page
+            self._map.madvise(mmap.MADV_WILLNEED, lo, start + self.row_bytes - lo)
+
+    def describe(self) -> dict:
+        return {"location": self.location, "bytes": self.nbytes, "pinned": False, "pin_note": self.pin_note,
+                "path": self.path, "advice": self.advice, "page_cache_bytes": self.page_cache_bytes,
+                "page_drops": self.drops}
+
+    def close(self) -> None:
+        self.table = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a tensor view still exists; the mapping goes when it does
+                pass
+        self._file.close()
