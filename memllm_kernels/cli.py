@@ -2,8 +2,8 @@
 
     memllm train --preset tiny-memoryllm --out RUN [--text PATH] [--steps N | --minutes M]
     memllm precompute RUN                       # writes RUN/tol.safetensors
-    memllm eval RUN [--text PATH] [--tol | --ffn]
-    memllm generate RUN --prompt "..." [--tol]
+    memllm eval RUN [--text PATH] [--tol | --ffn] [--tol-location {device,host,disk} --cache-rows N]
+    memllm generate RUN --prompt "..." [--tol] [--tol-location {device,host,disk} --cache-rows N]
     memllm info [PRESET | RUN]                  # parameter counts (paper convention)
 
 Nothing a user saved is overwritten without --force. Errors a user can fix print one line and exit 2.
@@ -34,6 +34,20 @@ def _layers(s: str) -> list[int]:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--drop-layers takes comma-separated layer indices, got {s!r}") from None
+
+
+def _add_offload_args(p: argparse.ArgumentParser) -> None:
+    """--tol-location / --cache-rows / --cache-policy (the offload engine, docs/offload.md)."""
+    from .offload.policy import POLICIES
+
+    p.add_argument("--tol-location", choices=("device", "host", "disk"),
+                   help="run with RUN/tol.safetensors (implies --tol) held on the device (as --tol), in host "
+                   "memory (page-locked where CUDA allows) or read in place from disk, with a device row cache")
+    p.add_argument("--cache-rows", type=int, help="device cache rows for --tol-location host/disk "
+                   "(default 5%% of the vocabulary)")
+    p.add_argument("--cache-policy", choices=POLICIES, default="hot+lru",
+                   help="cache policy (default hot+lru: a hot set from the run's training-split token counts "
+                   "plus an LRU tail)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = e.add_mutually_exclusive_group()
     mode.add_argument("--tol", action="store_true", help="swap memory FFNs for RUN/tol.safetensors (checked first)")
     mode.add_argument("--ffn", action="store_true", help="run the memory FFNs (default)")
+    _add_offload_args(e)
     e.add_argument("--alpha", type=float, default=1.0, help="scale of the memory term (paper Table 1)")
     e.add_argument("--drop-layers", type=_layers, default=[], help="comma-separated layers whose memory is dropped")
     e.add_argument("--max-tokens", type=int, help="score at most this many tokens")
@@ -105,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run", type=Path)
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--tol", action="store_true", help="run with RUN/tol.safetensors instead of the memory FFNs")
+    _add_offload_args(g)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=50)
@@ -224,20 +240,55 @@ def _cmd_precompute(a) -> int:
     return 0
 
 
-def _load_for_inference(run: Path, device: str, use_tol: bool):
+def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | None = None,
+                        cache_rows: int | None = None, policy: str = "hot+lru"):
+    """(model, run config, offload engine or None). location 'host'/'disk' reads the ToL through an
+    OffloadEngine (memllm_kernels/offload); 'device' or plain --tol puts the whole table on the device."""
     import torch
 
     from .model.tol import load_tol, swap_ffn_for_tol
     from .model.train import load_run
 
     model, cfg = load_run(run, device)
-    if use_tol:
+    if location in ("host", "disk"):
+        return model, cfg, _attach_engine(model, cfg, run, device, location, cache_rows, policy)
+    if cache_rows is not None:
+        raise ValueError("--cache-rows needs --tol-location host or disk")
+    if use_tol or location == "device":
         path = run / "tol.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
         tol = load_tol(path, model)  # refuses a ToL of another model / a damaged file
         swap_ffn_for_tol(model, tol if torch.device(device).type == "cpu" else tol.to(device))
-    return model, cfg
+    return model, cfg, None
+
+
+def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows, policy: str):
+    import numpy as np
+
+    from .model.tol import swap_ffn_for_engine
+    from .offload import DiskTable, HostTable, OffloadEngine
+
+    path = run / "tol.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
+    source = HostTable.from_file(path, model) if location == "host" else DiskTable(path, model)
+    V = model.config.vocab_size
+    rows = max(1, V // 20) if cache_rows is None else cache_rows
+    counts = None
+    if policy in ("static", "hot+lru", "hot+lfu"):
+        from .model.train import run_tokens
+
+        try:  # the hot set: the most frequent tokens of the run's training split
+            ids, _ = run_tokens(cfg, run, "train")
+            counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=V)[:V]
+        except (FileNotFoundError, ValueError) as e:
+            if policy == "static":
+                raise ValueError(f"the static cache policy needs the run's training text for its hot set: {e}") from None
+            print(f"memllm: no hot set ({e}); the cache starts empty", file=sys.stderr)
+    engine = OffloadEngine(source, device=device, cache_rows=rows, policy=policy, token_counts=counts)
+    swap_ffn_for_engine(model, engine)
+    return engine
 
 
 def _cmd_eval(a) -> int:
@@ -247,19 +298,29 @@ def _cmd_eval(a) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    model, cfg = _load_for_inference(a.run, a.device, a.tol)
+    if a.ffn and a.tol_location:
+        raise ValueError("--tol-location runs the ToL; it cannot be combined with --ffn")
+    model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy)
     if a.alpha != 1.0 or a.drop_layers:
         model.set_memory_scale(a.alpha, a.drop_layers)
     ids, _ = run_tokens(cfg, a.run, "val", a.text)
     seq_len = a.seq_len or cfg["train"]["seq_len"]
     res = evaluate(model, ids, seq_len, a.batch_size, a.max_tokens, progress=not a.no_progress)
-    res.update(run=str(a.run), mode="tol" if a.tol else "ffn", text=a.text or "validation split",
+    res.update(run=str(a.run), mode="tol" if (a.tol or a.tol_location) else "ffn", text=a.text or "validation split",
                alpha=a.alpha, drop_layers=a.drop_layers, device=a.device)
+    if a.tol_location:
+        res["tol_location"] = a.tol_location
+    if engine is not None:
+        res["cache"] = engine.stats()
     if a.json:
         print(json.dumps(res))
     else:
         print(f"{a.run} [{res['mode']}] on {res['text']}: perplexity {res['ppl']:.4f} (loss {res['loss']:.6f}) over "
               f"{res['tokens']:,} tokens, {res['tokens_per_s']:,.0f} tokens/s")
+        if engine is not None:
+            from .offload import format_stats
+
+            print(format_stats(res["cache"]))
     return 0
 
 
@@ -267,7 +328,7 @@ def _cmd_generate(a) -> int:
     from .model import generate
     from .model.data import load_run_tokenizer
 
-    model, cfg = _load_for_inference(a.run, a.device, a.tol)
+    model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy)
     tok = load_run_tokenizer(a.run, cfg["tokenizer"])
     prompts = [tok.encode(p) for p in a.prompt]
     if any(not p for p in prompts):
@@ -278,6 +339,10 @@ def _cmd_generate(a) -> int:
         print(text + tok.decode([i for i in new if i != tok.eot_id]))
         if len(a.prompt) > 1:
             print("-" * 40)
+    if engine is not None:
+        from .offload import format_stats
+
+        print(format_stats(engine.stats()))
     return 0
 
 

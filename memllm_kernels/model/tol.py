@@ -370,3 +370,66 @@ def swap_ffn_for_tol(model: Transformer, tol: torch.Tensor, *, backend: str = "a
     for i, block in enumerate(model.layers):
         block.memory = ToLMemory(store, i, block.memory.scale, backend)
     return model
+
+
+# ---------------------------------------------------------------- the swap onto the offload engine
+class EngineMemory(nn.Module):
+    """Layer `layer`'s memory term read through an OffloadEngine (memllm_kernels/offload): the table lives in
+    host memory or on disk, hot rows in a device cache. h + scale * ToL[ids, layer], inference only."""
+
+    def __init__(self, engine, layer: int, scale: float = 1.0):
+        super().__init__()
+        self.engine, self.layer, self.scale = engine, layer, scale
+
+    def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """h: [B, T, d] (fresh: updated in place); x0: unused; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
+        if self.scale == 0.0:
+            return h
+        if torch.is_grad_enabled() and h.requires_grad:
+            raise RuntimeError("the offload engine serves inference only; train with the memory FFNs or with "
+                               "swap_ffn_for_tol on an in-memory table")
+        with torch.no_grad():
+            if self.scale != 1.0:  # an analysis knob (paper Table 1), as in ToLMemory
+                return h + self.scale * self.engine.rows(ids, self.layer).to(h.dtype)
+            return self.engine.gather_add_(h, ids, self.layer)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, scale={self.scale}"
+
+
+def _prefetch_hook(engine):
+    def hook(model, args, kwargs):
+        ids = args[0] if args else kwargs["ids"]
+        # The step's ids are known before the embedding runs: start moving their rows now. On a GPU the range
+        # check is left to the embedding lookup (a check here would cost a host sync per step).
+        engine.prefetch(ids, check_ids=ids.device.type == "cpu")
+    return hook
+
+
+def swap_ffn_for_engine(model: Transformer, engine) -> Transformer:
+    """Replace every layer's memory FFN by a lookup through `engine` (an OffloadEngine over this model's ToL).
+
+    In place (returns `model`), like swap_ffn_for_tol; the memory scale carries over. It also registers a
+    forward pre-hook on the model that calls engine.prefetch(ids) as soon as a forward starts (the prompt at
+    prefill, the sampled token at decode), so every layer finds its rows moving or arrived; the handle is
+    `model.tol_engine_hook` (remove() it to undo). Check the file against the model when building the
+    engine (HostTable.from_file(path, model) / DiskTable(path, model)); here only shapes are checked.
+    """
+    cfg = model.config
+    if not cfg.has_memory:
+        raise ValueError(f"{cfg.name} is a dense model (kind 'dense'): it has no memory FFN to swap for a ToL")
+    mems = model.memory_modules()
+    if any(not isinstance(m, MemoryFFN) for m in mems):
+        raise ValueError("this model's memory FFNs were already swapped for a ToL")
+    want = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
+    if (engine.V, engine.L, engine.d) != want:
+        raise ValueError(f"engine table shape {(engine.V, engine.L, engine.d)} does not match the model's "
+                         f"[V, L, d] = {list(want)}")
+    device = model.tok_embeddings.weight.device
+    if engine.device != device:
+        raise ValueError(f"the engine serves {engine.device} but the model is on {device}")
+    for i, block in enumerate(model.layers):
+        block.memory = EngineMemory(engine, i, block.memory.scale)
+    model.tol_engine = engine
+    model.tol_engine_hook = model.register_forward_pre_hook(_prefetch_hook(engine), with_kwargs=True)
+    return model

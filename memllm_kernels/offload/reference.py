@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference as _ref
-
 
 def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -24,14 +22,18 @@ def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
 def cached_rows(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor, host_table: torch.Tensor,
                 layer: int | None = None) -> torch.Tensor:
     """The rows tol_cached_gather_add adds: cache[slot_map[id]] where the slot is in [0, C), else
-    host_table[id]; [..., d] in the tables' dtype on cache's device."""
+    host_table[id]; [..., d] (with layer, or for [V, d] tables) or [..., L, d] (whole token rows, layer None)
+    in the tables' dtype on cache's device."""
     flat = ids.reshape(-1).long()
     slots = slot_map[flat.to(slot_map.device)].long().to(cache.device)
     hit = (slots >= 0) & (slots < cache.shape[0])
-    from_cache = _ref.tol_rows(cache, slots.clamp(0, max(cache.shape[0] - 1, 0)), layer) if cache.shape[0] else None
-    from_host = _ref.tol_rows(host_table, flat.to(host_table.device), layer).to(cache.device)
-    rows = from_host if from_cache is None else torch.where(hit[:, None], from_cache, from_host)
-    return rows.reshape(*ids.shape, cache.shape[-1])
+    rows = host_table.index_select(0, flat.to(host_table.device)).to(cache.device)  # [N, ...]
+    if cache.shape[0]:
+        from_cache = cache.index_select(0, slots.clamp(0, cache.shape[0] - 1))
+        rows = torch.where(hit.view(-1, *([1] * (rows.dim() - 1))), from_cache, rows)
+    if layer is not None:
+        rows = rows[:, layer]
+    return rows.reshape(*ids.shape, *rows.shape[1:])
 
 
 def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor,

@@ -1,0 +1,826 @@
+"""The offload engine (issue 4): its ops on every backend against memllm_kernels/offload/reference.py, the
+host tiers, the cache policies, a 100,000-step randomized stress test of the bookkeeping, and the model and
+CLI reading ToLs from host memory / disk with outputs identical to the in-memory ToL run.
+
+GPU paths (CUDA kernels reading mapped host memory, the side-stream prefetch, cudaHostRegister) have tests
+marked requires_cuda / requires_triton_gpu: they skip here, with the reason, and run on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import memllm_kernels as mk
+from memllm_kernels.offload import (
+    POLICIES,
+    CacheDirectory,
+    DiskTable,
+    HostTable,
+    OffloadEngine,
+    format_stats,
+    hot_set_from_counts,
+    reference as oref,
+    simulate,
+)
+from memllm_kernels.offload import tiers
+
+from conftest import BACKEND_DEVICES, DEVICES
+from test_tol_gather_add import _interpreted, assert_matches_reference
+
+# ---- the test matrix, named once ----
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+               (torch.float16, torch.float32)]  # (hidden, table)
+TOKENS = [0, 1, 7, 300]
+DIMS = [1, 8, 769]
+LAYERS = [None, 2]  # None: [V, d] tables; 2: token-major [V, 3, d] read at layer 2
+VOCAB = 41
+CACHE = 9
+ALL_BACKENDS = BACKEND_DEVICES + [pytest.param("reference", "cpu", id="reference")]
+NO_TRITON = [p for p in ALL_BACKENDS if p.values[0] != "triton"]
+# ---- tolerances, with reasons ----
+# tol_host_gather and tol_cache_prefetch copy rows: bit exact. tol_cached_gather_add adds in float32 and rounds
+# once, exactly like tol_gather_add, so it must equal tol_gather_add over the full table bit for bit (Triton's
+# interpreter truncates fp32 -> bf16: assert_matches_reference allows exactly that, as in test_tol_gather_add).
+STRESS_STEPS = 100_000
+
+
+def host_table(shape, dtype, device):
+    """A table where the device kernels can read it: host memory from tol_host_alloc (page-locked and mapped
+    when a GPU is present) for a CUDA device, a plain CPU tensor otherwise."""
+    t = torch.randn(shape).to(dtype)
+    if device == "cpu":
+        return t
+    h = mk.tol_host_alloc(shape, dtype)
+    h.copy_(t)
+    assert h.is_pinned(), "tol_host_alloc did not page-lock the table although a GPU is visible"
+    return h
+
+
+def slot_setup(vocab, cache_rows, table, device, seed=0):
+    """A random slot map over `vocab` with `cache_rows` filled slots, its cache, and one bogus slot >= C."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(vocab, generator=g)
+    slot_map = torch.full((vocab,), -1, dtype=torch.int32)
+    cache = torch.zeros((cache_rows,) + tuple(table.shape[1:]), dtype=table.dtype)
+    for s, tok in enumerate(perm[:cache_rows].tolist()):
+        slot_map[tok] = s
+        cache[s] = table[tok].cpu()
+    slot_map[perm[cache_rows]] = cache_rows + 5  # outside [0, C): must read as a miss, never out of bounds
+    return slot_map.to(device), cache.to(device)
+
+
+# ================================================================ tol_host_gather
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(VOCAB, 5), (VOCAB, 3, 24), (VOCAB, 2, 769)], ids=str)
+@pytest.mark.parametrize("with_rows", [False, True], ids=["dense", "rows"])
+def test_host_gather_matches_reference(backend, device, dtype, shape, with_rows):
+    table = host_table(shape, dtype, device)
+    ids = torch.tensor([VOCAB - 1, 0, 7, 7, 3, VOCAB - 1], device=device)
+    out = torch.full((9,) + shape[1:], 5.0, dtype=dtype, device=device)
+    rows = torch.tensor([8, 0, 2, 4, 5, 1], device=device) if with_rows else None
+    expected = out.clone().cpu()
+    oref.tol_host_gather(table.cpu(), ids.cpu(), expected, None if rows is None else rows.cpu())
+    assert mk.tol_host_gather(table, ids, out, rows, backend=backend) is out
+    assert torch.equal(out.cpu(), expected)
+    assert torch.equal(out[rows if with_rows else slice(0, 6)].cpu(), table.cpu()[ids.cpu()])
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_host_gather_empty_and_int32(backend, device):
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    out = torch.zeros(3, 2, 8, device=device)
+    mk.tol_host_gather(table, torch.zeros(0, dtype=torch.int32, device=device), out, backend=backend)
+    assert not out.any()
+    mk.tol_host_gather(table, torch.tensor([4, 40], dtype=torch.int32, device=device), out,
+                       torch.tensor([2, 0], dtype=torch.int32, device=device), backend=backend)
+    assert torch.equal(out[[2, 0]].cpu(), table.cpu()[[4, 40]]) and not out[1].any()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_host_gather_unchecked_bad_ids_never_read_or_write_out_of_bounds(backend, device):
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    out = torch.zeros(4, 2, 8, device=device)
+    ids = torch.tensor([1, VOCAB, 2, -5], device=device)
+    rows = torch.tensor([0, 1, 99, 3], device=device)  # row 99 does not exist: skipped
+    mk.tol_host_gather(table, ids, out, rows, backend=backend, check_ids=False)
+    assert torch.equal(out[0].cpu(), table.cpu()[1])
+    assert torch.isnan(out[[1, 3]]).all() and not out[2].any()
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_host_gather_bad_input_raises_before_writing(backend, device):
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    out = torch.zeros(4, 2, 8, device=device)
+    cases = [
+        ((table, torch.tensor([0, VOCAB], device=device), out), IndexError, rf"id {VOCAB} .*V={VOCAB}"),
+        ((table, torch.tensor([-1], device=device), out), IndexError, rf"id -1 .*V={VOCAB}"),
+        ((table, torch.tensor([1], device=device), out, torch.tensor([4], device=device)), IndexError,
+         r"destination row 4 .*\[0, 4\)"),
+        ((table, torch.tensor([1.0], device=device), out), TypeError, "ids must be int32 or int64"),
+        ((table, torch.tensor([[1]], device=device), out), ValueError, "1-D"),
+        ((table, torch.tensor([1], device=device), out.half()), TypeError, "dtype"),
+        ((table, torch.tensor([1], device=device), torch.zeros(4, 3, 8, device=device)), ValueError, "row shape"),
+        ((table, torch.tensor([1, 2, 3, 4, 5], device=device), out), ValueError, "out has 4 rows for 5 ids"),
+        ((table.transpose(1, 2), torch.tensor([1], device=device), torch.zeros(4, 8, 2, device=device)), ValueError,
+         "dense"),
+    ]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            mk.tol_host_gather(*args, backend=backend)
+        assert not out.any(), f"a failed call ({match}) wrote into out"
+
+
+@pytest.mark.requires_cuda
+def test_host_gather_refuses_pageable_host_memory_on_gpu():
+    table = torch.randn(VOCAB, 2, 8)  # ordinary (pageable) memory: a GPU kernel cannot read it
+    out = torch.zeros(2, 2, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="pageable host memory"):
+        mk.tol_host_gather(table, torch.tensor([1, 2], device="cuda"), out, backend="cuda")
+
+
+# ================================================================ tol_cached_gather_add
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("layer", LAYERS, ids=["VxD", "VxLxD"])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("hidden_dtype,table_dtype", DTYPE_PAIRS, ids=str)
+def test_cached_gather_add_matches_full_table(backend, device, hidden_dtype, table_dtype, T, d, layer):
+    shape = (VOCAB, d) if layer is None else (VOCAB, layer + 1, d)
+    table = host_table(shape, table_dtype, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    hidden = torch.randn(T, d, device=device).to(hidden_dtype)
+    ids = torch.randint(0, VOCAB, (T,), device=device)
+    before = hidden.clone()
+    out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, layer, backend=backend)
+    assert torch.equal(hidden, before)
+    full = table.to(device)
+    assert_matches_reference(out, hidden, ids, full, layer, backend)
+    assert mk.tol_cached_gather_add_(hidden, ids, slot_map, cache, table, layer, backend=backend) is hidden
+    assert_matches_reference(hidden, before, ids, full, layer, backend)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_cached_gather_add_reads_the_cache_on_hits(backend, device):
+    """A hit reads the cache slot, not the host row: marked cache rows show up in the output."""
+    table = host_table((VOCAB, 2, 16), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    cache.fill_(1000.0)  # every cached row now differs from the table
+    ids = torch.arange(VOCAB, device=device)
+    out = mk.tol_cached_gather_add(torch.zeros(VOCAB, 16, device=device), ids, slot_map, cache, table, 1,
+                                   backend=backend)
+    hit = ((slot_map >= 0) & (slot_map < CACHE)).cpu()
+    assert int(hit.sum()) == CACHE
+    assert (out.cpu()[hit] == 1000.0).all()
+    assert torch.equal(out.cpu()[~hit], table.cpu()[~hit, 1])
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_cached_gather_add_strided_and_leading_dims(backend, device):
+    table = host_table((VOCAB, 3, 64), torch.bfloat16, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    hidden = torch.randn(5, 3, 64, device=device, dtype=torch.bfloat16).transpose(0, 1)  # [3, 5, 64], strided
+    ids = torch.randint(0, VOCAB, (3, 5), device=device)
+    assert not hidden.is_contiguous()
+    out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, 1, backend=backend)
+    assert_matches_reference(out, hidden, ids, table.to(device), 1, backend)
+    before = hidden.clone()
+    mk.tol_cached_gather_add_(hidden, ids, slot_map, cache, table, 1, backend=backend)
+    assert_matches_reference(hidden, before, ids, table.to(device), 1, backend)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["functional", "inplace"])
+def test_cached_gather_add_bad_input_raises(backend, device, inplace):
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    h = torch.randn(3, 8, device=device)
+    ids = torch.tensor([0, 1, 2], device=device)
+    fn = mk.tol_cached_gather_add_ if inplace else mk.tol_cached_gather_add
+    cases = [
+        ((h, torch.tensor([0, VOCAB, 2], device=device), slot_map, cache, table, 0), IndexError, rf"id {VOCAB} .*V={VOCAB}"),
+        ((h, ids, slot_map.long(), cache, table, 0), TypeError, "slot_map must be int32"),
+        ((h, ids, slot_map[:-1], cache, table, 0), ValueError, "slot_map must be \\[V\\]"),
+        ((h, ids, slot_map, cache.double(), table, 0), TypeError, "dtype"),
+        ((h, ids, slot_map, cache, table[:, :1], 0), ValueError, "row shape"),
+        ((h, ids, slot_map, cache, table, 2), IndexError, "layer=2 is outside"),
+        ((h, ids.float(), slot_map, cache, table, 0), TypeError, "ids must be int32 or int64"),
+    ]
+    before = h.clone()
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn(*args, backend=backend)
+        assert torch.equal(h, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_gather_add_compiled_op_checks_its_inputs(device):
+    """torch.ops.memllm.tol_cached_gather_add checks in C++ too (RuntimeError, TypeError for dtypes)."""
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    h = torch.randn(2, 8, device=device)
+    with pytest.raises(RuntimeError, match=rf"id {VOCAB} .*V={VOCAB}"):
+        torch.ops.memllm.tol_cached_gather_add(h, torch.tensor([1, VOCAB], device=device), slot_map, cache, table, 0)
+    with pytest.raises(TypeError, match="slot_map must be int32"):
+        torch.ops.memllm.tol_cached_gather_add(h, torch.tensor([1, 2], device=device), slot_map.long(), cache, table, 0)
+    with pytest.raises(RuntimeError, match="row shape"):
+        torch.ops.memllm.tol_cached_gather_add(h, torch.tensor([1, 2], device=device), slot_map, cache, table[:, :1], 0)
+
+
+# ================================================================ tol_cache_prefetch
+@pytest.mark.parametrize("backend,device", NO_TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [0, 1, 6, 300])
+def test_cache_prefetch_matches_reference(backend, device, dtype, n):
+    table = host_table((VOCAB, 4, 24), dtype, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.randint(0, VOCAB, (n,), device=device)
+    if n >= 2:
+        ids[1] = ids[0]  # a repeat
+    out = torch.zeros(max(n, 1), 4, 24, dtype=dtype, device=device)
+    first = torch.full((n,), -7, dtype=torch.int32, device=device)
+    slots = torch.full((n,), -7, dtype=torch.int32, device=device)
+    for lb, le in [(0, 1), (1, 3), (3, None)]:  # in layer groups, as the engine launches it
+        mk.tol_cache_prefetch(ids, slot_map, cache, table, out, first, slots, lb, le, backend=backend)
+    e_first = oref.first_occurrence(ids.cpu())
+    assert torch.equal(first.cpu(), e_first)
+    s = slot_map.cpu()[ids.cpu().long()]
+    assert torch.equal(slots.cpu(), torch.where((s >= 0) & (s < CACHE), s, -1))
+    if n:
+        assert torch.equal(out.cpu()[first.cpu().long()], table.cpu()[ids.cpu()])  # each position's rows
+        if n >= 2:
+            assert first[1] == 0
+
+
+@pytest.mark.parametrize("backend,device", NO_TRITON)
+def test_cache_prefetch_bad_input_raises(backend, device):
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    out = torch.zeros(3, 2, 8, device=device)
+    first = torch.zeros(3, dtype=torch.int32, device=device)
+    slots = torch.zeros(3, dtype=torch.int32, device=device)
+    with pytest.raises(IndexError, match=rf"id {VOCAB} .*V={VOCAB}"):
+        mk.tol_cache_prefetch(torch.tensor([0, VOCAB, 1], device=device), slot_map, cache, table, out, first, slots,
+                              backend=backend)
+    with pytest.raises(IndexError, match=r"layers \[1, 3\)"):
+        mk.tol_cache_prefetch(torch.tensor([0, 2, 1], device=device), slot_map, cache, table, out, first, slots, 1, 3,
+                              backend=backend)
+    with pytest.raises(ValueError, match="contiguous \\[N\\]"):
+        mk.tol_cache_prefetch(torch.tensor([0, 2], device=device), slot_map, cache, table, out, first, slots,
+                              backend=backend)
+    assert not out.any() and not first.any() and not slots.any()
+    with pytest.raises(RuntimeError, match="no Triton kernel"):
+        mk.tol_cache_prefetch(torch.tensor([0, 2, 1], device=device), slot_map, cache, table, out, first, slots,
+                              backend="triton")
+
+
+# ================================================================ torch.library integration
+def _samples(device):
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([3, 0, 3, VOCAB - 1], device=device)
+    return table, slot_map, cache, ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    table, slot_map, cache, ids = _samples(device)
+    h = torch.randn(4, 8, device=device)
+    torch.library.opcheck(torch.ops.memllm.tol_cached_gather_add, (h, ids, slot_map, cache, table, 1))
+    torch.library.opcheck(torch.ops.memllm.tol_cached_gather_add, (h.clone().requires_grad_(), ids, slot_map, cache,
+                                                                   table, 1))
+    torch.library.opcheck(torch.ops.memllm.tol_cached_gather_add_, (h, ids, slot_map, cache, table, 0))
+    out = torch.zeros(6, 2, 8, device=device)
+    torch.library.opcheck(torch.ops.memllm.tol_host_gather, (table, ids, out))
+    torch.library.opcheck(torch.ops.memllm.tol_host_gather, (table, ids, out, torch.tensor([5, 1, 2, 0], device=device)))
+    first = torch.zeros(4, dtype=torch.int32, device=device)
+    slots = torch.zeros(4, dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.memllm.tol_cache_prefetch, (ids, slot_map, cache, table, out, first, slots, 0, 2))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
+def test_opcheck_triton(backend, device):
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    table, slot_map, cache, ids = _samples(device)
+    h = torch.randn(4, 8, device=device)
+    torch.library.opcheck(torch.ops.memllm.tol_cached_gather_add_triton, (h, ids, slot_map, cache, table, 1),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.memllm.tol_host_gather_triton, (table, ids, torch.zeros(4, 2, 8, device=device)),
+                          test_utils=utils)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_gradcheck_hidden(backend, device):
+    table = host_table((VOCAB, 2, 8), torch.float64, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([[4, 0, 4], [1, 4, 2]], device=device)
+    hidden = torch.randn(2, 3, 8, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda h: mk.tol_cached_gather_add(h, ids, slot_map, cache, table, 1, backend=backend), (hidden,))
+
+
+def test_meta_device():
+    h = torch.empty(2, 5, 2048, device="meta", dtype=torch.bfloat16)
+    ids = torch.empty(2, 5, device="meta", dtype=torch.long)
+    sm = torch.empty(128_256, device="meta", dtype=torch.int32)
+    cache = torch.empty(6400, 24, 2048, device="meta", dtype=torch.bfloat16)
+    host = torch.empty(128_256, 24, 2048, device="meta", dtype=torch.bfloat16)  # the 1b table, allocates nothing
+    out = torch.ops.memllm.tol_cached_gather_add(h, ids, sm, cache, host, 23)
+    assert out.device.type == "meta" and out.shape == h.shape
+    assert torch.ops.memllm.tol_cache_prefetch(ids.view(-1), sm, cache, host, torch.empty(10, 24, 2048, device="meta",
+                                               dtype=torch.bfloat16), ids.view(-1).int(), ids.view(-1).int()) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    table, slot_map, cache, _ = _samples(device)
+    w = torch.randn(8, 8, device=device)
+
+    def f(h, ids):
+        return mk.tol_cached_gather_add(h @ w, ids, slot_map, cache, table, 1, check_ids=False) * 2
+
+    torch._dynamo.reset()
+    h, ids = torch.randn(3, 8, device=device), torch.tensor([1, 2, VOCAB - 1], device=device)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(h, ids), f(h, ids), rtol=1e-5, atol=1e-5)
+
+
+# ================================================================ host tiers
+def test_host_alloc_is_exact_size_and_honest_about_pinning():
+    t = mk.tol_host_alloc([1000, 3, 7], torch.bfloat16)
+    assert t.shape == (1000, 3, 7) and t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
+    assert t.untyped_storage().nbytes() == 1000 * 3 * 7 * 2  # no power-of-two rounding
+    t.fill_(1.5)
+    assert (t == 1.5).all()
+    reason = mk.offload.pin_unavailable_reason()
+    assert t.is_pinned() == (reason is None)
+    assert mk.tol_host_alloc([0, 4], torch.float32).shape == (0, 4)
+    with pytest.raises(RuntimeError, match="negative size"):
+        mk.tol_host_alloc([-1], torch.float32)
+
+
+def test_host_alloc_frees_its_memory():
+    """Repeated 64 MiB allocations (filled, so every page is resident) leave RSS flat: the deleter unmaps."""
+    script = textwrap.dedent("""
+        import torch, memllm_kernels as mk
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        base = None
+        for i in range(12):
+            t = mk.tol_host_alloc([64 << 20], torch.uint8)
+            t.fill_(i)
+            del t
+            if i == 1:
+                base = rss()
+        print(rss() - base)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) < (16 << 20), f"RSS grew by {int(out.stdout.split()[-1]) >> 20} MiB"
+
+
+def _tol_file(tmp_path, V=VOCAB, L=3, d=16, dtype=torch.float32, name="tol.safetensors"):
+    from memllm_kernels.model.tol import write_tol_file
+
+    table = torch.randn(V, L, d).to(dtype)
+    path = tmp_path / name
+    write_tol_file(path, table.split(7), table.shape, dtype, {"format": "memllm-tol", "config": "{}"})
+    return path, table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_host_table_and_disk_table_read_the_file(tmp_path, dtype):
+    path, table = _tol_file(tmp_path, dtype=dtype)
+    host = HostTable.from_file(path, chunk_bytes=1000)  # many small chunks
+    assert torch.equal(host.table, table) and host.nbytes == table.numel() * table.element_size()
+    assert host.pinned == (mk.offload.pin_unavailable_reason() is None)
+    assert (host.pin_note is None) == host.pinned
+    disk = DiskTable(path, page_cache_bytes=4 * table[0].numel() * table.element_size())
+    assert torch.equal(disk.table, table)
+    out = torch.empty(5, 3, 16, dtype=dtype)
+    disk.willneed([3, 4, 40])
+    disk.read_rows(torch.tensor([3, 4, 40, 0, 3]), out)
+    assert torch.equal(out, table[[3, 4, 40, 0, 3]])
+    assert disk.drops == 1  # 5 rows read past a 4-row bound: the mapping's pages were released
+    assert torch.equal(disk.table[40], table[40])  # and re-read on demand
+    disk.close()
+
+
+def test_tiers_refuse_missing_truncated_and_mismatched_files(tmp_path):
+    from memllm_kernels.model import ModelConfig, Transformer, precompute_tol
+
+    with pytest.raises(FileNotFoundError, match="no ToL file"):
+        HostTable.from_file(tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError, match="no ToL file"):
+        DiskTable(tmp_path / "absent.safetensors")
+    path, _ = _tol_file(tmp_path)
+    raw = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-10])
+    for cls in (HostTable.from_file, DiskTable):
+        with pytest.raises(ValueError, match="truncated"):
+            cls(tmp_path / "cut.safetensors")
+    cfg = ModelConfig(kind="memoryllm", vocab_size=60, n_layer=2, d_model=16, n_head=2, block_size=32)
+    model = Transformer(cfg).eval()
+    precompute_tol(model, tmp_path / "m.safetensors")
+    other = Transformer(cfg).eval()  # other weights
+    for cls in (HostTable.from_file, DiskTable):
+        with pytest.raises(ValueError, match="other weights"):
+            cls(tmp_path / "m.safetensors", other)
+        with pytest.raises(ValueError, match="does not match"):
+            cls(tmp_path / "m.safetensors", Transformer(cfg.replace(n_layer=3)))
+
+
+def test_host_tier_larger_than_memory_is_refused(tmp_path, monkeypatch):
+    path, _ = _tol_file(tmp_path)
+    monkeypatch.setattr(tiers, "mem_available", lambda: 1000)
+    with pytest.raises(ValueError, match="needs .* GiB of host memory"):
+        HostTable.from_file(path)
+
+
+# ================================================================ policies
+def test_lru_evicts_least_recently_used():
+    d = CacheDirectory(10, 3, "lru")
+    assert d.access([1, 2, 3]) == ([(1, 0), (2, 1), (3, 2)], [])
+    d.access([1])  # 2 is now least recent
+    adm, ev = d.access([4])
+    assert adm == [(4, 1)] and ev == [(2, 1)]
+    assert d.resident(1) and d.resident(3) and d.resident(4) and not d.resident(2)
+
+
+def test_lfu_evicts_least_frequent_and_keeps_its_counts():
+    d = CacheDirectory(10, 2, "lfu")
+    d.access([1, 2])
+    d.access([1])
+    d.access([1])
+    _, ev = d.access([3])  # 2 was used once, 1 three times
+    assert ev == [(2, 1)]
+    d.access([2])  # re-admitted: evicts 3 (count 1) rather than 1 (count 3)
+    assert d.resident(1) and d.resident(2) and not d.resident(3)
+
+
+def test_static_and_hot_tail_policies():
+    counts = np.zeros(20, dtype=np.int64)
+    counts[[5, 6, 7]] = [30, 20, 10]
+    hot = hot_set_from_counts(counts, 3)
+    assert hot.tolist() == [5, 6, 7]
+    s = CacheDirectory(20, 3, "static", hot)
+    assert s.preload() == [(5, 0), (6, 1), (7, 2)]
+    assert s.access([1, 2]) == ([], [])  # never admits
+    h = CacheDirectory(20, 4, "hot+lru", hot, hot_fraction=0.5)
+    assert [t for t, _ in h.preload()] == [5, 6]
+    h.access([1, 2, 3, 4])  # one step admits at most the tail's 2 slots
+    assert h.resident(1) and h.resident(2) and not h.resident(3)
+    h.access([3, 4])
+    assert h.resident(5) and h.resident(6) and h.resident(3) and h.resident(4) and not h.resident(1)
+    with pytest.raises(ValueError, match="static policy needs a hot set"):
+        CacheDirectory(20, 3, "static")
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        CacheDirectory(20, 3, "fifo")
+    with pytest.raises(ValueError, match="in \\[0, 20\\]"):
+        CacheDirectory(20, 21, "lru")
+
+
+def test_a_step_never_evicts_its_own_admissions():
+    d = CacheDirectory(100, 3, "lru")
+    adm, ev = d.access(list(range(10)))
+    assert [t for t, _ in adm] == [0, 1, 2] and ev == []
+
+
+def test_simulate_lru_matches_a_naive_reference():
+    rng = np.random.default_rng(0)
+    toks = rng.zipf(1.3, 5000) % 200
+    got = simulate(toks, 200, 20, "lru")
+    cache, hits = [], 0
+    for t in toks.tolist():
+        if t in cache:
+            hits += 1
+            cache.remove(t)
+        elif len(cache) == 20:
+            cache.pop(0)
+        cache.append(t)
+    assert got["hits"] == hits and got["lookups"] == 5000
+
+
+# ================================================================ the engine
+def _check_step(engine, table, ids):
+    engine.prefetch(ids)
+    for layer in range(engine.L):
+        h = torch.zeros(*ids.shape, engine.d, dtype=table.dtype)
+        engine.gather_add_(h, ids, layer)
+        assert torch.equal(h, table[ids, layer]), f"wrong row at layer {layer} for ids {ids.tolist()}"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("tier,miss_path", [("tensor", "mapped"), ("host", "mapped"), ("disk", "mapped"),
+                                            ("disk", "staged"), ("host", "staged")])
+def test_engine_rows_equal_the_table(tmp_path, policy, tier, miss_path):
+    path, table = _tol_file(tmp_path, dtype=torch.bfloat16)
+    source = {"tensor": lambda: table, "host": lambda: HostTable.from_file(path), "disk": lambda: DiskTable(path)}[tier]()
+    counts = np.bincount(np.random.default_rng(1).zipf(1.5, 2000) % VOCAB, minlength=VOCAB)
+    engine = OffloadEngine(source, cache_rows=CACHE, policy=policy, token_counts=counts, miss_path=miss_path)
+    for step in range(60):
+        ids = torch.randint(0, VOCAB, (2, random.randint(1, 6)))
+        _check_step(engine, table, ids)
+    engine.check_consistency()
+    s = engine.stats()
+    assert s["lookups"] == sum(p["lookups"] for p in s["per_layer"]) > 0
+    assert s["hits"] + s["misses"] == s["lookups"] and 0 <= s["hit_rate"] <= 1
+    assert s["resident"] <= CACHE and s["policy"] == policy and s["miss_path"] == miss_path
+    assert "lookups" in format_stats(s)
+
+
+def test_engine_fused_path_without_prefetch():
+    table = torch.randn(VOCAB, 3, 8)
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="lru")
+    engine.prefetch(torch.arange(CACHE))  # fills the cache
+    ids = torch.randint(0, VOCAB, (4, 5))
+    for layer in range(3):
+        h = torch.randn(4, 5, 8)
+        expected = h + table[ids, layer]
+        engine.gather_add_(h, ids, layer)  # not the prefetched ids: hit-or-miss per token from cache / host
+        assert torch.equal(h, expected)
+    s = engine.stats()
+    assert s["per_layer"][2]["lookups"] == 20
+    assert s["per_layer"][2]["hits"] == int((ids < CACHE).sum())
+
+
+def test_engine_statistics_match_the_directory_replay():
+    rng = np.random.default_rng(2)
+    toks = (rng.zipf(1.4, 3000) % VOCAB).astype(np.int64)
+    engine = OffloadEngine(torch.randn(VOCAB, 2, 4), cache_rows=CACHE, policy="lru")
+    for t in toks.tolist():
+        _check_step(engine, engine.source.table, torch.tensor([t]))
+    s = engine.stats()
+    sim = simulate(toks, VOCAB, CACHE, "lru")
+    assert s["per_layer"][0]["hits"] == sim["hits"] and s["evictions"] == sim["evictions"]
+    assert s["lookups"] == 2 * 3000
+
+
+def test_engine_errors(monkeypatch):
+    table = torch.randn(VOCAB, 2, 4)
+    with pytest.raises(ValueError, match=f"larger than the vocabulary \\(V={VOCAB}\\)"):
+        OffloadEngine(table, cache_rows=VOCAB + 1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        OffloadEngine(table, cache_rows=-1)
+    monkeypatch.setattr("memllm_kernels.offload.engine.mem_available", lambda: 10)
+    with pytest.raises(ValueError, match="needs .* GiB .* use fewer --cache-rows"):
+        OffloadEngine(table, cache_rows=CACHE)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="static.*needs a hot set"):
+        OffloadEngine(table, cache_rows=CACHE, policy="static")
+    with pytest.raises(ValueError, match="token_counts must be"):
+        OffloadEngine(table, cache_rows=CACHE, token_counts=np.ones(3))
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="lru")
+    engine.prefetch(torch.tensor([1, 2]))
+    before = engine.stats()
+    with pytest.raises(IndexError, match=f"id {VOCAB} .*V={VOCAB}"):
+        engine.prefetch(torch.tensor([3, VOCAB]))
+    with pytest.raises(IndexError, match="id -2 "):
+        engine.evict(torch.tensor([-2]))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        engine.prefetch(torch.tensor([1.0]))
+    after = engine.stats()
+    assert after["lookups"] == before["lookups"] and after["admissions"] == before["admissions"]  # nothing moved
+    with pytest.raises(IndexError, match="layer=2 is outside"):
+        engine.gather_add_(torch.zeros(1, 4), torch.tensor([1]), 2)
+
+
+def test_engine_stress_100k_steps_against_a_dictionary():
+    """100,000 random prefetch / lookup / fused lookup / evict steps over every policy and both miss paths;
+    every row read is checked against a {token: rows} dictionary and the cache against the directory."""
+    rng = random.Random(0)
+    V, L, d = 97, 2, 4
+    table = torch.randn(V, L, d)
+    reference_rows = {v: table[v].clone() for v in range(V)}  # the dictionary reference
+    counts = np.bincount(np.random.default_rng(0).zipf(1.3, 5000) % V, minlength=V)
+    configs = list(itertools.product(POLICIES, ("mapped", "staged")))
+    steps_each = STRESS_STEPS // len(configs)
+    total = 0
+    for policy, miss_path in configs:
+        engine = OffloadEngine(table, cache_rows=13, policy=policy, token_counts=counts, miss_path=miss_path)
+        for step in range(steps_each):
+            r = rng.random()
+            n = rng.randint(1, 4)
+            ids = [min(V - 1, int(rng.paretovariate(1.1)) - 1) if rng.random() < 0.8 else rng.randrange(V)
+                   for _ in range(n)]
+            t = torch.tensor(ids)
+            layer = rng.randrange(L)
+            if r < 0.15:
+                engine.evict(t)
+            else:
+                if r < 0.85:
+                    engine.prefetch(t)
+                h = torch.zeros(n, d)
+                engine.gather_add_(h, t, layer)
+                for i, tok in enumerate(ids):
+                    if not torch.equal(h[i], reference_rows[tok][layer]):
+                        raise AssertionError(f"{policy}/{miss_path} step {step}: stale or wrong row for token {tok}")
+            if step % 2000 == 0:
+                engine.check_consistency()
+            total += 1
+        engine.check_consistency()
+        s = engine.stats()
+        assert s["resident"] <= 13 and s["lookups"] > 0
+    assert total >= STRESS_STEPS - len(configs)
+
+
+def test_engine_repeated_runs_leave_rss_flat(tmp_path):
+    path, _ = _tol_file(tmp_path, V=2000, L=4, d=256)  # 8 MB table
+    script = textwrap.dedent(f"""
+        import torch, numpy as np
+        from memllm_kernels.offload import HostTable, DiskTable, OffloadEngine
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        marks = []
+        for run in range(8):
+            for source in (HostTable.from_file({str(path)!r}), DiskTable({str(path)!r})):
+                e = OffloadEngine(source, cache_rows=100, policy="hot+lru", token_counts=np.arange(2000))
+                g = torch.Generator().manual_seed(run)
+                for step in range(200):
+                    ids = torch.randint(0, 2000, (8,), generator=g)
+                    e.prefetch(ids)
+                    h = torch.zeros(8, 256)
+                    for l in range(4):
+                        e.gather_add_(h, ids, l)
+                e.stats(); e.close()
+                if isinstance(source, DiskTable):
+                    source.close()
+                del e, source
+            marks.append(rss())
+        print(marks[1], marks[-1])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, last = (int(x) for x in out.stdout.split())
+    assert last - first < (12 << 20), f"RSS grew by {(last - first) >> 20} MiB over 6 more runs"
+
+
+# ================================================================ the model and the CLI
+def _tiny_model_and_file(tmp_path, kind="memoryllm", dtype=torch.float32):
+    from memllm_kernels.model import ModelConfig, Transformer, precompute_tol
+
+    cfg = ModelConfig(kind=kind, vocab_size=300, n_layer=3, d_model=32, n_head=4, block_size=64, name="t")
+    model = Transformer(cfg).eval()
+    path = tmp_path / "tol.safetensors"
+    precompute_tol(model, path, dtype=dtype)
+    return model, path
+
+
+@pytest.mark.parametrize("location", ["host", "disk"])
+@pytest.mark.parametrize("kind,alpha,drop", [("memoryllm", 1.0, ()), ("flex2", 1.0, ()), ("memoryllm", 0.5, (1,))])
+def test_model_through_the_engine_equals_the_in_memory_tol(tmp_path, location, kind, alpha, drop):
+    import copy
+
+    from memllm_kernels.model import generate, load_tol, swap_ffn_for_tol
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    model, path = _tiny_model_and_file(tmp_path, kind)
+    model.set_memory_scale(alpha, drop)
+    engine_model = copy.deepcopy(model)
+    swap_ffn_for_tol(model, load_tol(path, model))
+    source = HostTable.from_file(path, engine_model) if location == "host" else DiskTable(path, engine_model)
+    engine = OffloadEngine(source, cache_rows=15, policy="hot+lru", token_counts=np.arange(300)[::-1].copy())
+    swap_ffn_for_engine(engine_model, engine)
+    ids = torch.randint(0, 300, (3, 17))
+    with torch.no_grad():
+        assert torch.equal(engine_model(ids), model(ids))  # bit-identical: same rows, same op
+    prompts = [[1, 2, 3, 250], [7]]
+    assert generate(engine_model, prompts, 8) == generate(model, prompts, 8)
+    assert generate(engine_model, prompts, 6, temperature=0.9, top_k=20, seed=3) == \
+        generate(model, prompts, 6, temperature=0.9, top_k=20, seed=3)
+    s = engine.stats()
+    assert s["lookups"] > 0 and s["hits"] > 0 and s["prefetches"] > 0
+    with pytest.raises(ValueError, match="already swapped"):
+        swap_ffn_for_engine(engine_model, engine)
+    engine_model.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        engine_model(ids).sum()
+
+
+def test_swap_for_engine_checks_shapes(tmp_path):
+    from memllm_kernels.model import ModelConfig, Transformer
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    engine = OffloadEngine(torch.randn(300, 2, 32), cache_rows=4, policy="lru")
+    cfg = ModelConfig(kind="memoryllm", vocab_size=300, n_layer=3, d_model=32, n_head=4, block_size=64)
+    with pytest.raises(ValueError, match="does not match"):
+        swap_ffn_for_engine(Transformer(cfg), engine)
+    with pytest.raises(ValueError, match="dense model"):
+        swap_ffn_for_engine(Transformer(cfg.replace(kind="dense")), engine)
+
+
+needs_train_deps = pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(m) is None for m in ("safetensors", "tokenizers", "tqdm")),
+    reason="safetensors, tokenizers and tqdm are needed to train (pip install -e . installs them)")
+
+
+@needs_train_deps
+def test_cli_generate_and_eval_with_tol_location(tmp_path, monkeypatch, capsys):
+    from memllm_kernels.cli import main
+
+    monkeypatch.setenv("MEMLLM_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    words = "the king queen lord lady sword crown night day love death fair foul speak hear go come".split()
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"w{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(80)) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny-memoryllm", "--out", str(run), "--text", str(folder), "--steps", "1",
+                 "--tokenizer", "bpe-300", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0",
+                 "--no-progress"]) == 0
+    assert main(["precompute", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def cli(*argv):
+        rc = main(list(argv))
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        return out
+
+    gen = ["generate", str(run), "--prompt", "the king", "--max-new-tokens", "6", "--temperature", "0"]
+    base = cli(*gen, "--tol")
+    for loc in ("device", "host", "disk"):
+        out = cli(*gen, "--tol-location", loc, *(["--cache-rows", "20"] if loc != "device" else []))
+        assert out.splitlines()[0] == base.splitlines()[0], loc  # identical text
+        if loc != "device":
+            assert "cache: hot+lru, 20 of 300 rows" in out and "lookups" in out
+    ev = ["eval", str(run), "--json", "--no-progress", "--max-tokens", "300"]
+    import json
+
+    ref = json.loads(cli(*ev, "--tol"))
+    for loc in ("host", "disk"):
+        res = json.loads(cli(*ev, "--tol-location", loc, "--cache-policy", "lru"))
+        assert res["loss"] == ref["loss"] and res["cache"]["lookups"] > 0 and res["cache"]["policy"] == "lru"
+    rc = main([*ev, "--tol-location", "host", "--cache-rows", "301"])
+    assert rc == 2 and "larger than the vocabulary (V=300)" in capsys.readouterr().err
+    rc = main([*ev, "--tol", "--cache-rows", "5"])
+    assert rc == 2 and "--cache-rows needs --tol-location" in capsys.readouterr().err
+    rc = main([*ev, "--ffn", "--tol-location", "disk"])
+    assert rc == 2 and "cannot be combined with --ffn" in capsys.readouterr().err
+
+
+# ================================================================ GPU (skipped here, with the reason)
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_engine_on_gpu_equals_the_table(tmp_path, tier):
+    path, table = _tol_file(tmp_path, V=500, L=4, d=64, dtype=torch.bfloat16)
+    source = HostTable.from_file(path) if tier == "host" else DiskTable(path)
+    assert source.pinned == (tier == "host")
+    engine = OffloadEngine(source, device="cuda", cache_rows=40, policy="hot+lru", token_counts=np.arange(500))
+    assert engine.miss_path == ("mapped" if tier == "host" else "staged")
+    tab = table.cuda()
+    for step in range(200):
+        ids = torch.randint(0, 500, (2, 3), device="cuda")
+        engine.prefetch(ids, check_ids=False)
+        for layer in range(4):
+            h = torch.randn(2, 3, 64, device="cuda", dtype=torch.bfloat16)
+            expected = mk.tol_gather_add(h, ids, tab, layer)
+            engine.gather_add_(h, ids, layer)
+            assert torch.equal(h, expected)
+    engine.check_consistency()
+    assert engine.stats()["hits"] > 0
+
+
+@pytest.mark.requires_cuda
+def test_engine_decode_steady_state_has_no_host_sync():
+    """After warm-up, prefetch + per-layer reads of a decode step on the pinned tier never synchronise the host
+    with the device (torch's sync debug mode raises on any synchronising call)."""
+    table = mk.tol_host_alloc([1000, 4, 128], torch.bfloat16)
+    table.copy_(torch.randn(1000, 4, 128).to(torch.bfloat16))
+    engine = OffloadEngine(HostTable(table), device="cuda", cache_rows=50, policy="lru")
+    ids = torch.randint(0, 1000, (1, 1), device="cuda")
+    h = torch.zeros(1, 1, 128, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        engine.prefetch(ids, check_ids=False)
+        for layer in range(4):
+            engine.gather_add_(h, ids, layer)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            ids = torch.randint(0, 1000, (1, 1), device="cuda")
+            engine.prefetch(ids, check_ids=False)
+            for layer in range(4):
+                engine.gather_add_(h, ids, layer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    engine.check_consistency()
+
+
+@pytest.mark.requires_cuda
+def test_host_table_is_pinned_exactly_on_gpu(tmp_path):
+    path, table = _tol_file(tmp_path, V=1000, L=3, d=100)
+    host = HostTable.from_file(path)
+    assert host.pinned and host.table.is_pinned()
+    assert host.table.untyped_storage().nbytes() == table.numel() * 4  # not rounded to a power of two
