@@ -553,6 +553,20 @@ def test_engine_fused_path_without_prefetch():
     assert s["per_layer"][2]["hits"] == int((ids < CACHE).sum())
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference",
+                                     pytest.param("triton", marks=pytest.mark.requires_triton_cpu)])
+def test_engine_on_every_cpu_backend(backend):
+    table = torch.randn(VOCAB, 3, 8).to(torch.bfloat16)
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="hot+lfu", hot=[1, 2, 3], backend=backend)
+    for _ in range(20):
+        _check_step(engine, table, torch.randint(0, VOCAB, (3,)))
+    h = torch.zeros(2, 8, dtype=torch.bfloat16)
+    ids = torch.tensor([1, 30])
+    engine.gather_add_(h, ids, 1)  # fused path
+    assert torch.equal(h, table[ids, 1])
+    engine.check_consistency()
+
+
 def test_engine_statistics_match_the_directory_replay():
     rng = np.random.default_rng(2)
     toks = (rng.zipf(1.4, 3000) % VOCAB).astype(np.int64)
