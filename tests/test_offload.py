@@ -33,7 +33,7 @@ from memllm_kernels.offload import (
 from memllm_kernels.offload import tiers
 
 from conftest import BACKEND_DEVICES, DEVICES
-from test_tol_gather_add import _interpreted, assert_matches_reference
+from test_tol_gather_add import assert_matches_reference
 
 # ---- the test matrix, named once ----
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -39,7 +39,7 @@ import torch
 from .. import ops as _ops
 from . import ops
 from .policy import POLICIES, CacheDirectory, hot_set_from_counts
-from .tiers import DiskTable, HostTable, mem_available
+from .tiers import DiskTable, mem_available
 
 MISS_PATHS = ("auto", "mapped", "staged")
 
