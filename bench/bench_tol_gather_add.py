@@ -16,6 +16,10 @@ Providers (one row each per dtype, preset and token count T):
     add      torch.add of the same bytes (3 x T x d): the memory-bandwidth ceiling for this op
     ffn      the dense SwiGLU FFN of the same preset, W_down(silu(W_gate x) * W_up x), K from the preset
     copy     (GPU) a 2 GiB device-to-device copy: the device-copy bandwidth ceiling
+    matmul   a large square matmul in each dtype (4096 on a GPU, 2048 on a CPU): the FLOP/s ceiling the
+             dense FFN is measured against ("% matmul")
+Every row also records the dense FFN's FLOPs and bytes at its shape (ffn_flops, ffn_bytes): what a ToL
+lookup avoids.
 Tables are token-major [V, 24, d] (the paper presets' 24 layers), read at a middle layer, ids uniform
 over V: on the GPU the full 128,256-token vocabulary (12.6 GB at d=2048 in bf16), on the CPU V=8192.
 """
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 import memllm_kernels as mk
 from conftest import bench_device, record, timed
 
-PRESETS = {"250m": (960, 2560), "1b": (2048, 5464)}  # d, K (FFN intermediate) from the paper's table
+PRESETS = {"250m": (960, 2560), "750m": (1600, 4272), "1b": (2048, 5464)}  # d, K (FFN width): the paper's table
 LAYERS, LAYER = 24, 11
 _TABLES: dict = {}
 
@@ -40,13 +44,15 @@ def pytest_generate_tests(metafunc):
     device = bench_device(metafunc.config)
     full = metafunc.config.getoption("--full")
     if device == "cuda":
-        tokens = [1, 8, 512, 4096, 16384]
+        tokens = [1, 8, 64, 512, 4096, 16384]
         dtypes = ["bfloat16", "float16", "float32"] if full else ["bfloat16"]
         providers = ["eager", "eager_select", "compile", "cuda", "cuda_", "triton", "triton_", "add", "ffn"]
     else:
-        tokens = [1, 8, 512, 4096] + ([16384] if full else [])
-        dtypes = ["bfloat16", "float32"]
+        tokens = [1, 8, 64, 512, 4096] + ([16384] if full else [])
+        dtypes = ["bfloat16", "float32"] + (["float16"] if full else [])
         providers = ["eager", "eager_select", "compile", "cpu", "cpu_", "add", "ffn"]
+    if "matmul_dtype" in metafunc.fixturenames:
+        metafunc.parametrize("matmul_dtype", dtypes)
     if "provider" in metafunc.fixturenames:
         cases = []
         for dtype in dtypes:
@@ -97,6 +103,7 @@ def test_tol_gather_add(benchmark, device, dtype, preset, T, provider):
     itemsize = torch.empty((), dtype=dt).element_size()
     bytes_moved = 3 * T * d * itemsize  # read hidden, read a table row, write out
     flops = None
+    ffn_flops, ffn_bytes = 6 * T * d * K, 3 * d * K * itemsize + 2 * T * d * itemsize
     if provider == "ffn":
         def make():
             return (torch.randn(T, d, device=device, dtype=dt),
@@ -104,8 +111,7 @@ def test_tol_gather_add(benchmark, device, dtype, preset, T, provider):
                     torch.randn(K, d, device=device, dtype=dt) / d**0.5,
                     torch.randn(d, K, device=device, dtype=dt) / K**0.5)
 
-        bytes_moved = 3 * d * K * itemsize + 2 * T * d * itemsize  # weights + activations in and out
-        flops = 6 * T * d * K
+        bytes_moved, flops = ffn_bytes, ffn_flops  # weights + activations in and out; 3 matmuls of T x d x K
         _, nxt = _rotating(make, bytes_moved)
 
         def fn():
@@ -153,7 +159,7 @@ def test_tol_gather_add(benchmark, device, dtype, preset, T, provider):
     sec = t["s"]
     row = record(op="tol_gather_add", provider=provider, dtype=dtype, preset=preset, d=d, K=K, T=T,
                  ms=sec * 1e3, ms_launch=t["s_launch"] and t["s_launch"] * 1e3, bytes=bytes_moved, flops=flops,
-                 input_sets=_sets(bytes_moved))
+                 ffn_flops=ffn_flops, ffn_bytes=ffn_bytes, input_sets=_sets(bytes_moved))
     if flops:
         row["tflops"] = flops / sec / 1e12
     benchmark.extra_info.update(row)
@@ -171,4 +177,17 @@ def test_copy_bandwidth(benchmark, request):
     nbytes = 2 * src.numel() * src.element_size()
     row = record(op="tol_gather_add", provider="copy", dtype="bfloat16", preset="-", d=0, K=0, T=0, ms=sec * 1e3,
                  bytes=nbytes, gbps_copy=nbytes / sec / 1e9)
+    benchmark.extra_info.update(row)
+
+
+def test_matmul_flops(benchmark, request, matmul_dtype):
+    """FLOP/s ceiling in each dtype: one large square matmul (4096 on a GPU, 2048 on a CPU)."""
+    device = bench_device(request.config)
+    n = 4096 if device == "cuda" else 2048
+    dt = getattr(torch, matmul_dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dt) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dt)
+    sec = timed(benchmark, lambda: torch.mm(a, b, out=out), device)["s"]
+    row = record(op="tol_gather_add", provider="matmul", dtype=matmul_dtype, preset="-", d=n, K=n, T=n,
+                 ms=sec * 1e3, flops=2 * n**3, tflops_matmul=2 * n**3 / sec / 1e12)
     benchmark.extra_info.update(row)

@@ -1,0 +1,97 @@
+"""Reference models for the end-to-end benchmarks (bench_e2e.py, bench_offload.py), random weights.
+
+Providers (where a model's memory-FFN rows come from):
+    dense            the dense model (SwiGLU FFNs on the residual stream)
+    memoryllm        MemoryLLM, ToL table in device memory (swap_ffn_for_tol)
+    memoryllm-host   MemoryLLM, ToL table in the host tier (page-locked when a GPU is present) + a device
+                     row cache of 5% of the vocabulary (hot+lru), through the offload engine
+    memoryllm-disk   the same with the table read in place from a safetensors file (pages dropped first)
+    flex3            Flex-MemoryLLM (beta = 3): FFN-C dense, FFN-M as a ToL table in device memory
+Speed does not depend on the weights; precomputing a 1b table (128,256 x 24 FFN evaluations) would only
+cost time, so tables are random-looking (one random 512-token chunk repeated).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import memllm_kernels as mk
+
+PROVIDERS = ("dense", "memoryllm", "memoryllm-host", "memoryllm-disk", "flex3")
+CACHE_FRACTION = 0.05  # device cache of the host/disk providers, in rows of the vocabulary
+
+
+def fill_table(shape, dtype, device) -> torch.Tensor:
+    """A [V, L, d] table without a multi-minute randn over 3e9 elements: one random chunk repeated."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    chunk = torch.randn(min(shape[0], 512), *shape[1:], device=device).to(dtype)
+    for i in range(0, shape[0], chunk.shape[0]):
+        t[i:i + chunk.shape[0]].copy_(chunk[:min(chunk.shape[0], shape[0] - i)])
+    return t
+
+
+def build_model(device: str, size: str, dtype: str, provider: str, tmp_dir: Path,
+                token_counts: np.ndarray | None = None):
+    """(model, engine or None) for preset `<size>-<kind>` in `dtype` on `device`; see the module docstring.
+
+    token_counts: [V] corpus counts for the host/disk providers' hot set (None: the cache starts empty
+    and is filled by its LRU tail alone).
+    """
+    from memllm_kernels.model import Transformer, get_preset, swap_ffn_for_tol
+    from memllm_kernels.model.tol import swap_ffn_for_engine, write_tol_file
+    from memllm_kernels.offload import DiskTable, HostTable, OffloadEngine
+
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; one of {PROVIDERS}")
+    kind = provider.split("-")[0]
+    cfg = get_preset(f"{size}-{kind}")
+    dt = getattr(torch, dtype)
+    with torch.device(device):
+        model = Transformer(cfg).to(dt).eval()
+    engine = None
+    if cfg.has_memory:
+        shape = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
+        if provider in ("memoryllm", "flex3"):
+            swap_ffn_for_tol(model, fill_table(shape, dt, device))
+        else:
+            if provider == "memoryllm-host":
+                source = HostTable(mk.tol_host_alloc(shape, dt))
+                chunk = fill_table((min(shape[0], 512),) + shape[1:], dt, "cpu")
+                for i in range(0, shape[0], chunk.shape[0]):
+                    source.table[i:i + chunk.shape[0]].copy_(chunk[:min(chunk.shape[0], shape[0] - i)])
+            else:
+                path = Path(tmp_dir) / f"tol-{size}-{dtype}.safetensors"
+                if not path.is_file():
+                    chunk = fill_table((min(shape[0], 512),) + shape[1:], dt, "cpu")
+                    parts = (chunk[:min(chunk.shape[0], shape[0] - i)] for i in range(0, shape[0], chunk.shape[0]))
+                    write_tol_file(path, parts, shape, dt, {"format": "memllm-tol", "config": "{}"})
+                source = DiskTable(path)
+                source.drop_pages()  # start cold: rows come from storage (or whatever the device caches)
+            engine = OffloadEngine(source, device=device, cache_rows=max(1, int(cfg.vocab_size * CACHE_FRACTION)),
+                                   policy="hot+lru", token_counts=token_counts)
+            swap_ffn_for_engine(model, engine)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return model, engine
+
+
+def memory_bytes(model, engine) -> dict:
+    """Bytes of the weights (and of those a decode step reads), of the ToL table in device memory (or of the
+    engine's device cache), and the engine's statistics where there is one."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.tok_embeddings.weight
+    # Bytes of weights a decode step reads per token: all but an untied embedding (one row of it is read).
+    read = weights - (0 if model.config.tie_embeddings else emb.numel() * emb.element_size())
+    out = {"weight_bytes": weights, "weight_bytes_read": read, "table_bytes": 0}
+    if engine is not None:
+        s = engine.stats()
+        out["table_bytes"] = engine.cache.numel() * engine.cache.element_size()
+        out.update(hit_rate=s["hit_rate"], cache_rows=s["cache_rows"], pinned=s["pinned"], miss_path=s["miss_path"],
+                   bytes_h2d=s["bytes_h2d"])
+    elif model.config.has_memory:
+        tab = model.memory_modules()[0].store.table
+        out["table_bytes"] = tab.numel() * tab.element_size()
+    return out
