@@ -15,12 +15,11 @@ process RSS (CPU) after the run.
 from __future__ import annotations
 
 import itertools
-import resource
 
 import pytest
 import torch
 
-from conftest import bench_device, record, timed
+from conftest import bench_device, peak_memory, record, reset_peak_memory, timed
 from models import PROVIDERS, build_model, memory_bytes
 
 
@@ -42,6 +41,12 @@ def pytest_generate_tests(metafunc):
 _MODELS: dict = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_models():
+    yield
+    _MODELS.clear()
+
+
 def build(device: str, size: str, dtype: str, kind: str, tmp_dir):
     """(model, engine) of one provider, kept while consecutive benchmarks use it (one model resident)."""
     key = (device, size, dtype, kind)
@@ -60,15 +65,15 @@ def build(device: str, size: str, dtype: str, kind: str, tmp_dir):
 def test_e2e(benchmark, device, size, dtype, kind, phase, T, B, tmp_path_factory):
     model, engine = build(device, size, dtype, kind, tmp_path_factory.getbasetemp())
     vocab = model.config.vocab_size
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     if phase == "prefill":
         model.setup_caches(B, T)
-        ids = torch.randint(0, vocab, (B, T), device=device)
+        prompts = torch.randint(0, vocab, (16, B, T), device=device)  # a new prompt each call (caches see misses)
         pos = torch.arange(T, device=device)
+        it = itertools.cycle(range(prompts.shape[0]))
 
         def fn():
-            return model(ids, input_pos=pos)
+            return model(prompts[next(it)], input_pos=pos)
         tokens = B * T
     else:
         model.setup_caches(B, T + 1)
@@ -83,10 +88,9 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B, tmp_path_factory
         tokens = B
     t = timed(benchmark, fn, device, graph=False)
     model.clear_caches()
-    mem = (torch.cuda.max_memory_allocated() if device == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    mem, mem_kind = peak_memory(device)
     row = record(op=f"e2e_{phase}", provider=kind, dtype=dtype, preset=size, T=T, batch=B, ms=t["s"] * 1e3,
                  tokens_per_s=tokens / t["s"], peak_memory_bytes=mem,
-                 peak_memory_kind="device max_memory_allocated" if device == "cuda" else "process max RSS",
+                 peak_memory_kind=mem_kind,
                  **memory_bytes(model, engine))
     benchmark.extra_info.update(row)

@@ -36,7 +36,6 @@ import importlib.util
 import itertools
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import pytest
 import torch
 
 import memllm_kernels as mk
-from conftest import bench_device, record, timed
+from conftest import bench_device, peak_memory, record, reset_peak_memory, timed
 from memllm_kernels.model import get_preset
 from models import build_model, memory_bytes
 
@@ -73,6 +72,13 @@ def pytest_generate_tests(metafunc):
 
 # ---------------------------------------------------------------- host-row gather bandwidth
 _GATHER: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_tables():
+    yield
+    _GATHER.clear()
+    _MODELS.clear()
 
 
 def _host_table(device, d, V=8192):
@@ -326,8 +332,7 @@ def test_offload_decode(benchmark, device, size, dtype, decode_provider, tmp_pat
     V = model.config.vocab_size
     stream, _ = _text_tokens(V)
     T = 128
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     model.setup_caches(1, T + 1)
     model(torch.from_numpy(stream[:T].copy()).view(1, T).to(device), input_pos=torch.arange(T, device=device))
     toks = torch.from_numpy(stream[T:T + 4096].copy()).to(device).view(-1, 1, 1)
@@ -339,10 +344,9 @@ def test_offload_decode(benchmark, device, size, dtype, decode_provider, tmp_pat
 
     t = timed(benchmark, fn, device, graph=False)
     model.clear_caches()
-    mem = (torch.cuda.max_memory_allocated() if device == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    mem, mem_kind = peak_memory(device)
     row = record(op="e2e_offload_decode", provider=decode_provider, dtype=dtype, preset=size, T=T, batch=1,
                  ms=t["s"] * 1e3, tokens_per_s=1 / t["s"], peak_memory_bytes=mem,
-                 peak_memory_kind="device max_memory_allocated" if device == "cuda" else "process max RSS",
+                 peak_memory_kind=mem_kind,
                  **memory_bytes(model, engine))
     benchmark.extra_info.update(row)

@@ -69,6 +69,12 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("device,dtype,preset,T,provider", cases)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_tables():
+    yield
+    _TABLES.clear()  # later benchmarks measure memory: do not leave a table resident
+
+
 def _table(device, dtype, d):
     vocab = 128_256 if device == "cuda" else 8192
     key = (device, dtype, d)

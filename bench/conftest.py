@@ -160,6 +160,33 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
     return {"s": statistics.median(samples), "s_launch": statistics.median(launch)}
 
 
+def reset_peak_memory(device: str) -> None:
+    """Starts a fresh peak-memory window: the CUDA allocator's peak, or on CPU the process's peak RSS
+    (Linux: writing 5 to /proc/self/clear_refs resets VmHWM; elsewhere the peak covers the whole run)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    """(bytes, what was measured) since reset_peak_memory."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated(), "device max_memory_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kb * 1024, "process peak RSS (VmHWM) since the benchmark's start"
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS over the whole run"
+
+
 def record(**row) -> dict:
     RESULTS.append(row)
     return row
