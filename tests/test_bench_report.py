@@ -1,0 +1,102 @@
+"""The benchmark suite's plumbing (bench/): a small real run writes JSON with the machine description and
+derived ceilings, the report and the comparison read it, and targets are checked with their misses named.
+No timing is asserted: the numbers are whatever this machine measures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import report  # noqa: E402
+
+CPU = {"device": "cpu", "cpu": "test cpu", "cpu_threads": 2, "torch": "x", "triton": "y", "commit": "abc"}
+
+
+def _row(provider, T, ms, **kw):
+    return dict(op="tol_gather_add", provider=provider, dtype="bfloat16", preset="1b", T=T, ms=ms, **kw)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One short benchmark session on CPU: the 250m shape at one token, the op, eager, add and the FFN."""
+    out = tmp_path_factory.mktemp("results")
+    sel = "250m-T1] and float32 and ([cpu_- or [eager- or [add- or [ffn-)"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_tol_gather_add.py", "-q", "-p", "no:cacheprovider",
+                           "--device", "cpu", "--results-root", str(out), "-k", sel],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return folder, proc.stdout
+
+
+def test_run_writes_json_with_machine_and_derived_fields(bench_run):
+    folder, stdout = bench_run
+    data = report.load(str(folder / "tol_gather_add.json"))
+    assert data["machine"]["device"] == "cpu" and data["machine"]["torch"]
+    rows = {r["provider"]: r for r in data["results"]}
+    assert set(rows) == {"cpu_", "eager", "add", "ffn"}
+    op = rows["cpu_"]
+    assert op["bytes"] == 3 * 960 * 4 and op["ffn_flops"] == 6 * 960 * 2560
+    # Derived in the session: % of the add ceiling, x eager, x FFN, all from the recorded medians.
+    assert op["pct_ceiling"] == pytest.approx(100 * rows["add"]["ms"] / op["ms"])
+    assert op["speedup_vs_eager"] == pytest.approx(rows["eager"]["ms"] / op["ms"])
+    assert op["speedup_vs_ffn"] == pytest.approx(rows["ffn"]["ms"] / op["ms"])
+    assert "summary on" in stdout and "x FFN" in stdout
+    assert (folder / "report.md").read_text().startswith("# Benchmark report")
+
+
+def test_compare_cli(bench_run, tmp_path):
+    folder, _ = bench_run
+    old = folder / "tol_gather_add.json"
+    data = json.loads(old.read_text())
+    for r in data["results"]:
+        r["ms"] *= 2
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, "bench/report.py", "compare", str(old), str(new)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("2.00") == len(data["results"])
+
+
+def test_compare_rejects_foreign_json(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not a memllm benchmark result"):
+        report.load(str(bad))
+
+
+def test_targets_missed_names_the_miss_and_the_bound():
+    rows = [_row("cpu_", 512, 0.40, speedup_vs_ffn=50.0), _row("ffn", 512, 20.0), _row("add", 512, 0.25),
+            _row("cpu_", 1, 0.004, speedup_vs_ffn=900.0)]
+    missed = report.targets_missed({"machine": CPU, "results": rows})
+    assert missed == ["cpu_ T=512: 50x the dense FFN (target 100x; at the torch.add ceiling it would be 80x)"]
+
+
+def test_targets_met_report_nothing():
+    rows = [_row("cpu", 4096, 1.0, speedup_vs_eager=2.5, pct_ceiling=95.0), _row("cpu_", 1, 0.004, speedup_vs_ffn=900.0)]
+    assert report.targets_missed({"machine": CPU, "results": rows}) == []
+
+
+def test_hit_rate_target_compares_with_the_baselines():
+    def hit(p, rate):
+        return dict(op="offload_hit_rate", provider=p, dtype="-", preset="5%", T=2513, ms=1.0, hit_rate=rate)
+
+    ok = [hit("hot+lru/shk", 0.91), hit("lru", 0.89), hit("static/kjv", 0.62)]
+    assert report.targets_missed({"machine": CPU, "results": ok}) == []
+    bad = [hit("hot+lru/shk", 0.88), hit("lru", 0.89)]
+    missed = report.targets_missed({"machine": CPU, "results": bad})
+    assert any("88.0% hits (target 90%)" in m for m in missed)
+    assert any("does not beat lru" in m for m in missed)
+
+
+def test_table_leaves_out_columns_that_apply_to_no_row():
+    head, cells = report.table("tol_gather_add", [_row("cpu_", 8, 0.01, gbps=5.0), _row("add", 8, 0.005)])
+    assert "GB/s" in head and "% copy" not in head and "ms launch" not in head
+    assert [c[0] for c in cells] == ["add", "cpu_"]  # sorted by provider within a shape
