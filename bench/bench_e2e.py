@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import bench_device, peak_memory, record, reset_peak_memory, timed
-from models import PROVIDERS, build_model, memory_bytes
+from models import PROVIDERS, free_models, memory_bytes, resident_model
 
 
 def pytest_generate_tests(metafunc):
@@ -38,32 +38,15 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("device,size,dtype,kind,phase,T,B", cases)
 
 
-_MODELS: dict = {}
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _free_models():
     yield
-    _MODELS.clear()
-
-
-def build(device: str, size: str, dtype: str, kind: str, tmp_dir):
-    """(model, engine) of one provider, kept while consecutive benchmarks use it (one model resident)."""
-    key = (device, size, dtype, kind)
-    if key not in _MODELS:
-        for _, engine in _MODELS.values():
-            if engine is not None:
-                engine.close()
-        _MODELS.clear()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        _MODELS[key] = build_model(device, size, dtype, kind, tmp_dir)
-    return _MODELS[key]
+    free_models()
 
 
 @torch.inference_mode()
 def test_e2e(benchmark, device, size, dtype, kind, phase, T, B, tmp_path_factory):
-    model, engine = build(device, size, dtype, kind, tmp_path_factory.getbasetemp())
+    model, engine = resident_model(device, size, dtype, kind, tmp_path_factory.getbasetemp())
     vocab = model.config.vocab_size
     reset_peak_memory(device)
     if phase == "prefill":

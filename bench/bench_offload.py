@@ -46,7 +46,7 @@ import torch
 import memllm_kernels as mk
 from conftest import bench_device, peak_memory, record, reset_peak_memory, timed
 from memllm_kernels.model import get_preset
-from models import build_model, memory_bytes
+from models import free_models, memory_bytes, resident_model
 
 L_PRESET = 24
 GATHER_D = {"250m": 960, "1b": 2048}
@@ -78,7 +78,7 @@ _GATHER: dict = {}
 def _free_tables():
     yield
     _GATHER.clear()
-    _MODELS.clear()
+    free_models()
 
 
 def _host_table(device, d, V=8192):
@@ -295,9 +295,6 @@ def test_hit_rate(benchmark, policy, hot_src, hot_fraction, fraction):
 
 
 # ---------------------------------------------------------------- decode tokens/s
-_MODELS: dict = {}
-
-
 @functools.lru_cache(maxsize=2)
 def _text_tokens(V: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(held-out stream, training-split counts) of GPT-2 ids below V, or a Zipf stream where text is missing."""
@@ -314,22 +311,11 @@ def _text_tokens(V: int) -> tuple[np.ndarray, np.ndarray | None]:
         return (rng.zipf(1.2, 200_000) % V).astype(np.int64), None
 
 
-def _build(device, size, dtype, provider, tmp_dir: Path):
-    for _, engine in _MODELS.values():
-        if engine is not None:
-            engine.close()
-    _MODELS.clear()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    V = get_preset(f"{size}-dense").vocab_size
-    _MODELS["m"] = build_model(device, size, dtype, provider, tmp_dir, token_counts=_text_tokens(V)[1])
-    return _MODELS["m"]
-
-
 @torch.inference_mode()
 def test_offload_decode(benchmark, device, size, dtype, decode_provider, tmp_path_factory):
-    model, engine = _build(device, size, dtype, decode_provider, tmp_path_factory.mktemp("tol"))
-    V = model.config.vocab_size
+    V = get_preset(f"{size}-dense").vocab_size
+    model, engine = resident_model(device, size, dtype, decode_provider, tmp_path_factory.mktemp("tol"),
+                                   token_counts=_text_tokens(V)[1], tag="text counts")
     stream, _ = _text_tokens(V)
     T = 128
     reset_peak_memory(device)

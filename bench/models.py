@@ -78,6 +78,29 @@ def build_model(device: str, size: str, dtype: str, provider: str, tmp_dir: Path
     return model, engine
 
 
+_RESIDENT: dict = {}
+
+
+def resident_model(device: str, size: str, dtype: str, provider: str, tmp_dir: Path,
+                   token_counts: np.ndarray | None = None, tag: str = ""):
+    """build_model, kept while consecutive benchmarks ask for the same one: one model resident at a time
+    (a 1b model and its 12.6 GB table fill much of a GPU). `tag` tells apart builds with other counts."""
+    key = (device, size, dtype, provider, tag)
+    if key not in _RESIDENT:
+        free_models()
+        _RESIDENT[key] = build_model(device, size, dtype, provider, tmp_dir, token_counts)
+    return _RESIDENT[key]
+
+
+def free_models() -> None:
+    for _, engine in _RESIDENT.values():
+        if engine is not None:
+            engine.close()
+    _RESIDENT.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def memory_bytes(model, engine) -> dict:
     """Bytes of the weights (and of those a decode step reads), of the ToL table in device memory (or of the
     engine's device cache), and the engine's statistics where there is one."""
