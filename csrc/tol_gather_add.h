@@ -6,12 +6,19 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <type_traits>
 
 namespace memllm {
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
+
+// The type a row is summed in: float, or double when either input is double (gradcheck). One rounding
+// to hidden's dtype afterwards, so every backend gives the same bits.
+template <typename hidden_t, typename table_t>
+using acc_type_t = std::conditional_t<std::is_same_v<hidden_t, double> || std::is_same_v<table_t, double>,
+                                      double, float>;
 
 // Stride between consecutive rows if `t` ([..., d], last dim contiguous) can be read as a
 // [T, d] matrix without a copy, else -1 (then callers work on a contiguous copy).

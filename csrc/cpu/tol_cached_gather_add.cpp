@@ -8,37 +8,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include "../tol_offload.h"
+#include "convert.h"
 
 namespace memllm {
 namespace {
-
-template <typename hidden_t, typename table_t>
-using acc_type_t = std::conditional_t<std::is_same_v<hidden_t, double> || std::is_same_v<table_t, double>,
-                                      double, float>;
-
-// The conversions of csrc/cpu/tol_gather_add.cpp, written so g++ vectorizes the row loop.
-inline float to_acc(float x) { return x; }
-inline double to_acc(double x) { return x; }
-inline float to_acc(c10::BFloat16 x) { return c10::bit_cast<float>(static_cast<uint32_t>(x.x) << 16); }
-inline float to_acc(c10::Half x) { return static_cast<float>(c10::bit_cast<_Float16>(x.x)); }
-
-template <typename T> inline T from_acc(float v);
-template <typename T> inline T from_acc(double v) { return static_cast<T>(v); }
-template <> inline float from_acc<float>(float v) { return v; }
-template <> inline double from_acc<double>(float v) { return v; }
-template <> inline c10::Half from_acc<c10::Half>(float v) {
-  return c10::Half(c10::bit_cast<uint16_t>(static_cast<_Float16>(v)), c10::Half::from_bits());
-}
-template <> inline c10::BFloat16 from_acc<c10::BFloat16>(float v) {
-  const uint32_t u = c10::bit_cast<uint32_t>(v);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t bits = (v != v) ? ((u >> 16) | 0x40u) : rounded;
-  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
-}
 
 template <typename hidden_t, typename table_t, typename index_t>
 struct Args {
@@ -94,42 +70,9 @@ bool cpu_has_avx2() {
   return ok;
 }
 
-struct Views {
-  TolTableView cache, host;
-};
-
-Views check_args(const char* op, const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& slot_map,
-                 const at::Tensor& cache, const at::Tensor& host_table, const std::optional<int64_t>& layer) {
-  const std::string o = op;
-  Views v;
-  v.cache = check_tol_gather_add_args(op, hidden, ids, cache, layer);
-  TORCH_CHECK(host_table.device() == hidden.device() || host_table.device().is_cpu(),
-              o + ": host_table must be on hidden's device or in host memory, got " + host_table.device().str());
-  {
-    // host_table's own checks, as if it were on hidden's device (it may be host memory mapped for it).
-    TORCH_CHECK_TYPE(host_table.scalar_type() == cache.scalar_type(),
-                     o + ": host_table must have cache's dtype " + c10::toString(cache.scalar_type()) + ", got " +
-                         c10::toString(host_table.scalar_type()));
-    TORCH_CHECK(host_table.dim() == cache.dim() && host_table.sizes().slice(1) == cache.sizes().slice(1),
-                o + ": host_table rows must have cache's row shape " + to_str(cache.sizes().slice(1)) +
-                    ", got host_table " + to_str(host_table.sizes()));
-    TORCH_CHECK(host_table.size(-1) <= 1 || host_table.stride(-1) == 1,
-                o + ": host_table's last dim must be contiguous, got strides " + to_str(host_table.strides()));
-    v.host = {host_table.size(0), host_table.stride(0), cache.dim() == 3 ? *layer * host_table.stride(1) : 0};
-  }
-  TORCH_CHECK_TYPE(slot_map.scalar_type() == at::kInt,
-                   o + ": slot_map must be int32, got " + c10::toString(slot_map.scalar_type()));
-  TORCH_CHECK(slot_map.dim() == 1 && slot_map.size(0) == host_table.size(0),
-              o + ": slot_map must be [V] with V=" + to_str(host_table.size(0)) + " (host_table's rows), got shape " +
-                  to_str(slot_map.sizes()));
-  TORCH_CHECK(slot_map.device() == hidden.device(),
-              o + ": slot_map must be on hidden's device " + hidden.device().str() + ", got " + slot_map.device().str());
-  return v;
-}
-
 void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
             const at::Tensor& ids_flat, const at::Tensor& slot_map, const at::Tensor& cache,
-            const at::Tensor& host_table, const Views& v, bool check_ids) {
+            const at::Tensor& host_table, const CachedViews& v, bool check_ids) {
   const int64_t T = ids_flat.numel();
   const int64_t d = hidden.size(-1);
   if (T == 0) return;
@@ -167,7 +110,8 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
 at::Tensor cached_gather_add_cpu(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& slot_map,
                                  const at::Tensor& cache, const at::Tensor& host_table, std::optional<int64_t> layer,
                                  bool check_ids) {
-  const Views v = check_args("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table, layer);
+  const CachedViews v =
+      check_cached_gather_add_args("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table, layer);
   const int64_t d = hidden.size(-1);
   at::Tensor out = at::empty(hidden.sizes(), hidden.options());
   int64_t hidden_rs = row_stride(hidden);
@@ -180,7 +124,8 @@ at::Tensor cached_gather_add_cpu(const at::Tensor& hidden, const at::Tensor& ids
 void cached_gather_add_cpu_(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& slot_map,
                             const at::Tensor& cache, const at::Tensor& host_table, std::optional<int64_t> layer,
                             bool check_ids) {
-  const Views v = check_args("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table, layer);
+  const CachedViews v =
+      check_cached_gather_add_args("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table, layer);
   at::assert_no_internal_overlap(hidden);
   const int64_t rs = row_stride(hidden);
   if (rs < 0) {

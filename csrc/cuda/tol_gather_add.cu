@@ -18,18 +18,10 @@
 #include <cuda_runtime.h>
 
 #include "../tol_gather_add.h"
+#include "vec.cuh"
 
 namespace memllm {
 namespace {
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-template <typename hidden_t, typename table_t>
-using acc_type_t = std::conditional_t<std::is_same_v<hidden_t, double> || std::is_same_v<table_t, double>,
-                                      double, float>;
 
 template <typename hidden_t, typename table_t, typename index_t, int VEC>
 __global__ void tol_gather_add_kernel(hidden_t* __restrict__ out, int64_t out_rs,
@@ -62,8 +54,6 @@ __global__ void tol_gather_add_kernel(hidden_t* __restrict__ out, int64_t out_rs
     }
   }
 }
-
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Host-side id check: one small reduction and one device sync. check_ids=false skips it (for
 // CUDA graphs and for callers that validated the ids once for all layers).
