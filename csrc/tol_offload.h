@@ -51,8 +51,8 @@ inline void check_index_dtype(const std::string& op, const char* name, const at:
 }
 
 // tol_cached_gather_add(_)'s arguments, for the CPU and CUDA kernels: tol_gather_add's checks of (hidden, ids,
-// cache, layer), then host_table (cache's dtype and row shape; on hidden's device or in host memory, which
-// the CUDA kernel reads mapped) and slot_map ([V] int32 on hidden's device).
+// cache, layer), then host_table (a token-row table with cache's dtype and row shape; on hidden's device or
+// in host memory, which the CUDA kernel reads mapped) and slot_map ([V] int32 on hidden's device).
 struct CachedViews {
   TolTableView cache, host;
 };
@@ -65,14 +65,13 @@ inline CachedViews check_cached_gather_add_args(const char* op, const at::Tensor
   v.cache = check_tol_gather_add_args(op, hidden, ids, cache, layer);
   TORCH_CHECK(host_table.device() == hidden.device() || host_table.device().is_cpu(),
               o + ": host_table must be on hidden's device or in host memory, got " + host_table.device().str());
+  check_token_table(o, "host_table", host_table);
   TORCH_CHECK_TYPE(host_table.scalar_type() == cache.scalar_type(),
                    o + ": host_table must have cache's dtype " + c10::toString(cache.scalar_type()) + ", got " +
                        c10::toString(host_table.scalar_type()));
   TORCH_CHECK(host_table.dim() == cache.dim() && host_table.sizes().slice(1) == cache.sizes().slice(1),
               o + ": host_table rows must have cache's row shape " + to_str(cache.sizes().slice(1)) +
                   ", got host_table " + to_str(host_table.sizes()));
-  TORCH_CHECK(host_table.size(-1) <= 1 || host_table.stride(-1) == 1,
-              o + ": host_table's last dim must be contiguous, got strides " + to_str(host_table.strides()));
   v.host = {host_table.size(0), host_table.stride(0), cache.dim() == 3 ? *layer * host_table.stride(1) : 0};
   TORCH_CHECK_TYPE(slot_map.scalar_type() == at::kInt,
                    o + ": slot_map must be int32, got " + c10::toString(slot_map.scalar_type()));

@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "../tol_offload.h"
-#include "convert.h"
+#include "row_kernel.h"
 
 namespace memllm {
 namespace {
@@ -53,21 +53,20 @@ __attribute__((always_inline)) inline void add_rows(const Args<hidden_t, table_t
   }
 }
 
+// The row loop compiled per instruction set (row_kernel.h).
 template <typename hidden_t, typename table_t, typename index_t>
-__attribute__((target("avx2,fma,f16c"))) void add_rows_avx2(const Args<hidden_t, table_t, index_t>& a,
-                                                            int64_t begin, int64_t end) {
+MEMLLM_TARGET_AVX2 void add_rows_avx2(const Args<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
+  add_rows(a, begin, end);
+}
+
+template <typename hidden_t, typename table_t, typename index_t>
+MEMLLM_TARGET_AVX512 void add_rows_avx512(const Args<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
   add_rows(a, begin, end);
 }
 
 template <typename hidden_t, typename table_t, typename index_t>
 void add_rows_default(const Args<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
   add_rows(a, begin, end);
-}
-
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
 }
 
 void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
@@ -94,12 +93,12 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
                                            cache.const_data_ptr<table_t>(), v.cache,
                                            host_table.const_data_ptr<table_t>(), v.host, d};
         const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
-        const bool avx2 = cpu_has_avx2();
+        const Isa isa = cpu_isa();
         at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
-          if (avx2) {
-            add_rows_avx2(a, begin, end);
-          } else {
-            add_rows_default(a, begin, end);
+          switch (isa) {
+            case Isa::kAvx512: add_rows_avx512(a, begin, end); break;
+            case Isa::kAvx2: add_rows_avx2(a, begin, end); break;
+            default: add_rows_default(a, begin, end);
           }
         });
       });

@@ -15,7 +15,7 @@
 #include <torch/library.h>
 
 #include "../tol_gather_add.h"
-#include "convert.h"
+#include "row_kernel.h"
 
 namespace memllm {
 namespace {
@@ -47,42 +47,23 @@ __attribute__((always_inline)) inline void add_rows(const RowArgs<hidden_t, tabl
   }
 }
 
-// The same loop compiled for AVX2/F16C (every x86-64 CPU since 2013), picked at run time so the
-// wheel still runs on older CPUs.
+// The same loop compiled for AVX2/F16C (every x86-64 CPU since 2013) and AVX-512, picked at run time
+// (row_kernel.h). AVX-512 over AVX2: one thread went from 8.8 to 7.1 ms at T=4096, d=2048, bf16 on the
+// 2-core x86-64 CI machine (torch.add of the same bytes: 6.3 ms).
 template <typename hidden_t, typename table_t, typename index_t>
-__attribute__((target("avx2,fma,f16c"))) void add_rows_avx2(const RowArgs<hidden_t, table_t, index_t>& a,
-                                                            int64_t begin, int64_t end) {
+MEMLLM_TARGET_AVX2 void add_rows_avx2(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
   add_rows(a, begin, end);
 }
 
-// AVX-512 halves the instructions per element again (the bf16 rounding is about 15 integer
-// operations per vector): one thread went from 8.8 to 7.1 ms at T=4096, d=2048, bf16 on the
-// 2-core x86-64 CI machine (torch.add of the same bytes: 6.3 ms).
 template <typename hidden_t, typename table_t, typename index_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))) void add_rows_avx512(
-    const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
+MEMLLM_TARGET_AVX512 void add_rows_avx512(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin,
+                                          int64_t end) {
   add_rows(a, begin, end);
 }
 
 template <typename hidden_t, typename table_t, typename index_t>
 void add_rows_default(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
   add_rows(a, begin, end);
-}
-
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return Isa::kAvx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-      return Isa::kAvx2;
-    }
-    return Isa::kDefault;
-  }();
-  return isa;
 }
 
 template <typename hidden_t, typename table_t, typename index_t>

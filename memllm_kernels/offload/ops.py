@@ -162,6 +162,12 @@ def _check_cached(op, hidden, ids, slot_map, cache, host_table, layer):
     _check_slot_map(op, slot_map, host_table.shape[0], hidden.device)
 
 
+def _checks(op, hidden, ids, slot_map, cache, host_table, layer, check_ids):
+    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer)
+    if check_ids:
+        _check_range(op, ids, host_table.shape[0])
+
+
 def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor,
                           host_table: torch.Tensor, layer: int | None = None, *, backend: str = "auto",
                           check_ids: bool = True) -> torch.Tensor:
@@ -176,13 +182,12 @@ def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: tor
     Differentiable in hidden only (the tables are inference data).
     """
     op = "tol_cached_gather_add"
-    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer)
-    if check_ids:
-        _check_range(op, ids, host_table.shape[0])
-    b = _backend(backend, hidden.device, triton_ok=True)
-    if b in ("cpu", "cuda"):
+    b = _backend(backend, _ops._device_of(op, hidden), triton_ok=True)
+    if b in ("cpu", "cuda"):  # the kernels check everything themselves; the Python checks only name an error
         return _ops._run_compiled(torch.ops.memllm.tol_cached_gather_add, hidden, ids, slot_map, cache, host_table,
-                                  layer, False)
+                                  layer, check_ids, checks=lambda: _checks(op, hidden, ids, slot_map, cache,
+                                                                          host_table, layer, check_ids))
+    _checks(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
     if b == "triton":
         return torch.ops.memllm.tol_cached_gather_add_triton(hidden, ids, slot_map, cache, host_table, layer)
     return reference.tol_cached_gather_add(hidden, ids, slot_map, cache, host_table, layer)
@@ -193,17 +198,17 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
                            check_ids: bool = True) -> torch.Tensor:
     """In-place tol_cached_gather_add: hidden += row(ids, layer); returns hidden. No autograd."""
     op = "tol_cached_gather_add_"
-    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer)
+    b = _backend(backend, _ops._device_of(op, hidden), triton_ok=True)
     if torch.is_grad_enabled() and hidden.requires_grad:
         raise RuntimeError("tol_cached_gather_add_ works in place and has no autograd; use tol_cached_gather_add "
                            "or run under torch.no_grad()")
-    if check_ids:
-        _check_range(op, ids, host_table.shape[0])
-    b = _backend(backend, hidden.device, triton_ok=True)
     if b in ("cpu", "cuda"):
         _ops._run_compiled(torch.ops.memllm.tol_cached_gather_add_, hidden, ids, slot_map, cache, host_table, layer,
-                           False)
-    elif b == "triton":
+                           check_ids, checks=lambda: _checks(op, hidden, ids, slot_map, cache, host_table, layer,
+                                                             check_ids))
+        return hidden
+    _checks(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
+    if b == "triton":
         torch.ops.memllm.tol_cached_gather_add_triton_(hidden, ids, slot_map, cache, host_table, layer)
     else:
         hidden.copy_(reference.tol_cached_gather_add(hidden, ids, slot_map, cache, host_table, layer))
