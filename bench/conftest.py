@@ -46,8 +46,10 @@ def machine_info(device: str) -> dict:
     try:  # MEMLLM_COMMIT names the commit where the tree travels without .git (e.g. to a GPU machine)
         commit = os.environ.get("MEMLLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip())
+        # Code changes only: results being rewritten by this very run do not make the tree dirty.
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":(exclude)bench/results"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.dirname(__file__)), timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     cpu = platform.processor()

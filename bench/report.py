@@ -14,7 +14,7 @@ import os
 import sys
 
 KEY_FIELDS = ("op", "provider", "dtype", "preset", "T", "batch")
-# Providers drawn in the plots: the compiled backends (in place and functional) and the torch baselines.
+# Providers drawn in the gather-add plots: the compiled backends, functional and in place.
 KERNEL_PROVIDERS = ("cpu", "cpu_", "cuda", "cuda_", "triton", "triton_")
 
 
@@ -32,7 +32,8 @@ def _key(r: dict) -> tuple:
 
 def machine_label(m: dict) -> str:
     hw = m.get("gpu") or f"{m.get('cpu')} ({m.get('cpu_threads')} threads)"
-    return f"{hw}, torch {m.get('torch')}, triton {m.get('triton')}, commit {m.get('commit')}"
+    dirty = " with uncommitted changes" if m.get("dirty") else ""
+    return f"{hw}, torch {m.get('torch')}, triton {m.get('triton')}, commit {m.get('commit')}{dirty}"
 
 
 def _get(key):
