@@ -8,8 +8,8 @@ the vocabulary, hot+lru with no hot set, so uniformly random ids make this their
 benchmark on real text with a hot set is e2e_offload_decode in bench_offload.py). Rows:
     op e2e_prefill: one forward over a batch-1 prompt of T tokens through the KV cache, tokens/s = T / time
     op e2e_decode:  one decode step of a batch of B sequences at position T, tokens/s = B / time
-Memory: the bytes of weights and of the device-resident table (or cache), and peak device memory (GPU) or
-process RSS (CPU) after the run.
+Memory: the bytes of weights and of the device-resident table (or cache), and the peak device memory (GPU)
+or process RSS (CPU) while the benchmark ran.
 """
 
 from __future__ import annotations
@@ -73,7 +73,6 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B, tmp_path_factory
     model.clear_caches()
     mem, mem_kind = peak_memory(device)
     row = record(op=f"e2e_{phase}", provider=kind, dtype=dtype, preset=size, T=T, batch=B, ms=t["s"] * 1e3,
-                 tokens_per_s=tokens / t["s"], peak_memory_bytes=mem,
-                 peak_memory_kind=mem_kind,
+                 tokens_per_s=tokens / t["s"], peak_memory_bytes=mem, peak_memory_kind=mem_kind,
                  **memory_bytes(model, engine))
     benchmark.extra_info.update(row)
