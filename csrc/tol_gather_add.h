@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -103,6 +104,31 @@ inline TolTableView check_tol_gather_add_args(
   TORCH_CHECK(false, std::string(op) + ": id " + to_str(id) + " (at flat position " + to_str(position) +
                          " of ids) is outside [0, V) for a table of V=" + to_str(num_rows) + " rows");
   __builtin_unreachable();
+}
+
+// The functional and in-place forms of a row kernel (tol_gather_add, tol_cached_gather_add; CPU and CUDA),
+// given launch(out, out_row_stride, hidden, hidden_row_stride, ids_flat) that adds the rows into out.
+// Out of place writes a new contiguous tensor (hidden copied first only if it is not viewable as [T, d]);
+// in place writes hidden's rows directly, or goes through the out-of-place form when they are not viewable.
+template <typename Launch>
+at::Tensor run_out_of_place(const at::Tensor& hidden, const at::Tensor& ids, const Launch& launch) {
+  const int64_t d = hidden.size(-1);
+  at::Tensor out = at::empty(hidden.sizes(), hidden.options());
+  const int64_t rs = row_stride(hidden);
+  const at::Tensor h = rs < 0 ? hidden.contiguous() : hidden;
+  launch(out, d, h, rs < 0 ? d : rs, ids.contiguous().view(-1));
+  return out;
+}
+
+template <typename Launch>
+void run_in_place(const at::Tensor& hidden, const at::Tensor& ids, const Launch& launch) {
+  at::assert_no_internal_overlap(hidden);
+  const int64_t rs = row_stride(hidden);
+  if (rs < 0) {
+    hidden.copy_(run_out_of_place(hidden, ids, launch));
+    return;
+  }
+  launch(hidden, rs, hidden, rs, ids.contiguous().view(-1));
 }
 
 }  // namespace memllm

@@ -83,6 +83,72 @@ inline CachedViews check_cached_gather_add_args(const char* op, const at::Tensor
   return v;
 }
 
+// The argument checks of tol_host_gather (before each device's own: where the tensors live) and of
+// tol_cache_prefetch (which returns the layer range to copy), shared by the CPU and CUDA kernels.
+inline void check_host_gather_args(const at::Tensor& table, const at::Tensor& ids, const at::Tensor& out,
+                                   const std::optional<at::Tensor>& rows) {
+  const std::string op = "tol_host_gather";
+  check_token_table(op, "table", table);
+  check_token_table(op, "out", out);
+  check_index_dtype(op, "ids", ids);
+  TORCH_CHECK_TYPE(out.scalar_type() == table.scalar_type(), op + ": out must have table's dtype " +
+                                                                 c10::toString(table.scalar_type()) + ", got " +
+                                                                 c10::toString(out.scalar_type()) + " (a pure copy)");
+  TORCH_CHECK(ids.dim() == 1, op + ": ids must be 1-D [N], got shape " + to_str(ids.sizes()));
+  TORCH_CHECK(out.dim() == table.dim() && out.sizes().slice(1) == table.sizes().slice(1),
+              op + ": out rows must have table's row shape " + to_str(table.sizes().slice(1)) + ", got out " +
+                  to_str(out.sizes()));
+  if (rows.has_value()) {
+    check_index_dtype(op, "rows", *rows);
+    TORCH_CHECK(rows->dim() == 1 && rows->size(0) == ids.size(0),
+                op + ": rows must be [N] like ids (" + to_str(ids.size(0)) + "), got shape " + to_str(rows->sizes()));
+  } else {
+    TORCH_CHECK(out.size(0) >= ids.size(0), op + ": out has " + to_str(out.size(0)) + " rows for " +
+                                                 to_str(ids.size(0)) + " ids; pass rows= or a bigger out");
+  }
+}
+
+struct LayerRange {
+  int64_t begin, end;  // layers
+  int64_t layer_elems;  // d
+};
+
+inline LayerRange check_cache_prefetch_args(const at::Tensor& ids, const at::Tensor& slot_map, const at::Tensor& cache,
+                                            const at::Tensor& host_table, const at::Tensor& out, const at::Tensor& first,
+                                            const at::Tensor& slots, int64_t layer_begin,
+                                            std::optional<int64_t> layer_end) {
+  const std::string op = "tol_cache_prefetch";
+  check_token_table(op, "cache", cache);
+  check_token_table(op, "host_table", host_table);
+  check_token_table(op, "out", out);
+  check_index_dtype(op, "ids", ids);
+  TORCH_CHECK(ids.dim() == 1, op + ": ids must be 1-D [N], got shape " + to_str(ids.sizes()));
+  const int64_t N = ids.size(0);
+  for (const at::Tensor* t : {&host_table, &out}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == cache.scalar_type(), op + ": cache, host_table and out must share one dtype, got " +
+                                                                  c10::toString(cache.scalar_type()) + " and " +
+                                                                  c10::toString(t->scalar_type()));
+    TORCH_CHECK(t->dim() == cache.dim() && t->sizes().slice(1) == cache.sizes().slice(1),
+                op + ": cache, host_table and out must share one row shape " + to_str(cache.sizes().slice(1)) +
+                    ", got " + to_str(t->sizes()));
+  }
+  TORCH_CHECK(out.size(0) >= N, op + ": out has " + to_str(out.size(0)) + " rows for " + to_str(N) + " ids");
+  TORCH_CHECK_TYPE(slot_map.scalar_type() == at::kInt && first.scalar_type() == at::kInt &&
+                       slots.scalar_type() == at::kInt,
+                   op + ": slot_map, first and slots must be int32");
+  TORCH_CHECK(slot_map.dim() == 1 && slot_map.size(0) == host_table.size(0),
+              op + ": slot_map must be [V] with V=" + to_str(host_table.size(0)) + ", got shape " + to_str(slot_map.sizes()));
+  TORCH_CHECK(first.dim() == 1 && first.size(0) == N && slots.dim() == 1 && slots.size(0) == N,
+              op + ": first and slots must be [N] with N=" + to_str(N) + ", got " + to_str(first.sizes()) + " and " +
+                  to_str(slots.sizes()));
+  TORCH_CHECK(first.is_contiguous() && slots.is_contiguous(), op + ": first and slots must be contiguous");
+  const int64_t L = cache.dim() == 3 ? cache.size(1) : 1;
+  const int64_t end = layer_end.value_or(L);
+  TORCH_CHECK(0 <= layer_begin && layer_begin <= end && end <= L,
+              op + ": layers [" + to_str(layer_begin) + ", " + to_str(end) + ") are not within [0, " + to_str(L) + ")");
+  return {layer_begin, end, cache.size(-1)};
+}
+
 // Page-locking host memory needs the CUDA runtime, which only the CUDA build links. The CPU file
 // csrc/cpu/tol_host_alloc.cpp allocates; csrc/cuda/tol_host_alloc.cu installs these hooks from a static
 // initializer. With no hooks (CPU-only build) the host tier is ordinary memory and says so.

@@ -19,51 +19,13 @@ namespace memllm {
 
 namespace {
 
-struct Range {
-  int64_t begin, end;  // layers
-  int64_t layer_elems;  // d
-};
-
-Range check_args(const at::Tensor& ids, const at::Tensor& slot_map, const at::Tensor& cache,
-                 const at::Tensor& host_table, const at::Tensor& out, const at::Tensor& first,
-                 const at::Tensor& slots, int64_t layer_begin, std::optional<int64_t> layer_end) {
-  const std::string op = "tol_cache_prefetch";
-  check_token_table(op, "cache", cache);
-  check_token_table(op, "host_table", host_table);
-  check_token_table(op, "out", out);
-  check_index_dtype(op, "ids", ids);
-  TORCH_CHECK(ids.dim() == 1, op + ": ids must be 1-D [N], got shape " + to_str(ids.sizes()));
-  const int64_t N = ids.size(0);
-  for (const at::Tensor* t : {&host_table, &out}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == cache.scalar_type(), op + ": cache, host_table and out must share one dtype, got " +
-                                                                  c10::toString(cache.scalar_type()) + " and " +
-                                                                  c10::toString(t->scalar_type()));
-    TORCH_CHECK(t->dim() == cache.dim() && t->sizes().slice(1) == cache.sizes().slice(1),
-                op + ": cache, host_table and out must share one row shape " + to_str(cache.sizes().slice(1)) +
-                    ", got " + to_str(t->sizes()));
-  }
-  TORCH_CHECK(out.size(0) >= N, op + ": out has " + to_str(out.size(0)) + " rows for " + to_str(N) + " ids");
-  TORCH_CHECK_TYPE(slot_map.scalar_type() == at::kInt && first.scalar_type() == at::kInt &&
-                       slots.scalar_type() == at::kInt,
-                   op + ": slot_map, first and slots must be int32");
-  TORCH_CHECK(slot_map.dim() == 1 && slot_map.size(0) == host_table.size(0),
-              op + ": slot_map must be [V] with V=" + to_str(host_table.size(0)) + ", got shape " + to_str(slot_map.sizes()));
-  TORCH_CHECK(first.dim() == 1 && first.size(0) == N && slots.dim() == 1 && slots.size(0) == N,
-              op + ": first and slots must be [N] with N=" + to_str(N) + ", got " + to_str(first.sizes()) + " and " +
-                  to_str(slots.sizes()));
-  TORCH_CHECK(first.is_contiguous() && slots.is_contiguous(), op + ": first and slots must be contiguous");
-  const int64_t L = cache.dim() == 3 ? cache.size(1) : 1;
-  const int64_t end = layer_end.value_or(L);
-  TORCH_CHECK(0 <= layer_begin && layer_begin <= end && end <= L,
-              op + ": layers [" + to_str(layer_begin) + ", " + to_str(end) + ") are not within [0, " + to_str(L) + ")");
-  return {layer_begin, end, cache.size(-1)};
-}
 
 void cache_prefetch_cpu(const at::Tensor& ids_in, const at::Tensor& slot_map_in, const at::Tensor& cache,
                         const at::Tensor& host_table, const at::Tensor& out, const at::Tensor& first,
                         const at::Tensor& slots, int64_t layer_begin, std::optional<int64_t> layer_end,
                         bool check_ids) {
-  const Range r = check_args(ids_in, slot_map_in, cache, host_table, out, first, slots, layer_begin, layer_end);
+  const LayerRange r =
+      check_cache_prefetch_args(ids_in, slot_map_in, cache, host_table, out, first, slots, layer_begin, layer_end);
   const int64_t N = ids_in.size(0);
   if (N == 0) return;
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();

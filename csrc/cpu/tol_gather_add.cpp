@@ -139,26 +139,20 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
 
 at::Tensor tol_gather_add_cpu(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& table,
                               std::optional<int64_t> layer, bool check_ids) {
-  const TolTableView tv = check_tol_gather_add_args("tol_gather_add", hidden, ids, table, layer);
-  const int64_t d = hidden.size(-1);
-  at::Tensor out = at::empty(hidden.sizes(), hidden.options());
-  int64_t hidden_rs = row_stride(hidden);
-  const at::Tensor h = hidden_rs < 0 ? hidden.contiguous() : hidden;
-  if (hidden_rs < 0) hidden_rs = d;
-  launch(out, d, h, hidden_rs, ids.contiguous().view(-1), table, tv, check_ids);
-  return out;
+  const TolTableView v = check_tol_gather_add_args("tol_gather_add", hidden, ids, table, layer);
+  return run_out_of_place(hidden, ids, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
+                                           const at::Tensor& ids_flat) {
+    launch(out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
+  });
 }
 
 void tol_gather_add_cpu_(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& table,
                          std::optional<int64_t> layer, bool check_ids) {
-  const TolTableView tv = check_tol_gather_add_args("tol_gather_add_", hidden, ids, table, layer);
-  at::assert_no_internal_overlap(hidden);
-  const int64_t rs = row_stride(hidden);
-  if (rs < 0) {  // not viewable as [T, d]: compute out of place, then copy into hidden's layout
-    hidden.copy_(tol_gather_add_cpu(hidden, ids, table, layer, check_ids));
-    return;
-  }
-  launch(hidden, rs, hidden, rs, ids.contiguous().view(-1), table, tv, check_ids);
+  const TolTableView v = check_tol_gather_add_args("tol_gather_add_", hidden, ids, table, layer);
+  run_in_place(hidden, ids, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
+                                const at::Tensor& ids_flat) {
+    launch(out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
+  });
 }
 
 }  // namespace

@@ -14,32 +14,9 @@
 namespace memllm {
 namespace {
 
-void check_args(const at::Tensor& table, const at::Tensor& ids, const at::Tensor& out,
-                const std::optional<at::Tensor>& rows) {
-  const std::string op = "tol_host_gather";
-  check_token_table(op, "table", table);
-  check_token_table(op, "out", out);
-  check_index_dtype(op, "ids", ids);
-  TORCH_CHECK_TYPE(out.scalar_type() == table.scalar_type(), op + ": out must have table's dtype " +
-                                                                 c10::toString(table.scalar_type()) + ", got " +
-                                                                 c10::toString(out.scalar_type()) + " (a pure copy)");
-  TORCH_CHECK(ids.dim() == 1, op + ": ids must be 1-D [N], got shape " + to_str(ids.sizes()));
-  TORCH_CHECK(out.dim() == table.dim() && out.sizes().slice(1) == table.sizes().slice(1),
-              op + ": out rows must have table's row shape " + to_str(table.sizes().slice(1)) + ", got out " +
-                  to_str(out.sizes()));
-  if (rows.has_value()) {
-    check_index_dtype(op, "rows", *rows);
-    TORCH_CHECK(rows->dim() == 1 && rows->size(0) == ids.size(0),
-                op + ": rows must be [N] like ids (" + to_str(ids.size(0)) + "), got shape " + to_str(rows->sizes()));
-  } else {
-    TORCH_CHECK(out.size(0) >= ids.size(0), op + ": out has " + to_str(out.size(0)) + " rows for " +
-                                                 to_str(ids.size(0)) + " ids; pass rows= or a bigger out");
-  }
-}
-
 void host_gather_cpu(const at::Tensor& table, const at::Tensor& ids_in, const at::Tensor& out,
                      const std::optional<at::Tensor>& rows_in, bool check_ids) {
-  check_args(table, ids_in, out, rows_in);
+  check_host_gather_args(table, ids_in, out, rows_in);
   TORCH_CHECK(table.device().is_cpu() && ids_in.device().is_cpu() && out.device().is_cpu() &&
                   (!rows_in.has_value() || rows_in->device().is_cpu()),
               std::string("tol_host_gather (CPU): table, ids, out and rows must all be CPU tensors, got table on ") +

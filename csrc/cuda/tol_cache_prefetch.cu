@@ -64,40 +64,16 @@ void cache_prefetch_cuda(const at::Tensor& ids, const at::Tensor& slot_map, cons
                          const at::Tensor& slots, int64_t layer_begin, std::optional<int64_t> layer_end,
                          bool check_ids) {
   const std::string op = "tol_cache_prefetch";
-  check_token_table(op, "cache", cache);
-  check_token_table(op, "host_table", host_table);
-  check_token_table(op, "out", out);
-  check_index_dtype(op, "ids", ids);
-  TORCH_CHECK(ids.dim() == 1, op + ": ids must be 1-D [N], got shape " + to_str(ids.sizes()));
-  const int64_t N = ids.size(0);
-  for (const at::Tensor* t : {&host_table, &out}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == cache.scalar_type(), op + ": cache, host_table and out must share one dtype, got " +
-                                                                  c10::toString(cache.scalar_type()) + " and " +
-                                                                  c10::toString(t->scalar_type()));
-    TORCH_CHECK(t->dim() == cache.dim() && t->sizes().slice(1) == cache.sizes().slice(1),
-                op + ": cache, host_table and out must share one row shape " + to_str(cache.sizes().slice(1)) +
-                    ", got " + to_str(t->sizes()));
-  }
-  TORCH_CHECK(out.size(0) >= N, op + ": out has " + to_str(out.size(0)) + " rows for " + to_str(N) + " ids");
+  const LayerRange r = check_cache_prefetch_args(ids, slot_map, cache, host_table, out, first, slots, layer_begin,
+                                                 layer_end);
+  const int64_t N = ids.size(0), lend = r.end;
   // The kernel keeps positions in int (first[] is int32): a step of 2^31 tokens is far beyond any prompt.
   TORCH_CHECK(N < (int64_t{1} << 31), op + ": " + to_str(N) + " ids in one step exceed int32 positions");
-  TORCH_CHECK_TYPE(slot_map.scalar_type() == at::kInt && first.scalar_type() == at::kInt &&
-                       slots.scalar_type() == at::kInt,
-                   op + ": slot_map, first and slots must be int32");
-  TORCH_CHECK(slot_map.dim() == 1 && slot_map.size(0) == host_table.size(0),
-              op + ": slot_map must be [V] with V=" + to_str(host_table.size(0)) + ", got shape " + to_str(slot_map.sizes()));
-  TORCH_CHECK(first.dim() == 1 && first.size(0) == N && slots.dim() == 1 && slots.size(0) == N &&
-                  first.is_contiguous() && slots.is_contiguous(),
-              op + ": first and slots must be contiguous [N] with N=" + to_str(N));
   const at::Device dev = out.device();
   TORCH_CHECK(dev.is_cuda() && ids.device() == dev && slot_map.device() == dev && cache.device() == dev &&
                   first.device() == dev && slots.device() == dev,
               op + ": ids, slot_map, cache, out, first and slots must be on one CUDA device (host_table may be host "
                    "memory)");
-  const int64_t L = cache.dim() == 3 ? cache.size(1) : 1;
-  const int64_t lend = layer_end.value_or(L);
-  TORCH_CHECK(0 <= layer_begin && layer_begin <= lend && lend <= L,
-              op + ": layers [" + to_str(layer_begin) + ", " + to_str(lend) + ") are not within [0, " + to_str(L) + ")");
   const c10::cuda::OptionalCUDAGuard guard(dev);
   const at::Tensor ids_c = ids.contiguous();
   const at::Tensor sm = slot_map.contiguous();

@@ -103,29 +103,21 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
 at::Tensor cached_gather_add_cuda(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& slot_map,
                                   const at::Tensor& cache, const at::Tensor& host_table, std::optional<int64_t> layer,
                                   bool check_ids) {
-  const CachedViews v =
-      check_cached_gather_add_args("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table, layer);
-  const int64_t d = hidden.size(-1);
-  at::Tensor out = at::empty(hidden.sizes(), hidden.options());
-  int64_t hidden_rs = row_stride(hidden);
-  const at::Tensor h = hidden_rs < 0 ? hidden.contiguous() : hidden;
-  if (hidden_rs < 0) hidden_rs = d;
-  launch(out, d, h, hidden_rs, ids.contiguous().view(-1), slot_map, cache, host_table, v, check_ids);
-  return out;
+  const CachedViews v = check_cached_gather_add_args("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table, layer);
+  return run_out_of_place(hidden, ids, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
+                                           const at::Tensor& ids_flat) {
+    launch(out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
+  });
 }
 
 void cached_gather_add_cuda_(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& slot_map,
                              const at::Tensor& cache, const at::Tensor& host_table, std::optional<int64_t> layer,
                              bool check_ids) {
-  const CachedViews v =
-      check_cached_gather_add_args("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table, layer);
-  at::assert_no_internal_overlap(hidden);
-  const int64_t rs = row_stride(hidden);
-  if (rs < 0) {
-    hidden.copy_(cached_gather_add_cuda(hidden, ids, slot_map, cache, host_table, layer, check_ids));
-    return;
-  }
-  launch(hidden, rs, hidden, rs, ids.contiguous().view(-1), slot_map, cache, host_table, v, check_ids);
+  const CachedViews v = check_cached_gather_add_args("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table, layer);
+  run_in_place(hidden, ids, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
+                                const at::Tensor& ids_flat) {
+    launch(out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
+  });
 }
 
 }  // namespace
