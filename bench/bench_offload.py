@@ -137,6 +137,8 @@ def test_host_gather(benchmark, device, preset, N, gather_provider):
 def _cache_setup(device, d, hit=0.9, seed=0):
     """(host table, slot_map [V], cache [C, 24, d] on device, resident ids, other ids): C = V / 20 rows resident."""
     host = _host_table(device, d)
+    if device == "cuda" and not host.is_pinned():
+        pytest.skip("the host table is not page-locked (see docs/offload.md)")
     V = host.shape[0]
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(V, generator=g)
@@ -162,8 +164,6 @@ def test_cached_gather_add(benchmark, request, T, provider):
     device = bench_device(request.config)
     d = GATHER_D["1b"]
     host, slot_map, cache, resident, other = _cache_setup(device, d)
-    if device == "cuda" and not host.is_pinned():
-        pytest.skip("the host table is not page-locked (see docs/offload.md)")
     g = torch.Generator().manual_seed(1)
     sets = [(torch.randn(T, d, dtype=torch.bfloat16, device=device),
              _mixed_ids(resident, other, T, 0.9, g).to(device)) for _ in range(16)]
@@ -203,8 +203,6 @@ def test_cache_prefetch(benchmark, request, N, provider):
     device = bench_device(request.config)
     d = GATHER_D["1b"]
     host, slot_map, cache, resident, other = _cache_setup(device, d)
-    if device == "cuda" and not host.is_pinned():
-        pytest.skip("the host table is not page-locked (see docs/offload.md)")
     g = torch.Generator().manual_seed(2)
     id_sets = [_mixed_ids(resident, other, N, 0.9, g, distinct=True).to(device) for _ in range(16)]
     it = itertools.cycle(id_sets)
