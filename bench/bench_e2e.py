@@ -8,6 +8,9 @@ the vocabulary, hot+lru with no hot set, so uniformly random ids make this their
 benchmark on real text with a hot set is e2e_offload_decode in bench_offload.py). Rows:
     op e2e_prefill: one forward over a batch-1 prompt of T tokens through the KV cache, tokens/s = T / time
     op e2e_decode:  one decode step of a batch of B sequences at position T, tokens/s = B / time
+    op e2e_decode_graph (GPU): the same step replayed from a CUDA graph (memllm_kernels.model.DecodeGraph; the
+                    offload engine's prefetch still runs eagerly before each replay): eager decode at batch 1
+                    is bound by kernel launches, a replayed one by the weights it reads
 Memory: the bytes of weights and of the device-resident table (or cache), and the peak device memory (GPU)
 or process RSS (CPU) while the benchmark ran.
 """
@@ -20,7 +23,7 @@ import pytest
 import torch
 
 from conftest import bench_device, peak_memory, record, reset_peak_memory, timed
-from models import PROVIDERS, free_models, memory_bytes, resident_model
+from models import PROVIDERS, decode_step, free_models, memory_bytes, resident_model
 
 
 def pytest_generate_tests(metafunc):
@@ -33,8 +36,9 @@ def pytest_generate_tests(metafunc):
         size, dtype, prefill, decode = "tiny", "float32", [256], [1, 8]
     cases = [pytest.param(device, size, dtype, kind, "prefill", T, 1, id=f"prefill-{size}-{kind}-T{T}")
              for kind in PROVIDERS for T in prefill]
-    cases += [pytest.param(device, size, dtype, kind, "decode", 128, B, id=f"decode-{size}-{kind}-B{B}")
-              for kind in PROVIDERS for B in decode]
+    decode_phases = ["decode", "decode_graph"] if device == "cuda" else ["decode"]
+    cases += [pytest.param(device, size, dtype, kind, phase, 128, B, id=f"{phase}-{size}-{kind}-B{B}")
+              for phase in decode_phases for kind in PROVIDERS for B in decode]
     metafunc.parametrize("device,size,dtype,kind,phase,T,B", cases)
 
 
@@ -59,15 +63,9 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B, tmp_path_factory
             return model(prompts[next(it)], input_pos=pos)
         tokens = B * T
     else:
-        model.setup_caches(B, T + 1)
-        model(torch.randint(0, vocab, (B, T), device=device), input_pos=torch.arange(T, device=device))
         # Fresh random tokens every step: a repeated token would be a cache hit for the host/disk providers.
-        toks = torch.randint(0, vocab, (1024, B, 1), device=device)
-        pos = torch.tensor([T], device=device)
-        it = itertools.cycle(range(toks.shape[0]))
-
-        def fn():  # one decode step at position T (rewriting the same KV-cache slot each time)
-            return model(toks[next(it)], input_pos=pos)
+        fn = decode_step(model, torch.randint(0, vocab, (B, T), device=device),
+                         torch.randint(0, vocab, (1024, B, 1), device=device), graph=phase == "decode_graph")
         tokens = B
     t = timed(benchmark, fn, device, graph=False)
     model.clear_caches()

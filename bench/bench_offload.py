@@ -26,7 +26,8 @@ op e2e_offload_decode  Decode tokens/s of the model at batch 1 (random weights),
                     dense, memoryllm (ToL in device memory), memoryllm-host (pinned host tier + 5% cache),
                     memoryllm-disk (ToL file read in place + 5% cache). GPU: the 1b preset in bf16 (targets:
                     >= 2.0x dense, host/disk <= 3% slower than all-in-VRAM, peak VRAM <= 2.5 GB); CPU: the tiny
-                    preset in float32, so the code path is exercised.
+                    preset in float32, so the code path is exercised. GPU: also e2e_offload_decode_graph, each
+                    step replayed from a CUDA graph (DecodeGraph; the engine's prefetch still runs eagerly).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch
 import memllm_kernels as mk
 from conftest import bench_device, peak_memory, record, reset_peak_memory, timed
 from memllm_kernels.model import get_preset
-from models import free_models, memory_bytes, resident_model
+from models import decode_step, free_models, memory_bytes, resident_model
 
 L_PRESET = 24
 GATHER_D = {"250m": 960, "1b": 2048}
@@ -66,8 +67,9 @@ def pytest_generate_tests(metafunc):
     if "decode_provider" in metafunc.fixturenames:
         size, dtype = ("1b", "bfloat16") if device == "cuda" else ("tiny", "float32")
         provs = ["dense", "memoryllm", "memoryllm-host", "memoryllm-disk"]
-        metafunc.parametrize("device,size,dtype,decode_provider",
-                             [pytest.param(device, size, dtype, p, id=f"{p}-{size}") for p in provs])
+        modes = ["eager", "graph"] if device == "cuda" else ["eager"]
+        metafunc.parametrize("device,size,dtype,decode_provider,mode",
+                             [pytest.param(device, size, dtype, p, m, id=f"{p}-{size}-{m}") for m in modes for p in provs])
 
 
 # ---------------------------------------------------------------- host-row gather bandwidth
@@ -310,26 +312,20 @@ def _text_tokens(V: int) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 @torch.inference_mode()
-def test_offload_decode(benchmark, device, size, dtype, decode_provider, tmp_path_factory):
+def test_offload_decode(benchmark, device, size, dtype, decode_provider, mode, tmp_path_factory):
     V = get_preset(f"{size}-dense").vocab_size
     model, engine = resident_model(device, size, dtype, decode_provider, tmp_path_factory.mktemp("tol"),
                                    token_counts=_text_tokens(V)[1], tag="text counts")
     stream, _ = _text_tokens(V)
     T = 128
     reset_peak_memory(device)
-    model.setup_caches(1, T + 1)
-    model(torch.from_numpy(stream[:T].copy()).view(1, T).to(device), input_pos=torch.arange(T, device=device))
-    toks = torch.from_numpy(stream[T:T + 4096].copy()).to(device).view(-1, 1, 1)
-    pos = torch.tensor([T], device=device)
-    it = itertools.cycle(range(toks.shape[0]))
-
-    def fn():  # one decode step at position T with the next token of the text (rewriting one cache slot)
-        return model(toks[next(it)], input_pos=pos)
-
+    # one decode step per call with the next token of the text
+    fn = decode_step(model, torch.from_numpy(stream[:T].copy()).view(1, T).to(device),
+                     torch.from_numpy(stream[T:T + 4096].copy()).to(device).view(-1, 1, 1), graph=mode == "graph")
     t = timed(benchmark, fn, device, graph=False)
     model.clear_caches()
     mem, mem_kind = peak_memory(device)
-    row = record(op="e2e_offload_decode", provider=decode_provider, dtype=dtype, preset=size, T=T, batch=1,
+    row = record(op="e2e_offload_decode" + ("_graph" if mode == "graph" else ""), provider=decode_provider, dtype=dtype, preset=size, T=T, batch=1,
                  ms=t["s"] * 1e3, tokens_per_s=1 / t["s"], peak_memory_bytes=mem,
                  peak_memory_kind=mem_kind,
                  **memory_bytes(model, engine))

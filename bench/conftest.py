@@ -224,7 +224,7 @@ def _derive(rows: list[dict]) -> None:
         dense = by.get((key(r), "dense"))
         if dense is not None and r["op"].startswith("e2e") and r["provider"] != "dense":
             r["speedup_vs_dense"] = dense["ms"] / r["ms"]
-            if r["op"].endswith("decode") and r.get("weight_bytes_read") and r["preset"] in ("250m", "750m", "1b"):
+            if "decode" in r["op"] and r.get("weight_bytes_read") and r["preset"] in ("250m", "750m", "1b"):
                 # Decode at the paper's shapes reads every weight once per step (weight-bandwidth bound): the
                 # speed-up bound is the ratio of weight bytes read (1b: 665M vs 1471M parameters, ~2.2x).
                 r["bound_vs_dense"] = dense["weight_bytes_read"] / r["weight_bytes_read"]

@@ -13,6 +13,7 @@ cost time, so tables are random-looking (one random 512-token chunk repeated).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,23 @@ def build_model(device: str, size: str, dtype: str, provider: str, tmp_dir: Path
     if device == "cuda":
         torch.cuda.empty_cache()
     return model, engine
+
+
+def decode_step(model, prompt: torch.Tensor, tokens: torch.Tensor, graph: bool = False):
+    """A function that runs one decode step per call: the next of `tokens` [N, B, 1] (cycled) at position
+    T = prompt.shape[1], rewriting the same KV-cache slot each time, after prefilling `prompt` [B, T].
+    graph: replay the step from a DecodeGraph (CUDA) instead of launching it eagerly."""
+    from memllm_kernels.model import DecodeGraph
+
+    B, T = prompt.shape
+    model.setup_caches(B, T + 2)  # slot T + 1: a DecodeGraph's scratch slot
+    model(prompt, input_pos=torch.arange(T, device=prompt.device))
+    it = itertools.cycle(range(tokens.shape[0]))
+    if graph:
+        step = DecodeGraph(model, B)
+        return lambda: step(tokens[next(it)], T)
+    pos = torch.tensor([T], device=prompt.device)
+    return lambda: model(tokens[next(it)], input_pos=pos)
 
 
 _RESIDENT: dict = {}

@@ -3,7 +3,7 @@
     memllm train --preset tiny-memoryllm --out RUN [--text PATH] [--steps N | --minutes M]
     memllm precompute RUN                       # writes RUN/tol.safetensors
     memllm eval RUN [--text PATH] [--tol | --ffn] [--tol-location {device,host,disk} --cache-rows N]
-    memllm generate RUN --prompt "..." [--tol] [--tol-location {device,host,disk} --cache-rows N]
+    memllm generate RUN --prompt "..." [--tol] [--tol-location {device,host,disk} --cache-rows N] [--cuda-graph]
     memllm info [PRESET | RUN]                  # parameter counts (paper convention)
 
 Nothing a user saved is overwritten without --force. Errors a user can fix print one line and exit 2.
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay each decode step from a CUDA graph (CUDA devices; same tokens, less launch overhead)")
 
     i = sub.add_parser("info", help="parameter counts of presets or a run",
                        description="Parameter counts in the paper's convention (attention + FFN matrices, no "
@@ -328,13 +330,15 @@ def _cmd_generate(a) -> int:
     from .model import generate
     from .model.data import load_run_tokenizer
 
+    if a.cuda_graph and not a.device.startswith("cuda"):
+        raise ValueError(f"--cuda-graph replays CUDA graphs: it needs --device cuda, not {a.device}")
     model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy)
     tok = load_run_tokenizer(a.run, cfg["tokenizer"])
     prompts = [tok.encode(p) for p in a.prompt]
     if any(not p for p in prompts):
         raise ValueError("empty prompt")
     outs = generate(model, prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
-                    eos_id=tok.eot_id)
+                    eos_id=tok.eot_id, cuda_graph=a.cuda_graph)
     for text, new in zip(a.prompt, outs):
         print(text + tok.decode([i for i in new if i != tok.eot_id]))
         if len(a.prompt) > 1:

@@ -294,6 +294,51 @@ def test_generate_sampling_options():
         generate(model, [[]], 3)
 
 
+def test_decode_graph_is_cuda_only_and_says_so():
+    from memllm_kernels.model import DecodeGraph
+
+    model = tiny_model("memoryllm")
+    model.setup_caches(1, 8)
+    with pytest.raises(ValueError, match="captures CUDA graphs; the model is on cpu"):
+        DecodeGraph(model, 1)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
+        generate(model, [[1, 2]], 4, cuda_graph=True)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("kind", ["dense", "memoryllm-tol", "flex2-tol"])
+def test_decode_graph_replays_the_eager_step(kind):
+    """Greedy decode through DecodeGraph gives the eager decode's logits and tokens, batched with left padding."""
+    from memllm_kernels.model import DecodeGraph, swap_ffn_for_tol
+    from memllm_kernels.model.tol import iter_tol_chunks
+
+    torch.manual_seed(0)
+    model = Transformer(tiny(kind.split("-")[0])).cuda().eval()
+    if kind.endswith("-tol"):
+        swap_ffn_for_tol(model, torch.cat(list(iter_tol_chunks(model, 64))).cuda())
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    assert generate(model, prompts, 12, cuda_graph=True) == generate(model, prompts, 12)
+    ids = torch.tensor([[1, 2, 3, 4], [0, 0, 9, 10]], device="cuda")
+    pad = torch.tensor([0, 2], device="cuda")
+    with torch.no_grad():
+        model.setup_caches(2, 10)
+        model(ids, input_pos=torch.arange(4, device="cuda"), pad=pad)
+        step = DecodeGraph(model, 2)
+        for t in range(4, 9):
+            nxt = torch.randint(0, 300, (2, 1), device="cuda")
+            eager = model(nxt, input_pos=torch.tensor([t], device="cuda"), pad=pad)
+            # the eager call wrote slot t; the replay writes the same values there again
+            torch.testing.assert_close(step(nxt, t, pad), eager, atol=CACHE_ATOL, rtol=0)
+        with pytest.raises(ValueError, match="scratch slot"):
+            step(nxt, 9, pad)
+        with pytest.raises(ValueError, match=r"tokens must be \[2, 1\]"):
+            step(nxt[:1], 5, pad)
+        model.setup_caches(2, 10)
+        with pytest.raises(RuntimeError, match="set up again"):
+            step(nxt, 5, pad)
+        model.clear_caches()
+
+
 # ================================================================ ToL precompute and file format
 def _tol_file(tmp_path, model, name="tol.safetensors", **kw):
     path = tmp_path / name

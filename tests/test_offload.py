@@ -567,6 +567,39 @@ def test_engine_on_every_cpu_backend(backend):
     engine.check_consistency()
 
 
+@pytest.mark.parametrize("miss_path", ["mapped", "staged"])
+def test_engine_step_buffers_are_reused_and_wait_step_counts_like_reads(miss_path):
+    """What DecodeGraph relies on: every step of at most as many tokens as before is read from the same two
+    tensors (step_buffers), and wait_step(layers) counts lookups as the per-layer reads would."""
+    table = torch.randn(VOCAB, 3, 8)
+    a = OffloadEngine(table, cache_rows=CACHE, policy="lru", miss_path=miss_path)
+    b = OffloadEngine(table, cache_rows=CACHE, policy="lru", miss_path=miss_path)
+    a.prefetch(torch.randint(0, VOCAB, (2, 4)))  # grows the buffers to 8 tokens
+    b.prefetch(a._step.ids)
+    first, buf = a.step_buffers()
+    for _ in range(30):
+        ids = torch.randint(0, VOCAB, (2, 1))
+        a.prefetch(ids)
+        assert a._step.first.data_ptr() == first.data_ptr() and a._step.buf is buf
+        assert all(x is y for x, y in zip(a.step_buffers(), (first, buf)))
+        a.wait_step([0, 2])
+        b.prefetch(ids)
+        for layer in (0, 2):
+            b.gather_add_(torch.zeros(2, 1, 8), ids, layer)
+        h = torch.zeros(2, 1, 8)
+        a.gather_add_(h, ids, 1)  # reads the step buffer, which holds this step's rows
+        assert torch.equal(h, table[ids, 1])
+    sa, sb = a.stats(), b.stats()
+    for key in ("lookups", "hits", "misses", "bytes_h2d"):
+        assert [p[key] for p in sa["per_layer"] if p["layer"] != 1] == \
+            [p[key] for p in sb["per_layer"] if p["layer"] != 1], key
+    a.prefetch(torch.randint(0, VOCAB, (3, 5)))  # more tokens than ever: new buffers
+    assert a.step_buffers()[1] is not buf
+    fresh = OffloadEngine(table, cache_rows=CACHE, policy="lru")
+    with pytest.raises(RuntimeError, match="call prefetch"):
+        fresh.wait_step([0])
+
+
 def test_engine_statistics_match_the_directory_replay():
     rng = np.random.default_rng(2)
     toks = (rng.zipf(1.4, 3000) % VOCAB).astype(np.int64)
@@ -782,6 +815,8 @@ def test_cli_generate_and_eval_with_tol_location(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "--cache-rows needs --tol-location" in capsys.readouterr().err
     rc = main([*ev, "--ffn", "--tol-location", "disk"])
     assert rc == 2 and "cannot be combined with --ffn" in capsys.readouterr().err
+    rc = main([*gen, "--tol", "--cuda-graph"])
+    assert rc == 2 and "--cuda-graph replays CUDA graphs: it needs --device cuda" in capsys.readouterr().err
 
 
 # ================================================================ GPU (skipped here, with the reason)
@@ -829,6 +864,70 @@ def test_engine_decode_steady_state_has_no_host_sync():
                 engine.gather_add_(h, ids, layer)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    engine.check_consistency()
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("location", ["host", "disk"])
+def test_decode_graph_through_the_engine_equals_the_in_memory_tol(tmp_path, location):
+    """Generation with every decode step replayed from a CUDA graph, ToLs read through the engine (pinned host
+    tier, mapped misses; disk tier, staged misses), gives the in-memory ToL's tokens, and the engine counts
+    the replayed steps' lookups."""
+    import copy
+
+    from memllm_kernels.model import generate, load_tol, swap_ffn_for_tol
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    model, path = _tiny_model_and_file(tmp_path)
+    engine_model = copy.deepcopy(model).cuda()
+    swap_ffn_for_tol(model, load_tol(path, model))
+    model.cuda()
+    source = HostTable.from_file(path, engine_model) if location == "host" else DiskTable(path, engine_model)
+    engine = OffloadEngine(source, device="cuda", cache_rows=15, policy="hot+lru", token_counts=np.arange(300))
+    swap_ffn_for_engine(engine_model, engine)
+    prompts = [[1, 2, 3, 250], [7]]
+    want = generate(model, prompts, 20, cuda_graph=True)
+    assert want == generate(model, prompts, 20)
+    before = engine.stats()["lookups"]
+    assert generate(engine_model, prompts, 20, cuda_graph=True) == want
+    s = engine.stats()
+    # 4-token prefill + 19 decode steps (+ 2 warm-up forwards), 2 rows, 3 layers
+    assert s["lookups"] - before == (2 * 4 + 2 * 19 + 2 * 2) * 3 and s["hits"] > 0
+    assert generate(engine_model, [[5] * 9], 5, cuda_graph=True) == generate(model, [[5] * 9], 5)  # longer prompt
+    engine.check_consistency()
+
+
+@pytest.mark.requires_cuda
+def test_decode_graph_steady_state_has_no_host_sync(tmp_path):
+    """DecodeGraph steps with ToLs in the pinned host tier: prefetch, bookkeeping and replay never synchronise
+    the host with the device; a step after the engine's buffers grew is captured again and still right."""
+    from memllm_kernels.model import DecodeGraph
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    model, path = _tiny_model_and_file(tmp_path)
+    model.cuda()
+    engine = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15, policy="lru")
+    swap_ffn_for_engine(model, engine)
+    with torch.no_grad():
+        model.setup_caches(1, 40)
+        model(torch.tensor([[1, 2, 3]], device="cuda"), input_pos=torch.arange(3, device="cuda"))
+        step = DecodeGraph(model, 1)
+        toks = torch.randint(0, 300, (30, 1, 1), device="cuda")
+        for t in range(3, 8):
+            step(toks[t], t)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in range(8, 30):
+                step(toks[t], t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert step.captures == 1
+        engine.prefetch(torch.randint(0, 300, (1, 64), device="cuda"), check_ids=False)  # grows the step buffers
+        got = step(toks[3], 30).clone()
+        assert step.captures == 2  # the graph read the old buffers: captured again
+        want = model(toks[3], input_pos=torch.tensor([30], device="cuda"))  # eager, the same slot and token
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     engine.check_consistency()
 
 

@@ -400,6 +400,8 @@ class EngineMemory(nn.Module):
 def _prefetch_hook(engine):
     def hook(model, args, kwargs):
         ids = args[0] if args else kwargs["ids"]
+        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # a DecodeGraph capture: it prefetches eagerly before each replay instead
         # The step's ids are known before the embedding runs: start moving their rows now. On a GPU the range
         # check is left to the embedding lookup (a check here would cost a host sync per step).
         engine.prefetch(ids, check_ids=ids.device.type == "cpu")

@@ -158,6 +158,7 @@ class OffloadEngine:
         self._staging_event = None
         self._pending: list = []  # (step, pinned ids, pinned slots, pinned first, event) awaiting bookkeeping
         self._step: _Step | None = None
+        self.captured_layers: list[int] = []  # layers read by a forward under CUDA-graph capture (wait_step)
         # Per-layer counters as Python lists: a numpy scalar update costs ~1 us, four per layer per step add up.
         self._lookups, self._hits, self._misses, self._bytes = ([0] * self.L for _ in range(4))
         self._fused_hits = torch.zeros(self.L, dtype=torch.int64, device=self.device) if self._cuda else None
@@ -360,7 +361,6 @@ class OffloadEngine:
         if nm:
             self.source.read_rows(torch.from_numpy(miss_toks), self._staging[:nm])
             self.rows_from_disk += nm if isinstance(self.source, DiskTable) else 0
-        main = torch.cuda.current_stream(self.device) if self._cuda else None
         fence = self._main_fence()
         ctx = torch.cuda.stream(self._side) if self._cuda else _nullcontext()
         with ctx:
@@ -371,10 +371,11 @@ class OffloadEngine:
                                     self._index(list(range(nh))), backend=self.backend, check_ids=False)
             if nm:
                 buf[nh:nh + nm].copy_(self._staging[:nm], non_blocking=True)
-            first = torch.from_numpy(first_host.astype(np.int32))
-            if self._cuda:
-                first = first.pin_memory().to(self.device, non_blocking=True)
-                first.record_stream(main)  # made on the side stream, read on main
+            # Into the engine's own index buffer (not a new tensor): a CUDA graph that captured this step's reads
+            # reads the next step's through the same address.
+            first = self._first[:n]
+            host_first = torch.from_numpy(first_host.astype(np.int32))
+            first.copy_(host_first.pin_memory() if self._cuda else host_first, non_blocking=self._cuda)
             events = []
             if self._cuda:
                 ev = torch.cuda.Event()
@@ -451,10 +452,40 @@ class OffloadEngine:
             torch.ops.memllm.tol_gather_add_(hidden, step.first, step.buf, layer, False)
         else:
             _ops.tol_gather_add_(hidden, step.first, step.buf, layer, backend=self.backend, check_ids=False)
+        if self._cuda and torch.cuda.is_current_stream_capturing():
+            self.captured_layers.append(layer)  # each replay counts it, through wait_step
+            return hidden
         step.layers_read.append(layer)
         if step.counted:
             self._count_layer(step, layer)
         return hidden
+
+    def wait_step(self, layers) -> None:
+        """Make the current stream wait for all of the current step's rows, and count them as read by `layers`.
+
+        For a forward replayed from a CUDA graph (memllm_kernels.model.DecodeGraph): its captured reads of the
+        step buffer cannot wait on the step's events or count lookups themselves, so the caller does both
+        between prefetch() and the replay. `layers`: the layers the captured forward reads (captured_layers).
+        """
+        step = self._step
+        if step is None:
+            raise RuntimeError("wait_step needs a prefetched step: call prefetch(ids) first")
+        if self._cuda:
+            main = torch.cuda.current_stream(self.device)
+            for g, ev in enumerate(step.events):
+                if g not in step.waited:
+                    main.wait_event(ev)
+                    step.waited.add(g)
+        for layer in layers:
+            step.layers_read.append(layer)
+            if step.counted:
+                self._count_layer(step, layer)
+
+    def step_buffers(self) -> tuple:
+        """The device tensors a prefetched step is read from (first-row index, rows). They stay the same
+        tensors until a step of more tokens than any before grows them: a CUDA graph that captured reads of
+        them is stale after that (DecodeGraph checks and recaptures)."""
+        return self._first, self._buf
 
     def _fused(self, hidden, ids, layer):
         check = not self._cuda
