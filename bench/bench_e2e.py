@@ -51,8 +51,8 @@ def _free_models():
 
 
 @torch.inference_mode()
-def test_e2e(benchmark, device, size, dtype, kind, phase, T, B, tmp_path_factory):
-    model, engine = resident_model(device, size, dtype, kind, tmp_path_factory.getbasetemp())
+def test_e2e(benchmark, device, size, dtype, kind, phase, T, B):
+    model, engine = resident_model(device, size, dtype, kind)
     vocab = model.config.vocab_size
     reset_peak_memory(device)
     if phase == "prefill":

@@ -5,7 +5,8 @@ Providers (where a model's memory-FFN rows come from):
     memoryllm        MemoryLLM, ToL table in device memory (swap_ffn_for_tol)
     memoryllm-host   MemoryLLM, ToL table in the host tier (page-locked when a GPU is present) + a device
                      row cache of 5% of the vocabulary (hot+lru), through the offload engine
-    memoryllm-disk   the same with the table read in place from a safetensors file (pages dropped first)
+    memoryllm-disk   the same with the table read in place from a safetensors file (pages dropped first),
+                     written once into table_dir() and reused by later runs (12.6 GB at 1b: delete it after)
     flex3            Flex-MemoryLLM (beta = 3): FFN-C dense, FFN-M as a ToL table in device memory
 Speed does not depend on the weights; precomputing a 1b table (128,256 x 24 FFN evaluations) would only
 cost time, so tables are random-looking (one random 512-token chunk repeated).
@@ -14,6 +15,8 @@ cost time, so tables are random-looking (one random 512-token chunk repeated).
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,14 @@ PROVIDERS = ("dense", "memoryllm", "memoryllm-host", "memoryllm-disk", "flex3")
 CACHE_FRACTION = 0.05  # device cache of the host/disk providers, in rows of the vocabulary
 
 
+def table_dir() -> Path:
+    """Where the disk provider's table files live: $MEMLLM_BENCH_TMP, default <tmp>/memllm-bench. Shared by
+    benchmark runs, so a 1b table (12.6 GB, tens of seconds to write) is written once."""
+    d = Path(os.environ.get("MEMLLM_BENCH_TMP") or Path(tempfile.gettempdir()) / "memllm-bench")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def fill_table(shape, dtype, device) -> torch.Tensor:
     """A [V, L, d] table without a multi-minute randn over 3e9 elements: one random chunk repeated."""
     t = torch.empty(shape, dtype=dtype, device=device)
@@ -34,12 +45,12 @@ def fill_table(shape, dtype, device) -> torch.Tensor:
     return t
 
 
-def build_model(device: str, size: str, dtype: str, provider: str, tmp_dir: Path,
-                token_counts: np.ndarray | None = None):
+def build_model(device: str, size: str, dtype: str, provider: str, token_counts: np.ndarray | None = None,
+                cache_rows: int | None = None):
     """(model, engine or None) for preset `<size>-<kind>` in `dtype` on `device`; see the module docstring.
 
     token_counts: [V] corpus counts for the host/disk providers' hot set (None: the cache starts empty
-    and is filled by its LRU tail alone).
+    and is filled by its LRU tail alone). cache_rows: their device cache (default CACHE_FRACTION of V).
     """
     from memllm_kernels.model import Transformer, get_preset, swap_ffn_for_tol
     from memllm_kernels.model.tol import swap_ffn_for_engine, write_tol_file
@@ -64,15 +75,15 @@ def build_model(device: str, size: str, dtype: str, provider: str, tmp_dir: Path
                 for i in range(0, shape[0], chunk.shape[0]):
                     source.table[i:i + chunk.shape[0]].copy_(chunk[:min(chunk.shape[0], shape[0] - i)])
             else:
-                path = Path(tmp_dir) / f"tol-{size}-{dtype}.safetensors"
+                path = table_dir() / f"tol-{size}-{dtype}.safetensors"
                 if not path.is_file():
                     chunk = fill_table((min(shape[0], 512),) + shape[1:], dt, "cpu")
                     parts = (chunk[:min(chunk.shape[0], shape[0] - i)] for i in range(0, shape[0], chunk.shape[0]))
                     write_tol_file(path, parts, shape, dt, {"format": "memllm-tol", "config": "{}"})
                 source = DiskTable(path)
                 source.drop_pages()  # start cold: rows come from storage (or whatever the device caches)
-            engine = OffloadEngine(source, device=device, cache_rows=max(1, int(cfg.vocab_size * CACHE_FRACTION)),
-                                   policy="hot+lru", token_counts=token_counts)
+            rows = max(1, int(cfg.vocab_size * CACHE_FRACTION)) if cache_rows is None else cache_rows
+            engine = OffloadEngine(source, device=device, cache_rows=rows, policy="hot+lru", token_counts=token_counts)
             swap_ffn_for_engine(model, engine)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -99,14 +110,14 @@ def decode_step(model, prompt: torch.Tensor, tokens: torch.Tensor, graph: bool =
 _RESIDENT: dict = {}
 
 
-def resident_model(device: str, size: str, dtype: str, provider: str, tmp_dir: Path,
-                   token_counts: np.ndarray | None = None, tag: str = ""):
+def resident_model(device: str, size: str, dtype: str, provider: str, token_counts: np.ndarray | None = None,
+                   cache_rows: int | None = None, tag: str = ""):
     """build_model, kept while consecutive benchmarks ask for the same one: one model resident at a time
     (a 1b model and its 12.6 GB table fill much of a GPU). `tag` tells apart builds with other counts."""
-    key = (device, size, dtype, provider, tag)
+    key = (device, size, dtype, provider, cache_rows, tag)
     if key not in _RESIDENT:
         free_models()
-        _RESIDENT[key] = build_model(device, size, dtype, provider, tmp_dir, token_counts)
+        _RESIDENT[key] = build_model(device, size, dtype, provider, token_counts, cache_rows)
     return _RESIDENT[key]
 
 
