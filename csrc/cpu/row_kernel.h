@@ -1,13 +1,17 @@
 // What the CPU row kernels (tol_gather_add.cpp, tol_cached_gather_add.cpp) share: element conversions to
-// and from the accumulation type (acc_type_t, tol_gather_add.h), and the instruction set their row loop is
-// compiled for, picked at run time.
+// and from the accumulation type (acc_type_t, tol_gather_add.h), the per-token add, and the threaded loop over
+// tokens compiled per instruction set, picked at run time.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/bit_cast.h>
 
+#include <algorithm>
 #include <cstdint>
+
+#include "../tol_gather_add.h"  // acc_type_t
 
 namespace memllm {
 
@@ -55,5 +59,43 @@ inline Isa cpu_isa() {
 #define MEMLLM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define MEMLLM_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")))
+
+// o[0:d] = round(h[0:d] + row[0:d]): the sum in acc_type_t (float32, float64 if an input is float64), rounded
+// once to hidden's dtype. The loop every row kernel runs per token; g++ -O3 vectorizes it for the
+// instruction set of the function it is inlined into.
+template <typename hidden_t, typename table_t>
+__attribute__((always_inline)) inline void add_row(hidden_t* __restrict__ o, const hidden_t* __restrict__ h,
+                                                   const table_t* __restrict__ row, int64_t d) {
+  using acc_t = acc_type_t<hidden_t, table_t>;
+  for (int64_t i = 0; i < d; ++i) {
+    o[i] = from_acc<hidden_t>(static_cast<acc_t>(to_acc(h[i])) + static_cast<acc_t>(to_acc(row[i])));
+  }
+}
+
+// A kernel's add_rows(args, begin, end) (always_inline, found by argument-dependent lookup) compiled once per
+// instruction set. AVX-512 over AVX2: one thread went from 8.8 to 7.1 ms at T=4096, d=2048, bf16 on the
+// 2-core x86-64 CI machine (torch.add of the same bytes: 6.3 ms).
+template <typename Args>
+MEMLLM_TARGET_AVX512 void add_rows_avx512(const Args& a, int64_t begin, int64_t end) { add_rows(a, begin, end); }
+template <typename Args>
+MEMLLM_TARGET_AVX2 void add_rows_avx2(const Args& a, int64_t begin, int64_t end) { add_rows(a, begin, end); }
+template <typename Args>
+void add_rows_default(const Args& a, int64_t begin, int64_t end) { add_rows(a, begin, end); }
+
+// Rows [0, T) of a kernel's add_rows split across threads (at::parallel_for; setup.py passes -fopenmp, or
+// the loop runs on one core), each chunk in the widest instruction set this CPU runs. About 32K elements
+// per task: big enough to amortize scheduling, small enough to balance.
+template <typename Args>
+void parallel_add_rows(const Args& a, int64_t T, int64_t d) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+  const Isa isa = cpu_isa();
+  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+    switch (isa) {
+      case Isa::kAvx512: add_rows_avx512(a, begin, end); break;
+      case Isa::kAvx2: add_rows_avx2(a, begin, end); break;
+      default: add_rows_default(a, begin, end);
+    }
+  });
+}
 
 }  // namespace memllm

@@ -34,39 +34,18 @@ struct Args {
 template <typename hidden_t, typename table_t, typename index_t>
 __attribute__((always_inline)) inline void add_rows(const Args<hidden_t, table_t, index_t>& a, int64_t begin,
                                                     int64_t end) {
-  using acc_t = acc_type_t<hidden_t, table_t>;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t id = static_cast<int64_t>(a.ids[t]);
-    hidden_t* __restrict__ o = a.out + t * a.out_rs;
+    hidden_t* o = a.out + t * a.out_rs;
     if (id < 0 || id >= a.hv.num_rows) {  // only with check_ids=false: never read, poison the row
       for (int64_t i = 0; i < a.d; ++i) o[i] = std::numeric_limits<hidden_t>::quiet_NaN();
       continue;
     }
     const int64_t slot = a.slot_map[id];
-    const table_t* __restrict__ row = (slot >= 0 && slot < a.cv.num_rows)
-                                          ? a.cache + slot * a.cv.row_stride + a.cv.layer_offset
-                                          : a.host + id * a.hv.row_stride + a.hv.layer_offset;
-    const hidden_t* __restrict__ h = a.hidden + t * a.hidden_rs;
-    for (int64_t i = 0; i < a.d; ++i) {
-      o[i] = from_acc<hidden_t>(static_cast<acc_t>(to_acc(h[i])) + static_cast<acc_t>(to_acc(row[i])));
-    }
+    const table_t* row = (slot >= 0 && slot < a.cv.num_rows) ? a.cache + slot * a.cv.row_stride + a.cv.layer_offset
+                                                             : a.host + id * a.hv.row_stride + a.hv.layer_offset;
+    add_row(o, a.hidden + t * a.hidden_rs, row, a.d);
   }
-}
-
-// The row loop compiled per instruction set (row_kernel.h).
-template <typename hidden_t, typename table_t, typename index_t>
-MEMLLM_TARGET_AVX2 void add_rows_avx2(const Args<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
-  add_rows(a, begin, end);
-}
-
-template <typename hidden_t, typename table_t, typename index_t>
-MEMLLM_TARGET_AVX512 void add_rows_avx512(const Args<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
-  add_rows(a, begin, end);
-}
-
-template <typename hidden_t, typename table_t, typename index_t>
-void add_rows_default(const Args<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
-  add_rows(a, begin, end);
 }
 
 void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
@@ -92,15 +71,7 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
                                            hidden_rs, ids, sm.const_data_ptr<int32_t>(),
                                            cache.const_data_ptr<table_t>(), v.cache,
                                            host_table.const_data_ptr<table_t>(), v.host, d};
-        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
-        const Isa isa = cpu_isa();
-        at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
-          switch (isa) {
-            case Isa::kAvx512: add_rows_avx512(a, begin, end); break;
-            case Isa::kAvx2: add_rows_avx2(a, begin, end); break;
-            default: add_rows_default(a, begin, end);
-          }
-        });
+        parallel_add_rows(a, T, d);
       });
     });
   });

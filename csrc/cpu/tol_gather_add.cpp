@@ -36,48 +36,10 @@ struct RowArgs {
 template <typename hidden_t, typename table_t, typename index_t>
 __attribute__((always_inline)) inline void add_rows(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin,
                                                     int64_t end) {
-  using acc_t = acc_type_t<hidden_t, table_t>;
   for (int64_t t = begin; t < end; ++t) {
-    const table_t* __restrict__ row = a.table + static_cast<int64_t>(a.ids[t]) * a.tv.row_stride + a.tv.layer_offset;
-    const hidden_t* __restrict__ h = a.hidden + t * a.hidden_rs;
-    hidden_t* __restrict__ o = a.out + t * a.out_rs;
-    for (int64_t i = 0; i < a.d; ++i) {
-      o[i] = from_acc<hidden_t>(static_cast<acc_t>(to_acc(h[i])) + static_cast<acc_t>(to_acc(row[i])));
-    }
+    add_row(a.out + t * a.out_rs, a.hidden + t * a.hidden_rs,
+            a.table + static_cast<int64_t>(a.ids[t]) * a.tv.row_stride + a.tv.layer_offset, a.d);
   }
-}
-
-// The same loop compiled for AVX2/F16C (every x86-64 CPU since 2013) and AVX-512, picked at run time
-// (row_kernel.h). AVX-512 over AVX2: one thread went from 8.8 to 7.1 ms at T=4096, d=2048, bf16 on the
-// 2-core x86-64 CI machine (torch.add of the same bytes: 6.3 ms).
-template <typename hidden_t, typename table_t, typename index_t>
-MEMLLM_TARGET_AVX2 void add_rows_avx2(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
-  add_rows(a, begin, end);
-}
-
-template <typename hidden_t, typename table_t, typename index_t>
-MEMLLM_TARGET_AVX512 void add_rows_avx512(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin,
-                                          int64_t end) {
-  add_rows(a, begin, end);
-}
-
-template <typename hidden_t, typename table_t, typename index_t>
-void add_rows_default(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin, int64_t end) {
-  add_rows(a, begin, end);
-}
-
-template <typename hidden_t, typename table_t, typename index_t>
-void tol_gather_add_rows(const RowArgs<hidden_t, table_t, index_t>& a, int64_t T) {
-  // About 32K elements per task: big enough to amortize scheduling, small enough to balance.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.d, 1));
-  const Isa isa = cpu_isa();
-  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
-    switch (isa) {
-      case Isa::kAvx512: add_rows_avx512(a, begin, end); break;
-      case Isa::kAvx2: add_rows_avx2(a, begin, end); break;
-      default: add_rows_default(a, begin, end);
-    }
-  });
 }
 
 // Checks every id before any write, so a bad id never leaves a half-updated hidden behind.
@@ -119,7 +81,7 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
         RowArgs<hidden_t, table_t, index_t> args{out.data_ptr<hidden_t>(), out_rs, hidden.const_data_ptr<hidden_t>(),
                                                  hidden_rs, ids, table.const_data_ptr<table_t>(), tv, d};
         if (ids_ok) {
-          tol_gather_add_rows(args, T);
+          parallel_add_rows(args, T, d);
           return;
         }
         // Rare path (check_ids=false and a bad id): row by row, NaN for the bad ones.

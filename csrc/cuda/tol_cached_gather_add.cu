@@ -26,30 +26,17 @@ __global__ void cached_gather_add_kernel(hidden_t* __restrict__ out, int64_t out
                                          const table_t* __restrict__ host, int64_t host_rs, int64_t num_rows,
                                          int64_t layer_offset_cache, int64_t layer_offset_host, int64_t T,
                                          int64_t d) {
-  using acc_t = acc_type_t<hidden_t, table_t>;
-  const int64_t nvec = d / VEC;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; t < T;
        t += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t id = static_cast<int64_t>(ids[t]);
-    hidden_t* o = out + t * out_rs;
     if (id < 0 || id >= num_rows) {
-      for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = static_cast<hidden_t>(NAN);
+      nan_row(out + t * out_rs, d);
       continue;
     }
     const int64_t slot = slot_map[id];
     const table_t* r = (slot >= 0 && slot < num_slots) ? cache + slot * cache_rs + layer_offset_cache
                                                        : host + id * host_rs + layer_offset_host;
-    const hidden_t* h = hidden + t * hidden_rs;
-    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
-      const Vec<hidden_t, VEC> hv = reinterpret_cast<const Vec<hidden_t, VEC>*>(h)[j];
-      const Vec<table_t, VEC> rv = reinterpret_cast<const Vec<table_t, VEC>*>(r)[j];
-      Vec<hidden_t, VEC> ov;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        ov.v[k] = static_cast<hidden_t>(static_cast<acc_t>(hv.v[k]) + static_cast<acc_t>(rv.v[k]));
-      }
-      reinterpret_cast<Vec<hidden_t, VEC>*>(o)[j] = ov;
-    }
+    add_row<hidden_t, table_t, VEC>(out + t * out_rs, hidden + t * hidden_rs, r, d);
   }
 }
 

@@ -29,28 +29,13 @@ __global__ void tol_gather_add_kernel(hidden_t* __restrict__ out, int64_t out_rs
                                       const index_t* __restrict__ ids, const table_t* __restrict__ table,
                                       int64_t table_rs, int64_t layer_offset, int64_t num_rows, int64_t T,
                                       int64_t d) {
-  using acc_t = acc_type_t<hidden_t, table_t>;
-  const int64_t nvec = d / VEC;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; t < T;
        t += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t id = static_cast<int64_t>(ids[t]);
-    hidden_t* o = out + t * out_rs;
     if (id < 0 || id >= num_rows) {
-      // Only reachable with check_ids=false: never read outside the table, poison the row instead.
-      for (int64_t i = threadIdx.x; i < d; i += blockDim.x) o[i] = static_cast<hidden_t>(NAN);
-      continue;
-    }
-    const hidden_t* h = hidden + t * hidden_rs;
-    const table_t* r = table + id * table_rs + layer_offset;
-    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
-      const Vec<hidden_t, VEC> hv = reinterpret_cast<const Vec<hidden_t, VEC>*>(h)[j];
-      const Vec<table_t, VEC> rv = reinterpret_cast<const Vec<table_t, VEC>*>(r)[j];
-      Vec<hidden_t, VEC> ov;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        ov.v[k] = static_cast<hidden_t>(static_cast<acc_t>(hv.v[k]) + static_cast<acc_t>(rv.v[k]));
-      }
-      reinterpret_cast<Vec<hidden_t, VEC>*>(o)[j] = ov;
+      nan_row(out + t * out_rs, d);
+    } else {
+      add_row<hidden_t, table_t, VEC>(out + t * out_rs, hidden + t * hidden_rs, table + id * table_rs + layer_offset, d);
     }
   }
 }
