@@ -97,20 +97,12 @@ void cache_prefetch_cuda(const at::Tensor& ids, const at::Tensor& slot_map, cons
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(ids_c.scalar_type(), "tol_cache_prefetch_cuda", [&] {
     const index_t* id_ptr = ids_c.const_data_ptr<index_t>();
-    auto run = [&](auto width_tag) {
-      using vec_t = typename CopyVec<decltype(width_tag)::value>::type;
-      cache_prefetch_kernel<vec_t, index_t><<<grid, kThreads, 0, stream>>>(
+    with_copy_type(w, [&](auto vec) {
+      cache_prefetch_kernel<decltype(vec), index_t><<<grid, kThreads, 0, stream>>>(
           id_ptr, sm.const_data_ptr<int32_t>(), c, crs, cache.size(0), h, hrs, V, o, ors,
           first.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), N, offset, range_vecs, chunk_vecs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    switch (w) {
-      case 16: run(std::integral_constant<int, 16>{}); break;
-      case 8: run(std::integral_constant<int, 8>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      default: run(std::integral_constant<int, 1>{}); break;
-    }
+    });
   });
 }
 

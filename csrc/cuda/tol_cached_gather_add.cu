@@ -65,19 +65,14 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
                             v.cache.row_stride % kVec == 0 && v.cache.layer_offset % kVec == 0 &&
                             v.host.row_stride % kVec == 0 && v.host.layer_offset % kVec == 0 && aligned(h, 16) &&
                             aligned(o, 16) && aligned(c, sizeof(table_t) * kVec) && aligned(ht, sizeof(table_t) * kVec);
-        const int vec = vec_ok ? kVec : 1;
-        const int64_t nvec = d / vec;
-        const int tx = static_cast<int>(std::min<int64_t>(256, (nvec + 31) / 32 * 32));
-        const int ty = 256 / tx;
-        const int64_t blocks = std::min<int64_t>((T + ty - 1) / ty, 65535);
-        const dim3 block(tx, ty);
+        const RowLaunch rl = row_launch(T, d, vec_ok ? kVec : 1);
         const index_t* id_ptr = ids_flat.const_data_ptr<index_t>();
         if (vec_ok) {
-          cached_gather_add_kernel<hidden_t, table_t, index_t, kVec><<<blocks, block, 0, stream>>>(
+          cached_gather_add_kernel<hidden_t, table_t, index_t, kVec><<<rl.grid, rl.block, 0, stream>>>(
               o, out_rs, h, hidden_rs, id_ptr, sm.const_data_ptr<int32_t>(), c, v.cache.row_stride, v.cache.num_rows,
               ht, v.host.row_stride, v.host.num_rows, v.cache.layer_offset, v.host.layer_offset, T, d);
         } else {
-          cached_gather_add_kernel<hidden_t, table_t, index_t, 1><<<blocks, block, 0, stream>>>(
+          cached_gather_add_kernel<hidden_t, table_t, index_t, 1><<<rl.grid, rl.block, 0, stream>>>(
               o, out_rs, h, hidden_rs, id_ptr, sm.const_data_ptr<int32_t>(), c, v.cache.row_stride, v.cache.num_rows,
               ht, v.host.row_stride, v.host.num_rows, v.cache.layer_offset, v.host.layer_offset, T, d);
         }

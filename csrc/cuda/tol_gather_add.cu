@@ -73,21 +73,13 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
         const bool vec_ok = d % kVec == 0 && out_rs % kVec == 0 && hidden_rs % kVec == 0 &&
                             tv.row_stride % kVec == 0 && tv.layer_offset % kVec == 0 && aligned(h, 16) &&
                             aligned(o, 16) && aligned(tab, sizeof(table_t) * kVec);
-        const int vec = vec_ok ? kVec : 1;
-        // Threads along d cover one row's vectors (a multiple of 32, at most 256); the rest of a
-        // 256-thread block takes further rows, so d=8 still runs 32 rows per block.
-        const int64_t nvec = d / vec;
-        const int tx = static_cast<int>(std::min<int64_t>(256, (nvec + 31) / 32 * 32));
-        const int ty = 256 / tx;
-        // 65535 blocks of up to 256 threads saturate any current GPU; more rows loop.
-        const int64_t blocks = std::min<int64_t>((T + ty - 1) / ty, 65535);
-        const dim3 block(tx, ty);
+        const RowLaunch rl = row_launch(T, d, vec_ok ? kVec : 1);
         const index_t* id_ptr = ids_flat.const_data_ptr<index_t>();
         if (vec_ok) {
-          tol_gather_add_kernel<hidden_t, table_t, index_t, kVec><<<blocks, block, 0, stream>>>(
+          tol_gather_add_kernel<hidden_t, table_t, index_t, kVec><<<rl.grid, rl.block, 0, stream>>>(
               o, out_rs, h, hidden_rs, id_ptr, tab, tv.row_stride, tv.layer_offset, tv.num_rows, T, d);
         } else {
-          tol_gather_add_kernel<hidden_t, table_t, index_t, 1><<<blocks, block, 0, stream>>>(
+          tol_gather_add_kernel<hidden_t, table_t, index_t, 1><<<rl.grid, rl.block, 0, stream>>>(
               o, out_rs, h, hidden_rs, id_ptr, tab, tv.row_stride, tv.layer_offset, tv.num_rows, T, d);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -85,19 +85,11 @@ void host_gather_cuda(const at::Tensor& table, const at::Tensor& ids, const at::
   const int64_t* row_ptr = rows.defined() ? rows.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_INDEX_TYPES(ids_c.scalar_type(), "tol_host_gather_cuda", [&] {
     const index_t* id_ptr = ids_c.const_data_ptr<index_t>();
-    auto run = [&](auto width_tag) {
-      using vec_t = typename CopyVec<decltype(width_tag)::value>::type;
-      host_gather_kernel<vec_t, index_t><<<blocks, kThreads, 0, stream>>>(dst, dst_rs, src, src_rs, id_ptr, row_ptr,
-                                                                        N, V, M, row_vecs);
+    with_copy_type(w, [&](auto vec) {
+      host_gather_kernel<decltype(vec), index_t><<<blocks, kThreads, 0, stream>>>(dst, dst_rs, src, src_rs, id_ptr,
+                                                                                row_ptr, N, V, M, row_vecs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    switch (w) {
-      case 16: run(std::integral_constant<int, 16>{}); break;
-      case 8: run(std::integral_constant<int, 8>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      default: run(std::integral_constant<int, 1>{}); break;
-    }
+    });
   });
 }
 

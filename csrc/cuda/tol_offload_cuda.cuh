@@ -64,12 +64,17 @@ inline int copy_width(int64_t row_bytes, std::initializer_list<int64_t> addresse
   return 1;
 }
 
-template <int W> struct CopyVec;
-template <> struct CopyVec<16> { using type = uint4; };
-template <> struct CopyVec<8> { using type = uint2; };
-template <> struct CopyVec<4> { using type = uint32_t; };
-template <> struct CopyVec<2> { using type = uint16_t; };
-template <> struct CopyVec<1> { using type = uint8_t; };
+// f(vec_t{}) with vec_t the unsigned type of `width` bytes (copy_width's answer): the kernel's access type.
+template <typename F>
+void with_copy_type(int width, F&& f) {
+  switch (width) {
+    case 16: f(uint4{}); break;
+    case 8: f(uint2{}); break;
+    case 4: f(uint32_t{}); break;
+    case 2: f(uint16_t{}); break;
+    default: f(uint8_t{}); break;
+  }
+}
 
 template <typename V> __device__ inline V all_ones() {
   V v;

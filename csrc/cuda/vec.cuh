@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../tol_gather_add.h"  // acc_type_t
@@ -17,6 +18,19 @@ struct alignas(sizeof(T) * N) Vec {
 };
 
 inline bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Launch shape of a row kernel over T rows of d elements moved `vec` at a time: threads along d cover one row's
+// vectors (a multiple of 32, at most 256); the rest of a 256-thread block takes further rows, so d=8 still
+// runs 32 rows per block. 65535 blocks of up to 256 threads saturate any current GPU; more rows loop.
+struct RowLaunch {
+  dim3 grid, block;
+};
+
+inline RowLaunch row_launch(int64_t T, int64_t d, int vec) {
+  const int tx = static_cast<int>(std::min<int64_t>(256, (d / vec + 31) / 32 * 32));
+  const int ty = 256 / tx;
+  return {dim3(static_cast<unsigned>(std::min<int64_t>((T + ty - 1) / ty, 65535))), dim3(tx, ty)};
+}
 
 #ifdef __CUDACC__
 // o = round(h + r) over one row of d elements (d % VEC == 0, every pointer aligned for Vec<., VEC>: the
