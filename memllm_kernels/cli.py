@@ -187,8 +187,6 @@ def _random_memory_model(cfg, seed: int, device: str, n_layer: int | None = None
 
 
 def _cmd_precompute(a) -> int:
-    import torch
-
     from .model import estimate_tol, get_preset
     from .model.tol import iter_tol_chunks, precompute_tol
     from .model.train import load_run

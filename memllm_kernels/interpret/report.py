@@ -247,7 +247,7 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
         n_l = max(len(s.points) for s in sweeps)
         md += _table(hdr, [["none"] + [s.baseline[1] for s in sweeps]]
                      + [[str(i)] + [s.points[i][2] if i < len(s.points) else None for s in sweeps] for i in range(n_l)])
-        md += [f"Whole memory scaled by alpha (paper Table 1). [plot](sweep_alpha.png)", ""]
+        md += ["Whole memory scaled by alpha (paper Table 1). [plot](sweep_alpha.png)", ""]
         md += _table(["alpha"] + [f"{p[0]:g}" for p in al.points], [["ppl"] + [p[2] for p in al.points]])
 
     # ---- 6. edits

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 KINDS = ("dense", "memoryllm", "flex1", "flex2", "flex3")
 

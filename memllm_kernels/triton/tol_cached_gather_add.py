@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from .tol_gather_add import _INTERPRET, _TILE_ELEMS, _rows
+from .tol_gather_add import _fake_run, _rows, _tiles
 
 
 @triton.jit
@@ -47,13 +46,9 @@ def tol_cached_gather_add_kernel(
 def _launch(out, hidden, ids, slot_map, cache, host_table, layer):
     """out, hidden: [T, d] with unit column stride; ids [T] contiguous."""
     T, d = hidden.shape
-    if T == 0 or d == 0:
+    if T == 0 or d == 0 or _fake_run(out):
         return
-    if _INTERPRET and (out.device.type == "meta" or is_fake(out)):
-        return
-    block_d = min(triton.next_power_of_2(d), _TILE_ELEMS)
-    block_t = min(triton.next_power_of_2(T), max(1, _TILE_ELEMS // block_d))
-    grid = (triton.cdiv(T, block_t), triton.cdiv(d, block_d))
+    block_t, block_d, grid, warps = _tiles(T, d)
     coff = 0 if layer is None else layer * cache.stride(1)
     hoff = 0 if layer is None else layer * host_table.stride(1)
     wrap_triton(tol_cached_gather_add_kernel)[grid](
@@ -61,7 +56,7 @@ def _launch(out, hidden, ids, slot_map, cache, host_table, layer):
         T, d, out.stride(0), hidden.stride(0), cache.stride(0), host_table.stride(0), coff, hoff,
         cache.shape[0], host_table.shape[0],
         BLOCK_T=block_t, BLOCK_D=block_d, FP64=hidden.dtype == torch.float64 or cache.dtype == torch.float64,
-        num_warps=4 if block_t * block_d <= 4096 else 8,
+        num_warps=warps,
     )
 
 

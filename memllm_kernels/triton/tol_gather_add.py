@@ -43,26 +43,35 @@ def tol_gather_add_kernel(
     tl.store(out_ptr + rows[:, None] * out_rs + cols[None, :], out, mask=mask)
 
 
+def _tiles(rows: int, cols: int) -> tuple[int, int, tuple[int, int], int]:
+    """(block_rows, block_cols, grid, num_warps) of a row kernel over [rows, cols]: tiles of at most
+    _TILE_ELEMS elements, as much of a row's width as fits first (every kernel of this package)."""
+    block_c = min(triton.next_power_of_2(cols), _TILE_ELEMS)
+    block_r = min(triton.next_power_of_2(rows), max(1, _TILE_ELEMS // block_c))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    return block_r, block_c, grid, 4 if block_r * block_c <= 4096 else 8
+
+
+def _fake_run(out: torch.Tensor) -> bool:
+    """True while torch traces an op's fake kernel under the interpreter: wrap_triton then hands back the
+    eager kernel, which must not run on fake tensors (on a GPU wrap_triton's own fake is a no-op)."""
+    return _INTERPRET and (out.device.type == "meta" or is_fake(out))
+
+
 def _launch(out: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
             layer: int | None) -> None:
     """out, hidden: [T, d] views with unit column stride; ids: [T] contiguous."""
     T, d = hidden.shape
-    if T == 0 or d == 0:
+    if T == 0 or d == 0 or _fake_run(out):
         return
-    if _INTERPRET and (out.device.type == "meta" or is_fake(out)):
-        # Under the interpreter wrap_triton hands back the eager kernel, which would run on fake
-        # tensors while torch traces this op's fake kernel; on a GPU wrap_triton's own fake is a no-op.
-        return
-    block_d = min(triton.next_power_of_2(d), _TILE_ELEMS)
-    block_t = min(triton.next_power_of_2(T), max(1, _TILE_ELEMS // block_d))
-    grid = (triton.cdiv(T, block_t), triton.cdiv(d, block_d))
+    block_t, block_d, grid, warps = _tiles(T, d)
     layer_offset = 0 if layer is None else layer * table.stride(1)
     wrap_triton(tol_gather_add_kernel)[grid](
         out, hidden, ids, table,
         T, d, out.stride(0), hidden.stride(0), table.stride(0), layer_offset, table.shape[0],
         BLOCK_T=block_t, BLOCK_D=block_d,
         FP64=hidden.dtype == torch.float64 or table.dtype == torch.float64,
-        num_warps=4 if block_t * block_d <= 4096 else 8,
+        num_warps=warps,
     )
 
 

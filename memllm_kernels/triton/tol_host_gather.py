@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from .tol_gather_add import _INTERPRET, _TILE_ELEMS
+from .tol_gather_add import _fake_run, _tiles
 
 
 @triton.jit
@@ -48,20 +47,15 @@ def tol_host_gather_triton(table: torch.Tensor, ids: torch.Tensor, out: torch.Te
     row_elems = 1
     for s in table.shape[1:]:
         row_elems *= s
-    if N == 0 or row_elems == 0:
+    if N == 0 or row_elems == 0 or _fake_run(out):
         return
-    if _INTERPRET and (out.device.type == "meta" or is_fake(out)):
-        return
-    block_e = min(triton.next_power_of_2(row_elems), _TILE_ELEMS)
-    block_n = min(triton.next_power_of_2(N), max(1, _TILE_ELEMS // block_e))
-    grid = (triton.cdiv(N, block_n), triton.cdiv(row_elems, block_e))
+    block_n, block_e, grid, warps = _tiles(N, row_elems)
     ids_c = ids.contiguous()
     rows_c = ids_c if rows is None else rows.contiguous()
     wrap_triton(tol_host_gather_kernel)[grid](
         out, table, ids_c, rows_c,
         N, row_elems, out.stride(0), table.stride(0), table.shape[0], out.shape[0],
-        HAS_ROWS=rows is not None, BLOCK_N=block_n, BLOCK_E=block_e,
-        num_warps=4 if block_n * block_e <= 4096 else 8,
+        HAS_ROWS=rows is not None, BLOCK_N=block_n, BLOCK_E=block_e, num_warps=warps,
     )
 
 
