@@ -764,6 +764,10 @@ def test_swap_for_engine_checks_shapes(tmp_path):
         swap_ffn_for_engine(Transformer(cfg), engine)
     with pytest.raises(ValueError, match="dense model"):
         swap_ffn_for_engine(Transformer(cfg.replace(kind="dense")), engine)
+    with torch.device("meta"):
+        elsewhere = Transformer(cfg.replace(n_layer=2))
+    with pytest.raises(ValueError, match="engine table is on cpu but the model is on meta; build the engine there"):
+        swap_ffn_for_engine(elsewhere, engine)
 
 
 needs_train_deps = pytest.mark.skipif(

@@ -346,6 +346,22 @@ class ToLMemory(nn.Module):
         return f"layer={self.layer}, scale={self.scale}, backend={self.backend!r}"
 
 
+def _check_swap(model: Transformer, shape: tuple, device: torch.device, what: str, fix: str) -> None:
+    """What a swap of the memory FFNs for a lookup needs: a model with memory FFNs not yet swapped, and a table
+    of the model's [V, L, d] on the model's device."""
+    cfg = model.config
+    if not cfg.has_memory:
+        raise ValueError(f"{cfg.name} is a dense model (kind 'dense'): it has no memory FFN to swap for a ToL")
+    if any(not isinstance(m, MemoryFFN) for m in model.memory_modules()):
+        raise ValueError("this model's memory FFNs were already swapped for a ToL")
+    want = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
+    if tuple(shape) != want:
+        raise ValueError(f"{what} shape {tuple(shape)} does not match the model's [V, L, d] = {list(want)}")
+    model_device = model.tok_embeddings.weight.device
+    if device != model_device:
+        raise ValueError(f"{what} is on {device} but the model is on {model_device}; {fix}")
+
+
 def swap_ffn_for_tol(model: Transformer, tol: torch.Tensor, *, backend: str = "auto") -> Transformer:
     """Replace every layer's memory FFN by a lookup in `tol` [V, L, d]; FFN-C of Flex models stays.
 
@@ -354,18 +370,7 @@ def swap_ffn_for_tol(model: Transformer, tol: torch.Tensor, *, backend: str = "a
     multi-GB table is the caller's decision. Use load_tol(path, model) first to check a file belongs to
     the model; this function checks shapes only.
     """
-    cfg = model.config
-    if not cfg.has_memory:
-        raise ValueError(f"{cfg.name} is a dense model (kind 'dense'): it has no memory FFN to swap for a ToL")
-    mems = model.memory_modules()
-    if any(not isinstance(m, MemoryFFN) for m in mems):
-        raise ValueError("this model's memory FFNs were already swapped for a ToL")
-    want = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
-    if tuple(tol.shape) != want:
-        raise ValueError(f"ToL shape {tuple(tol.shape)} does not match the model's [V, L, d] = {list(want)}")
-    device = model.tok_embeddings.weight.device
-    if tol.device != device:
-        raise ValueError(f"ToL is on {tol.device} but the model is on {device}; move one of them first")
+    _check_swap(model, tuple(tol.shape), tol.device, "ToL", "move one of them first")
     store = TokenLookupTable(tol)
     for i, block in enumerate(model.layers):
         block.memory = ToLMemory(store, i, block.memory.scale, backend)
@@ -417,19 +422,7 @@ def swap_ffn_for_engine(model: Transformer, engine) -> Transformer:
     `model.tol_engine_hook` (remove() it to undo). Check the file against the model when building the
     engine (HostTable.from_file(path, model) / DiskTable(path, model)); here only shapes are checked.
     """
-    cfg = model.config
-    if not cfg.has_memory:
-        raise ValueError(f"{cfg.name} is a dense model (kind 'dense'): it has no memory FFN to swap for a ToL")
-    mems = model.memory_modules()
-    if any(not isinstance(m, MemoryFFN) for m in mems):
-        raise ValueError("this model's memory FFNs were already swapped for a ToL")
-    want = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
-    if (engine.V, engine.L, engine.d) != want:
-        raise ValueError(f"engine table shape {(engine.V, engine.L, engine.d)} does not match the model's "
-                         f"[V, L, d] = {list(want)}")
-    device = model.tok_embeddings.weight.device
-    if engine.device != device:
-        raise ValueError(f"the engine serves {engine.device} but the model is on {device}")
+    _check_swap(model, (engine.V, engine.L, engine.d), engine.device, "engine table", "build the engine there")
     for i, block in enumerate(model.layers):
         block.memory = EngineMemory(engine, i, block.memory.scale)
     model.tol_engine = engine
