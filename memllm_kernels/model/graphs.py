@@ -70,7 +70,7 @@ class DecodeGraph:
         if self.engine is not None:
             # The capture's reads of the step buffer are recorded, not run: prefetch once so that the buffer
             # exists at its final address and the reads match this step (the model's hook is off while capturing).
-            self.engine.prefetch(self.tokens, check_ids=False)
+            self.engine.prefetch(self.tokens, check_ids=False, layer_groups=1)
             self.engine.wait_step([])
             self.engine.captured_layers = []
         self.graph = torch.cuda.CUDAGraph()
@@ -95,13 +95,14 @@ class DecodeGraph:
                              f"graph's scratch slot: set up the cache one slot longer)")
         self._set_inputs(tokens, pos, pad)
         if self.engine is not None:
-            self.engine.prefetch(self.tokens, check_ids=False)
+            # One layer group: the replay waits for every layer's rows, so more events would only add launches.
+            self.engine.prefetch(self.tokens, check_ids=False, layer_groups=1)
             if any(a is not b for a, b in zip(self.engine.step_buffers(), self._buffers)):
                 # A longer step grew the engine's buffers since the capture: capture again (its scratch step
                 # overwrites the inputs), then set and prefetch this call's inputs once more.
                 self._capture()
                 self._set_inputs(tokens, pos, pad)
-                self.engine.prefetch(self.tokens, check_ids=False)
+                self.engine.prefetch(self.tokens, check_ids=False, layer_groups=1)
             self.engine.wait_step(self._layers)
         self.graph.replay()
         return self.logits

@@ -197,12 +197,11 @@ class OffloadEngine:
                 self._first.record_stream(self._side)
                 self._slots.record_stream(self._side)
 
-    def _groups(self):
-        G = self.layer_groups
+    def _groups(self, G: int):
         return [(g * self.L // G, (g + 1) * self.L // G) for g in range(G)]
 
-    def _group_of(self, layer: int) -> int:
-        return min(self.layer_groups - 1, layer * self.layer_groups // self.L) if self.layer_groups > 1 else 0
+    def _group_of(self, layer: int, G: int) -> int:
+        return min(G - 1, layer * G // self.L) if G > 1 else 0
 
     def _index(self, values) -> torch.Tensor:
         """A host list of ints as an int64 tensor on the device (through pinned memory, non-blocking)."""
@@ -262,13 +261,14 @@ class OffloadEngine:
                             f"{flat.dtype if isinstance(flat, torch.Tensor) else type(flat).__name__}")
         _ops._check_id_range("OffloadEngine", flat, self.V)
 
-    def prefetch(self, ids: torch.Tensor, *, check_ids: bool = True) -> None:
+    def prefetch(self, ids: torch.Tensor, *, check_ids: bool = True, layer_groups: int | None = None) -> None:
         """Start moving every layer's rows of `ids` ([...] int32/int64, any shape) for the next forward.
 
         Deduplicated (a repeated token moves once). On CUDA it returns at once (the transfer runs on a side
         stream) and needs no host synchronisation, except check_ids=True on CUDA ids (one sync for the
         range check; the model's hook passes False there: its embedding lookup rejects bad ids anyway) and
-        the staged (disk) miss path, which reads the ids on the host.
+        the staged (disk) miss path, which reads the ids on the host. layer_groups: this step's number of layer
+        groups (default the engine's); DecodeGraph passes 1, since a replay waits for every layer's rows anyway.
         """
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
@@ -284,7 +284,8 @@ class OffloadEngine:
         if self.miss_path == "staged":
             self._step = self._prefetch_staged(ids, flat)
         else:
-            self._step = self._prefetch_mapped(ids, flat)
+            groups = self.layer_groups if layer_groups is None else max(1, min(self.L, int(layer_groups)))
+            self._step = self._prefetch_mapped(ids, flat, groups)
 
     def _prefetch_op(self, flat, buf, first, slots, lb, le) -> None:
         if self._prefetch_backend in ("cpu", "cuda"):  # arguments built by the engine: straight to the kernel
@@ -294,7 +295,7 @@ class OffloadEngine:
             ops.tol_cache_prefetch(flat, self.slot_map, self.cache, self.source.table, buf, first, slots, lb, le,
                                    backend="reference", check_ids=False)
 
-    def _prefetch_mapped(self, ids, flat) -> _Step:
+    def _prefetch_mapped(self, ids, flat, groups: int) -> _Step:
         n = flat.numel()
         self._ensure_buffers(n)
         first, slots, buf = self._first[:n], self._slots[:n], self._buf
@@ -308,7 +309,7 @@ class OffloadEngine:
         with torch.cuda.stream(self._side):
             self._side.wait_event(fence)  # the ids exist; the last step's reads of buf are done
             flat.record_stream(self._side)
-            for lb, le in self._groups():
+            for lb, le in self._groups(groups):
                 self._prefetch_op(flat, buf, first, slots, lb, le)
                 ev = torch.cuda.Event()
                 ev.record(self._side)
@@ -381,7 +382,7 @@ class OffloadEngine:
                 ev = torch.cuda.Event()
                 ev.record(self._side)
                 self._staging_event = ev
-                events = [ev] * self.layer_groups
+                events = [ev]
         step = _Step(ids, n, first.view(ids.shape), buf, events)
         slots_host = slot_of[host_ids] if n else np.zeros(0, dtype=np.int32)
         self._count(step, int((slots_host >= 0).sum()), nm)
@@ -444,7 +445,7 @@ class OffloadEngine:
                 return self.gather_add_(hidden, ids, layer)
             return self._fused(hidden, ids, layer)
         if self._cuda:
-            g = self._group_of(layer)
+            g = self._group_of(layer, len(step.events))
             if g not in step.waited:
                 torch.cuda.current_stream(self.device).wait_event(step.events[g])
                 step.waited.add(g)
