@@ -26,8 +26,9 @@ from .model import Transformer
 class DecodeGraph:
     """A CUDA graph of `model(tokens [B, 1], input_pos=[pos], pad=pad)` over the model's current KV cache.
 
-    model: a Transformer on a CUDA device with setup_caches(batch, max_len) done (max_len >= 2: the warm-up
-    and capture write the last slot, max_len - 1, which a causal decode reads only after writing it).
+    model: a Transformer on a CUDA device with setup_caches(batch, max_len) done, max_len >= 2. The warm-up
+    forwards write the last KV slot, max_len - 1; calls decode at slots below it, whose causal masks never
+    read it (generate() never reaches the last slot either).
     warmup: eager forwards before the capture (lazy initialisation of cuBLAS and the like must not be captured).
     """
 
