@@ -577,12 +577,18 @@ def test_engine_step_buffers_are_reused_and_wait_step_counts_like_reads(miss_pat
     a.prefetch(torch.randint(0, VOCAB, (2, 4)))  # grows the buffers to 8 tokens
     b.prefetch(a._step.ids)
     first, buf = a.step_buffers()
+    a.prefetch(torch.randint(0, VOCAB, (2, 1)))
+    b.prefetch(a._step.ids)
+    captured = a._step.first  # what a graph captured at this step reads at every later one
     for _ in range(30):
         ids = torch.randint(0, VOCAB, (2, 1))
         a.prefetch(ids)
         assert a._step.first.data_ptr() == first.data_ptr() and a._step.buf is buf
         assert all(x is y for x, y in zip(a.step_buffers(), (first, buf)))
         a.wait_step([0, 2])
+        replayed = torch.zeros(2, 1, 8)
+        torch.ops.memllm.tol_gather_add_(replayed, captured, buf, 2, False)  # the captured read, replayed
+        assert torch.equal(replayed, table[ids, 2])
         b.prefetch(ids)
         for layer in (0, 2):
             b.gather_add_(torch.zeros(2, 1, 8), ids, layer)
