@@ -69,8 +69,9 @@ def pytest_generate_tests(metafunc):
         size, dtype = ("1b", "bfloat16") if device == "cuda" else ("tiny", "float32")
         provs = ["dense", "memoryllm", "memoryllm-host", "memoryllm-disk"]
         modes = ["eager", "graph"] if device == "cuda" else ["eager"]
-        metafunc.parametrize("device,size,dtype,decode_provider,mode",
-                             [pytest.param(device, size, dtype, p, m, id=f"{p}-{size}-{m}") for p in provs for m in modes])
+        metafunc.parametrize("device,size,dtype,decode_provider,mode",  # provider-major: one 1b build each
+                             [pytest.param(device, size, dtype, p, m, id=f"{p}-{size}-{m}")
+                              for p in provs for m in modes])
 
 
 # ---------------------------------------------------------------- host-row gather bandwidth
