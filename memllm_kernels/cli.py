@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay each decode step from a CUDA graph (CUDA devices; same tokens, less launch overhead)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar while --tol-location host loads")
 
     i = sub.add_parser("info", help="parameter counts of presets or a run",
                        description="Parameter counts in the paper's convention (attention + FFN matrices, no "
@@ -241,7 +242,7 @@ def _cmd_precompute(a) -> int:
 
 
 def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | None = None,
-                        cache_rows: int | None = None, policy: str = "hot+lru"):
+                        cache_rows: int | None = None, policy: str = "hot+lru", progress: bool = False):
     """(model, run config, offload engine or None). location 'host'/'disk' reads the ToL through an
     OffloadEngine (memllm_kernels/offload); 'device' or plain --tol puts the whole table on the device."""
     import torch
@@ -251,7 +252,7 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
 
     model, cfg = load_run(run, device)
     if location in ("host", "disk"):
-        return model, cfg, _attach_engine(model, cfg, run, device, location, cache_rows, policy)
+        return model, cfg, _attach_engine(model, cfg, run, device, location, cache_rows, policy, progress)
     if cache_rows is not None:
         raise ValueError("--cache-rows needs --tol-location host or disk")
     if use_tol or location == "device":
@@ -263,7 +264,7 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
     return model, cfg, None
 
 
-def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows, policy: str):
+def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows, policy: str, progress: bool):
     import numpy as np
 
     from .model.tol import swap_ffn_for_engine
@@ -272,7 +273,7 @@ def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows
     path = run / "tol.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
-    source = HostTable.from_file(path, model) if location == "host" else DiskTable(path, model)
+    source = HostTable.from_file(path, model, progress=progress) if location == "host" else DiskTable(path, model)
     V = model.config.vocab_size
     rows = max(1, V // 20) if cache_rows is None else cache_rows
     counts = None
@@ -300,7 +301,8 @@ def _cmd_eval(a) -> int:
         torch.set_num_threads(a.threads)
     if a.ffn and a.tol_location:
         raise ValueError("--tol-location runs the ToL; it cannot be combined with --ffn")
-    model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy)
+    model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
+                                             progress=not a.no_progress)
     if a.alpha != 1.0 or a.drop_layers:
         model.set_memory_scale(a.alpha, a.drop_layers)
     ids, _ = run_tokens(cfg, a.run, "val", a.text)
@@ -330,7 +332,8 @@ def _cmd_generate(a) -> int:
 
     if a.cuda_graph and not a.device.startswith("cuda"):
         raise ValueError(f"--cuda-graph replays CUDA graphs: it needs --device cuda, not {a.device}")
-    model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy)
+    model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
+                                             progress=not a.no_progress)
     tok = load_run_tokenizer(a.run, cfg["tokenizer"])
     prompts = [tok.encode(p) for p in a.prompt]
     if any(not p for p in prompts):

@@ -398,9 +398,10 @@ def _tol_file(tmp_path, V=VOCAB, L=3, d=16, dtype=torch.float32, name="tol.safet
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_host_table_and_disk_table_read_the_file(tmp_path, dtype):
+def test_host_table_and_disk_table_read_the_file(tmp_path, dtype, capsys):
     path, table = _tol_file(tmp_path, dtype=dtype)
-    host = HostTable.from_file(path, chunk_bytes=1000)  # many small chunks
+    host = HostTable.from_file(path, chunk_bytes=1000, progress=True)  # many small chunks, a progress bar
+    assert "host tier <- tol.safetensors" in capsys.readouterr().err
     assert torch.equal(host.table, table) and host.nbytes == table.numel() * table.element_size()
     assert host.pinned == (mk.offload.pin_unavailable_reason() is None)
     assert (host.pin_note is None) == host.pinned
