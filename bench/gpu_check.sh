@@ -52,7 +52,8 @@ run_pytest() {  # run_pytest LOG CAP ARGS...: pytest under a time limit; SIGINT 
   local log=$1 cap=$2 t; shift 2
   t=$(limit "$cap") || return 0
   echo "   limit ${t}s, log $log"
-  timeout -s INT -k 30 "$t" $PY -m pytest "$@" -p no:cacheprovider >"$log" 2>&1
+  # --durations: each step's slowest items, to size the next run's limits
+  timeout -s INT -k 30 "$t" $PY -m pytest "$@" -p no:cacheprovider --durations=15 >"$log" 2>&1
   local rc=$?
   [ $rc -eq 124 ] && echo "   stopped at the ${t}s limit (finished benchmarks are written)"
   [ $rc -ne 0 ] && status=1
