@@ -106,6 +106,16 @@ inline TolTableView check_tol_gather_add_args(
   __builtin_unreachable();
 }
 
+// Host ids [T] all in [0, num_rows), checked before any write, so a bad id never leaves a half-updated output
+// behind (the CPU kernels; on a GPU the ids are checked by a reduction on the device).
+template <typename index_t>
+void check_id_range(const char* op, const index_t* ids, int64_t T, int64_t num_rows) {
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t id = static_cast<int64_t>(ids[t]);
+    if (id < 0 || id >= num_rows) throw_bad_id(op, t, id, num_rows);
+  }
+}
+
 // The functional and in-place forms of a row kernel (tol_gather_add, tol_cached_gather_add; CPU and CUDA),
 // given launch(out, out_row_stride, hidden, hidden_row_stride, ids_flat) that adds the rows into out.
 // Out of place writes a new contiguous tensor (hidden copied first only if it is not viewable as [T, d]);

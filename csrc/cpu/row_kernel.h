@@ -1,6 +1,6 @@
 // What the CPU row kernels (tol_gather_add.cpp, tol_cached_gather_add.cpp) share: element conversions to
-// and from the accumulation type (acc_type_t, tol_gather_add.h), the per-token add, and the threaded loop over
-// tokens compiled per instruction set, picked at run time.
+// and from the accumulation type (acc_type_t, tol_gather_add.h), the per-token add (and the NaN row of a bad
+// id), and the threaded loop over tokens compiled per instruction set, picked at run time.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "../tol_gather_add.h"  // acc_type_t
 
@@ -70,6 +71,12 @@ __attribute__((always_inline)) inline void add_row(hidden_t* __restrict__ o, con
   for (int64_t i = 0; i < d; ++i) {
     o[i] = from_acc<hidden_t>(static_cast<acc_t>(to_acc(h[i])) + static_cast<acc_t>(to_acc(row[i])));
   }
+}
+
+// The row of an id outside the table (reachable only with check_ids=false): nothing is read, the row is NaN.
+template <typename hidden_t>
+inline void nan_row(hidden_t* o, int64_t d) {
+  std::fill(o, o + d, std::numeric_limits<hidden_t>::quiet_NaN());
 }
 
 // A kernel's add_rows(args, begin, end) (always_inline, found by argument-dependent lookup) compiled once per

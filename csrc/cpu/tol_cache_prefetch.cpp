@@ -33,11 +33,7 @@ void cache_prefetch_cpu(const at::Tensor& ids_in, const at::Tensor& slot_map_in,
   const int64_t* id = ids.const_data_ptr<int64_t>();
   const int32_t* sm = slot_map.const_data_ptr<int32_t>();
   const int64_t V = host_table.size(0), C = cache.size(0);
-  if (check_ids) {
-    for (int64_t b = 0; b < N; ++b) {
-      if (id[b] < 0 || id[b] >= V) throw_bad_id("tol_cache_prefetch", b, id[b], V);
-    }
-  }
+  if (check_ids) check_id_range("tol_cache_prefetch", id, N, V);
   int32_t* fst = first.data_ptr<int32_t>();
   int32_t* slt = slots.data_ptr<int32_t>();
   std::unordered_map<int64_t, int32_t> seen;

@@ -37,8 +37,8 @@ __attribute__((always_inline)) inline void add_rows(const Args<hidden_t, table_t
   for (int64_t t = begin; t < end; ++t) {
     const int64_t id = static_cast<int64_t>(a.ids[t]);
     hidden_t* o = a.out + t * a.out_rs;
-    if (id < 0 || id >= a.hv.num_rows) {  // only with check_ids=false: never read, poison the row
-      for (int64_t i = 0; i < a.d; ++i) o[i] = std::numeric_limits<hidden_t>::quiet_NaN();
+    if (id < 0 || id >= a.hv.num_rows) {
+      nan_row(o, a.d);
       continue;
     }
     const int64_t slot = a.slot_map[id];
@@ -57,12 +57,7 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
   const at::Tensor sm = slot_map.contiguous();
   AT_DISPATCH_INDEX_TYPES(ids_flat.scalar_type(), "tol_cached_gather_add_cpu_ids", [&] {
     const index_t* ids = ids_flat.const_data_ptr<index_t>();
-    if (check_ids) {
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t id = static_cast<int64_t>(ids[t]);
-        if (id < 0 || id >= v.host.num_rows) throw_bad_id("tol_cached_gather_add", t, id, v.host.num_rows);
-      }
-    }
+    if (check_ids) check_id_range("tol_cached_gather_add", ids, T, v.host.num_rows);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "tol_cached_gather_add_cpu", [&] {
       using hidden_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cache.scalar_type(), "tol_cached_gather_add_cpu_t", [&] {

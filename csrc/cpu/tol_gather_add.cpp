@@ -42,15 +42,6 @@ __attribute__((always_inline)) inline void add_rows(const RowArgs<hidden_t, tabl
   }
 }
 
-// Checks every id before any write, so a bad id never leaves a half-updated hidden behind.
-template <typename index_t>
-void check_id_range(const index_t* ids, int64_t T, int64_t num_rows) {
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t id = static_cast<int64_t>(ids[t]);
-    if (id < 0 || id >= num_rows) throw_bad_id("tol_gather_add", t, id, num_rows);
-  }
-}
-
 // Without the host check a bad id must still never be read: those rows become NaN.
 template <typename index_t>
 bool all_ids_in_range(const index_t* ids, int64_t T, int64_t num_rows) {
@@ -70,9 +61,7 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
   if (T == 0) return;
   AT_DISPATCH_INDEX_TYPES(ids_flat.scalar_type(), "tol_gather_add_cpu_ids", [&] {
     const index_t* ids = ids_flat.const_data_ptr<index_t>();
-    if (check_ids) {
-      check_id_range(ids, T, tv.num_rows);
-    }
+    if (check_ids) check_id_range("tol_gather_add", ids, T, tv.num_rows);
     const bool ids_ok = check_ids || all_ids_in_range(ids, T, tv.num_rows);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "tol_gather_add_cpu", [&] {
       using hidden_t = scalar_t;
@@ -88,8 +77,7 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
         for (int64_t t = 0; t < T; ++t) {
           const int64_t id = static_cast<int64_t>(ids[t]);
           if (id < 0 || id >= tv.num_rows) {
-            hidden_t* o = args.out + t * out_rs;
-            std::fill(o, o + d, std::numeric_limits<hidden_t>::quiet_NaN());
+            nan_row(args.out + t * out_rs, d);
           } else {
             add_rows_default(args, t, t + 1);
           }

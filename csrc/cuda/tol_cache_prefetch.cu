@@ -66,7 +66,7 @@ void cache_prefetch_cuda(const at::Tensor& ids, const at::Tensor& slot_map, cons
   const std::string op = "tol_cache_prefetch";
   const LayerRange r = check_cache_prefetch_args(ids, slot_map, cache, host_table, out, first, slots, layer_begin,
                                                  layer_end);
-  const int64_t N = ids.size(0), lend = r.end;
+  const int64_t N = ids.size(0);
   // The kernel keeps positions in int (first[] is int32): a step of 2^31 tokens is far beyond any prompt.
   TORCH_CHECK(N < (int64_t{1} << 31), op + ": " + to_str(N) + " ids in one step exceed int32 positions");
   const at::Device dev = out.device();
@@ -81,8 +81,7 @@ void cache_prefetch_cuda(const at::Tensor& ids, const at::Tensor& slot_map, cons
   if (check_ids) check_range_cuda("tol_cache_prefetch", ids_c, V, false);
   if (N == 0) return;
   const int64_t es = cache.element_size();
-  const int64_t d = cache.size(-1);
-  const int64_t offset = layer_begin * d * es, range_bytes = (lend - layer_begin) * d * es;
+  const int64_t offset = r.begin * r.layer_elems * es, range_bytes = (r.end - r.begin) * r.layer_elems * es;
   const char* c = static_cast<const char*>(cache.const_data_ptr());
   const char* h = device_address(host_table, dev, op, "host_table");
   char* o = static_cast<char*>(out.data_ptr());

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include "../tol_gather_add.h"
+#include "tol_offload_cuda.cuh"  // check_range_cuda
 #include "vec.cuh"
 
 namespace memllm {
@@ -40,24 +41,12 @@ __global__ void tol_gather_add_kernel(hidden_t* __restrict__ out, int64_t out_rs
   }
 }
 
-// Host-side id check: one small reduction and one device sync. check_ids=false skips it (for
-// CUDA graphs and for callers that validated the ids once for all layers).
-void check_id_range(const at::Tensor& ids_flat, int64_t num_rows) {
-  if (ids_flat.numel() == 0) return;
-  auto [lo, hi] = at::aminmax(ids_flat);
-  const at::Tensor both = at::stack({lo.to(at::kLong), hi.to(at::kLong)}).cpu();
-  const int64_t lo_v = both[0].item<int64_t>(), hi_v = both[1].item<int64_t>();
-  if (lo_v >= 0 && hi_v < num_rows) return;
-  const int64_t bad = lo_v < 0 ? lo_v : hi_v;
-  const int64_t pos = (ids_flat == bad).nonzero()[0][0].item<int64_t>();
-  throw_bad_id("tol_gather_add", pos, bad, num_rows);
-}
-
 void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
             const at::Tensor& ids_flat, const at::Tensor& table, const TolTableView& tv, bool check_ids) {
   const int64_t T = ids_flat.numel();
   const int64_t d = hidden.size(-1);
-  if (check_ids) check_id_range(ids_flat, tv.num_rows);
+  // One small reduction and one device sync; check_ids=false skips it (CUDA graphs, ids validated once).
+  if (check_ids) check_range_cuda("tol_gather_add", ids_flat, tv.num_rows, false);
   if (T == 0 || d == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

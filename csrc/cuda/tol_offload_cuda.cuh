@@ -1,6 +1,6 @@
 // Helpers shared by the CUDA offload kernels (tol_host_gather.cu, tol_cached_gather_add.cu,
-// tol_cache_prefetch.cu): the device address of a table that may live in host memory, id range checks,
-// and the widest aligned vector a row copy can use.
+// tol_cache_prefetch.cu; tol_gather_add.cu uses the id check): the device address of a table that may live
+// in host memory, id range checks, and the widest aligned vector a row copy can use.
 #pragma once
 
 #include <ATen/ATen.h>
