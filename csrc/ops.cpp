@@ -40,6 +40,10 @@ TORCH_LIBRARY(memllm, m) {
       "Tensor(b!) first, Tensor(c!) slots, int layer_begin=0, int? layer_end=None, bool check_ids=True) -> ()");
   // An exact-size host allocation (anonymous mmap, not the caching pinned allocator, which rounds a
   // 47.7 GiB table up to 64 GiB), page-locked and device-mapped with cudaHostRegister when pin=True, the
-  // build has CUDA and a GPU is visible; ordinary memory otherwise. Freed with unregister + munmap.
+  // build has CUDA; pin=True raises where it cannot pin (the Python wrapper asks only where a GPU is visible).
+  // Freed with unregister + munmap.
   m.def("tol_host_alloc(int[] size, ScalarType dtype, bool pin=True) -> Tensor");
+  // Whether GPU kernels can read this CPU tensor by address (registered or pinned memory: the mapping the
+  // offload kernels use). Not torch's is_pinned(), which can answer False for registered memory.
+  m.def("tol_host_mapped(Tensor t) -> bool");
 }

@@ -151,13 +151,14 @@ inline LayerRange check_cache_prefetch_args(const at::Tensor& ids, const at::Ten
 
 // Page-locking host memory needs the CUDA runtime, which only the CUDA build links. The CPU file
 // csrc/cpu/tol_host_alloc.cpp allocates; csrc/cuda/tol_host_alloc.cu installs these hooks from a static
-// initializer. With no hooks (CPU-only build) the host tier is ordinary memory and says so.
+// initializer. With no hooks (CPU-only build) tol_host_alloc(pin=True) raises; the Python wrapper asks for
+// pinning only where it can be had (pin_unavailable_reason).
 struct HostPinHooks {
   // Registers [ptr, ptr + bytes) as page-locked, device-mapped memory. Returns "" on success, else why not.
   std::string (*pin)(void* ptr, size_t bytes) = nullptr;
   void (*unpin)(void* ptr) = nullptr;
-  // Whether a CUDA device is visible (no hooks: false).
-  bool (*device_present)() = nullptr;
+  // Whether the device has a mapping of this host address (cudaHostGetDevicePointer succeeds).
+  bool (*mapped)(const void* ptr) = nullptr;
 };
 HostPinHooks& host_pin_hooks();
 

@@ -18,6 +18,7 @@ from .offload.ops import (  # noqa: F401  the offload engine's ops (memllm_kerne
     tol_cached_gather_add_,
     tol_host_alloc,
     tol_host_gather,
+    tol_host_mapped,
 )
 
 __version__ = "0.1.0"

@@ -61,7 +61,7 @@ def host_table(shape, dtype, device):
         return t
     h = mk.tol_host_alloc(shape, dtype)
     h.copy_(t)
-    assert h.is_pinned(), "tol_host_alloc did not page-lock the table although a GPU is visible"
+    assert mk.tol_host_mapped(h), "tol_host_alloc did not page-lock the table although a GPU is visible"
     return h
 
 
@@ -285,7 +285,9 @@ def test_cache_prefetch_bad_input_raises(backend, device):
 
 # ================================================================ torch.library integration
 def _samples(device):
-    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    """Arguments for opcheck. The table is on `device`: opcheck deep-copies its arguments, and a copy of a
+    host-tier table is pageable memory, which GPU kernels refuse (the host path is tested above)."""
+    table = host_table((VOCAB, 2, 8), torch.float32, device).to(device)
     slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
     ids = torch.tensor([3, 0, 3, VOCAB - 1], device=device)
     return table, slot_map, cache, ids
@@ -361,10 +363,26 @@ def test_host_alloc_is_exact_size_and_honest_about_pinning():
     t.fill_(1.5)
     assert (t == 1.5).all()
     reason = mk.offload.pin_unavailable_reason()
-    assert t.is_pinned() == (reason is None)
+    assert mk.tol_host_mapped(t) == (reason is None)
+    assert not mk.tol_host_mapped(torch.empty(4)) and not mk.tol_host_mapped(t[:0])
+    if reason is None:  # what the flag promises: a GPU kernel reads the rows by address
+        out = torch.zeros(2, 3, 7, dtype=torch.bfloat16, device="cuda")
+        mk.tol_host_gather(t, torch.tensor([999, 0], device="cuda"), out)
+        assert (out == 1.5).all()
+        with pytest.raises(RuntimeError, match="pageable"):
+            mk.tol_host_gather(t.clone(), torch.tensor([0], device="cuda"), out)
     assert mk.tol_host_alloc([0, 4], torch.float32).shape == (0, 4)
     with pytest.raises(RuntimeError, match="negative size"):
         mk.tol_host_alloc([-1], torch.float32)
+
+
+def test_host_alloc_op_raises_where_it_cannot_pin():
+    """The op never hands out ordinary memory when asked to pin (the wrapper only asks where it can)."""
+    if mk.offload.pin_unavailable_reason() is None:
+        pytest.skip("pinning works here")
+    with pytest.raises(RuntimeError, match="pin"):
+        torch.ops.memllm.tol_host_alloc([4, 4], torch.float32, True)
+    assert not mk.tol_host_mapped(mk.tol_host_alloc([4, 4], torch.float32))
 
 
 def test_host_alloc_frees_its_memory():
@@ -946,5 +964,5 @@ def test_decode_graph_steady_state_has_no_host_sync(tmp_path):
 def test_host_table_is_pinned_exactly_on_gpu(tmp_path):
     path, table = _tol_file(tmp_path, V=1000, L=3, d=100)
     host = HostTable.from_file(path)
-    assert host.pinned and host.table.is_pinned()
+    assert host.pinned and mk.tol_host_mapped(host.table)
     assert host.table.untyped_storage().nbytes() == table.numel() * 4  # not rounded to a power of two

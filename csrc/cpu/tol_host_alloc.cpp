@@ -5,7 +5,8 @@
 // (peers hit this). An anonymous mmap is exact to the page; cudaHostRegister then page-locks and maps
 // it for the device (csrc/cuda/tol_host_alloc.cu installs that hook), so kernels read rows over PCIe
 // through the pointer itself (UVA). The tensor owns the mapping: its deleter unregisters and unmaps.
-// Registered as a CompositeExplicitAutograd kernel: the op has no tensor inputs to dispatch on.
+// Registered as CompositeExplicitAutograd kernels: tol_host_alloc has no tensor inputs to dispatch on, and
+// tol_host_mapped answers for any device (False off the CPU).
 #include <sys/mman.h>
 
 #include <torch/library.h>
@@ -39,12 +40,18 @@ at::Tensor tol_host_alloc(c10::IntArrayRef size, at::ScalarType dtype, bool pin)
   // Huge pages where the kernel allows them: ~3M fewer page faults to fill a 12.6 GB table. Advice only.
   (void)madvise(ptr, bytes, MADV_HUGEPAGE);
   bool pinned = false;
-  const HostPinHooks& hooks = host_pin_hooks();
-  if (pin && hooks.pin != nullptr && hooks.device_present != nullptr && hooks.device_present()) {
+  if (pin) {
+    // No quiet fallback to ordinary memory here: the Python wrapper decides whether to ask (a GPU is visible,
+    // the CUDA kernels are built); asked, this pins or raises.
+    const HostPinHooks& hooks = host_pin_hooks();
+    if (hooks.pin == nullptr) munmap(ptr, bytes);
+    TORCH_CHECK(hooks.pin != nullptr,
+                "tol_host_alloc: pin=True needs the CUDA build of memllm_kernels._C (cudaHostRegister); this one "
+                "has CPU kernels only (pass pin=False)");
     const std::string err = hooks.pin(ptr, bytes);
     if (!err.empty()) {
       munmap(ptr, bytes);
-      TORCH_CHECK(false, "tol_host_alloc: cudaHostRegister of " + to_str(static_cast<int64_t>(bytes)) +
+      TORCH_CHECK(false, "tol_host_alloc: page-locking " + to_str(static_cast<int64_t>(bytes)) +
                              " bytes failed: " + err +
                              " (page-locked memory is limited by RAM and `ulimit -l`; pass pin=False for "
                              "ordinary memory)");
@@ -58,10 +65,18 @@ at::Tensor tol_host_alloc(c10::IntArrayRef size, at::ScalarType dtype, bool pin)
   return at::from_blob(ptr, size, deleter, options);
 }
 
+// The base of the allocation is what was registered (as in device_address, csrc/cuda/tol_offload_cuda.cuh).
+bool tol_host_mapped(const at::Tensor& t) {
+  const HostPinHooks& hooks = host_pin_hooks();
+  if (!t.device().is_cpu() || t.numel() == 0 || hooks.mapped == nullptr) return false;
+  return hooks.mapped(t.storage().data());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memllm, CompositeExplicitAutograd, m) {
   m.impl("tol_host_alloc", &tol_host_alloc);
+  m.impl("tol_host_mapped", &tol_host_mapped);
 }
 
 }  // namespace memllm

@@ -4,16 +4,30 @@
 // offload kernels get from cudaHostGetDevicePointer (csrc/cuda/tol_offload_cuda.cuh).
 #include <cuda_runtime.h>
 
+#include <string>
+
 #include "../tol_offload.h"
 
 namespace memllm {
 namespace {
 
 std::string pin(void* ptr, size_t bytes) {
-  const cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable);
-  if (err == cudaSuccess) return "";
-  (void)cudaGetLastError();
-  return cudaGetErrorString(err);
+  cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return std::string("cudaHostRegister: ") + cudaGetErrorString(err);
+  }
+  // The kernels read the table through this mapping (device_address in tol_offload_cuda.cuh): check it now,
+  // not at the first gather.
+  void* mapped = nullptr;
+  err = cudaHostGetDevicePointer(&mapped, ptr, 0);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    (void)cudaHostUnregister(ptr);
+    (void)cudaGetLastError();
+    return std::string("registered, but cudaHostGetDevicePointer: ") + cudaGetErrorString(err);
+  }
+  return "";
 }
 
 void unpin(void* ptr) {
@@ -21,13 +35,11 @@ void unpin(void* ptr) {
   if (cudaHostUnregister(ptr) != cudaSuccess) (void)cudaGetLastError();
 }
 
-bool device_present() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return n > 0;
+bool mapped(const void* ptr) {
+  void* dev = nullptr;
+  if (cudaHostGetDevicePointer(&dev, const_cast<void*>(ptr), 0) == cudaSuccess) return true;
+  (void)cudaGetLastError();
+  return false;
 }
 
 struct InstallHooks {
@@ -35,7 +47,7 @@ struct InstallHooks {
     HostPinHooks& h = host_pin_hooks();
     h.pin = &pin;
     h.unpin = &unpin;
-    h.device_present = &device_present;
+    h.mapped = &mapped;
   }
 };
 const InstallHooks install_hooks;

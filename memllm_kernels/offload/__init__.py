@@ -7,7 +7,7 @@ asynchronous prefetch overlapped with compute.
     swap_ffn_for_engine(model, engine)          # memllm_kernels.model: the model reads through the engine
 
 Files: ops.py (the offload ops: tol_host_gather, tol_cached_gather_add(_), tol_cache_prefetch,
-tol_host_alloc), reference.py (their pure-PyTorch specs), tiers.py (DiskTable, HostTable), policy.py
+tol_host_alloc, tol_host_mapped), reference.py (their pure-PyTorch specs), tiers.py (DiskTable, HostTable), policy.py
 (CacheDirectory, LRU/LFU/static/hot+tail policies, simulate), engine.py (OffloadEngine).
 """
 
@@ -19,6 +19,7 @@ from .ops import (  # noqa: F401
     tol_cached_gather_add_,
     tol_host_alloc,
     tol_host_gather,
+    tol_host_mapped,
 )
 from .policy import POLICIES, CacheDirectory, hot_set_from_counts, simulate  # noqa: F401
 from .tiers import DiskTable, HostTable  # noqa: F401

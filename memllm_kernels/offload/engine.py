@@ -51,7 +51,7 @@ class _TensorSource:
 
     def __init__(self, table: torch.Tensor):
         self.table = table
-        self.pinned = table.device.type == "cuda" or (torch.cuda.is_available() and bool(table.is_pinned()))
+        self.pinned = table.device.type == "cuda" or ops.tol_host_mapped(table)
         self.pin_note = None if self.pinned else "a plain tensor"
         self.nbytes = table.numel() * table.element_size()
 
@@ -166,7 +166,7 @@ class OffloadEngine:
         self.bytes_admitted = 0
         self.rows_from_disk = 0
         # The hot set goes in at start, before any step.
-        self._apply(self.directory.preload(), [], fence=None)
+        self._preload(self.directory.preload())
 
     # ------------------------------------------------------------ set-up helpers
     def _check_free_memory(self, rows: int) -> None:
@@ -237,6 +237,23 @@ class OffloadEngine:
                     ops.tol_host_gather(src, self._index(src_rows), self.cache, slots, backend=self.backend,
                                         check_ids=False)
                 self.slot_map.index_copy_(0, toks, slots.to(torch.int32))
+
+    def _preload(self, admitted) -> None:
+        """Rows of the hot set into their slots at start-up. A tier the device cannot read by address (the
+        staged miss path: disk, or host memory that is not page-locked) is read on the host into pinned
+        memory first, in chunks of about 64 MiB (not one staging buffer the size of a 2.5 GB cache)."""
+        if not (self._cuda and self.miss_path == "staged"):
+            self._apply(admitted, [], fence=None)
+            return
+        chunk = max(1, (64 << 20) // max(1, self.row_bytes))
+        for i in range(0, len(admitted), chunk):
+            part = admitted[i:i + chunk]
+            staging = torch.empty((len(part), self.L, self.d), dtype=self.dtype, pin_memory=True)
+            self.source.read_rows(torch.tensor([t for t, _ in part], dtype=torch.int64), staging)
+            self.rows_from_disk += len(part) if isinstance(self.source, DiskTable) else 0
+            self.bytes_admitted += len(part) * self.row_bytes
+            self._apply(part, [], staging, list(range(len(part))), fence=None)
+            self._side.synchronize()  # staging is reused by the allocator once freed: the copy must be done
 
     def evict(self, ids) -> int:
         """Drop these tokens' rows from the cache (hot ones too). Returns how many were resident."""
@@ -513,10 +530,11 @@ class OffloadEngine:
     # ------------------------------------------------------------ statistics and checks
     def synchronize(self) -> None:
         """Wait for all transfers and finish all pending bookkeeping (tests, statistics, shutdown)."""
+        # Bookkeeping first: it queues the last steps' admissions on the side stream, which the syncs then wait for.
+        self._drain(block=True)
         if self._cuda:
             self._side.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
-        self._drain(block=True)
 
     def stats(self) -> dict:
         """Cache statistics, total and per layer (synchronises first).

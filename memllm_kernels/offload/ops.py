@@ -9,6 +9,7 @@ after the op; Triton kernels in memllm_kernels/triton/):
                        Tensor(b!) first, Tensor(c!) slots, int layer_begin=0, int? layer_end=None,
                        bool check_ids=True) -> ()
     tol_host_alloc(int[] size, ScalarType dtype, bool pin=True) -> Tensor
+    tol_host_mapped(Tensor t) -> bool
 Backends: 'reference' (memllm_kernels/offload/reference.py, any device), 'cpu', 'cuda', and 'triton' for
 tol_host_gather and tol_cached_gather_add. Every check below runs before anything moves, so a bad id
 raises IndexError naming the id and V on every backend.
@@ -298,13 +299,26 @@ def _tol_cache_prefetch_fake(ids, slot_map, cache, host_table, out, first, slots
 def tol_host_alloc(shape, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
     """An uninitialised CPU tensor of exactly `shape` x dtype bytes (rounded up to a page), from an anonymous
     mmap. pin=True page-locks and maps it for the GPU (cudaHostRegister) when the extension was built with
-    CUDA and a GPU is visible; then `tensor.is_pinned()` is True. Otherwise it is ordinary memory."""
-    return torch.ops.memllm.tol_host_alloc([int(s) for s in shape], dtype, bool(pin))
+    CUDA and a GPU is visible (pin_unavailable_reason() is None); then tol_host_mapped(tensor) is True, and
+    a failure to pin raises. Where pinning is unavailable it is ordinary memory (the op itself,
+    torch.ops.memllm.tol_host_alloc, raises for pin=True there)."""
+    pin = bool(pin) and pin_unavailable_reason() is None
+    return torch.ops.memllm.tol_host_alloc([int(s) for s in shape], dtype, pin)
 
 
 @torch.library.register_fake("memllm::tol_host_alloc")
 def _tol_host_alloc_fake(size, dtype, pin=True):
     return torch.empty(size, dtype=dtype, device="cpu")
+
+
+def tol_host_mapped(t: torch.Tensor) -> bool:
+    """Whether the GPU kernels can read CPU tensor `t` by address: memory from tol_host_alloc(pin=True) or
+    torch's pinned memory (a device mapping exists). False for pageable memory, empty tensors, tensors off
+    the CPU and builds without CUDA. Use this, not `t.is_pinned()`: with torch 2.11 that answered False for
+    registered memory before the process had initialised CUDA (seen on an H200)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tol_host_mapped: t must be a torch.Tensor, got {type(t).__name__}")
+    return bool(torch.ops.memllm.tol_host_mapped(t))
 
 
 def pin_unavailable_reason() -> str | None:

@@ -64,8 +64,8 @@ def _check_fits_in_ram(what: str, nbytes: int) -> None:
 class HostTable:
     """A ToL table in one exact-size host allocation (page-locked and device-mapped where CUDA allows).
 
-    table: CPU tensor [V, L, d]; pinned: whether cudaHostRegister succeeded (kernels then read it over PCIe
-    by address); pin_note: why not, when not; nbytes: the allocation's size.
+    table: CPU tensor [V, L, d]; pinned: whether the GPU kernels can read it over PCIe by address
+    (ops.tol_host_mapped: page-locked and device-mapped); pin_note: why not, when not; nbytes: its size.
     """
 
     location = "host"
@@ -73,8 +73,8 @@ class HostTable:
     def __init__(self, table: torch.Tensor, path: str | None = None):
         self.table = table
         self.path = path
-        self.pinned = bool(table.is_pinned()) if torch.cuda.is_available() else False
-        self.pin_note = None if self.pinned else (ops.pin_unavailable_reason() or "pin=False was asked")
+        self.pinned = ops.tol_host_mapped(table)
+        self.pin_note = None if self.pinned else (ops.pin_unavailable_reason() or "pageable memory (pin=False)")
         self.nbytes = table.numel() * table.element_size()
 
     @classmethod
