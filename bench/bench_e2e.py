@@ -11,6 +11,8 @@ benchmark on real text with a hot set is e2e_offload_decode in bench_offload.py)
     op e2e_decode_graph (GPU): the same step replayed from a CUDA graph (memllm_kernels.model.DecodeGraph; the
                     offload engine's prefetch still runs eagerly before each replay): eager decode at batch 1
                     is bound by kernel launches, a replayed one by the weights it reads
+    op e2e_decode_compiled: batch 1, the step compiled by torch.compile (compile_decode: fused kernels) and,
+                    on a GPU, replayed from a CUDA graph; compilation is warm-up, not timed
 Memory: the bytes of weights and of the device-resident table (or cache), and the peak device memory (GPU)
 or process RSS (CPU) while the benchmark ran.
 """
@@ -41,6 +43,9 @@ def pytest_generate_tests(metafunc):
                   for T in prefill]
         cases += [pytest.param(device, size, dtype, kind, phase, 128, B, id=f"{phase}-{size}-{kind}-B{B}")
                   for phase in decode_phases for B in decode]
+        # batch 1 only: each compile takes tens of seconds on a GPU (the targets are at batch 1)
+        cases.append(pytest.param(device, size, dtype, kind, "decode_compiled", 128, 1,
+                                  id=f"decode_compiled-{size}-{kind}-B1"))
     metafunc.parametrize("device,size,dtype,kind,phase,T,B", cases)
 
 
@@ -67,7 +72,8 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B):
     else:
         # Fresh random tokens every step: a repeated token would be a cache hit for the host/disk providers.
         fn = decode_step(model, torch.randint(0, vocab, (B, T), device=device),
-                         torch.randint(0, vocab, (1024, B, 1), device=device), graph=phase == "decode_graph")
+                         torch.randint(0, vocab, (1024, B, 1), device=device),
+                         graph=device == "cuda" and phase != "decode", compile=phase == "decode_compiled")
         tokens = B
     t = timed(benchmark, fn, device, graph=False)
     model.clear_caches()

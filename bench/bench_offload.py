@@ -29,6 +29,8 @@ op e2e_offload_decode  Decode tokens/s of the model at batch 1 (random weights),
                     >= 2.0x dense, host/disk <= 3% slower than all-in-VRAM, peak VRAM <= 2.5 GB); CPU: the tiny
                     preset in float32, so the code path is exercised. GPU: also e2e_offload_decode_graph, each
                     step replayed from a CUDA graph (DecodeGraph; the engine's prefetch still runs eagerly).
+                    e2e_offload_decode_compiled: the step compiled by torch.compile (the engine's lookups stay
+                    eager inside it), and on a GPU replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def pytest_generate_tests(metafunc):
     if "decode_provider" in metafunc.fixturenames:
         size, dtype = ("1b", "bfloat16") if device == "cuda" else ("tiny", "float32")
         provs = ["dense", "memoryllm", "memoryllm-host", "memoryllm-disk"]
-        modes = ["eager", "graph"] if device == "cuda" else ["eager"]
+        modes = ["eager", "graph", "compiled"] if device == "cuda" else ["eager", "compiled"]
         metafunc.parametrize("device,size,dtype,decode_provider,mode",  # provider-major: one 1b build each
                              [pytest.param(device, size, dtype, p, m, id=f"{p}-{size}-{m}")
                               for p in provs for m in modes])
@@ -331,11 +333,12 @@ def test_offload_decode(benchmark, device, size, dtype, decode_provider, mode):
     reset_peak_memory(device)
     # one decode step per call with the next token of the text
     fn = decode_step(model, torch.from_numpy(stream[:T].copy()).view(1, T).to(device),
-                     torch.from_numpy(stream[T:T + 4096].copy()).to(device).view(-1, 1, 1), graph=mode == "graph")
+                     torch.from_numpy(stream[T:T + 4096].copy()).to(device).view(-1, 1, 1),
+                     graph=device == "cuda" and mode != "eager", compile=mode == "compiled")
     t = timed(benchmark, fn, device, graph=False)
     model.clear_caches()
     mem, mem_kind = peak_memory(device)
-    row = record(op="e2e_offload_decode" + ("_graph" if mode == "graph" else ""), provider=decode_provider,
+    row = record(op="e2e_offload_decode" + ("" if mode == "eager" else f"_{mode}"), provider=decode_provider,
                  dtype=dtype, preset=size, T=T, batch=1, ms=t["s"] * 1e3, tokens_per_s=1 / t["s"],
                  peak_memory_bytes=mem, peak_memory_kind=mem_kind, text=text, **memory_bytes(model, engine))
     benchmark.extra_info.update(row)

@@ -13,6 +13,8 @@
 #              rates, 1b decode on real text (dense, ToL in VRAM, pinned host + cache, disk + cache), eager
 #              and CUDA-graph
 #   e2e        bench/bench_e2e.py: 1b prefill and decode (eager and CUDA-graph) of the five providers
+#   compiled   the decode benchmarks of both files with the step compiled by torch.compile and replayed from
+#              a CUDA graph (one compile per provider, tens of seconds each: last of the benchmarks)
 #   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size
 #   tests      the whole test suite on the GPU
 # Time: every step gets its own limit (below), cut to what is left of BUDGET seconds (default 540); a step
@@ -31,7 +33,7 @@ cd "$(dirname "$0")/.."
 out=${1:-bench/results}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build gpu-tests offload e2e gather tests)
+[ ${#steps[@]} -eq 0 ] && steps=(build gpu-tests offload e2e compiled gather tests)
 mkdir -p "$out"
 PY=${PYTHON:-python3}
 export MEMLLM_COMMIT=${MEMLLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -72,6 +74,8 @@ fi
 $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
 xdist=""
 $PY -c "import xdist" 2>/dev/null && xdist="-n ${XDIST:-12}"
+# the compiled-decode benchmarks (their own step: each compiles for tens of seconds)
+compiled="decode_compiled or (offload_decode and compiled)"
 bench_args=(-q --device "${BENCH_DEVICE:-cuda}" --results-root "$out" --benchmark-columns=median,rounds)
 
 for step in "${steps[@]}"; do
@@ -95,17 +99,20 @@ for step in "${steps[@]}"; do
       run_pytest "$out/gpu-tests.log" 240 tests -m "requires_cuda or requires_triton_gpu" -rs $xdist \
         --junitxml="$out/gpu-tests.xml" ;;
     offload)
-      run_pytest "$out/bench-offload.log" 300 bench/bench_offload.py "${bench_args[@]}" \
+      run_pytest "$out/bench-offload.log" 300 bench/bench_offload.py "${bench_args[@]}" -k "not ($compiled)" \
         --benchmark-json="$out/pytest-benchmark-offload.json" ;;
     e2e)
-      run_pytest "$out/bench-e2e.log" 240 bench/bench_e2e.py "${bench_args[@]}" \
+      run_pytest "$out/bench-e2e.log" 240 bench/bench_e2e.py "${bench_args[@]}" -k "not ($compiled)" \
         --benchmark-json="$out/pytest-benchmark-e2e.json" ;;
+    compiled)
+      run_pytest "$out/bench-compiled.log" 300 bench/bench_e2e.py bench/bench_offload.py "${bench_args[@]}" \
+        -k "$compiled" --benchmark-json="$out/pytest-benchmark-compiled.json" ;;
     gather)
       run_pytest "$out/bench-gather.log" 120 bench/bench_tol_gather_add.py "${bench_args[@]}" \
         --benchmark-json="$out/pytest-benchmark-gather.json" ;;
     tests)
       run_pytest "$out/tests.log" 300 tests -rs $xdist --junitxml="$out/tests.xml" ;;
-    *) echo "unknown step $step (build gpu-tests offload e2e gather tests)"; exit 2 ;;
+    *) echo "unknown step $step (build gpu-tests offload e2e compiled gather tests)"; exit 2 ;;
   esac
 done
 echo; echo "== $(date +%T) done in $(( $(date +%s) - t_start ))s (status $status)"

@@ -90,21 +90,27 @@ def build_model(device: str, size: str, dtype: str, provider: str, token_counts:
     return model, engine
 
 
-def decode_step(model, prompt: torch.Tensor, tokens: torch.Tensor, graph: bool = False):
+def decode_step(model, prompt: torch.Tensor, tokens: torch.Tensor, graph: bool = False, compile: bool = False):
     """A function that runs one decode step per call: the next of `tokens` [N, B, 1] (cycled) at position
     T = prompt.shape[1], rewriting the same KV-cache slot each time, after prefilling `prompt` [B, T].
-    graph: replay the step from a DecodeGraph (CUDA) instead of launching it eagerly."""
-    from memllm_kernels.model import DecodeGraph
+    graph: replay the step from a DecodeGraph (CUDA) instead of launching it eagerly. compile: the step
+    compiled by torch.compile (memllm_kernels.model.compile_decode; inside the graph where graph is set)."""
+    from memllm_kernels.model import DecodeGraph, compile_decode
 
     B, T = prompt.shape
+    if compile:
+        # Every provider's model compiles the same code object (Transformer.forward): without a reset, one
+        # process of benchmarks passes dynamo's limit of 8 compiled variants per code object.
+        torch._dynamo.reset()
     model.setup_caches(B, T + 2)  # slot T + 1: a DecodeGraph's scratch slot
     model(prompt, input_pos=torch.arange(T, device=prompt.device))
     it = itertools.cycle(range(tokens.shape[0]))
     if graph:
-        step = DecodeGraph(model, B)
+        step = DecodeGraph(model, B, compile=compile)
         return lambda: step(tokens[next(it)], T)
     pos = torch.tensor([T], device=prompt.device)
-    return lambda: model(tokens[next(it)], input_pos=pos)
+    fwd = compile_decode(model) if compile else model
+    return lambda: fwd(tokens[next(it)], input_pos=pos)
 
 
 _RESIDENT: dict = {}

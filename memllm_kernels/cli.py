@@ -3,7 +3,7 @@
     memllm train --preset tiny-memoryllm --out RUN [--text PATH] [--steps N | --minutes M]
     memllm precompute RUN                       # writes RUN/tol.safetensors
     memllm eval RUN [--text PATH] [--tol | --ffn] [--tol-location {device,host,disk} --cache-rows N]
-    memllm generate RUN --prompt "..." [--tol] [--tol-location {device,host,disk} --cache-rows N] [--cuda-graph]
+    memllm generate RUN --prompt "..." [--tol] [--tol-location {device,host,disk} --cache-rows N] [--cuda-graph] [--compile]
     memllm info [PRESET | RUN]                  # parameter counts (paper convention)
 
 Nothing a user saved is overwritten without --force. Errors a user can fix print one line and exit 2.
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay each decode step from a CUDA graph (CUDA devices; same tokens, less launch overhead)")
+    g.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (fused kernels; the first step compiles, tens of seconds)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar while --tol-location host loads")
 
     i = sub.add_parser("info", help="parameter counts of presets or a run",
@@ -339,7 +341,7 @@ def _cmd_generate(a) -> int:
     if any(not p for p in prompts):
         raise ValueError("empty prompt")
     outs = generate(model, prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
-                    eos_id=tok.eot_id, cuda_graph=a.cuda_graph)
+                    eos_id=tok.eot_id, cuda_graph=a.cuda_graph, compile=a.compile)
     for text, new in zip(a.prompt, outs):
         print(text + tok.decode([i for i in new if i != tok.eot_id]))
         if len(a.prompt) > 1:

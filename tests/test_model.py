@@ -294,6 +294,31 @@ def test_generate_sampling_options():
         generate(model, [[]], 3)
 
 
+@pytest.mark.parametrize("kind", ["dense", "memoryllm-tol", "flex2-tol"])
+def test_compiled_decode_equals_the_eager_step(kind):
+    """compile_decode (torch.compile, fullgraph): the eager step's logits up to fused-kernel rounding, and
+    generate(compile=True) the eager tokens, batched with left padding."""
+    from memllm_kernels.model import compile_decode, swap_ffn_for_tol
+    from memllm_kernels.model.tol import iter_tol_chunks
+
+    torch._dynamo.reset()
+    model = tiny_model(kind.split("-")[0])
+    if kind.endswith("-tol"):
+        swap_ffn_for_tol(model, torch.cat(list(iter_tol_chunks(model, 64))))
+    ids, pad = torch.tensor([[1, 2, 3, 4], [0, 0, 9, 10]]), torch.tensor([0, 2])
+    with torch.no_grad():
+        model.setup_caches(2, 10)
+        model(ids, input_pos=torch.arange(4), pad=pad)
+        step = compile_decode(model)
+        for t in range(4, 8):
+            nxt = torch.randint(0, 300, (2, 1))
+            got = step(nxt, input_pos=torch.tensor([t]), pad=pad)
+            torch.testing.assert_close(got, model(nxt, input_pos=torch.tensor([t]), pad=pad), atol=CACHE_ATOL, rtol=0)
+        model.clear_caches()
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    assert generate(model, prompts, 8, compile=True) == generate(model, prompts, 8)
+
+
 def test_decode_graph_is_cuda_only_and_says_so():
     from memllm_kernels.model import DecodeGraph
 
@@ -306,9 +331,11 @@ def test_decode_graph_is_cuda_only_and_says_so():
 
 
 @pytest.mark.requires_cuda
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
 @pytest.mark.parametrize("kind", ["dense", "memoryllm-tol", "flex2-tol"])
-def test_decode_graph_replays_the_eager_step(kind):
-    """Greedy decode through DecodeGraph gives the eager decode's logits and tokens, batched with left padding."""
+def test_decode_graph_replays_the_eager_step(kind, compile):
+    """Greedy decode through DecodeGraph (of the eager or the compiled step) gives the eager decode's logits and
+    tokens, batched with left padding."""
     from memllm_kernels.model import DecodeGraph, swap_ffn_for_tol
     from memllm_kernels.model.tol import iter_tol_chunks
 
@@ -317,13 +344,13 @@ def test_decode_graph_replays_the_eager_step(kind):
     if kind.endswith("-tol"):
         swap_ffn_for_tol(model, torch.cat(list(iter_tol_chunks(model, 64))).cuda())
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
-    assert generate(model, prompts, 12, cuda_graph=True) == generate(model, prompts, 12)
+    assert generate(model, prompts, 12, cuda_graph=True, compile=compile) == generate(model, prompts, 12)
     ids = torch.tensor([[1, 2, 3, 4], [0, 0, 9, 10]], device="cuda")
     pad = torch.tensor([0, 2], device="cuda")
     with torch.no_grad():
         model.setup_caches(2, 10)
         model(ids, input_pos=torch.arange(4, device="cuda"), pad=pad)
-        step = DecodeGraph(model, 2)
+        step = DecodeGraph(model, 2, compile=compile)
         for t in range(4, 9):
             nxt = torch.randint(0, 300, (2, 1), device="cuda")
             eager = model(nxt, input_pos=torch.tensor([t], device="cuda"), pad=pad)

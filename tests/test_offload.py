@@ -779,6 +779,37 @@ def test_model_through_the_engine_equals_the_in_memory_tol(tmp_path, location, k
         engine_model(ids).sum()
 
 
+@pytest.mark.parametrize("location", ["host", "disk"])
+def test_compiled_decode_through_the_engine_equals_the_in_memory_tol(tmp_path, location):
+    """generate(compile=True) with the engine: the compiled step runs the engine's prefetch and reads each
+    layer's rows from the step buffer (its lookups stay eager), giving the in-memory ToL's tokens."""
+    import copy
+
+    from memllm_kernels.model import compile_decode, generate, load_tol, swap_ffn_for_tol
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    torch._dynamo.reset()
+    model, path = _tiny_model_and_file(tmp_path)
+    engine_model = copy.deepcopy(model)
+    swap_ffn_for_tol(model, load_tol(path, model))
+    source = HostTable.from_file(path, engine_model) if location == "host" else DiskTable(path, engine_model)
+    engine = OffloadEngine(source, cache_rows=15, policy="hot+lru", token_counts=np.arange(300))
+    swap_ffn_for_engine(engine_model, engine)
+    prompts = [[1, 2, 3, 250], [7]]
+    before = engine.stats()["lookups"]
+    assert generate(engine_model, prompts, 10, compile=True) == generate(model, prompts, 10)
+    # 4-token prefill + 9 decode steps, 2 rows, 3 layers: every lookup counted once
+    assert engine.stats()["lookups"] - before == (2 * 4 + 2 * 9) * 3
+    with torch.no_grad():
+        engine_model.setup_caches(1, 4)
+        engine_model(torch.tensor([[5, 6]]), input_pos=torch.arange(2))
+        nxt = torch.tensor([[9]])
+        compile_decode(engine_model)(nxt, input_pos=torch.tensor([2]))
+        assert engine._step.ids is nxt and engine._step.layers_read == [0, 1, 2]  # the prefetched step's buffer
+        engine_model.clear_caches()
+    engine.check_consistency()
+
+
 def test_swap_for_engine_checks_shapes(tmp_path):
     from memllm_kernels.model import ModelConfig, Transformer
     from memllm_kernels.model.tol import swap_ffn_for_engine
@@ -897,8 +928,9 @@ def test_engine_decode_steady_state_has_no_host_sync():
 
 
 @pytest.mark.requires_cuda
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
 @pytest.mark.parametrize("location", ["host", "disk"])
-def test_decode_graph_through_the_engine_equals_the_in_memory_tol(tmp_path, location):
+def test_decode_graph_through_the_engine_equals_the_in_memory_tol(tmp_path, location, compile):
     """Generation with every decode step replayed from a CUDA graph, ToLs read through the engine (pinned host
     tier, mapped misses; disk tier, staged misses), gives the in-memory ToL's tokens, and the engine counts
     the replayed steps' lookups."""
@@ -918,11 +950,12 @@ def test_decode_graph_through_the_engine_equals_the_in_memory_tol(tmp_path, loca
     want = generate(model, prompts, 20, cuda_graph=True)
     assert want == generate(model, prompts, 20)
     before = engine.stats()["lookups"]
-    assert generate(engine_model, prompts, 20, cuda_graph=True) == want
+    assert generate(engine_model, prompts, 20, cuda_graph=True, compile=compile) == want
     s = engine.stats()
     # 4-token prefill + 19 decode steps (+ 2 warm-up forwards), 2 rows, 3 layers
     assert s["lookups"] - before == (2 * 4 + 2 * 19 + 2 * 2) * 3 and s["hits"] > 0
-    assert generate(engine_model, [[5] * 9], 5, cuda_graph=True) == generate(model, [[5] * 9], 5)  # longer prompt
+    longer = generate(engine_model, [[5] * 9], 5, cuda_graph=True, compile=compile)
+    assert longer == generate(model, [[5] * 9], 5)
     engine.check_consistency()
 
 

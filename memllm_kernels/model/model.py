@@ -285,14 +285,15 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, seed: int | None = None, eos_id: int | None = None,
-             cuda_graph: bool = False) -> list[list[int]]:
+             cuda_graph: bool = False, compile: bool = False) -> list[list[int]]:
     """Continue a batch of prompts (lists of ids, any lengths >= 1) with a KV cache.
 
     Prompts are left-padded to a common length; `pad` keeps padding out of attention and RoPE, so each
     row gets what it would get alone. temperature 0 is greedy; otherwise softmax sampling at `temperature`
     over the `top_k` most likely tokens (all if None), repeatable with `seed`. A row stops at `eos_id`
     (which is kept). cuda_graph: replay each decode step from a CUDA graph (DecodeGraph; CUDA only, the
-    same tokens). Returns the new ids of each prompt.
+    same tokens). compile: decode steps through torch.compile (graphs.compile_decode; its first step compiles,
+    tens of seconds; logits equal up to the rounding of fused kernels). Returns the new ids of each prompt.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
@@ -313,6 +314,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     # Decode steps write slots up to total - 2: the last one is free for a DecodeGraph's scratch writes.
     model.setup_caches(B, total)
     step = None
+    if compile and not cuda_graph:
+        from .graphs import compile_decode
+        step = compile_decode(model)
     try:
         logits = model(ids, input_pos=torch.arange(T0, device=device), pad=pad)[:, -1]
         out = [[] for _ in range(B)]
@@ -329,10 +333,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             if t + 1 < max_new_tokens and cuda_graph:
                 if step is None:
                     from .graphs import DecodeGraph
-                    step = DecodeGraph(model, B)
+                    step = DecodeGraph(model, B, compile=compile)
                 logits = step(nxt[:, None], T0 + t, pad)[:, -1]
             elif t + 1 < max_new_tokens:
-                logits = model(nxt[:, None], input_pos=torch.tensor([T0 + t], device=device), pad=pad)[:, -1]
+                pos = torch.tensor([T0 + t], device=device)
+                logits = (step or model)(nxt[:, None], input_pos=pos, pad=pad)[:, -1]
     finally:
         model.clear_caches()
     return out

@@ -386,6 +386,7 @@ class EngineMemory(nn.Module):
         super().__init__()
         self.engine, self.layer, self.scale = engine, layer, scale
 
+    @torch.compiler.disable  # the engine's step bookkeeping is Python: eager inside a compiled forward
     def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """h: [B, T, d] (fresh: updated in place); x0: unused; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
         if self.scale == 0.0:
