@@ -3,7 +3,8 @@
     memllm train --preset tiny-memoryllm --out RUN [--text PATH] [--steps N | --minutes M]
     memllm precompute RUN                       # writes RUN/tol.safetensors
     memllm eval RUN [--text PATH] [--tol | --ffn] [--tol-location {device,host,disk} --cache-rows N]
-    memllm generate RUN --prompt "..." [--tol] [--tol-location {device,host,disk} --cache-rows N] [--cuda-graph] [--compile]
+    memllm generate RUN --prompt "..." [--tol] [--tol-location {device,host,disk} --cache-rows N]
+                    [--cuda-graph] [--compile]
     memllm info [PRESET | RUN]                  # parameter counts (paper convention)
 
 Nothing a user saved is overwritten without --force. Errors a user can fix print one line and exit 2.

@@ -1,4 +1,5 @@
-"""One decode step of the reference model captured in a CUDA graph and replayed, and compiled with torch.compile.
+"""One decode step of the reference model captured in a CUDA graph and replayed (DecodeGraph), or compiled
+with torch.compile (compile_decode), or both.
 
 Eager decode at batch 1 is bound by launch overhead, not by memory traffic: a step of the 1b preset launches
 about 30 kernels per layer (700 in all) at several microseconds of Python and driver time each, while reading

@@ -7,8 +7,8 @@ asynchronous prefetch overlapped with compute.
     swap_ffn_for_engine(model, engine)          # memllm_kernels.model: the model reads through the engine
 
 Files: ops.py (the offload ops: tol_host_gather, tol_cached_gather_add(_), tol_cache_prefetch,
-tol_host_alloc, tol_host_mapped), reference.py (their pure-PyTorch specs), tiers.py (DiskTable, HostTable), policy.py
-(CacheDirectory, LRU/LFU/static/hot+tail policies, simulate), engine.py (OffloadEngine).
+tol_host_alloc, tol_host_mapped), reference.py (their pure-PyTorch specs), tiers.py (DiskTable, HostTable),
+policy.py (CacheDirectory, LRU/LFU/static/hot+tail policies, simulate), engine.py (OffloadEngine).
 """
 
 from .engine import MISS_PATHS, OffloadEngine, format_stats  # noqa: F401
