@@ -317,6 +317,10 @@ def test_compiled_decode_equals_the_eager_step(kind):
         model.clear_caches()
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     assert generate(model, prompts, 8, compile=True) == generate(model, prompts, 8)
+    # another prompt length: the cache length is rounded up to 64 slots, so the compiled step is reused
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert generate(model, [[4, 5, 6], [9]], 5, compile=True) == generate(model, [[4, 5, 6], [9]], 5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
 
 def test_decode_graph_is_cuda_only_and_says_so():
@@ -340,6 +344,7 @@ def test_decode_graph_replays_the_eager_step(kind, compile):
     from memllm_kernels.model.tol import iter_tol_chunks
 
     torch.manual_seed(0)
+    torch._dynamo.reset()  # each compiled model adds variants of Transformer.forward; dynamo allows 8
     model = Transformer(tiny(kind.split("-")[0])).cuda().eval()
     if kind.endswith("-tol"):
         swap_ffn_for_tol(model, torch.cat(list(iter_tol_chunks(model, 64))).cuda())

@@ -312,7 +312,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device; this one is on {device}")
     # Decode steps write slots up to total - 2: the last one is free for a DecodeGraph's scratch writes.
-    model.setup_caches(B, total)
+    # Compiled steps have static shapes: a cache length rounded up to 64 slots lets later calls with other
+    # prompt lengths reuse the compiled step (the extra slots are masked out) instead of compiling again.
+    cache_len = min(model.config.block_size, -(-total // 64) * 64) if compile else total
+    model.setup_caches(B, cache_len)
     step = None
     if compile and not cuda_graph:
         from .graphs import compile_decode
