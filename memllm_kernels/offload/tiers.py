@@ -74,7 +74,7 @@ class HostTable:
         self.table = table
         self.path = path
         self.pinned = ops.tol_host_mapped(table)
-        self.pin_note = None if self.pinned else (ops.pin_unavailable_reason() or "pageable memory (pin=False)")
+        self.pin_note = None if self.pinned else (ops.pin_unavailable_reason() or "pageable memory (not page-locked)")
         self.nbytes = table.numel() * table.element_size()
 
     @classmethod
