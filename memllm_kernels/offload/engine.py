@@ -14,10 +14,10 @@ Data path of one step (docs/offload.md has the full argument):
      An event after each group lets layer l wait for its own group only.
   2. gather_add_(h, ids, l) makes main wait for l's group event, then runs tol_gather_add_(h, first, buf, l).
   3. The host learns the step's ids and hit flags later, from a non-blocking device-to-host copy that it
-     polls (event.query) at the next prefetch: no host synchronisation per decode step. That bookkeeping
-     updates the statistics and the policy (CacheDirectory), which decides admissions and evictions; those
-     are applied on the side stream (rows copied host -> cache slot, slot map updated) and so serve later
-     steps. On the CPU everything runs synchronously, in the same order, through the same ops.
+     polls (event.query) at the next prefetch, after queuing that prefetch's transfer: no host
+     synchronisation per decode step. That bookkeeping updates the statistics and the policy
+     (CacheDirectory), which decides admissions and evictions; those are applied on the side stream, behind
+     the new step's transfer (rows copied host -> cache slot, slot map updated), and so serve later steps. On the CPU everything runs synchronously, in the same order, through the same ops.
 Eviction safety: every cache write is on the side stream after an event recorded on main at the time it
 is enqueued (so every kernel launched before it that reads the cache has finished), and every main-stream
 read of the cache (the fused tol_cached_gather_add_ path) first waits for the side stream. So cache reads
@@ -296,13 +296,16 @@ class OffloadEngine:
             self._check_ids(flat)
         elif flat.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"ids must be int32 or int64, got {flat.dtype}")
-        self._drain(block=False)
         self.prefetches += 1
         if self.miss_path == "staged":
             self._step = self._prefetch_staged(ids, flat)
         else:
             groups = self.layer_groups if layer_groups is None else max(1, min(self.L, int(layer_groups)))
             self._step = self._prefetch_mapped(ids, flat, groups)
+        # Earlier steps' bookkeeping only now: their admissions (index updates and host rows into cache slots,
+        # on the same side stream) queue behind this step's transfer and run during the forward, instead of
+        # delaying the rows it waits for. Same stream, so an eviction still follows every read of its slot.
+        self._drain(block=False)
 
     def _prefetch_op(self, flat, buf, first, slots, lb, le) -> None:
         if self._prefetch_backend in ("cpu", "cuda"):  # arguments built by the engine: straight to the kernel
