@@ -862,6 +862,9 @@ def test_cli_generate_and_eval_with_tol_location(tmp_path, monkeypatch, capsys):
         assert out.splitlines()[0] == base.splitlines()[0], loc  # identical text
         if loc != "device":
             assert "cache: hot+lru, 20 of 300 rows" in out and "lookups" in out
+    torch._dynamo.reset()
+    compiled = cli(*gen, "--tol-location", "host", "--cache-rows", "20", "--compile")
+    assert compiled.splitlines()[0] == base.splitlines()[0]
     ev = ["eval", str(run), "--json", "--no-progress", "--max-tokens", "300"]
     import json
 
