@@ -784,8 +784,9 @@ def test_model_through_the_engine_equals_the_in_memory_tol(tmp_path, location, k
 
 @pytest.mark.parametrize("location", ["host", "disk"])
 def test_compiled_decode_through_the_engine_equals_the_in_memory_tol(tmp_path, location):
-    """generate(compile=True) with the engine: the compiled step runs the engine's prefetch and reads each
-    layer's rows from the step buffer (its lookups stay eager), giving the in-memory ToL's tokens."""
+    """generate(compile=True) with the engine: one compiled graph whose per-layer lookups are the engine's
+    opaque op; the step runs the engine's prefetch and each layer reads the step buffer, giving the in-memory
+    ToL's tokens."""
     import copy
 
     from memllm_kernels.model import compile_decode, generate, load_tol, swap_ffn_for_tol
@@ -799,8 +800,10 @@ def test_compiled_decode_through_the_engine_equals_the_in_memory_tol(tmp_path, l
     engine = OffloadEngine(source, cache_rows=15, policy="hot+lru", token_counts=np.arange(300))
     swap_ffn_for_engine(engine_model, engine)
     prompts = [[1, 2, 3, 250], [7]]
-    before = engine.stats()["lookups"]
+    before, graphs = engine.stats()["lookups"], torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert generate(engine_model, prompts, 10, compile=True) == generate(model, prompts, 10)
+    # the whole step is one graph: no break per layer
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
     # 4-token prefill + 9 decode steps, 2 rows, 3 layers: every lookup counted once
     assert engine.stats()["lookups"] - before == (2 * 4 + 2 * 9) * 3
     with torch.no_grad():
@@ -810,6 +813,13 @@ def test_compiled_decode_through_the_engine_equals_the_in_memory_tol(tmp_path, l
         compile_decode(engine_model)(nxt, input_pos=torch.tensor([2]))
         assert engine._step.ids is nxt and engine._step.layers_read == [0, 1, 2]  # the prefetched step's buffer
         engine_model.clear_caches()
+    h, ids = torch.randn(2, 3, 32), torch.tensor([[1, 2, 3], [4, 5, 299]])
+    torch.library.opcheck(torch.ops.memllm.engine_gather_add_, (h, ids, 1, engine_model.layers[0].memory.handle))
+    want = h + model.layers[0].memory.store.table[ids, 1]
+    torch.ops.memllm.engine_gather_add_(h, ids, 1, engine_model.layers[0].memory.handle)
+    assert torch.equal(h, want)
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        torch.ops.memllm.engine_gather_add_(h, ids, 1, -1)
     engine.check_consistency()
 
 

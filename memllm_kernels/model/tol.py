@@ -21,6 +21,7 @@ import json
 import os
 import struct
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -378,6 +379,26 @@ def swap_ffn_for_tol(model: Transformer, tol: torch.Tensor, *, backend: str = "a
 
 
 # ---------------------------------------------------------------- the swap onto the offload engine
+# The engine's per-layer read as an opaque op, so that torch.compile traces a model reading through an engine
+# whole (no graph break per layer): the op's body is the engine's Python (which step buffer, which events,
+# counting), run at call time. Engines are named by a handle, as an op takes no Python objects.
+_ENGINES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("memllm::engine_gather_add_", mutates_args=("hidden",))
+def _engine_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, layer: int, engine: int) -> None:
+    """hidden += ToL[ids, layer] through the engine with handle `engine` (OffloadEngine.gather_add_)."""
+    target = _ENGINES.get(engine)
+    if target is None:
+        raise RuntimeError(f"engine_gather_add_: the offload engine {engine} no longer exists")
+    target.gather_add_(hidden, ids, layer)
+
+
+@_engine_gather_add_.register_fake
+def _(hidden, ids, layer, engine):
+    return None
+
+
 class EngineMemory(nn.Module):
     """Layer `layer`'s memory term read through an OffloadEngine (memllm_kernels/offload): the table lives in
     host memory or on disk, hot rows in a device cache. h + scale * ToL[ids, layer], inference only."""
@@ -385,8 +406,9 @@ class EngineMemory(nn.Module):
     def __init__(self, engine, layer: int, scale: float = 1.0):
         super().__init__()
         self.engine, self.layer, self.scale = engine, layer, scale
+        self.handle = id(engine)
+        _ENGINES[self.handle] = engine
 
-    @torch.compiler.disable  # the engine's step bookkeeping is Python: eager inside a compiled forward
     def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """h: [B, T, d] (fresh: updated in place); x0: unused; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
         if self.scale == 0.0:
@@ -396,8 +418,11 @@ class EngineMemory(nn.Module):
                                "swap_ffn_for_tol on an in-memory table")
         with torch.no_grad():
             if self.scale != 1.0:  # an analysis knob (paper Table 1), as in ToLMemory
-                return h + self.scale * self.engine.rows(ids, self.layer).to(h.dtype)
-            return self.engine.gather_add_(h, ids, self.layer)
+                rows = torch.zeros(*ids.shape, h.shape[-1], dtype=self.engine.dtype, device=h.device)
+                torch.ops.memllm.engine_gather_add_(rows, ids, self.layer, self.handle)
+                return h + self.scale * rows.to(h.dtype)
+            torch.ops.memllm.engine_gather_add_(h, ids, self.layer, self.handle)
+            return h
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, scale={self.scale}"

@@ -62,6 +62,11 @@ class _TensorSource:
         return {"location": self.location, "bytes": self.nbytes, "pinned": self.pinned, "pin_note": self.pin_note}
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place version counter; None for inference tensors, which have none."""
+    return None if t.is_inference() else t._version
+
+
 @dataclass
 class _Step:
     """One prefetched step: what the layers of its forward read."""
@@ -76,6 +81,13 @@ class _Step:
     counted: bool = False
     hits: int = 0
     unique_misses: int = 0
+    version: int | None = None  # _version(ids) at the prefetch
+
+    def reads(self, ids: torch.Tensor) -> bool:
+        """Whether `ids` are this step's ids: the same tensor, or the same memory, shape and version (a compiled
+        forward may hand an op another Python object for the same tensor)."""
+        return ids is self.ids or (ids.data_ptr() == self.ids.data_ptr() and ids.shape == self.ids.shape
+                                   and ids.device == self.ids.device and _version(ids) == self.version)
 
 
 class OffloadEngine:
@@ -321,7 +333,7 @@ class OffloadEngine:
         first, slots, buf = self._first[:n], self._slots[:n], self._buf
         if not self._cuda:
             self._prefetch_op(flat, buf, first, slots, 0, None)
-            step = _Step(ids, n, first.view(ids.shape), buf, [])
+            step = _Step(ids, n, first.view(ids.shape), buf, [], version=_version(ids))
             self._bookkeep(step, flat.numpy(), slots.numpy(), first.numpy())
             return step
         fence = self._main_fence()
@@ -343,7 +355,7 @@ class OffloadEngine:
             h_first.copy_(first, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._side)
-        step = _Step(ids, n, first.view(ids.shape), buf, events)
+        step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids))
         self._pending.append((step, h_ids, h_slots, h_first, done))
         return step
 
@@ -403,7 +415,7 @@ class OffloadEngine:
                 ev.record(self._side)
                 self._staging_event = ev
                 events = [ev]
-        step = _Step(ids, n, first.view(ids.shape), buf, events)
+        step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids))
         slots_host = slot_of[host_ids] if n else np.zeros(0, dtype=np.int32)
         self._count(step, int((slots_host >= 0).sum()), nm)
         admitted, evicted = self.directory.access(tokens.tolist())
@@ -459,7 +471,7 @@ class OffloadEngine:
         if not 0 <= layer < self.L:
             raise IndexError(f"layer={layer} is outside the table's [0, {self.L}) layers")
         step = self._step
-        if step is None or step.ids is not ids:
+        if step is None or not step.reads(ids):
             if self.miss_path == "staged":  # the device cannot read this tier directly: prefetch first
                 self.prefetch(ids)
                 return self.gather_add_(hidden, ids, layer)
