@@ -17,7 +17,8 @@ Data path of one step (docs/offload.md has the full argument):
      polls (event.query) at the next prefetch, after queuing that prefetch's transfer: no host
      synchronisation per decode step. That bookkeeping updates the statistics and the policy
      (CacheDirectory), which decides admissions and evictions; those are applied on the side stream, behind
-     the new step's transfer (rows copied host -> cache slot, slot map updated), and so serve later steps. On the CPU everything runs synchronously, in the same order, through the same ops.
+     the new step's transfer (rows copied host -> cache slot, slot map updated), and so serve later steps.
+     On the CPU everything runs synchronously, in the same order, through the same ops.
 Eviction safety: every cache write is on the side stream after an event recorded on main at the time it
 is enqueued (so every kernel launched before it that reads the cache has finished), and every main-stream
 read of the cache (the fused tol_cached_gather_add_ path) first waits for the side stream. So cache reads
