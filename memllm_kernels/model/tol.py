@@ -419,10 +419,18 @@ class EngineMemory(nn.Module):
         with torch.no_grad():
             if self.scale != 1.0:  # an analysis knob (paper Table 1), as in ToLMemory
                 rows = torch.zeros(*ids.shape, h.shape[-1], dtype=self.engine.dtype, device=h.device)
-                torch.ops.memllm.engine_gather_add_(rows, ids, self.layer, self.handle)
+                self._gather_add_(rows, ids)
                 return h + self.scale * rows.to(h.dtype)
-            torch.ops.memllm.engine_gather_add_(h, ids, self.layer, self.handle)
+            self._gather_add_(h, ids)
             return h
+
+    def _gather_add_(self, h: torch.Tensor, ids: torch.Tensor) -> None:
+        # The op only where torch.compile traces: its dispatch costs ~22 us a call (measured on the CPU), 0.5 ms
+        # per eager decode step at 24 layers, which the direct call does not.
+        if torch.compiler.is_compiling():
+            torch.ops.memllm.engine_gather_add_(h, ids, self.layer, self.handle)
+        else:
+            self.engine.gather_add_(h, ids, self.layer)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, scale={self.scale}"
