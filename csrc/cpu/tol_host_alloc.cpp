@@ -34,6 +34,12 @@ at::Tensor tol_host_alloc(c10::IntArrayRef size, at::ScalarType dtype, bool pin)
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
   const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
   if (bytes == 0) return at::empty(size, options);
+  // No quiet fallback to ordinary memory: the Python wrapper decides whether to ask (a GPU is visible, the CUDA
+  // kernels are built); asked, this pins or raises.
+  const HostPinHooks& hooks = host_pin_hooks();
+  TORCH_CHECK(!pin || hooks.pin != nullptr,
+              "tol_host_alloc: pin=True needs the CUDA build of memllm_kernels._C (cudaHostRegister); this one "
+              "has CPU kernels only (pass pin=False)");
   void* ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   TORCH_CHECK(ptr != MAP_FAILED, "tol_host_alloc: mmap of " + to_str(static_cast<int64_t>(bytes)) +
                                      " bytes failed: " + std::strerror(errno));
@@ -41,13 +47,6 @@ at::Tensor tol_host_alloc(c10::IntArrayRef size, at::ScalarType dtype, bool pin)
   (void)madvise(ptr, bytes, MADV_HUGEPAGE);
   bool pinned = false;
   if (pin) {
-    // No quiet fallback to ordinary memory here: the Python wrapper decides whether to ask (a GPU is visible,
-    // the CUDA kernels are built); asked, this pins or raises.
-    const HostPinHooks& hooks = host_pin_hooks();
-    if (hooks.pin == nullptr) munmap(ptr, bytes);
-    TORCH_CHECK(hooks.pin != nullptr,
-                "tol_host_alloc: pin=True needs the CUDA build of memllm_kernels._C (cudaHostRegister); this one "
-                "has CPU kernels only (pass pin=False)");
     const std::string err = hooks.pin(ptr, bytes);
     if (!err.empty()) {
       munmap(ptr, bytes);

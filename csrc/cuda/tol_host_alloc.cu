@@ -11,21 +11,29 @@
 namespace memllm {
 namespace {
 
+// cudaHostGetDevicePointer: the mapping the kernels read the table through (device_address in
+// tol_offload_cuda.cuh). The sticky-free error is cleared.
+cudaError_t device_pointer_error(const void* ptr) {
+  void* dev = nullptr;
+  const cudaError_t err = cudaHostGetDevicePointer(&dev, const_cast<void*>(ptr), 0);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
+}
+
+bool mapped(const void* ptr) { return device_pointer_error(ptr) == cudaSuccess; }
+
 std::string pin(void* ptr, size_t bytes) {
-  cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable);
+  const cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
     return std::string("cudaHostRegister: ") + cudaGetErrorString(err);
   }
-  // The kernels read the table through this mapping (device_address in tol_offload_cuda.cuh): check it now,
-  // not at the first gather.
-  void* mapped = nullptr;
-  err = cudaHostGetDevicePointer(&mapped, ptr, 0);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
+  // Check the mapping now, not at the first gather.
+  const cudaError_t map_err = device_pointer_error(ptr);
+  if (map_err != cudaSuccess) {
     (void)cudaHostUnregister(ptr);
     (void)cudaGetLastError();
-    return std::string("registered, but cudaHostGetDevicePointer: ") + cudaGetErrorString(err);
+    return std::string("registered, but cudaHostGetDevicePointer: ") + cudaGetErrorString(map_err);
   }
   return "";
 }
@@ -33,13 +41,6 @@ std::string pin(void* ptr, size_t bytes) {
 void unpin(void* ptr) {
   // At interpreter exit the CUDA runtime may already be gone; the unmap that follows frees the pages anyway.
   if (cudaHostUnregister(ptr) != cudaSuccess) (void)cudaGetLastError();
-}
-
-bool mapped(const void* ptr) {
-  void* dev = nullptr;
-  if (cudaHostGetDevicePointer(&dev, const_cast<void*>(ptr), 0) == cudaSuccess) return true;
-  (void)cudaGetLastError();
-  return false;
 }
 
 struct InstallHooks {

@@ -44,9 +44,10 @@ def compile_decode(model: Transformer):
     if engine is None:
         return fwd
 
+    from .tol import prefetch_for_forward
+
     def step(ids, input_pos=None, pad=None):
-        if not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-            engine.prefetch(ids, check_ids=ids.device.type == "cpu")
+        prefetch_for_forward(engine, ids)
         return fwd(ids, input_pos=input_pos, pad=pad)
     return step
 

@@ -316,10 +316,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     # prompt lengths reuse the compiled step (the extra slots are masked out) instead of compiling again.
     cache_len = min(model.config.block_size, -(-total // 64) * 64) if compile else total
     model.setup_caches(B, cache_len)
-    step = None
+    graph = None  # DecodeGraph, made at the first decode step (cuda_graph)
+    decode = model  # the eager decode step otherwise
     if compile and not cuda_graph:
         from .graphs import compile_decode
-        step = compile_decode(model)
+        decode = compile_decode(model)
     try:
         logits = model(ids, input_pos=torch.arange(T0, device=device), pad=pad)[:, -1]
         out = [[] for _ in range(B)]
@@ -334,13 +335,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 if bool(done.all()):
                     break
             if t + 1 < max_new_tokens and cuda_graph:
-                if step is None:
+                if graph is None:
                     from .graphs import DecodeGraph
-                    step = DecodeGraph(model, B, compile=compile)
-                logits = step(nxt[:, None], T0 + t, pad)[:, -1]
+                    graph = DecodeGraph(model, B, compile=compile)
+                logits = graph(nxt[:, None], T0 + t, pad)[:, -1]
             elif t + 1 < max_new_tokens:
-                pos = torch.tensor([T0 + t], device=device)
-                logits = (step or model)(nxt[:, None], input_pos=pos, pad=pad)[:, -1]
+                logits = decode(nxt[:, None], input_pos=torch.tensor([T0 + t], device=device), pad=pad)[:, -1]
     finally:
         model.clear_caches()
     return out

@@ -436,14 +436,19 @@ class EngineMemory(nn.Module):
         return f"layer={self.layer}, scale={self.scale}"
 
 
+def prefetch_for_forward(engine, ids: torch.Tensor) -> None:
+    """What a forward through `engine` does first (the model's pre-hook; compile_decode before its compiled
+    step): engine.prefetch(ids), except while a CUDA graph is captured."""
+    if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a DecodeGraph capture: it prefetches eagerly before each replay instead
+    # The step's ids are known before the embedding runs: start moving their rows now. On a GPU the range
+    # check is left to the embedding lookup (a check here would cost a host sync per step).
+    engine.prefetch(ids, check_ids=ids.device.type == "cpu")
+
+
 def _prefetch_hook(engine):
     def hook(model, args, kwargs):
-        ids = args[0] if args else kwargs["ids"]
-        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # a DecodeGraph capture: it prefetches eagerly before each replay instead
-        # The step's ids are known before the embedding runs: start moving their rows now. On a GPU the range
-        # check is left to the embedding lookup (a check here would cost a host sync per step).
-        engine.prefetch(ids, check_ids=ids.device.type == "cpu")
+        prefetch_for_forward(engine, args[0] if args else kwargs["ids"])
     return hook
 
 
