@@ -13,7 +13,9 @@ benchmark on real text with a hot set is e2e_offload_decode in bench_offload.py)
                     is bound by kernel launches, a replayed one by the weights it reads
     op e2e_decode_compiled: batch 1, the step compiled by torch.compile (compile_decode: fused kernels) and,
                     on a GPU, replayed from a CUDA graph; compilation is warm-up, not timed
-Memory: the bytes of weights and of the device-resident table (or cache), and the peak device memory (GPU)
+Decode on a GPU: each round runs DECODE_RUN steps back to back between CUDA events (generate() never waits for
+a token before launching the next step); ms_synced is one step followed by a host sync (a caller that reads
+each token as it comes pays the host's share of the step too). Memory: the bytes of weights and of the device-resident table (or cache), and the peak device memory (GPU)
 or process RSS (CPU) while the benchmark ran.
 """
 
@@ -24,7 +26,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import bench_device, peak_memory, record, reset_peak_memory, timed
+from conftest import DECODE_RUN, bench_device, peak_memory, record, reset_peak_memory, timed
 from models import PROVIDERS, decode_step, free_models, memory_bytes, resident_model
 
 
@@ -75,10 +77,10 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B):
                          torch.randint(0, vocab, (1024, B, 1), device=device),
                          graph=device == "cuda" and phase != "decode", compile=phase == "decode_compiled")
         tokens = B
-    t = timed(benchmark, fn, device, graph=False)
+    t = timed(benchmark, fn, device, graph=False, min_inner=1 if phase == "prefill" else DECODE_RUN)
     model.clear_caches()
     mem, mem_kind = peak_memory(device)
     row = record(op=f"e2e_{phase}", provider=kind, dtype=dtype, preset=size, T=T, batch=B, ms=t["s"] * 1e3,
-                 tokens_per_s=tokens / t["s"], peak_memory_bytes=mem, peak_memory_kind=mem_kind,
-                 **memory_bytes(model, engine))
+                 ms_synced=t["s_synced"] and t["s_synced"] * 1e3, tokens_per_s=tokens / t["s"],
+                 peak_memory_bytes=mem, peak_memory_kind=mem_kind, **memory_bytes(model, engine))
     benchmark.extra_info.update(row)

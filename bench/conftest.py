@@ -20,6 +20,9 @@ import time
 import torch
 
 RESULTS: list[dict] = []
+# Decode steps timed back to back per round on a GPU (timed's min_inner), as generate() runs them: it reads the
+# sampled ids only at the end, so the host prepares step k+1 while the device runs step k.
+DECODE_RUN = 16
 
 
 def pytest_addoption(parser):
@@ -89,7 +92,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True) -> dict:
+def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True, min_inner: int = 1) -> dict:
     """Benchmark `fn` (no arguments); returns median seconds per call as {"s": ..., "s_launch": ...}.
 
     CPU: rounds of one call each, timed with perf_counter ("s_launch" is None).
@@ -97,7 +100,10 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
     replay between two CUDA events (no host launch overhead, as in a model decoding under CUDA
     graphs). "s_launch" is the per-call time of `inner` eager back-to-back launches between events,
     which includes the Python and launch overhead a caller without graphs pays. graph=False (code that
-    is not written for capture, like a whole model step) makes the eager time the primary one.
+    is not written for capture, like a whole model step) makes the eager time the primary one; min_inner:
+    at least this many calls back to back per round (a decode loop that does not wait for each token, as
+    generate() runs), and "s_synced" is then the time of one call followed by a host sync (a caller that
+    reads every token as it comes).
     Warm-up calls (compilation, caches, allocator) are never counted.
     """
     for _ in range(3):
@@ -115,9 +121,9 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
             samples.append(time.perf_counter() - t)
 
         benchmark.pedantic(run, rounds=int(min(200, max(5, target_s / est))), iterations=1, warmup_rounds=2)
-        return {"s": statistics.median(samples), "s_launch": None}
+        return {"s": statistics.median(samples), "s_launch": None, "s_synced": None}
 
-    inner = int(min(100, max(1, 1e-3 / est)))
+    inner = max(min_inner, int(min(100, max(1, 1e-3 / est))))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     launch: list[float] = []
     for _ in range(5):
@@ -128,6 +134,14 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
         end.synchronize()
         launch.append(start.elapsed_time(end) / 1e3 / inner)
     if not graph:
+        synced = []
+        for _ in range(5):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            synced.append(start.elapsed_time(end) / 1e3)
+
         def run():
             start.record()
             for _ in range(inner):
@@ -138,7 +152,8 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
 
         benchmark.pedantic(run, rounds=int(min(100, max(5, target_s / (statistics.median(launch) * inner)))),
                            iterations=1, warmup_rounds=1)
-        return {"s": statistics.median(samples), "s_launch": statistics.median(samples)}
+        return {"s": statistics.median(samples), "s_launch": statistics.median(samples),
+                "s_synced": statistics.median(synced)}
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # graph capture wants its warm-up on a side stream
@@ -159,7 +174,7 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
 
     rounds = int(min(100, max(5, target_s / (statistics.median(launch) * inner))))
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
-    return {"s": statistics.median(samples), "s_launch": statistics.median(launch)}
+    return {"s": statistics.median(samples), "s_launch": statistics.median(launch), "s_synced": None}
 
 
 def reset_peak_memory(device: str) -> None:

@@ -66,7 +66,8 @@ COLUMNS = {
     "offload_hit_rate": [("policy/hot set", "provider", "s"), ("cache", "preset", "s"), ("rows", "T", "d"),
                          ("hits %", _pct("hit_rate"), ".1f"), ("lookups", "lookups", "d"), ("ms", "ms", ".0f")],
     "e2e": _FIRST + [
-        ("batch", "batch", "d"), ("ms", "ms", ".3f"), ("tokens/s", "tokens_per_s", ".1f"), ("x dense", "speedup_vs_dense", ".2f"),
+        ("batch", "batch", "d"), ("ms", "ms", ".3f"), ("ms synced", "ms_synced", ".3f"), ("tokens/s", "tokens_per_s", ".1f"),
+        ("x dense", "speedup_vs_dense", ".2f"),
         ("% bound", "pct_bound", ".0f"), ("weights GB", _gb("weight_bytes"), ".3f"), ("table GB", _gb("table_bytes"), ".3f"),
         ("peak GB", _gb("peak_memory_bytes"), ".2f"), ("hits %", _pct("hit_rate"), ".1f")],
 }

@@ -294,6 +294,49 @@ def test_generate_sampling_options():
         generate(model, [[]], 3)
 
 
+def test_generate_stops_each_row_at_its_eos():
+    """A row ends at its first eos_id (kept) while the others go on, as if generated alone; when every row has
+    ended, the loop stops at its next check (every EOS_CHECK_EVERY steps) with the same tokens."""
+    from memllm_kernels.model.model import EOS_CHECK_EVERY
+
+    model = tiny_model("memoryllm")
+    prompts = [[1, 2], [5, 6, 7], [9]]
+    greedy = generate(model, prompts, 40)
+    eos = greedy[1][3]
+    batched = generate(model, prompts, 40, eos_id=eos)
+    assert batched == [generate(model, [p], 40, eos_id=eos)[0] for p in prompts]
+    for row, full in zip(batched, greedy):
+        assert row == (full[:full.index(eos) + 1] if eos in full else full)
+    assert batched[1] == greedy[1][:4]
+    # one row ending at its first step: the loop breaks at the first check, the tokens are the same
+    only = generate(model, [[5, 6, 7]], 3 * EOS_CHECK_EVERY, eos_id=greedy[1][0])
+    assert only == [greedy[1][:1]]
+    assert generate(model, prompts, 0) == [[], [], []]
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+def test_generate_does_not_wait_for_the_device_per_step(cuda_graph):
+    """generate's host syncs do not grow with the number of decode steps (sampled ids are read once, at the
+    end): torch's sync debug mode warns at each synchronising call."""
+    import warnings
+
+    model = Transformer(tiny("memoryllm")).cuda().eval()
+
+    def syncs(n):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                generate(model, [[1, 2, 3]], n, cuda_graph=cuda_graph)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(w.message) for w in seen)
+
+    syncs(4)  # warm-up: lazy initialisation
+    assert syncs(40) == syncs(4)
+
+
 @pytest.mark.parametrize("kind", ["dense", "memoryllm-tol", "flex2-tol"])
 def test_compiled_decode_equals_the_eager_step(kind):
     """compile_decode (torch.compile, fullgraph): the eager step's logits up to fused-kernel rounding, and

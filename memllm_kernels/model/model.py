@@ -282,6 +282,9 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+EOS_CHECK_EVERY = 16  # decode steps between checks for all rows done (each check waits for the device)
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, seed: int | None = None, eos_id: int | None = None,
@@ -323,16 +326,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         decode = compile_decode(model)
     try:
         logits = model(ids, input_pos=torch.arange(T0, device=device), pad=pad)[:, -1]
-        out = [[] for _ in range(B)]
+        # The loop never waits for the device: sampled ids stay there until the end (reading one per step
+        # would be a host sync per step, which on a GPU leaves it idle while Python prepares the next step),
+        # the position is written in place, and end-of-sequence is checked only every EOS_CHECK_EVERY steps.
+        steps = []  # [B] ids of each step
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        pos = torch.empty(1, dtype=torch.long, device=device)
         for t in range(max_new_tokens):
             nxt = _sample(logits, temperature, top_k, gen)
-            for i in range(B):
-                if not done[i]:
-                    out[i].append(int(nxt[i]))
+            steps.append(nxt)
             if eos_id is not None:
                 done |= nxt == eos_id
-                if bool(done.all()):
+                if t % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and bool(done.all()):
                     break
             if t + 1 < max_new_tokens and cuda_graph:
                 if graph is None:
@@ -340,7 +345,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                     graph = DecodeGraph(model, B, compile=compile)
                 logits = graph(nxt[:, None], T0 + t, pad)[:, -1]
             elif t + 1 < max_new_tokens:
-                logits = decode(nxt[:, None], input_pos=torch.tensor([T0 + t], device=device), pad=pad)[:, -1]
+                logits = decode(nxt[:, None], input_pos=pos.fill_(T0 + t), pad=pad)[:, -1]
+        out = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]
     finally:
         model.clear_caches()
+    if eos_id is not None:  # a row ends at its first eos_id (kept); later steps ran only for the other rows
+        out = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in out]
     return out
