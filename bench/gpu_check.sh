@@ -14,7 +14,8 @@
 #              and CUDA-graph
 #   e2e        bench/bench_e2e.py: 1b prefill and decode (eager and CUDA-graph) of the five providers
 #   compiled   the decode benchmarks of both files with the step compiled by torch.compile and replayed from
-#              a CUDA graph (one compile per provider, tens of seconds each: last of the benchmarks)
+#              a CUDA graph (one compile per provider, tens of seconds each: last of the benchmarks), the
+#              real-text ones (dense, VRAM, host, disk: the decode targets) first
 #   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size
 #   tests      the whole test suite on the GPU
 # Time: every step gets its own limit (below), cut to what is left of BUDGET seconds (default 540); a step
@@ -105,7 +106,7 @@ for step in "${steps[@]}"; do
       run_pytest "$out/bench-e2e.log" 240 bench/bench_e2e.py "${bench_args[@]}" -k "not ($compiled)" \
         --benchmark-json="$out/pytest-benchmark-e2e.json" ;;
     compiled)
-      run_pytest "$out/bench-compiled.log" 300 bench/bench_e2e.py bench/bench_offload.py "${bench_args[@]}" \
+      run_pytest "$out/bench-compiled.log" 300 bench/bench_offload.py bench/bench_e2e.py "${bench_args[@]}" \
         -k "$compiled" --benchmark-json="$out/pytest-benchmark-compiled.json" ;;
     gather)
       run_pytest "$out/bench-gather.log" 120 bench/bench_tol_gather_add.py "${bench_args[@]}" \
