@@ -676,6 +676,79 @@ def test_swapped_model_moves_one_table():
     assert not any("table" in k for k in model.state_dict())
 
 
+@pytest.mark.parametrize("kind", ["dense", "memoryllm-tol", "flex2"])
+def test_offload_embedding_keeps_the_outputs(kind):
+    """offload_embedding: the embedding leaves the model's parameters (and state_dict) for a host tensor read
+    row by row, and logits and generated tokens are bit-identical; bad ids, tied embeddings, a second call and
+    a precompute afterwards raise."""
+    from memllm_kernels.model import HostEmbedding, offload_embedding, swap_ffn_for_tol
+
+    model = tiny_model(kind.split("-")[0])
+    if kind.endswith("-tol"):
+        swap_ffn_for_tol(model, torch.cat(list(iter_tol_chunks(model, 64))))
+    ids = random_ids(model.config)
+    prompts = [[1, 2, 3], [299, 7]]
+    with torch.no_grad():
+        want, want_gen = model(ids), generate(model, prompts, 6)
+        E = model.tok_embeddings.weight.detach().clone()
+        n_params = sum(p.numel() for p in model.parameters())
+        assert offload_embedding(model, chunk_bytes=1000) is model  # several chunks
+        assert isinstance(model.tok_embeddings, HostEmbedding)
+        assert torch.equal(model.tok_embeddings.weight, E)
+        assert sum(p.numel() for p in model.parameters()) == n_params - E.numel()
+        assert not any("tok_embeddings" in k for k in model.state_dict())
+        assert torch.equal(model(ids), want)
+        assert torch.equal(model(ids[:, 5:].transpose(0, 1)), model(ids[:, 5:].transpose(0, 1).contiguous()))
+    assert generate(model, prompts, 6) == want_gen
+    with pytest.raises(IndexError, match="outside"):
+        model(torch.tensor([[1, 300]]))
+    with pytest.raises(IndexError, match="prompt 1 has token id -1"):
+        generate(model, [[1], [2, -1]], 3)
+    with pytest.raises(ValueError, match="already in host memory"):
+        offload_embedding(model)
+    if kind == "flex2":
+        with pytest.raises(ValueError, match="precompute the ToL before"):
+            next(iter_tol_chunks(model, 10))
+    with pytest.raises(ValueError, match="ties its embedding"):
+        offload_embedding(tiny_model("memoryllm", tie_embeddings=True))
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("mode", ["eager", "graph", "compiled-graph"])
+def test_offload_embedding_on_the_gpu(mode):
+    """On a GPU the embedding goes to page-locked host memory (device memory drops by its bytes) and the tokens,
+    eager, replayed from a CUDA graph or compiled inside one, are the device embedding's."""
+    from memllm_kernels.model import offload_embedding
+    from memllm_kernels.offload import tol_host_mapped
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = Transformer(tiny("memoryllm")).cuda().eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    want = generate(model, prompts, 10)
+    E = model.tok_embeddings.weight
+    nbytes = E.numel() * E.element_size()
+    del E
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    offload_embedding(model)
+    assert before - torch.cuda.memory_allocated() >= nbytes
+    assert tol_host_mapped(model.tok_embeddings.weight)
+    assert generate(model, prompts, 10, cuda_graph=mode != "eager", compile=mode == "compiled-graph") == want
+
+
+def test_offload_embedding_compiles():
+    """The host embedding inside a compiled decode step (one graph: fullgraph) gives the eager tokens."""
+    from memllm_kernels.model import offload_embedding
+
+    torch._dynamo.reset()
+    model = tiny_model("memoryllm")
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    want = generate(model, prompts, 6)
+    offload_embedding(model)
+    assert generate(model, prompts, 6, compile=True) == want
+
+
 # ================================================================ data and tokenizers
 def _write_works(folder, n=5, words=400, seed=0):
     """Synthetic works: seeded sentences over a small vocabulary, distinct per work."""

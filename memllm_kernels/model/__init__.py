@@ -6,17 +6,19 @@
     swap_ffn_for_tol(model, load_tol("tol.safetensors", model))   # memory FFNs -> tol_gather_add_
 
 Files: config.py (presets, parameter counts), model.py (blocks, KV cache, generate), graphs.py (a decode
-step replayed from a CUDA graph, or compiled), tol.py (precompute, file format and checks, swap), data.py (text,
-tokenizers, token cache), train.py (training, eval, runs).
+step replayed from a CUDA graph, or compiled), tol.py (precompute, file format and checks, swap; the token
+embedding in host memory), data.py (text, tokenizers, token cache), train.py (training, eval, runs).
 """
 
 from .config import KINDS, PRESETS, ModelConfig, describe_params, get_preset, param_counts, paper_millions  # noqa: F401
 from .graphs import DecodeGraph, compile_decode  # noqa: F401
 from .model import MemoryFFN, Transformer, generate, lm_loss  # noqa: F401
 from .tol import (  # noqa: F401
+    HostEmbedding,
     ToLMemory,
     estimate_tol,
     load_tol,
+    offload_embedding,
     precompute_tol,
     read_tol_header,
     swap_ffn_for_tol,

@@ -300,6 +300,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
+    V = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        bad = next((t for t in p if not 0 <= t < V), None)
+        if bad is not None:  # checked here, on the host: on a GPU the model's lookups skip the check (a sync)
+            raise IndexError(f"prompt {i} has token id {bad}, outside the vocabulary [0, {V})")
     device = model.output.weight.device
     B, T0 = len(prompts), max(len(p) for p in prompts)
     total = T0 + max_new_tokens

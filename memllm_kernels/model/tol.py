@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import ops, reference
+from ..offload import ops as offload_ops
 from .config import ModelConfig
 from .model import MemoryFFN, Transformer
 
@@ -94,6 +95,9 @@ def iter_tol_chunks(model: Transformer, chunk_tokens: int, dtype: torch.dtype | 
     embedding's dtype). Only one chunk and its FFN activations ([C, K_M] x 3) are alive at a time.
     """
     mems = _memory_ffns(model)
+    if isinstance(model.tok_embeddings, HostEmbedding):
+        raise ValueError("the model's token embedding was moved to host memory for inference (offload_embedding): "
+                         "precompute the ToL before that")
     emb = model.tok_embeddings.weight
     dtype = dtype or emb.dtype
     V, L, d = emb.shape[0], len(mems), emb.shape[1]
@@ -358,7 +362,7 @@ def _check_swap(model: Transformer, shape: tuple, device: torch.device, what: st
     want = (cfg.vocab_size, cfg.n_layer, cfg.d_model)
     if tuple(shape) != want:
         raise ValueError(f"{what} shape {tuple(shape)} does not match the model's [V, L, d] = {list(want)}")
-    model_device = model.tok_embeddings.weight.device
+    model_device = model.output.weight.device  # (the embedding may be in host memory: offload_embedding)
     if device != model_device:
         raise ValueError(f"{what} is on {device} but the model is on {model_device}; {fix}")
 
@@ -466,4 +470,67 @@ def swap_ffn_for_engine(model: Transformer, engine) -> Transformer:
         block.memory = EngineMemory(engine, i, block.memory.scale)
     model.tol_engine = engine
     model.tol_engine_hook = model.register_forward_pre_hook(_prefetch_hook(engine), with_kwargs=True)
+    return model
+
+
+# ---------------------------------------------------------------- the token embedding in host memory
+class HostEmbedding(nn.Module):
+    """The token embedding E [V, d] kept in host memory: forward(ids [...]) -> E[ids] [..., d] on `device`,
+    gathered by the device straight from page-locked memory (tol_host_gather; on a CPU, ordinary memory).
+
+    Like a ToL row, E is read one row per token: a decode step moves d values (4 KiB at 1b in bf16) instead of
+    the device holding all of E (0.53 GB at 1b). `weight` is the host tensor; it is neither a parameter nor a
+    buffer, so model.to() leaves it where it is and state_dict() leaves it out (an inference deployment).
+    Ids are range-checked on the CPU; on a GPU the check would cost a host sync per step, so there an id
+    outside [0, V) gives a NaN row (the kernel never reads outside E) -- generate() checks its prompts.
+    """
+
+    def __init__(self, weight: torch.Tensor, device):
+        super().__init__()
+        self.device = torch.device(device)
+        if weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
+            raise ValueError(f"HostEmbedding needs a contiguous [V, d] CPU tensor, got {list(weight.shape)} on "
+                             f"{weight.device}")
+        if self.device.type == "cuda" and not offload_ops.tol_host_mapped(weight):
+            raise ValueError("HostEmbedding on a GPU needs page-locked, mapped memory (offload.tol_host_alloc)")
+        self.weight = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.device != self.device:
+            raise RuntimeError(f"HostEmbedding: ids are on {ids.device}, the model on {self.device}")
+        flat = ids.reshape(-1)
+        out = torch.empty(flat.shape[0], self.embedding_dim, dtype=self.weight.dtype, device=self.device)
+        if torch.compiler.is_compiling():  # the op itself: the wrapper's checks read tensor values
+            torch.ops.memllm.tol_host_gather(self.weight, flat, out, None, False)
+        else:
+            offload_ops.tol_host_gather(self.weight, flat, out, check_ids=self.device.type == "cpu")
+        return out.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, host -> {self.device}"
+
+
+def offload_embedding(model: Transformer, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Transformer:
+    """Move the model's token embedding into host memory (HostEmbedding), freeing its [V, d] of device memory.
+
+    In place (returns `model`); call it after the model is on its device. The copy is page-locked and mapped
+    where a GPU is visible (tol_host_alloc) and is filled in chunks of about chunk_bytes. Raises for tied
+    embeddings (the output head reads all of E every step, so E must stay on the device) and for an
+    embedding already in host memory. The outputs do not change (a gather is exact).
+    """
+    if model.config.tie_embeddings:
+        raise ValueError(f"{model.config.name} ties its embedding to the output head, which reads all of it every "
+                         "step: it must stay on the device")
+    emb = model.tok_embeddings
+    if isinstance(emb, HostEmbedding):
+        raise ValueError("the token embedding is already in host memory")
+    w = emb.weight.detach()
+    if w.device.type == "cuda" and offload_ops.pin_unavailable_reason() is not None:
+        raise RuntimeError(f"cannot page-lock host memory for the embedding: {offload_ops.pin_unavailable_reason()}")
+    host = offload_ops.tol_host_alloc(list(w.shape), w.dtype)
+    rows = max(1, chunk_bytes // max(1, w.shape[1] * w.element_size()))
+    for i in range(0, w.shape[0], rows):
+        host[i:i + rows].copy_(w[i:i + rows])
+    model.tok_embeddings = HostEmbedding(host, w.device)
     return model
