@@ -15,8 +15,10 @@ benchmark on real text with a hot set is e2e_offload_decode in bench_offload.py)
                     on a GPU, replayed from a CUDA graph; compilation is warm-up, not timed
 Decode on a GPU: each round runs DECODE_RUN steps back to back between CUDA events (generate() never waits for
 a token before launching the next step); ms_synced is one step followed by a host sync (a caller that reads
-each token as it comes pays the host's share of the step too). Memory: the bytes of weights and of the device-resident table (or cache), and the peak device memory (GPU)
-or process RSS (CPU) while the benchmark ran.
+each token as it comes pays the host's share of the step too).
+Memory: the bytes of device-resident weights (the host and disk providers keep the token
+embedding in host memory) and of the device-resident table (or cache), and the peak device memory (GPU) or
+process RSS (CPU) while the benchmark ran.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
     memllm train --preset tiny-memoryllm --out RUN [--text PATH] [--steps N | --minutes M]
     memllm precompute RUN                       # writes RUN/tol.safetensors
     memllm eval RUN [--text PATH] [--tol | --ffn] [--tol-location {device,host,disk} --cache-rows N]
+                    [--embedding-location {device,host}]
     memllm generate RUN --prompt "..." [--tol] [--tol-location {device,host,disk} --cache-rows N]
-                    [--cuda-graph] [--compile]
+                    [--embedding-location {device,host}] [--cuda-graph] [--compile]
     memllm info [PRESET | RUN]                  # parameter counts (paper convention)
 
 Nothing a user saved is overwritten without --force. Errors a user can fix print one line and exit 2.
@@ -49,6 +50,9 @@ def _add_offload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", choices=POLICIES, default="hot+lru",
                    help="cache policy (default hot+lru: a hot set from the run's training-split token counts "
                    "plus an LRU tail)")
+    p.add_argument("--embedding-location", choices=("device", "host"), default="device",
+                   help="where the token embedding lives (default device); host: page-locked host memory read "
+                   "one row per token, freeing [vocab x d] of device memory (models with untied embeddings)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,26 +249,31 @@ def _cmd_precompute(a) -> int:
 
 
 def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | None = None,
-                        cache_rows: int | None = None, policy: str = "hot+lru", progress: bool = False):
+                        cache_rows: int | None = None, policy: str = "hot+lru", progress: bool = False,
+                        embedding: str = "device"):
     """(model, run config, offload engine or None). location 'host'/'disk' reads the ToL through an
-    OffloadEngine (memllm_kernels/offload); 'device' or plain --tol puts the whole table on the device."""
+    OffloadEngine (memllm_kernels/offload); 'device' or plain --tol puts the whole table on the device.
+    embedding 'host': the token embedding in host memory (offload_embedding), after the ToL is set up."""
     import torch
 
-    from .model.tol import load_tol, swap_ffn_for_tol
+    from .model.tol import load_tol, offload_embedding, swap_ffn_for_tol
     from .model.train import load_run
 
     model, cfg = load_run(run, device)
+    engine = None
     if location in ("host", "disk"):
-        return model, cfg, _attach_engine(model, cfg, run, device, location, cache_rows, policy, progress)
-    if cache_rows is not None:
+        engine = _attach_engine(model, cfg, run, device, location, cache_rows, policy, progress)
+    elif cache_rows is not None:
         raise ValueError("--cache-rows needs --tol-location host or disk")
-    if use_tol or location == "device":
+    elif use_tol or location == "device":
         path = run / "tol.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
         tol = load_tol(path, model)  # refuses a ToL of another model / a damaged file
         swap_ffn_for_tol(model, tol if torch.device(device).type == "cpu" else tol.to(device))
-    return model, cfg, None
+    if embedding == "host":
+        offload_embedding(model)
+    return model, cfg, engine
 
 
 def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows, policy: str, progress: bool):
@@ -305,7 +314,7 @@ def _cmd_eval(a) -> int:
     if a.ffn and a.tol_location:
         raise ValueError("--tol-location runs the ToL; it cannot be combined with --ffn")
     model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
-                                             progress=not a.no_progress)
+                                             progress=not a.no_progress, embedding=a.embedding_location)
     if a.alpha != 1.0 or a.drop_layers:
         model.set_memory_scale(a.alpha, a.drop_layers)
     ids, _ = run_tokens(cfg, a.run, "val", a.text)
@@ -336,7 +345,7 @@ def _cmd_generate(a) -> int:
     if a.cuda_graph and not a.device.startswith("cuda"):
         raise ValueError(f"--cuda-graph replays CUDA graphs: it needs --device cuda, not {a.device}")
     model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
-                                             progress=not a.no_progress)
+                                             progress=not a.no_progress, embedding=a.embedding_location)
     tok = load_run_tokenizer(a.run, cfg["tokenizer"])
     prompts = [tok.encode(p) for p in a.prompt]
     if any(not p for p in prompts):

@@ -875,6 +875,8 @@ def test_cli_generate_and_eval_with_tol_location(tmp_path, monkeypatch, capsys):
         assert out.splitlines()[0] == base.splitlines()[0], loc  # identical text
         if loc != "device":
             assert "cache: hot+lru, 20 of 300 rows" in out and "lookups" in out
+    out = cli(*gen, "--tol-location", "disk", "--cache-rows", "20", "--embedding-location", "host")
+    assert out.splitlines()[0] == base.splitlines()[0]
     torch._dynamo.reset()
     compiled = cli(*gen, "--tol-location", "host", "--cache-rows", "20", "--compile")
     assert compiled.splitlines()[0] == base.splitlines()[0]
@@ -885,6 +887,7 @@ def test_cli_generate_and_eval_with_tol_location(tmp_path, monkeypatch, capsys):
     for loc in ("host", "disk"):
         res = json.loads(cli(*ev, "--tol-location", loc, "--cache-policy", "lru"))
         assert res["loss"] == ref["loss"] and res["cache"]["lookups"] > 0 and res["cache"]["policy"] == "lru"
+    assert json.loads(cli(*ev, "--tol", "--embedding-location", "host"))["loss"] == ref["loss"]
     rc = main([*ev, "--tol-location", "host", "--cache-rows", "301"])
     assert rc == 2 and "larger than the vocabulary (V=300)" in capsys.readouterr().err
     rc = main([*ev, "--tol", "--cache-rows", "5"])
