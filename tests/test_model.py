@@ -648,7 +648,34 @@ def test_swap_uses_the_in_place_op_and_drops_ffn_weights(monkeypatch, tmp_path):
     model.train()
     loss = model(random_ids(model.config)).sum()
     loss.backward()
-    assert model.layers[0].attn.wq.weight.grad is not None
+    assert model.layers[0].attn.wqkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2])
+def test_checkpoint_with_separate_qkv_weights_loads(tmp_path, n_kv_head):
+    """A checkpoint from before the stacked wqkv projection (separate wq, wk, wv) loads into it, through
+    load_state_dict and safetensors' load_model, with the same logits."""
+    from safetensors.torch import load_model, save_file
+
+    model = tiny_model("memoryllm", n_kv_head=n_kv_head)
+    old = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("attn.wqkv.weight"):
+            q, kk, vv = v.split(model.layers[0].attn.qkv_split)
+            old.update({k.replace("wqkv", "wq"): q, k.replace("wqkv", "wk"): kk, k.replace("wqkv", "wv"): vv})
+        else:
+            old[k] = v
+    assert not any("wqkv" in k for k in old)
+    ids = random_ids(model.config)
+    with torch.no_grad():
+        want = model(ids)
+        fresh = tiny_model("memoryllm", n_kv_head=n_kv_head)
+        fresh.load_state_dict(old)
+        assert torch.equal(fresh(ids), want)
+        save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "old.safetensors"))
+        fresh = tiny_model("memoryllm", n_kv_head=n_kv_head)
+        load_model(fresh, str(tmp_path / "old.safetensors"))
+        assert torch.equal(fresh(ids), want)
 
 
 def test_swap_errors(tmp_path):
@@ -884,6 +911,17 @@ def test_train_refuses_to_overwrite(tmp_path, monkeypatch):
     assert (out / "notes.md").read_text() == "mine"  # --force removes run files only
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(tmp_path / "absent", resume=True, progress=False)
+    # an optimizer state that fits other parameters (a run of another model layout) is refused, not misapplied
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    opt_file = out / "optimizer.safetensors"
+    with safe_open(str(opt_file), "pt") as f:
+        meta, shifted = f.metadata(), {f"{int(k.split('.')[0]) + 1}.{k.split('.', 1)[1]}": f.get_tensor(k)
+                                       for k in f.keys()}
+    save_file(shifted, str(opt_file), metadata=meta)
+    with pytest.raises(ValueError, match="does not match this model's parameters"):
+        train(out, resume=True, steps=4, progress=False, log=lambda *a: None)
 
 
 @pytest.mark.requires_cuda

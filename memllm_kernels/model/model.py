@@ -109,24 +109,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def _stack_qkv(module, state_dict, prefix, *args) -> None:
+    """Load a checkpoint with separate wq, wk, wv weights (the layout before wqkv) into the stacked wqkv."""
+    names = [f"{prefix}w{c}.weight" for c in "qkv"]
+    if all(n in state_dict for n in names):
+        state_dict[f"{prefix}wqkv.weight"] = torch.cat([state_dict.pop(n) for n in names])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        # q, k and v from one projection, the three weights stacked [(H + 2 H_kv) hd, d]: one matmul instead of
+        # three, so a batch-1 decode step launches one GEMV per layer for them instead of three.
+        self.qkv_split = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+        self.wqkv = nn.Linear(cfg.d_model, sum(self.qkv_split), bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.kv_cache: KVCache | None = None
+        self.register_load_state_dict_pre_hook(_stack_qkv)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d]; cos/sin: RoPE rows for these positions; mask: [B, 1, T, S] bool (True = attend) or
         None for plain causal attention over x alone; input_pos: [T] cache slots when a KV cache is set."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = self.wqkv(x).split(self.qkv_split, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
         if self.kv_cache is not None and input_pos is not None:

@@ -243,6 +243,11 @@ def _load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) 
     for key, v in flat.items():
         i, k = key.split(".", 1)
         per.setdefault(int(i), {})[k] = v
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, s in per.items():  # (a run saved by a version of this model with other parameters, say)
+        if i >= len(params) or any(v.dim() and v.shape != params[i].shape for v in s.values()):
+            raise ValueError(f"{run}/optimizer.safetensors does not match this model's parameters (a run saved by "
+                             "another version of memllm_kernels?); it cannot be resumed: retrain with --force")
     osd["state"] = per
     for g, saved in zip(osd["param_groups"], state["param_groups"]):
         g.update(saved)
