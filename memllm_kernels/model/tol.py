@@ -481,8 +481,9 @@ class HostEmbedding(nn.Module):
     Like a ToL row, E is read one row per token: a decode step moves d values (4 KiB at 1b in bf16) instead of
     the device holding all of E (0.53 GB at 1b). `weight` is the host tensor; it is neither a parameter nor a
     buffer, so model.to() leaves it where it is and state_dict() leaves it out (an inference deployment).
-    Ids are range-checked on the CPU; on a GPU the check would cost a host sync per step, so there an id
-    outside [0, V) gives a NaN row (the kernel never reads outside E) -- generate() checks its prompts.
+    Ids are range-checked on the CPU (eagerly); on a GPU the check would cost a host sync per step, and a
+    compiled step cannot read values, so there an id outside [0, V) gives a NaN row (the kernel never reads
+    outside E) -- generate() checks its prompts on the host.
     """
 
     def __init__(self, weight: torch.Tensor, device):
