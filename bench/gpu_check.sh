@@ -16,6 +16,8 @@
 #   compiled   the decode benchmarks of both files with the step compiled by torch.compile and replayed from
 #              a CUDA graph (one compile per provider, tens of seconds each: last of the benchmarks), the
 #              real-text ones (dense, VRAM, host, disk: the decode targets) first
+#   profile    bench/decode_profile.py: kernels per decode step by kind (matmul, attention, ToL, the rest) for
+#              dense, MemoryLLM and the host tier, eager / graph / compiled: why decode is or is not weight-bound
 #   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size
 #   tests      the whole test suite on the GPU
 # Time: every step gets its own limit (below), cut to what is left of BUDGET seconds (default 540); a step
@@ -34,7 +36,7 @@ cd "$(dirname "$0")/.."
 out=${1:-bench/results}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build gpu-tests offload e2e compiled gather tests)
+[ ${#steps[@]} -eq 0 ] && steps=(build gpu-tests offload e2e compiled profile gather tests)
 mkdir -p "$out"
 PY=${PYTHON:-python3}
 export MEMLLM_COMMIT=${MEMLLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -108,12 +110,19 @@ for step in "${steps[@]}"; do
     compiled)
       run_pytest "$out/bench-compiled.log" 300 bench/bench_offload.py bench/bench_e2e.py "${bench_args[@]}" \
         -k "$compiled" --benchmark-json="$out/pytest-benchmark-compiled.json" ;;
+    profile)
+      t=$(limit 240) && {
+        echo "   limit ${t}s, log $out/decode-profile.log"
+        timeout -s INT -k 30 "$t" $PY bench/decode_profile.py --device "${BENCH_DEVICE:-cuda}" --out "$out" \
+          >"$out/decode-profile.log" 2>&1 || { status=1; echo "   failed or stopped at the limit"; }
+        grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -12
+      } ;;
     gather)
       run_pytest "$out/bench-gather.log" 120 bench/bench_tol_gather_add.py "${bench_args[@]}" \
         --benchmark-json="$out/pytest-benchmark-gather.json" ;;
     tests)
       run_pytest "$out/tests.log" 300 tests -rs $xdist --junitxml="$out/tests.xml" ;;
-    *) echo "unknown step $step (build gpu-tests offload e2e compiled gather tests)"; exit 2 ;;
+    *) echo "unknown step $step (build gpu-tests offload e2e compiled profile gather tests)"; exit 2 ;;
   esac
 done
 echo; echo "== $(date +%T) done in $(( $(date +%s) - t_start ))s (status $status)"

@@ -65,6 +65,13 @@ COLUMNS = {
                                   ("ms launch", "ms_launch", ".4f")],
     "offload_hit_rate": [("policy/hot set", "provider", "s"), ("cache", "preset", "s"), ("rows", "T", "d"),
                          ("hits %", _pct("hit_rate"), ".1f"), ("lookups", "lookups", "d"), ("ms", "ms", ".0f")],
+    "decode_profile": [("provider", "provider", "s"), ("mode", "mode", "s"), ("preset", "preset", "s"),
+                       ("dtype", "dtype", "s"), ("ms/step", "wall_ms", ".3f"), ("ops/step", "ops_per_step", ".0f"),
+                       ("busy us", "busy_us", ".0f")] + [
+        (f"{kind} {what}", (lambda k, w: lambda r: r["by_kind"].get(k, {}).get(w))(kind, key), fmt)
+        for kind in ("matmul", "attention", "tol", "copy", "other") for what, key, fmt in (("n", "count", ".0f"),
+                                                                                          ("us", "us", ".0f"))] + [
+        ("matmul GB/s", "matmul_gbps", ".0f")],
     "e2e": _FIRST + [
         ("batch", "batch", "d"), ("ms", "ms", ".3f"), ("ms synced", "ms_synced", ".3f"), ("tokens/s", "tokens_per_s", ".1f"),
         ("x dense", "speedup_vs_dense", ".2f"),

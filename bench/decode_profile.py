@@ -1,0 +1,141 @@
+"""Where a decode step's time goes: kernels per step, by kind, for dense vs MemoryLLM (torch.profiler).
+
+    python bench/decode_profile.py [--device cuda] [--size 1b] [--modes eager graph compiled] [--out DIR]
+
+The decode benchmarks say how fast a step is; this says why. One batch-1 decode step at position 128 (the
+benchmarks' step: bench/models.py, random weights) is profiled over --steps steps, for each provider and mode
+(eager; graph: replayed from a CUDA graph; compiled: torch.compile, inside a graph on a GPU). On a GPU it
+counts the kernels of a step and sums their time by kind (matmul, attention, ToL/offload ops, copies, the rest:
+norms, RoPE, masks, adds), and reports the matmuls' bandwidth on the weights they read: if the matmuls run
+near the memory bandwidth and the rest is small, the step is weight-bound and MemoryLLM's speed-up approaches
+the ratio of weights read (about 2.2x at 1b); if the rest is large, it is bound by kernel latency. On the CPU
+it counts the top-level aten (and memllm) ops per step and their time. Writes decode_profile.json (with the machine and
+commit) to --out/<machine>/ and prints a table; `python bench/report.py report DIR` adds it to report.md
+(ops/step: kernels on a GPU, top-level ops on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import machine_info, machine_tag  # noqa: E402
+from models import PROVIDERS, build_model, decode_step, free_models, memory_bytes  # noqa: E402
+
+# Kernel kinds by name, first match wins (cuBLAS/CUTLASS GEMV and GEMM kernels, SDPA's kernels, ours).
+KINDS = [("tol", r"tol_|memllm|host_gather|cache_prefetch"),
+         ("matmul", r"gemv|gemm|cutlass|cublas|sm90_xmma|splitKreduce|\bmm\b|matmul|addmm|linear|triton_tem"),
+         ("attention", r"flash|fmha|attention|sdpa|efficient"),
+         ("copy", r"memcpy|memset|copy|Memcpy|Memset")]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def profile_step(fn, device: str, steps: int) -> dict:
+    """Kernels (GPU) or top-level aten ops (CPU) of `steps` calls of fn, per step."""
+    for _ in range(3):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    if device == "cuda":
+        picked = [e for e in events if e.device_type == DeviceType.CUDA]
+    else:  # top-level ops (not the ops they call)
+        ours = ("aten::", "memllm::")
+        picked = [e for e in events if e.name.startswith(ours)
+                  and not (e.cpu_parent is not None and e.cpu_parent.name.startswith(ours))]
+    by_name: dict[str, list] = {}
+    for e in picked:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    by_kind: dict[str, dict] = {}
+    for name, times in by_name.items():
+        k = by_kind.setdefault(kind_of(name), {"count": 0, "us": 0.0})
+        k["count"] += len(times) / steps
+        k["us"] += sum(times) / steps
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
+    return {"wall_ms": wall * 1e3, "ops_per_step": len(picked) / steps, "busy_us": sum(map(sum, by_name.values())) / steps,
+            "by_kind": by_kind,
+            "top": [{"name": n[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for n, t in top]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", help="preset size (default 1b on a GPU, tiny on the CPU)")
+    p.add_argument("--dtype", help="default bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--providers", nargs="+", default=["dense", "memoryllm", "memoryllm-host"], choices=PROVIDERS)
+    p.add_argument("--modes", nargs="+", default=["eager", "graph", "compiled"], choices=["eager", "graph", "compiled"])
+    p.add_argument("--steps", type=int, default=20, help="profiled decode steps per case (default 20)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="results go to OUT/<machine>/decode_profile.json (default bench/results)")
+    a = p.parse_args(argv)
+    device = a.device
+    size = a.size or ("1b" if device == "cuda" else "tiny")
+    dtype = a.dtype or ("bfloat16" if device == "cuda" else "float32")
+    modes = [m for m in a.modes if device == "cuda" or m != "graph"]  # graphs are CUDA only
+    info = machine_info(device)
+    out = os.path.join(a.out, machine_tag(info))
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "decode_profile.json")
+    rows = []
+    T = 128
+    for provider in a.providers:
+        free_models()
+        model, engine = build_model(device, size, dtype, provider)
+        weights_read = memory_bytes(model, engine)["weight_bytes_read"]
+        V = model.config.vocab_size
+        for mode in modes:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                fn = decode_step(model, torch.randint(0, V, (1, T), device=device),
+                                 torch.randint(0, V, (256, 1, 1), device=device),
+                                 graph=device == "cuda" and mode != "eager", compile=mode == "compiled")
+                r = profile_step(fn, device, a.steps)
+            model.clear_caches()
+            mm = r["by_kind"].get("matmul")
+            row = {"op": "decode_profile", "provider": provider, "mode": mode, "preset": size, "dtype": dtype, "batch": 1, "T": T,
+                   "weight_bytes_read": weights_read, "seconds": time.perf_counter() - t0, **r}
+            if device == "cuda" and mm and mm["us"]:
+                row["matmul_gbps"] = weights_read / (mm["us"] * 1e-6) / 1e9  # weights read / matmul time
+            rows.append(row)
+            with open(path, "w") as f:  # after every case: a run stopped at a time limit keeps what it measured
+                json.dump({"machine": info, "results": rows}, f, indent=1)
+            kinds = ", ".join(f"{k} {v['count']:.0f}/{v['us']:.0f}us" for k, v in sorted(r["by_kind"].items()))
+            print(f"{provider:15} {mode:8} {r['wall_ms']:8.3f} ms/step  {r['ops_per_step']:6.0f} "
+                  f"{'kernels' if device == 'cuda' else 'aten ops'}/step, busy {r['busy_us']:8.0f} us  [{kinds}]"
+                  + (f"  matmul {row['matmul_gbps']:.0f} GB/s on weights" if "matmul_gbps" in row else ""),
+                  flush=True)
+        del model, engine
+    free_models()
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
