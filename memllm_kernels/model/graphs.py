@@ -17,9 +17,12 @@ the device cache or the host tier; a step buffer that moved (a longer prompt gre
 CUDA only: on other devices it raises ValueError rather than quietly running eagerly.
 
 A graph removes launch overhead but not the kernels' own latency: on an H200 the replayed 1b dense step took
-3.68 ms against 0.68 ms of weight traffic, because each layer still runs ~30 small kernels (norms, RoPE, the
-mask, KV writes) of a few microseconds each. compile_decode(model) (DecodeGraph(..., compile=True),
-generate(..., compile=True)) fuses them with torch.compile (inductor), for both the dense and the ToL models.
+3.68 ms against 0.68 ms of weight traffic, because each layer still ran ~30 small kernels (norms, RoPE, the
+mask, KV writes) of a few microseconds each. Since then the model runs fewer (q, k, v from one matmul; RoPE
+once for q and k together; each norm one fused kernel on a GPU; the attention mask made once per step, not
+converted by SDPA in every layer), and compile_decode(model) (DecodeGraph(..., compile=True),
+generate(..., compile=True)) fuses the rest with torch.compile (inductor), for both the dense and the ToL
+models. bench/decode_profile.py counts a step's kernels by kind.
 """
 
 from __future__ import annotations
