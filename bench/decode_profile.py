@@ -9,8 +9,8 @@ counts the kernels of a step and sums their time by kind (matmul, attention, ToL
 norms, RoPE, masks, adds), and reports the matmuls' bandwidth on the weights they read: if the matmuls run
 near the memory bandwidth and the rest is small, the step is weight-bound and MemoryLLM's speed-up approaches
 the ratio of weights read (about 2.2x at 1b); if the rest is large, it is bound by kernel latency. On the CPU
-it counts the top-level aten (and memllm) ops per step and their time. Writes decode_profile.json (with the machine and
-commit) to --out/<machine>/ and prints a table; `python bench/report.py report DIR` adds it to report.md
+it counts the top-level aten (and memllm) ops per step and their time. Writes decode_profile.json (with the
+machine and commit) to --out/<machine>/ and prints a table; `python bench/report.py report DIR` adds it to report.md
 (ops/step: kernels on a GPU, top-level ops on the CPU).
 """
 
@@ -79,8 +79,8 @@ def profile_step(fn, device: str, steps: int) -> dict:
         k["count"] += len(times) / steps
         k["us"] += sum(times) / steps
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
-    return {"wall_ms": wall * 1e3, "ops_per_step": len(picked) / steps, "busy_us": sum(map(sum, by_name.values())) / steps,
-            "by_kind": by_kind,
+    return {"wall_ms": wall * 1e3, "ops_per_step": len(picked) / steps,
+            "busy_us": sum(map(sum, by_name.values())) / steps, "by_kind": by_kind,
             "top": [{"name": n[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for n, t in top]}
 
 
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", help="preset size (default 1b on a GPU, tiny on the CPU)")
     p.add_argument("--dtype", help="default bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--providers", nargs="+", default=["dense", "memoryllm", "memoryllm-host"], choices=PROVIDERS)
-    p.add_argument("--modes", nargs="+", default=["eager", "graph", "compiled"], choices=["eager", "graph", "compiled"])
+    p.add_argument("--modes", nargs="+", default=["eager", "graph", "compiled"],
+                   choices=["eager", "graph", "compiled"], help="graph: CUDA only (skipped on the CPU)")
     p.add_argument("--steps", type=int, default=20, help="profiled decode steps per case (default 20)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="results go to OUT/<machine>/decode_profile.json (default bench/results)")
@@ -119,8 +120,8 @@ def main(argv=None) -> int:
                 r = profile_step(fn, device, a.steps)
             model.clear_caches()
             mm = r["by_kind"].get("matmul")
-            row = {"op": "decode_profile", "provider": provider, "mode": mode, "preset": size, "dtype": dtype, "batch": 1, "T": T,
-                   "weight_bytes_read": weights_read, "seconds": time.perf_counter() - t0, **r}
+            row = {"op": "decode_profile", "provider": provider, "mode": mode, "preset": size, "dtype": dtype,
+                   "batch": 1, "T": T, "weight_bytes_read": weights_read, "seconds": time.perf_counter() - t0, **r}
             if device == "cuda" and mm and mm["us"]:
                 row["matmul_gbps"] = weights_read / (mm["us"] * 1e-6) / 1e9  # weights read / matmul time
             rows.append(row)

@@ -48,6 +48,10 @@ def _pct(key):
     return lambda r: 100 * r[key] if r.get(key) is not None else None
 
 
+def _kind(kind, field):  # decode_profile: a field of one kind of kernel
+    return lambda r: r["by_kind"].get(kind, {}).get(field)
+
+
 # The table of each op: (header, row key or function of the row, format). One definition for the
 # markdown report and the terminal summary.
 _FIRST = [("provider", "provider", "s"), ("dtype", "dtype", "s"), ("preset", "preset", "s"), ("T", "T", "d")]
@@ -67,14 +71,13 @@ COLUMNS = {
                          ("hits %", _pct("hit_rate"), ".1f"), ("lookups", "lookups", "d"), ("ms", "ms", ".0f")],
     "decode_profile": [("provider", "provider", "s"), ("mode", "mode", "s"), ("preset", "preset", "s"),
                        ("dtype", "dtype", "s"), ("ms/step", "wall_ms", ".3f"), ("ops/step", "ops_per_step", ".0f"),
-                       ("busy us", "busy_us", ".0f")] + [
-        (f"{kind} {what}", (lambda k, w: lambda r: r["by_kind"].get(k, {}).get(w))(kind, key), fmt)
-        for kind in ("matmul", "attention", "tol", "copy", "other") for what, key, fmt in (("n", "count", ".0f"),
-                                                                                          ("us", "us", ".0f"))] + [
-        ("matmul GB/s", "matmul_gbps", ".0f")],
+                       ("busy us", "busy_us", ".0f")]
+    + [(f"{kind} {head}", _kind(kind, field), ".0f") for kind in ("matmul", "attention", "tol", "copy", "other")
+       for head, field in (("n", "count"), ("us", "us"))]
+    + [("matmul GB/s", "matmul_gbps", ".0f")],
     "e2e": _FIRST + [
-        ("batch", "batch", "d"), ("ms", "ms", ".3f"), ("ms synced", "ms_synced", ".3f"), ("tokens/s", "tokens_per_s", ".1f"),
-        ("x dense", "speedup_vs_dense", ".2f"),
+        ("batch", "batch", "d"), ("ms", "ms", ".3f"), ("ms synced", "ms_synced", ".3f"),
+        ("tokens/s", "tokens_per_s", ".1f"), ("x dense", "speedup_vs_dense", ".2f"),
         ("% bound", "pct_bound", ".0f"), ("weights GB", _gb("weight_bytes"), ".3f"), ("table GB", _gb("table_bytes"), ".3f"),
         ("peak GB", _gb("peak_memory_bytes"), ".2f"), ("hits %", _pct("hit_rate"), ".1f")],
 }
