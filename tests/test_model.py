@@ -296,7 +296,7 @@ def test_generate_sampling_options():
 
 def test_generate_stops_each_row_at_its_eos():
     """A row ends at its first eos_id (kept) while the others go on, as if generated alone; when every row has
-    ended, the loop stops at its next check (every EOS_CHECK_EVERY steps) with the same tokens."""
+    ended, the loop stops at its next check (every step on the CPU, every EOS_CHECK_EVERY on a GPU)."""
     from memllm_kernels.model.model import EOS_CHECK_EVERY
 
     model = tiny_model("memoryllm")
@@ -308,9 +308,11 @@ def test_generate_stops_each_row_at_its_eos():
     for row, full in zip(batched, greedy):
         assert row == (full[:full.index(eos) + 1] if eos in full else full)
     assert batched[1] == greedy[1][:4]
-    # one row ending at its first step: the loop breaks at the first check, the tokens are the same
+    # one row ending at its first step: the loop breaks at the first check (at once on the CPU), same tokens
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
     only = generate(model, [[5, 6, 7]], 3 * EOS_CHECK_EVERY, eos_id=greedy[1][0])
-    assert only == [greedy[1][:1]]
+    assert only == [greedy[1][:1]] and len(calls) == 1  # the prefill only
     assert generate(model, prompts, 0) == [[], [], []]
 
 

@@ -296,7 +296,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-EOS_CHECK_EVERY = 16  # decode steps between checks for all rows done (each check waits for the device)
+EOS_CHECK_EVERY = 16  # decode steps between checks for all rows done on a GPU (each check waits for it)
 
 
 @torch.inference_mode()
@@ -347,8 +347,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         logits = model(ids, input_pos=torch.arange(T0, device=device), pad=pad)[:, -1]
         # The loop never waits for the device: sampled ids stay there until the end (reading one per step
         # would be a host sync per step, which on a GPU leaves it idle while Python prepares the next step),
-        # the position is written in place, and end-of-sequence is checked only every EOS_CHECK_EVERY steps.
+        # the position is written in place, and end-of-sequence is checked only every EOS_CHECK_EVERY steps on
+        # a GPU.
         steps = []  # [B] ids of each step
+        check_every = 1 if device.type == "cpu" else EOS_CHECK_EVERY  # a check costs nothing on the CPU
         done = torch.zeros(B, dtype=torch.bool, device=device)
         pos = torch.empty(1, dtype=torch.long, device=device)
         for t in range(max_new_tokens):
@@ -356,7 +358,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             steps.append(nxt)
             if eos_id is not None:
                 done |= nxt == eos_id
-                if t % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and bool(done.all()):
+                if t % check_every == check_every - 1 and bool(done.all()):
                     break
             if t + 1 < max_new_tokens and cuda_graph:
                 if graph is None:
