@@ -100,3 +100,20 @@ def test_table_leaves_out_columns_that_apply_to_no_row():
     head, cells = report.table("tol_gather_add", [_row("cpu_", 8, 0.01, gbps=5.0), _row("add", 8, 0.005)])
     assert "GB/s" in head and "% copy" not in head and "ms launch" not in head
     assert [c[0] for c in cells] == ["add", "cpu_"]  # sorted by provider within a shape
+
+
+def test_decode_profile_counts_the_matmuls_of_a_step(tmp_path):
+    """bench/decode_profile.py on the CPU: per eager decode step of the tiny preset (6 layers), the dense model
+    runs 31 matmuls (per layer one for q, k, v together, the output projection and the FFN's three; then the
+    head) and MemoryLLM 13 plus one ToL lookup per layer; the report gets the table."""
+    proc = subprocess.run([sys.executable, "bench/decode_profile.py", "--device", "cpu", "--providers", "dense",
+                           "memoryllm", "--modes", "eager", "--steps", "2", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = {r["provider"]: r for r in report.load(str(folder / "decode_profile.json"))["results"]}
+    dense, mem = rows["dense"]["by_kind"], rows["memoryllm"]["by_kind"]
+    assert dense["matmul"]["count"] == 31 and mem["matmul"]["count"] == 13
+    assert mem["tol"]["count"] == 6 and "tol" not in dense
+    assert rows["dense"]["ops_per_step"] > rows["memoryllm"]["ops_per_step"]
+    assert "| dense | eager | tiny |" in open(report.write_report(str(folder))).read()
