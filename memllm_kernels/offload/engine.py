@@ -538,11 +538,6 @@ class OffloadEngine:
             self._bytes[layer] += (n - h) * self.d * self.cache.element_size()
         return hidden
 
-    def rows(self, ids: torch.Tensor, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """ToL[ids, layer] as a new [..., d] tensor (in `dtype`, default the table's): the gather alone."""
-        out = torch.zeros(*ids.shape, self.d, dtype=dtype or self.dtype, device=self.device)
-        return self.gather_add_(out, ids, layer)
-
     # ------------------------------------------------------------ statistics and checks
     def synchronize(self) -> None:
         """Wait for all transfers and finish all pending bookkeeping (tests, statistics, shutdown)."""
