@@ -27,9 +27,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import machine_info, machine_tag  # noqa: E402
-from models import PROVIDERS, build_model, decode_step, free_models, memory_bytes  # noqa: E402
+from conftest import machine_info, machine_tag  # bench/ is sys.path[0] when this runs as a script
+from models import PROVIDERS, build_model, decode_step, free_models, memory_bytes
 
 # Kernel kinds by name, first match wins (cuBLAS/CUTLASS GEMV and GEMM kernels, SDPA's kernels, ours).
 KINDS = [("tol", r"tol_|memllm|host_gather|cache_prefetch"),

@@ -660,10 +660,11 @@ def test_checkpoint_with_separate_qkv_weights_loads(tmp_path, n_kv_head):
     from safetensors.torch import load_model, save_file
 
     model = tiny_model("memoryllm", n_kv_head=n_kv_head)
+    cfg = model.config
     old = {}
     for k, v in model.state_dict().items():
         if k.endswith("attn.wqkv.weight"):
-            q, kk, vv = v.split(model.layers[0].attn.qkv_split)
+            q, kk, vv = v.split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim])
             old.update({k.replace("wqkv", "wq"): q, k.replace("wqkv", "wk"): kk, k.replace("wqkv", "wv"): vv})
         else:
             old[k] = v

@@ -122,8 +122,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # q, k and v from one projection, the three weights stacked [(H + 2 H_kv) hd, d]: one matmul instead of
         # three, so a batch-1 decode step launches one GEMV per layer for them instead of three.
-        self.qkv_split = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
-        self.wqkv = nn.Linear(cfg.d_model, sum(self.qkv_split), bias=False)
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.kv_cache: KVCache | None = None
         self.register_load_state_dict_pre_hook(_stack_qkv)
