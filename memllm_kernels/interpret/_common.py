@@ -114,7 +114,7 @@ def check_token_ids(model: Transformer, tokens) -> torch.Tensor:
     """tokens (None = the whole vocabulary, or ints / an array / a tensor) -> 1-D int64 tensor on the model's
     device, each checked to lie in [0, V)."""
     V = model.config.vocab_size
-    device = model.tok_embeddings.weight.device
+    device = model.output.weight.device  # (the embedding may be in host memory: offload_embedding)
     if tokens is None:
         return torch.arange(V, device=device)
     t = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens).reshape(-1)

@@ -109,7 +109,7 @@ def edited_rows(model: Transformer, rows: dict):
             raise ValueError(f"a new row must have shape ({d},), got {tuple(row.shape)} for token {tok} layer {layer}")
         by_layer.setdefault(layer, {})[tok] = row
     wrapped = []
-    dev = model.tok_embeddings.weight.device
+    dev = model.output.weight.device  # (the embedding may be in host memory: offload_embedding)
     try:
         for layer, new in sorted(by_layer.items()):
             toks = torch.tensor(sorted(new), dtype=torch.int64, device=dev)
