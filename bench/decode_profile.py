@@ -5,8 +5,8 @@
 The decode benchmarks say how fast a step is; this says why. One batch-1 decode step at position 128 (the
 benchmarks' step: bench/models.py, random weights) is profiled over --steps steps, for each provider and mode
 (eager; graph: replayed from a CUDA graph; compiled: torch.compile, inside a graph on a GPU). On a GPU it
-counts the kernels of a step and sums their time by kind (matmul, attention, ToL/offload ops, copies, the rest:
-norms, RoPE, masks, adds), and reports the matmuls' bandwidth on the weights they read: if the matmuls run
+counts the kernels of a step and sums their time by kind (matmul, attention, ToL/offload ops, Inductor's fused
+kernels, copies, the rest: norms, RoPE, masks, adds), and reports the matmuls' bandwidth on the weights they read: if the matmuls run
 near the memory bandwidth and the rest is small, the step is weight-bound and MemoryLLM's speed-up approaches
 the ratio of weights read (about 2.2x at 1b); if the rest is large, it is bound by kernel latency. On the CPU
 it counts the top-level aten (and memllm) ops per step and their time. Writes decode_profile.json (with the
@@ -30,9 +30,13 @@ from torch.profiler import ProfilerActivity, profile
 from conftest import machine_info, machine_tag  # bench/ is sys.path[0] when this runs as a script
 from models import PROVIDERS, build_model, decode_step, free_models, memory_bytes
 
-# Kernel kinds by name, first match wins (cuBLAS/CUTLASS GEMV and GEMM kernels, SDPA's kernels, ours).
+# Kernel kinds by name, first match wins: ours; cuBLAS (nvjet_* on Hopper with CUDA 13), cuBLASLt and CUTLASS
+# GEMV/GEMM kernels; Inductor's fused pointwise and reduction kernels (triton_poi/red/per_fused_<ops>, whose
+# names list every op they fuse, SDPA's mask and `_to_copy` included, so they are matched before attention and
+# copies); SDPA's kernels (cuDNN, flash, memory-efficient); copies.
 KINDS = [("tol", r"tol_|memllm|host_gather|cache_prefetch"),
-         ("matmul", r"gemv|gemm|cutlass|cublas|sm90_xmma|splitKreduce|\bmm\b|matmul|addmm|linear|triton_tem"),
+         ("matmul", r"nvjet|gemv|gemm|cutlass|cublas|sm90_xmma|splitKreduce|\bmm\b|matmul|addmm|linear|triton_tem"),
+         ("fused", r"^triton_(poi|red|per)_"),
          ("attention", r"flash|fmha|attention|sdpa|efficient"),
          ("copy", r"memcpy|memset|copy|Memcpy|Memset")]
 

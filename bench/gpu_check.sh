@@ -33,6 +33,7 @@
 #      BENCH_DEVICE (default cuda; cpu tries the script's steps on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build, for scripts run from bench/ (decode_profile)
 out=${1:-bench/results}
 shift || true
 steps=("$@")

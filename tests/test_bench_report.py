@@ -117,3 +117,28 @@ def test_decode_profile_counts_the_matmuls_of_a_step(tmp_path):
     assert mem["tol"]["count"] == 6 and "tol" not in dense
     assert rows["dense"]["ops_per_step"] > rows["memoryllm"]["ops_per_step"]
     assert "| dense | eager | tiny |" in open(report.write_report(str(folder))).read()
+
+
+def test_decode_profile_kinds_of_real_kernel_names():
+    """Kernel names from a 1b decode step on an H100 (torch 2.11, CUDA 13): cuBLAS's nvjet GEMVs are matmuls,
+    Inductor's fused kernels are `fused` even when they fuse SDPA's mask or a `_to_copy`, cuDNN's SDPA kernel is
+    attention, ours are tol."""
+    kinds = {
+        "nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT": "matmul",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float>": "matmul",
+        "triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_arange_bitwise_and_masked_": "fused",
+        "triton_poi_fused__to_copy__unsafe_view_add_cat_clamp_index_mul_slice_split_sub_unsqueeze_view_1": "fused",
+        "triton_red_fused__fused_rms_norm__to_copy_mul_7": "fused",
+        "cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_3_64x64x64_4x1x1_cga1x1x1_kernel0_0":
+            "attention",
+        "void memllm::(anonymous namespace)::tol_gather_add_kernel<c10::BFloat16, c10::BFloat16, long, 8>": "tol",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda>": "copy",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, true>": "other",
+        "aten::mm": "matmul", "aten::linear": "matmul", "aten::index_copy_": "copy", "memllm::tol_gather_add_": "tol",
+    }
+    code = ("import json, sys; import decode_profile as p; "  # bench/'s conftest, not tests/'s: a fresh process
+            "print(json.dumps({n: p.kind_of(n) for n in json.load(sys.stdin)}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ROOT, "bench"), input=json.dumps(list(kinds)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == kinds
