@@ -9,6 +9,7 @@ from .ops import (  # noqa: F401
     BACKENDS,
     available_backends,
     backend_unavailable_reason,
+    decode_attention,
     tol_gather_add,
     tol_gather_add_,
 )

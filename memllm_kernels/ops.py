@@ -227,6 +227,84 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
     return hidden
 
 
+def _check_decode_attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_head) -> None:
+    """decode_attention's argument checks that need no device sync."""
+    op = "decode_attention"
+    for name, t in (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache), ("cos", cos), ("sin", sin),
+                    ("pos", pos), ("pad", pad)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if qkv.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: qkv must be float32, float16, bfloat16 or float64, got {qkv.dtype}")
+    if k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype:
+        raise TypeError(f"{op}: the caches must have qkv's dtype {qkv.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise TypeError(f"{op}: cos and sin must be float32 tables, got {cos.dtype}, {sin.dtype}")
+    if pos.dtype not in (torch.int32, torch.int64) or pad.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: pos and pad must be int32 or int64, got {pos.dtype}, {pad.dtype}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache and v_cache must both be [B, Hkv, S, hd], got {list(k_cache.shape)} "
+                         f"and {list(v_cache.shape)}")
+    B, Hkv, S, hd = k_cache.shape
+    if hd % 2:
+        raise ValueError(f"{op}: RoPE needs an even head_dim, got {hd}")
+    if not isinstance(n_head, int) or n_head < 1 or n_head % Hkv:
+        raise ValueError(f"{op}: n_head={n_head} must be a positive multiple of the caches' {Hkv} key/value heads")
+    if qkv.shape != (B, (n_head + 2 * Hkv) * hd):
+        raise ValueError(f"{op}: qkv must be [B, (n_head + 2 Hkv) hd] = [{B}, {(n_head + 2 * Hkv) * hd}], got "
+                         f"{list(qkv.shape)}")
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != hd // 2:
+        raise ValueError(f"{op}: cos and sin must be [P, hd/2] = [P, {hd // 2}], got {list(cos.shape)}, "
+                         f"{list(sin.shape)}")
+    if pos.numel() != 1 or pad.shape != (B,):
+        raise ValueError(f"{op}: pos must hold one slot and pad be [B] = [{B}], got {list(pos.shape)}, "
+                         f"{list(pad.shape)}")
+    if len({t.device for t in (qkv, k_cache, v_cache, cos, sin, pos, pad)}) != 1:
+        raise RuntimeError(f"{op}: every tensor must be on one device")
+    if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() \
+            or not (cos.is_contiguous() and sin.is_contiguous() and pad.is_contiguous()):
+        raise ValueError(f"{op}: qkv's rows, the caches (alike) and cos, sin, pad must be contiguous in their "
+                         "last dim")
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor, n_head: int, *,
+                     backend: str = "auto", check: bool = True) -> torch.Tensor:
+    """One decode step's attention for one new token per row: RoPE on q and k, k and v written to the caches at
+    slot pos, and attention over slots pad[b]..pos, in one kernel (Triton) per layer.
+
+    qkv [B, (H + 2 Hkv) hd] (H = n_head), k_cache/v_cache [B, Hkv, S, hd] (updated in place), cos/sin [P, hd/2]
+    float32 RoPE tables, pos [1] the slot, pad [B] left padding; returns y [B, H hd] (reference.decode_attention
+    is the spec). backend: 'auto' (Triton where it can run, else the reference, as under torch.compile with
+    Triton's interpreter), 'triton' or 'reference'.
+    check: raise IndexError for pos outside [0, S) or pad outside [0, S] (one device sync on a GPU; pass False
+    under CUDA graphs: the kernel then writes nothing for a bad slot and returns NaN).
+    """
+    _check_decode_attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_head)
+    reason = backend_unavailable_reason("triton", qkv.device)
+    if reason is None and _triton_interpret() and torch.compiler.is_compiling():
+        # torch.compile cannot trace an interpreted kernel (wrap_triton hands back the eager one)
+        reason = "torch.compile cannot trace a kernel run by Triton's interpreter (TRITON_INTERPRET=1)"
+    if backend == "auto":
+        backend = "triton" if reason is None else "reference"
+    elif backend not in ("triton", "reference"):
+        raise ValueError(f"decode_attention: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    elif backend == "triton" and reason is not None:
+        raise RuntimeError(f"decode_attention: backend='triton' is not available: {reason}")
+    if check:
+        S, P = k_cache.shape[2], cos.shape[0]
+        p = int(pos.reshape(-1)[0])
+        if not 0 <= p < S:
+            raise IndexError(f"decode_attention: pos={p} is outside the cache's [0, {S}) slots")
+        if pad.numel() and not (0 <= int(pad.min()) and int(pad.max()) <= S):
+            raise IndexError(f"decode_attention: pad must be in [0, {S}], got {pad.tolist()}")
+        if p - (int(pad.min()) if pad.numel() else 0) >= P:
+            raise IndexError(f"decode_attention: RoPE position {p - int(pad.min())} is past the tables' {P} rows")
+    if backend == "triton":
+        return torch.ops.memllm.decode_attention(qkv, k_cache, v_cache, cos, sin, pos.reshape(1), pad, n_head)
+    return reference.decode_attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_head)
+
+
 # ---- fake kernels: allocation only, same layout as the real kernels (a new contiguous tensor) ----
 @torch.library.register_fake("memllm::tol_gather_add")
 def _tol_gather_add_fake(hidden, ids, table, layer=None, check_ids=True):

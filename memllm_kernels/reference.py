@@ -50,3 +50,38 @@ def tol_gather_add_backward_table(grad: torch.Tensor, ids: torch.Tensor, table_s
     target = out if layer is None else out[:, layer]
     target.index_add_(0, ids.reshape(-1).long(), grad.reshape(-1, grad.shape[-1]).to(acc))
     return out.to(table_dtype)
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor, n_head: int) -> torch.Tensor:
+    """One decode step's attention, one new token per row, with its RoPE and KV-cache append.
+
+    qkv: [B, (H + 2 Hkv) hd], the token's q, k and v projections (H = n_head query heads, then Hkv key and Hkv
+         value heads of hd each, hd even); float32/float16/bfloat16/float64.
+    k_cache, v_cache: [B, Hkv, S, hd], qkv's dtype: slot pos receives the rotated k and the v (in place).
+    cos, sin: [P, hd/2] float32 RoPE tables; row max(pos - pad[b], 0) rotates row b's q and k, as the pairs
+              (x[:hd/2], x[hd/2:]), in float32, rounded to qkv's dtype (the model's apply_rope).
+    pos: [1] integer, the token's cache slot in [0, S); pad: [B] integer, each row's left-padding slots.
+    Returns y [B, H hd] in qkv's dtype: softmax(q K^T / sqrt(hd)) V over the slots pad[b]..pos (and slot pos
+    itself even when pad[b] > pos), each query head reading key/value head h // (H / Hkv), in float32
+    (float64 for float64 inputs): the model's SDPA step with its additive mask.
+    """
+    B = qkv.shape[0]
+    Hkv, S, hd = k_cache.shape[1:]
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    p = pos.reshape(-1)[:1].long()  # a tensor throughout, never read on the host: torch.compile traces this
+    x = qkv.reshape(B, n_head + 2 * Hkv, hd)
+    rp = (p - pad.clamp(min=0)).clamp(min=0)  # [B]
+    c, s = cos[rp].to(acc)[:, None, :], sin[rp].to(acc)[:, None, :]
+    x1, x2 = x[:, :n_head + Hkv].to(acc).chunk(2, dim=-1)
+    qk = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).to(qkv.dtype)
+    k_cache.index_copy_(2, p, qk[:, n_head:, None].to(k_cache.dtype))
+    v_cache.index_copy_(2, p, x[:, n_head + Hkv:, None].to(v_cache.dtype))
+    slots = torch.arange(S, device=qkv.device)
+    keep = ((slots[None, :] >= pad[:, None]) & (slots[None, :] <= p)) | (slots[None, :] == p)  # [B, S]
+    K = k_cache.to(acc).repeat_interleave(n_head // Hkv, dim=1)  # [B, H, S, hd]
+    V = v_cache.to(acc).repeat_interleave(n_head // Hkv, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", qk[:, :n_head].to(acc), K) * hd ** -0.5
+    scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+    y = torch.einsum("bhs,bhsd->bhd", torch.softmax(scores, dim=-1), V)
+    return y.to(qkv.dtype).reshape(B, n_head * hd)

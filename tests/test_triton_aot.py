@@ -45,5 +45,7 @@ def test_triton_kernels_compile_for_gpu(arch):
     assert len(results) >= 10
     for r in results:
         assert r["cubin_bytes"] > 0 and r["target"], r
-        # hidden and out are aligned, so every thread moves 16 bytes of them per access
-        assert r["v4_loads"] >= 1 and r["v4_stores"] >= 1, r
+        # hidden and out are aligned, so every thread moves 16 bytes of them per access; decode_attention
+        # stores a few half-heads of 64 bytes spread over its threads (and loads the cache in 16-byte pieces)
+        assert r["v4_loads"] >= 1, r
+        assert r["v4_stores"] >= 1 or r["name"].startswith("decode_attention"), r

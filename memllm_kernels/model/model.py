@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .config import ModelConfig
+
+DECODE_ATTENTION = ("auto", "sdpa", "memllm")
 
 
 class RMSNorm(nn.Module):
@@ -128,12 +131,20 @@ class Attention(nn.Module):
         self.register_load_state_dict_pre_hook(_stack_qkv)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, decode: tuple[torch.Tensor, str] | None = None) -> torch.Tensor:
         """x: [B, T, d]; cos/sin: RoPE rows for these positions; mask: [B, 1, T, S] additive (0 = attend, -inf =
-        not) or None for plain causal attention over x alone; input_pos: [T] cache slots when a KV cache is set."""
+        not) or None for plain causal attention over x alone; input_pos: [T] cache slots when a KV cache is set.
+        decode: (pad [B], backend) for a one-token cached step through memllm::decode_attention (RoPE, cache
+        append and attention in one kernel); cos/sin are then the whole RoPE tables and mask is unused."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.wqkv(x)
+        if decode is not None:
+            pad, backend = decode
+            c = self.kv_cache
+            y = ops.decode_attention(qkv.view(B, -1), c.k, c.v, cos, sin, input_pos, pad, H, backend=backend,
+                                     check=False)  # generate() keeps slots and positions in range
+            return self.wo(y.view(B, 1, H * hd))
         # q and k rotated together, as the H + H_kv heads of one tensor: RoPE's ~9 small kernels run once per
         # layer instead of twice.
         qk = apply_rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd), cos, sin)
@@ -163,9 +174,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if ctx_hidden else None
         self.ffn = FeedForward(cfg.d_model, ctx_hidden) if ctx_hidden else None
 
-    def forward(self, h, x0, ids, cos, sin, mask=None, input_pos=None):
+    def forward(self, h, x0, ids, cos, sin, mask=None, input_pos=None, decode=None):
         """h, x0: [B, T, d]; ids: [B, T]. Returns the next residual stream [B, T, d]."""
-        h = h + self.attn(self.attn_norm(h), cos, sin, mask, input_pos)
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, input_pos, decode)
         if self.memory is not None:
             h = self.memory(h, x0, ids)  # in parallel with attention: reads x0, not h
         if self.ffn is not None:
@@ -187,6 +198,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._cache_len = 0
+        # How a one-token decode step with a KV cache attends: "sdpa" (torch's SDPA over the whole cache with an
+        # additive mask, RoPE and cache writes as separate kernels), "memllm" (memllm::decode_attention: one
+        # kernel per layer reading only the slots up to the token's, Triton where it can run, else its PyTorch
+        # reference), "auto" (memllm on a GPU with Triton, sdpa elsewhere). Same tokens up to rounding.
+        self.decode_attention = "auto"
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -219,6 +235,32 @@ class Transformer(nn.Module):
         for i, m in enumerate(self.memory_modules()):
             m.scale = 0.0 if i in drop else float(alpha)
 
+    def _cached_rope_and_mask(self, input_pos: torch.Tensor, pad: torch.Tensor, dtype: torch.dtype):
+        """RoPE rows cos, sin [B, T, hd/2] and the additive mask [B, 1, T, S] of tokens at cache slots input_pos [T]
+        of rows with pad [B] left-padding slots."""
+        slots = torch.arange(self._cache_len, device=input_pos.device)
+        pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # [B, T] RoPE positions
+        causal = slots[None, :] <= input_pos[:, None]  # [T, S]
+        real = slots[None, :] >= pad[:, None]  # [B, S]: not a padding slot
+        mask = causal[None] & real[:, None, :]
+        # A padding query would attend to nothing (a NaN row in SDPA); let it see itself. Its output is
+        # never read: real queries mask padding keys.
+        mask = mask | (slots[None, None, :] == input_pos[None, :, None])
+        # Additive, made once per forward: SDPA turns a bool mask into this itself, two kernels per layer.
+        mask = torch.zeros(mask[:, None].shape, dtype=dtype, device=input_pos.device).masked_fill_(
+            ~mask[:, None], float("-inf"))
+        return self.rope_cos[pos], self.rope_sin[pos], mask
+
+    def _decode_backend(self, device: torch.device) -> str | None:
+        """The decode_attention backend of a one-token cached step on `device`, or None for SDPA."""
+        mode = self.decode_attention
+        if mode == "auto":
+            usable = device.type == "cuda" and ops.backend_unavailable_reason("triton", device) is None
+            return "triton" if usable else None
+        if mode not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention={mode!r}: choose one of {DECODE_ATTENTION}")
+        return "auto" if mode == "memllm" else None
+
     # ---- KV cache ----
     def setup_caches(self, batch: int, max_len: int) -> None:
         """Allocate a KV cache for `batch` sequences of up to `max_len` tokens (<= block_size)."""
@@ -245,6 +287,7 @@ class Transformer(nn.Module):
         """
         B, T = ids.shape
         x0 = self.tok_embeddings(ids)
+        decode = None  # (pad, backend) of a one-token step through decode_attention
         if input_pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
@@ -253,21 +296,14 @@ class Transformer(nn.Module):
             if self._cache_len == 0:
                 raise RuntimeError("input_pos was given but no KV cache is set up; call setup_caches first")
             pad = torch.zeros(B, dtype=torch.long, device=ids.device) if pad is None else pad
-            slots = torch.arange(self._cache_len, device=ids.device)
-            pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # [B, T] RoPE positions
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-            causal = slots[None, :] <= input_pos[:, None]  # [T, S]
-            real = slots[None, :] >= pad[:, None]  # [B, S]: not a padding slot
-            mask = causal[None] & real[:, None, :]
-            # A padding query would attend to nothing (a NaN row in SDPA); let it see itself. Its output is
-            # never read: real queries mask padding keys.
-            mask = mask | (slots[None, None, :] == input_pos[None, :, None])
-            # Additive, made once per forward: SDPA turns a bool mask into this itself, two kernels per layer.
-            mask = torch.zeros(mask[:, None].shape, dtype=x0.dtype, device=ids.device).masked_fill_(
-                ~mask[:, None], float("-inf"))  # [B, 1, T, S]
+            backend = self._decode_backend(ids.device) if T == 1 else None
+            if backend is not None:  # RoPE rows, cache writes and the mask are the kernel's
+                cos, sin, mask, decode = self.rope_cos, self.rope_sin, None, (pad, backend)
+            else:
+                cos, sin, mask = self._cached_rope_and_mask(input_pos, pad, x0.dtype)
         h = x0
         for block in self.layers:
-            h = block(h, x0, ids, cos, sin, mask, input_pos)
+            h = block(h, x0, ids, cos, sin, mask, input_pos, decode)
         return self.output(self.norm(h))
 
 

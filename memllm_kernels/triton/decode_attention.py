@@ -1,0 +1,131 @@
+"""Triton kernel of one decode step's attention: RoPE on q and k, the KV-cache append and the attention over
+the cache, in one launch per layer (memllm::decode_attention; the spec is reference.decode_attention).
+
+Why: at batch 1 the attention of a decode step is a handful of tiny kernels per layer, the same in the dense
+and the MemoryLLM model. On an H100 (1b shapes, compiled and replayed from a CUDA graph) they were RoPE
+(1.4 us), two cache writes (1.1 us each), the additive mask (1.0 us) and cuDNN's SDPA (6.5 us for 130 keys,
+reading the whole cache), plus a launch gap each: 0.3 ms of MemoryLLM's 1.09 ms step, and what kept it from
+2x the dense model's speed. This kernel reads only the slots up to the token's own, and needs no mask tensor.
+
+One program per (row, query head) loops over key blocks with an online softmax (FlashAttention's recurrence)
+in float32. Keys and values are read in two halves, the (x[:hd/2], x[hd/2:]) pairs that RoPE rotates. The new
+key and value are used from registers at their slot (a program never reads back its own store); the first
+query head of each key/value group stores them. One program per head leaves SMs idle at batch 1 for long
+contexts (32 programs at 1b); a split over key blocks (flash-decoding) would help beyond a few thousand keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .tol_gather_add import _INTERPRET, _fake_run
+
+_BLOCK_S = 256 if _INTERPRET else 64  # keys per loop step (the interpreter pays per step, not per element)
+
+
+@triton.jit
+def decode_attention_kernel(
+    y_ptr, qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr,
+    qkv_rs, cache_bs, cache_hs, cache_ss, y_rs, S, P, scale,
+    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_S: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    g = h // (H // HKV)  # this query head's key/value head
+    acc_ty = tl.float64 if FP64 else tl.float32
+    dtype = qkv_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr).to(tl.int64)
+    pad = tl.load(pad_ptr + b).to(tl.int64)
+    # RoPE at the row's own position (pad slots do not count), rounded to the model's dtype as apply_rope does.
+    rp = tl.maximum(pos - tl.maximum(pad, 0), 0)
+    # A slot outside the cache or a position past the RoPE tables (a launch that skipped the caller's checks)
+    # writes nothing and returns NaN.
+    ok = (pos >= 0) & (pos < S) & (rp < P)
+    i = tl.arange(0, BLOCK_HALF)
+    im = i < HALF
+    cos = tl.load(cos_ptr + rp * HALF + i, mask=im & ok, other=0.0).to(acc_ty)
+    sin = tl.load(sin_ptr + rp * HALF + i, mask=im & ok, other=0.0).to(acc_ty)
+    row = qkv_ptr + b * qkv_rs
+    q1 = tl.load(row + h * 2 * HALF + i, mask=im, other=0.0).to(acc_ty)
+    q2 = tl.load(row + h * 2 * HALF + HALF + i, mask=im, other=0.0).to(acc_ty)
+    q1, q2 = (q1 * cos - q2 * sin).to(dtype).to(acc_ty), (q1 * sin + q2 * cos).to(dtype).to(acc_ty)
+    k_off = (H + g) * 2 * HALF
+    k1 = tl.load(row + k_off + i, mask=im, other=0.0).to(acc_ty)
+    k2 = tl.load(row + k_off + HALF + i, mask=im, other=0.0).to(acc_ty)
+    kn1, kn2 = (k1 * cos - k2 * sin).to(dtype), (k1 * sin + k2 * cos).to(dtype)
+    v_off = (H + HKV + g) * 2 * HALF
+    vn1 = tl.load(row + v_off + i, mask=im, other=0.0)
+    vn2 = tl.load(row + v_off + HALF + i, mask=im, other=0.0)
+    kc = k_ptr + b * cache_bs + g * cache_hs
+    vc = v_ptr + b * cache_bs + g * cache_hs
+    first = im & ok & (h % (H // HKV) == 0)  # one program per key/value head writes its slot
+    tl.store(kc + pos * cache_ss + i, kn1.to(k_ptr.dtype.element_ty), mask=first)
+    tl.store(kc + pos * cache_ss + HALF + i, kn2.to(k_ptr.dtype.element_ty), mask=first)
+    tl.store(vc + pos * cache_ss + i, vn1.to(v_ptr.dtype.element_ty), mask=first)
+    tl.store(vc + pos * cache_ss + HALF + i, vn2.to(v_ptr.dtype.element_ty), mask=first)
+    # Keys pad..pos, and the token's own slot always (a padding query would otherwise see nothing).
+    lo = (tl.maximum(tl.minimum(pad, pos), 0) // BLOCK_S) * BLOCK_S
+    hi = tl.where(ok, pos + 1, lo)  # no keys (0 / 0: NaN out) for a bad slot
+    m = tl.full((), -1e30, acc_ty)  # finite: a fully masked block then adds exp(-inf) = 0, never NaN
+    den = tl.zeros((), acc_ty)
+    acc1 = tl.zeros((BLOCK_HALF,), acc_ty)
+    acc2 = tl.zeros((BLOCK_HALF,), acc_ty)
+    for start in range(lo, hi, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        new = (s == pos)[:, None]
+        ld = (s < pos)[:, None] & im[None, :]
+        kp = kc + s[:, None] * cache_ss + i[None, :]
+        kb1 = tl.where(new, kn1[None, :], tl.load(kp, mask=ld, other=0.0)).to(acc_ty)
+        kb2 = tl.where(new, kn2[None, :], tl.load(kp + HALF, mask=ld, other=0.0)).to(acc_ty)
+        sc = tl.sum(q1[None, :] * kb1 + q2[None, :] * kb2, axis=1) * scale
+        sc = tl.where(((s >= pad) & (s <= pos)) | (s == pos), sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sc - m_new)
+        vp = vc + s[:, None] * cache_ss + i[None, :]
+        vb1 = tl.where(new, vn1[None, :], tl.load(vp, mask=ld, other=0.0)).to(acc_ty)
+        vb2 = tl.where(new, vn2[None, :], tl.load(vp + HALF, mask=ld, other=0.0)).to(acc_ty)
+        den = den * alpha + tl.sum(p, axis=0)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * vb1, axis=0)
+        acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, axis=0)
+        m = m_new
+    out = y_ptr + b * y_rs + h * 2 * HALF
+    tl.store(out + i, (acc1 / den).to(y_ptr.dtype.element_ty), mask=im)
+    tl.store(out + HALF + i, (acc2 / den).to(y_ptr.dtype.element_ty), mask=im)
+
+
+@triton_op("memllm::decode_attention", mutates_args={"k_cache", "v_cache"})
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor, n_head: int) -> torch.Tensor:
+    """One decode step's attention; shapes and meaning in reference.decode_attention. Checks are the caller's
+    (memllm_kernels.ops.decode_attention)."""
+    B = qkv.shape[0]
+    hd = k_cache.shape[-1]
+    y = torch.empty(B, n_head * hd, dtype=qkv.dtype, device=qkv.device)
+    if B == 0 or _fake_run(y):
+        return y
+    wrap_triton(decode_attention_kernel)[(B, n_head)](
+        y, qkv, k_cache, v_cache, cos, sin, pos, pad,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), k_cache.shape[2],
+        cos.shape[0], hd ** -0.5,
+        H=n_head, HKV=k_cache.shape[1], HALF=hd // 2, BLOCK_HALF=triton.next_power_of_2(hd // 2),
+        BLOCK_S=_BLOCK_S, FP64=qkv.dtype == torch.float64, num_warps=4,
+    )
+    return y
+
+
+def aot_specs():
+    """The specialization compiled ahead of time for a GPU target in CI: the 1b shape (32 heads of 64) in bf16."""
+    sig = {"y_ptr": "*bf16", "qkv_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cos_ptr": "*fp32",
+           "sin_ptr": "*fp32", "pos_ptr": "*i64", "pad_ptr": "*i64", "qkv_rs": "i32", "cache_bs": "i64",
+           "cache_hs": "i64", "cache_ss": "i32", "y_rs": "i32", "S": "i32", "P": "i32", "scale": "fp32", "H": "constexpr",
+           "HKV": "constexpr", "HALF": "constexpr", "BLOCK_HALF": "constexpr", "BLOCK_S": "constexpr",
+           "FP64": "constexpr"}
+    aligned = ("y_ptr", "qkv_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qkv_rs", "cache_bs", "cache_hs",
+               "cache_ss", "y_rs")
+    yield ("decode_attention_kernel[bf16,1b]", decode_attention_kernel, sig,
+           {"H": 32, "HKV": 32, "HALF": 32, "BLOCK_HALF": 32, "BLOCK_S": 64, "FP64": False}, aligned)

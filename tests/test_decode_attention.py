@@ -1,0 +1,270 @@
+"""memllm::decode_attention (one decode step's RoPE, KV-cache append and attention) against its reference, and
+the model's decode step through it against the SDPA step.
+
+Tolerances, with reasons: the output is a softmax-weighted sum accumulated in float32 in another order than the
+reference's einsum, then rounded to the dtype: float32 within 1e-5, float64 1e-12, 16-bit within the dtype's
+rounding (2 ulp). The appended key is rotated in float32 and rounded to the cache's dtype: within one ulp of
+the reference (a fused multiply-add on a GPU, and Triton's CPU interpreter truncating to bfloat16 instead of
+rounding, move the last bit); the appended value is a copy, bit-exact; every other cache slot is untouched.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memllm_kernels as mk
+from memllm_kernels import reference
+from memllm_kernels.model import ModelConfig, Transformer, generate
+
+from conftest import BACKEND_DEVICES
+
+BACKENDS = [p for p in BACKEND_DEVICES if p.values[0] == "triton"] + [
+    pytest.param("reference", "cpu", id="reference")]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
+       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+ULP = {torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+# (B, n_head, n_kv_head, head_dim, cache slots, pos): MHA at the 1b head size, GQA, head_dim/2 not a power of
+# two (6, 10), the first and the last slot, a cache longer than a key block, one row, no rows.
+SHAPES = [(1, 4, 4, 64, 130, 128), (3, 8, 2, 6, 300, 299), (2, 2, 1, 10, 5, 0), (1, 1, 1, 2, 1, 0),
+          (2, 4, 2, 16, 70, 33), (0, 2, 2, 8, 4, 1)]
+
+
+def make_case(B, H, Hkv, hd, S, pos, dtype, device, pad=None, rope_rows=400):
+    qkv = torch.randn(B, (H + 2 * Hkv) * hd, dtype=dtype, device=device)
+    k = torch.randn(B, Hkv, S, hd, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    cos, sin = torch.randn(rope_rows, hd // 2, device=device), torch.randn(rope_rows, hd // 2, device=device)
+    pad = torch.randint(0, pos + 1, (B,), device=device) if pad is None else torch.tensor(pad, device=device)
+    return qkv, k, v, cos, sin, torch.tensor([pos], device=device), pad
+
+
+def check_against_reference(args, H, backend):
+    qkv, k, v, cos, sin, pos, pad = args
+    k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+    y = mk.decode_attention(qkv, k1, v1, cos, sin, pos, pad, H, backend=backend)
+    want = reference.decode_attention(qkv, k2, v2, cos, sin, pos, pad, H)
+    assert y.shape == want.shape == (qkv.shape[0], H * k.shape[-1]) and y.dtype == qkv.dtype
+    torch.testing.assert_close(y, want, **TOL[qkv.dtype])
+    p = int(pos)
+    assert torch.equal(v1, v2)
+    others = torch.ones(k.shape[2], dtype=torch.bool)
+    others[p] = False
+    assert torch.equal(k1[:, :, others], k[:, :, others])  # only the token's slot is written
+    slot, ref = k1[:, :, p].double(), k2[:, :, p].double()
+    assert bool(((slot - ref).abs() <= ref.abs() * ULP[qkv.dtype] * 2 + 1e-30).all())  # within one ulp
+    return y
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-kv{}-hd{}-S{}-pos{}".format(*s))
+def test_matches_reference(backend, device, dtype, shape):
+    B, H, Hkv, hd, S, pos = shape
+    check_against_reference(make_case(B, H, Hkv, hd, S, pos, dtype, device), H, backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_padding(backend, device):
+    """Rows with no padding, some, all slots before the token, and more padding than the token's slot (a padding
+    query: it attends to its own slot only, as the model's SDPA mask lets it)."""
+    args = make_case(4, 2, 1, 8, 12, 6, torch.float32, device, pad=[0, 3, 6, 9])
+    y = check_against_reference(args, 2, backend)
+    qkv, k, v, cos, sin, pos, pad = args
+    assert torch.equal(y[3, :8], qkv[3, 24:32])  # head 0 of row 3 sees only its own value (heads q, q, k, v)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_qkv_rows(backend, device):
+    """qkv as the rows of a wider tensor (a slice), as a projection's output may be."""
+    qkv, k, v, cos, sin, pos, pad = make_case(3, 2, 2, 8, 9, 4, torch.float32, device)
+    wide = torch.randn(3, qkv.shape[1] + 5, device=device)
+    wide[:, 5:] = qkv
+    y = check_against_reference((wide[:, 5:], k, v, cos, sin, pos, pad), 2, backend)
+    torch.testing.assert_close(y, reference.decode_attention(qkv, k.clone(), v.clone(), cos, sin, pos, pad, 2))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_against_sdpa(backend, device):
+    """The spec itself: the same numbers as RoPE, a cache write and torch's SDPA over the cache with a mask."""
+    B, H, Hkv, hd, S, p = 2, 4, 2, 8, 10, 7
+    qkv, k, v, cos, sin, pos, pad = make_case(B, H, Hkv, hd, S, p, torch.float64, device, pad=[0, 2])
+    y = mk.decode_attention(qkv, k.clone(), v.clone(), cos, sin, pos, pad, H, backend=backend)
+    x = qkv.view(B, H + 2 * Hkv, hd)
+    rp = p - pad
+    c, s = cos[rp].double()[:, None], sin[rp].double()[:, None]
+    x1, x2 = x[:, :H + Hkv].chunk(2, -1)
+    qk = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+    k[:, :, p], v[:, :, p] = qk[:, H:], x[:, H + Hkv:]
+    slots = torch.arange(S, device=device)
+    mask = (slots[None] >= pad[:, None]) & (slots[None] <= p)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        qk[:, :H, None], k, v, attn_mask=mask[:, None, None], enable_gqa=True)
+    torch.testing.assert_close(y, want.reshape(B, H * hd), rtol=1e-12, atol=1e-12)
+
+
+# ---- bad input: clear exceptions, and a kernel that never writes outside the cache ----
+def _good(device="cpu"):
+    return make_case(2, 4, 2, 8, 10, 5, torch.float32, device, pad=[0, 0])
+
+
+BAD = [  # (name, change to the arguments, exception, message part)
+    ("pos past the cache", lambda a: a.__setitem__(5, torch.tensor([10])), IndexError, "outside the cache"),
+    ("negative pos", lambda a: a.__setitem__(5, torch.tensor([-1])), IndexError, "outside the cache"),
+    ("pad past the cache", lambda a: a.__setitem__(6, torch.tensor([0, 11])), IndexError, "pad must be"),
+    ("position past RoPE", lambda a: a.__setitem__(3, a[3][:5]) or a.__setitem__(4, a[4][:5]), IndexError, "RoPE"),
+    ("qkv int", lambda a: a.__setitem__(0, a[0].long()), TypeError, "qkv must be"),
+    ("cache dtype", lambda a: a.__setitem__(1, a[1].half()), TypeError, "caches must have"),
+    ("cos float64", lambda a: a.__setitem__(3, a[3].double()), TypeError, "float32 tables"),
+    ("pos float", lambda a: a.__setitem__(5, a[5].float()), TypeError, "int32 or int64"),
+    ("qkv width", lambda a: a.__setitem__(0, a[0][:, :-1]), ValueError, "qkv must be"),
+    ("cache 3-d", lambda a: a.__setitem__(1, a[1][0]), ValueError, "k_cache and v_cache"),
+    ("odd head_dim", lambda a: [a.__setitem__(i, a[i][..., :7]) for i in (1, 2)], ValueError, "even head_dim"),
+    ("pad shape", lambda a: a.__setitem__(6, a[6][:1]), ValueError, r"pad be \[B\]"),
+    ("rope width", lambda a: a.__setitem__(3, a[3][:, :3]), ValueError, "cos and sin"),
+    ("strided cache", lambda a: [a.__setitem__(i, a[i].transpose(2, 3).contiguous().transpose(2, 3)) for i in (1, 2)],
+     ValueError, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("name,change,exc,msg", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises(backend, device, name, change, exc, msg):
+    args = list(_good("cpu")) + [4]
+    change(args)
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(exc, match=msg):
+        mk.decode_attention(*args, backend=backend)
+
+
+def test_bad_heads_and_backend():
+    qkv, k, v, cos, sin, pos, pad = _good()
+    with pytest.raises(ValueError, match="multiple"):
+        mk.decode_attention(qkv, k, v, cos, sin, pos, pad, 3)
+    with pytest.raises(ValueError, match="backend must be"):
+        mk.decode_attention(qkv, k, v, cos, sin, pos, pad, 4, backend="cuda")
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        mk.decode_attention(qkv, k, v, cos, sin, 5, pad, 4)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's 0 / 0, on purpose
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("bad_pos", [-1, 10, 399])
+def test_kernel_unchecked_bad_slot_writes_nothing(backend, device, bad_pos):
+    """check=False (CUDA graphs): a slot outside the cache, or a RoPE position past the tables, reaches the
+    kernel, which writes no cache slot and returns NaN instead of reading or writing out of bounds."""
+    qkv, k, v, cos, sin, pos, pad = _good(device)
+    cos, sin = cos[:300], sin[:300]
+    k0, v0 = k.clone(), v.clone()
+    if bad_pos == 399:  # in the cache (a long one) but past the RoPE tables
+        k, v = torch.randn(2, 2, 400, 8, device=device), torch.randn(2, 2, 400, 8, device=device)
+        k0, v0 = k.clone(), v.clone()
+    y = mk.decode_attention(qkv, k, v, cos, sin, torch.tensor([bad_pos], device=device), pad * 0, 4,
+                            backend=backend, check=False)
+    assert bool(y.isnan().all())
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "triton"])
+def test_opcheck(backend, device):
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if device == "cuda":  # torch.compile cannot trace an interpreted kernel: AOT dispatch only on a GPU
+        utils.append("test_aot_dispatch_dynamic")
+    for B, H, Hkv, hd, S, pos in [(2, 4, 2, 8, 10, 5), (1, 2, 2, 6, 3, 0)]:
+        qkv, k, v, cos, sin, p, pad = make_case(B, H, Hkv, hd, S, pos, torch.float32, device)
+        torch.library.opcheck(torch.ops.memllm.decode_attention, (qkv, k, v, cos, sin, p, pad, H), test_utils=utils)
+
+
+def test_meta_device():
+    qkv = torch.empty(1, 96 * 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(1, 32, 4096, 64, device="meta", dtype=torch.bfloat16)
+    cos = torch.empty(4096, 32, device="meta")
+    ints = torch.empty(1, device="meta", dtype=torch.long)
+    y = torch.ops.memllm.decode_attention(qkv, k, k, cos, cos, ints, ints, 32)
+    assert y.device.type == "meta" and y.shape == (1, 32 * 64) and y.dtype == torch.bfloat16
+
+
+# ---- the model's decode step: decode_attention against SDPA ----
+def tiny_model(kind="memoryllm", **kw):
+    cfg = ModelConfig(kind=kind, **{**dict(vocab_size=300, n_layer=2, d_model=32, n_head=4, block_size=64,
+                                           name="test-tiny"), **kw})
+    return Transformer(cfg).eval()
+
+
+def test_decode_attention_modes():
+    model = tiny_model()
+    assert model.decode_attention == "auto" and model._decode_backend(torch.device("cpu")) is None  # SDPA on a CPU
+    model.decode_attention = "memllm"
+    assert model._decode_backend(torch.device("cpu")) == "auto"
+    model.decode_attention = "flash"
+    with pytest.raises(ValueError, match="choose one of"):
+        model.setup_caches(1, 8) or model(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]))
+
+
+@pytest.mark.parametrize("kind,kw", [("memoryllm", {}), ("dense", {}), ("memoryllm", dict(n_kv_head=2)),
+                                     ("flex2", {})], ids=["memoryllm", "dense", "gqa", "flex2"])
+@torch.no_grad()
+def test_model_step_matches_sdpa(kind, kw):
+    """A padded batch: prefill, then decode steps through decode_attention (the reference on the CPU) give the
+    SDPA step's logits and leave the same KV cache."""
+    model = tiny_model(kind, **kw)
+    ids, pad = torch.randint(0, 300, (3, 6)), torch.tensor([0, 2, 5])
+    out = {}
+    for mode in ("sdpa", "memllm"):
+        model.decode_attention = mode
+        model.setup_caches(3, 12)
+        logits = [model(ids, input_pos=torch.arange(6), pad=pad)]
+        for t in range(3):
+            logits.append(model(ids[:, t:t + 1], input_pos=torch.tensor([6 + t]), pad=pad))
+        out[mode] = logits, [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in model.layers]
+    for a, b in zip(out["sdpa"][0], out["memllm"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for (k1, v1), (k2, v2) in zip(out["sdpa"][1], out["memllm"][1]):
+        torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)  # later layers: inputs differ in the last bits
+    assert torch.equal(out["sdpa"][1][0][1], out["memllm"][1][0][1])  # the first layer's values: copies
+
+
+@pytest.mark.requires_triton_cpu
+def test_model_generates_the_same_tokens_through_the_interpreted_kernel():
+    model = tiny_model()
+    prompts = [[5, 6, 7], [8]]
+    model.decode_attention = "sdpa"
+    want = generate(model, prompts, 4)
+    model.decode_attention = "memllm"
+    assert generate(model, prompts, 4) == want
+
+
+def test_compiled_decode_matches_eager():
+    """torch.compile traces the step through decode_attention without a graph break (compile_decode's
+    fullgraph=True; the reference on the CPU, as also under Triton's interpreter)."""
+    model = tiny_model()
+    prompts = [[5, 6, 7, 9, 9], [8]]
+    model.decode_attention = "sdpa"
+    want = generate(model, prompts, 5)
+    torch._dynamo.reset()
+    model.decode_attention = "memllm"
+    assert generate(model, prompts, 5, compile=True) == want
+
+
+# ---- on a GPU: the kernel, CUDA graphs and torch.compile ----
+@pytest.mark.requires_triton_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_1b_shape(dtype):
+    check_against_reference(make_case(2, 32, 32, 64, 2050, 2049, dtype, "cuda"), 32, "triton")
+    check_against_reference(make_case(1, 32, 8, 64, 130, 128, dtype, "cuda"), 32, "triton")
+
+
+@pytest.mark.requires_triton_gpu
+@pytest.mark.parametrize("cuda_graph,compile", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["eager", "graph", "compiled", "compiled-graph"])
+def test_gpu_generate_matches_sdpa(cuda_graph, compile):
+    model = tiny_model(n_kv_head=2).cuda()
+    prompts = [[5, 6, 7, 9, 9], [8], [1, 2]]
+    model.decode_attention = "sdpa"
+    want = generate(model, prompts, 6)
+    torch._dynamo.reset()
+    model.decode_attention = "auto"  # the kernel, on a GPU
+    assert model._decode_backend(torch.device("cuda")) == "triton"
+    assert generate(model, prompts, 6, cuda_graph=cuda_graph, compile=compile) == want
