@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import DECODE_RUN, bench_device, peak_memory, record, reset_peak_memory, timed
-from models import PROVIDERS, decode_step, free_models, memory_bytes, resident_model
+from models import PROVIDERS, attention_kind, decode_step, free_models, memory_bytes, resident_model
 
 
 def pytest_generate_tests(metafunc):
@@ -83,6 +83,7 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B):
     model.clear_caches()
     mem, mem_kind = peak_memory(device)
     row = record(op=f"e2e_{phase}", provider=kind, dtype=dtype, preset=size, T=T, batch=B, ms=t["s"] * 1e3,
+                 attention=None if phase == "prefill" else attention_kind(model, device),
                  ms_synced=t["s_synced"] and t["s_synced"] * 1e3, tokens_per_s=tokens / t["s"],
                  peak_memory_bytes=mem, peak_memory_kind=mem_kind, **memory_bytes(model, engine))
     benchmark.extra_info.update(row)

@@ -52,7 +52,7 @@ import torch
 import memllm_kernels as mk
 from conftest import DECODE_RUN, bench_device, peak_memory, record, reset_peak_memory, timed
 from memllm_kernels.model import get_preset
-from models import decode_step, free_models, memory_bytes, resident_model
+from models import attention_kind, decode_step, free_models, memory_bytes, resident_model
 
 L_PRESET = 24
 GATHER_D = {"250m": 960, "1b": 2048}
@@ -348,6 +348,7 @@ def test_offload_decode(benchmark, device, size, dtype, decode_provider, mode):
     mem, mem_kind = peak_memory(device)
     row = record(op="e2e_offload_decode" + ("" if mode == "eager" else f"_{mode}"), provider=decode_provider,
                  dtype=dtype, preset=size, T=T, batch=1, ms=t["s"] * 1e3, tokens_per_s=1 / t["s"],
+                 attention=attention_kind(model, device),
                  ms_synced=t["s_synced"] and t["s_synced"] * 1e3,
                  peak_memory_bytes=mem, peak_memory_kind=mem_kind, text=text, **memory_bytes(model, engine))
     benchmark.extra_info.update(row)

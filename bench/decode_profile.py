@@ -1,6 +1,6 @@
 """Where a decode step's time goes: kernels per step, by kind, for dense vs MemoryLLM (torch.profiler).
 
-    python bench/decode_profile.py [--device cuda] [--size 1b] [--modes eager graph compiled] [--out DIR]
+    python bench/decode_profile.py [--device cuda] [--size 1b] [--modes graph compiled] [--attention sdpa memllm]
 
 The decode benchmarks say how fast a step is; this says why. One batch-1 decode step at position 128 (the
 benchmarks' step: bench/models.py, random weights) is profiled over --steps steps, for each provider and mode
@@ -28,7 +28,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import machine_info, machine_tag  # bench/ is sys.path[0] when this runs as a script
-from models import PROVIDERS, build_model, decode_step, free_models, memory_bytes
+from models import PROVIDERS, attention_kind, build_model, decode_step, free_models, memory_bytes
 
 # Kernel kinds by name, first match wins: ours; cuBLAS (nvjet_* on Hopper with CUDA 13), cuBLASLt and CUTLASS
 # GEMV/GEMM kernels; Inductor's fused pointwise and reduction kernels (triton_poi/red/per_fused_<ops>, whose
@@ -93,8 +93,12 @@ def main(argv=None) -> int:
     p.add_argument("--size", help="preset size (default 1b on a GPU, tiny on the CPU)")
     p.add_argument("--dtype", help="default bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--providers", nargs="+", default=["dense", "memoryllm", "memoryllm-host"], choices=PROVIDERS)
-    p.add_argument("--modes", nargs="+", default=["eager", "graph", "compiled"],
-                   choices=["eager", "graph", "compiled"], help="graph: CUDA only (skipped on the CPU)")
+    p.add_argument("--modes", nargs="+", choices=["eager", "graph", "compiled"],
+                   help="default graph and compiled on a GPU (eager is bound by launches there), eager and compiled "
+                   "on the CPU; graph: CUDA only (skipped on the CPU)")
+    p.add_argument("--attention", nargs="+", choices=["sdpa", "memllm"],
+                   help="the decode step's attention (Transformer.decode_attention): default both on a GPU, sdpa "
+                   "on the CPU (memllm runs its PyTorch reference there)")
     p.add_argument("--steps", type=int, default=20, help="profiled decode steps per case (default 20)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="results go to OUT/<machine>/decode_profile.json (default bench/results)")
@@ -102,7 +106,9 @@ def main(argv=None) -> int:
     device = a.device
     size = a.size or ("1b" if device == "cuda" else "tiny")
     dtype = a.dtype or ("bfloat16" if device == "cuda" else "float32")
-    modes = [m for m in a.modes if device == "cuda" or m != "graph"]  # graphs are CUDA only
+    modes = a.modes or (["graph", "compiled"] if device == "cuda" else ["eager", "compiled"])
+    modes = [m for m in modes if device == "cuda" or m != "graph"]  # graphs are CUDA only
+    attentions = a.attention or (["sdpa", "memllm"] if device == "cuda" else ["sdpa"])
     info = machine_info(device)
     out = os.path.join(a.out, machine_tag(info))
     os.makedirs(out, exist_ok=True)
@@ -114,7 +120,8 @@ def main(argv=None) -> int:
         model, engine = build_model(device, size, dtype, provider)
         weights_read = memory_bytes(model, engine)["weight_bytes_read"]
         V = model.config.vocab_size
-        for mode in modes:
+        for attention, mode in [(att, m) for att in attentions for m in modes]:
+            model.decode_attention = attention
             t0 = time.perf_counter()
             with torch.inference_mode():
                 fn = decode_step(model, torch.randint(0, V, (1, T), device=device),
@@ -123,15 +130,16 @@ def main(argv=None) -> int:
                 r = profile_step(fn, device, a.steps)
             model.clear_caches()
             mm = r["by_kind"].get("matmul")
-            row = {"op": "decode_profile", "provider": provider, "mode": mode, "preset": size, "dtype": dtype,
-                   "batch": 1, "T": T, "weight_bytes_read": weights_read, "seconds": time.perf_counter() - t0, **r}
+            row = {"op": "decode_profile", "provider": provider, "mode": mode, "attention": attention_kind(model, device),
+                   "preset": size, "dtype": dtype, "batch": 1, "T": T, "weight_bytes_read": weights_read,
+                   "seconds": time.perf_counter() - t0, **r}
             if device == "cuda" and mm and mm["us"]:
                 row["matmul_gbps"] = weights_read / (mm["us"] * 1e-6) / 1e9  # weights read / matmul time
             rows.append(row)
             with open(path, "w") as f:  # after every case: a run stopped at a time limit keeps what it measured
                 json.dump({"machine": info, "results": rows}, f, indent=1)
             kinds = ", ".join(f"{k} {v['count']:.0f}/{v['us']:.0f}us" for k, v in sorted(r["by_kind"].items()))
-            print(f"{provider:15} {mode:8} {r['wall_ms']:8.3f} ms/step  {r['ops_per_step']:6.0f} "
+            print(f"{provider:15} {mode:8} {row['attention']:6} {r['wall_ms']:8.3f} ms/step  {r['ops_per_step']:6.0f} "
                   f"{'kernels' if device == 'cuda' else 'aten ops'}/step, busy {r['busy_us']:8.0f} us  [{kinds}]"
                   + (f"  matmul {row['matmul_gbps']:.0f} GB/s on weights" if "matmul_gbps" in row else ""),
                   flush=True)

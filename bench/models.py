@@ -115,6 +115,11 @@ def decode_step(model, prompt: torch.Tensor, tokens: torch.Tensor, graph: bool =
     return lambda: fwd(tokens[next(it)], input_pos=pos)
 
 
+def attention_kind(model, device: str) -> str:
+    """How the model's one-token decode steps attend on `device`: 'memllm' (memllm::decode_attention) or 'sdpa'."""
+    return "sdpa" if model.decode_attention_backend(torch.device(device)) is None else "memllm"
+
+
 _RESIDENT: dict = {}
 
 

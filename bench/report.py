@@ -69,14 +69,15 @@ COLUMNS = {
                                   ("ms launch", "ms_launch", ".4f")],
     "offload_hit_rate": [("policy/hot set", "provider", "s"), ("cache", "preset", "s"), ("rows", "T", "d"),
                          ("hits %", _pct("hit_rate"), ".1f"), ("lookups", "lookups", "d"), ("ms", "ms", ".0f")],
-    "decode_profile": [("provider", "provider", "s"), ("mode", "mode", "s"), ("preset", "preset", "s"),
+    "decode_profile": [("provider", "provider", "s"), ("mode", "mode", "s"), ("attention", "attention", "s"),
+                       ("preset", "preset", "s"),
                        ("dtype", "dtype", "s"), ("ms/step", "wall_ms", ".3f"), ("ops/step", "ops_per_step", ".0f"),
                        ("busy us", "busy_us", ".0f")]
     + [(f"{kind} {head}", _kind(kind, field), ".0f") for kind in ("matmul", "attention", "tol", "fused", "copy", "other")
        for head, field in (("n", "count"), ("us", "us"))]
     + [("matmul GB/s", "matmul_gbps", ".0f")],
     "e2e": _FIRST + [
-        ("batch", "batch", "d"), ("ms", "ms", ".3f"), ("ms synced", "ms_synced", ".3f"),
+        ("batch", "batch", "d"), ("attention", "attention", "s"), ("ms", "ms", ".3f"), ("ms synced", "ms_synced", ".3f"),
         ("tokens/s", "tokens_per_s", ".1f"), ("x dense", "speedup_vs_dense", ".2f"),
         ("% bound", "pct_bound", ".0f"), ("weights GB", _gb("weight_bytes"), ".3f"), ("table GB", _gb("table_bytes"), ".3f"),
         ("peak GB", _gb("peak_memory_bytes"), ".2f"), ("hits %", _pct("hit_rate"), ".1f")],

@@ -6,6 +6,7 @@
                     [--embedding-location {device,host}]
     memllm generate RUN --prompt "..." [--tol] [--tol-location {device,host,disk} --cache-rows N]
                     [--embedding-location {device,host}] [--cuda-graph] [--compile]
+                    [--decode-attention {auto,sdpa,memllm}]
     memllm info [PRESET | RUN]                  # parameter counts (paper convention)
 
 Nothing a user saved is overwritten without --force. Errors a user can fix print one line and exit 2.
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay each decode step from a CUDA graph (CUDA devices; same tokens, less launch overhead)")
     g.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (fused kernels; the first step compiles, tens of seconds)")
+    g.add_argument("--decode-attention", choices=("auto", "sdpa", "memllm"), default="auto",
+                   help="a decode step's attention: memllm = one kernel per layer for RoPE, the cache write and "
+                   "attention (Triton on a GPU, its PyTorch reference on the CPU); sdpa = torch's SDPA; auto "
+                   "(default) = memllm on a GPU with Triton, sdpa elsewhere")
     g.add_argument("--no-progress", action="store_true", help="no progress bar while --tol-location host loads")
 
     i = sub.add_parser("info", help="parameter counts of presets or a run",
@@ -346,6 +351,7 @@ def _cmd_generate(a) -> int:
         raise ValueError(f"--cuda-graph replays CUDA graphs: it needs --device cuda, not {a.device}")
     model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
                                              progress=not a.no_progress, embedding=a.embedding_location)
+    model.decode_attention = a.decode_attention
     tok = load_run_tokenizer(a.run, cfg["tokenizer"])
     prompts = [tok.encode(p) for p in a.prompt]
     if any(not p for p in prompts):

@@ -96,6 +96,12 @@ def test_end_to_end_smoke(tmp_path, text, capsys):
                        "--max-new-tokens", "5", "--temperature", "0")
     assert rc == 0, err
     assert out.splitlines()[0].startswith("the king") and "fair" in out
+    texts = {}
+    for attention in ("sdpa", "memllm"):  # the decode_attention op (its reference here) writes the same text
+        rc, texts[attention], err = run(capsys, "generate", str(runs), "--prompt", "the king", "--tol",
+                                        "--max-new-tokens", "5", "--temperature", "0", "--decode-attention", attention)
+        assert rc == 0, err
+    assert texts["sdpa"] == texts["memllm"] and texts["sdpa"].startswith("the king")
 
     rc, out, err = run(capsys, "info", str(runs))
     assert rc == 0 and "tiny-memoryllm" in out

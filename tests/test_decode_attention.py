@@ -194,9 +194,9 @@ def tiny_model(kind="memoryllm", **kw):
 
 def test_decode_attention_modes():
     model = tiny_model()
-    assert model.decode_attention == "auto" and model._decode_backend(torch.device("cpu")) is None  # SDPA on a CPU
+    assert model.decode_attention == "auto" and model.decode_attention_backend(torch.device("cpu")) is None  # SDPA on a CPU
     model.decode_attention = "memllm"
-    assert model._decode_backend(torch.device("cpu")) == "auto"
+    assert model.decode_attention_backend(torch.device("cpu")) == "auto"
     model.decode_attention = "flash"
     with pytest.raises(ValueError, match="choose one of"):
         model.setup_caches(1, 8) or model(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]))
@@ -266,5 +266,5 @@ def test_gpu_generate_matches_sdpa(cuda_graph, compile):
     want = generate(model, prompts, 6)
     torch._dynamo.reset()
     model.decode_attention = "auto"  # the kernel, on a GPU
-    assert model._decode_backend(torch.device("cuda")) == "triton"
+    assert model.decode_attention_backend(torch.device("cuda")) == "triton"
     assert generate(model, prompts, 6, cuda_graph=cuda_graph, compile=compile) == want

@@ -176,9 +176,12 @@ class Block(nn.Module):
 
     def forward(self, h, x0, ids, cos, sin, mask=None, input_pos=None, decode=None):
         """h, x0: [B, T, d]; ids: [B, T]. Returns the next residual stream [B, T, d]."""
-        h = h + self.attn(self.attn_norm(h), cos, sin, mask, input_pos, decode)
+        a = self.attn(self.attn_norm(h), cos, sin, mask, input_pos, decode)
         if self.memory is not None:
-            h = self.memory(h, x0, ids)  # in parallel with attention: reads x0, not h
+            # In parallel with attention (it reads x0, not h), so added first: a ToL row then lands in h in place
+            # and torch.compile fuses the `+ a` below with the next layer's norm, one kernel per layer fewer.
+            h = self.memory(h, x0, ids)
+        h = h + a
         if self.ffn is not None:
             h = h + self.ffn(self.ffn_norm(h))
         return h
@@ -251,7 +254,7 @@ class Transformer(nn.Module):
             ~mask[:, None], float("-inf"))
         return self.rope_cos[pos], self.rope_sin[pos], mask
 
-    def _decode_backend(self, device: torch.device) -> str | None:
+    def decode_attention_backend(self, device: torch.device) -> str | None:
         """The decode_attention backend of a one-token cached step on `device`, or None for SDPA."""
         mode = self.decode_attention
         if mode == "auto":
@@ -296,7 +299,7 @@ class Transformer(nn.Module):
             if self._cache_len == 0:
                 raise RuntimeError("input_pos was given but no KV cache is set up; call setup_caches first")
             pad = torch.zeros(B, dtype=torch.long, device=ids.device) if pad is None else pad
-            backend = self._decode_backend(ids.device) if T == 1 else None
+            backend = self.decode_attention_backend(ids.device) if T == 1 else None
             if backend is not None:  # RoPE rows, cache writes and the mask are the kernel's
                 cos, sin, mask, decode = self.rope_cos, self.rope_sin, None, (pad, backend)
             else:

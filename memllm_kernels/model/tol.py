@@ -330,8 +330,8 @@ class ToLMemory(nn.Module):
         self.store, self.layer, self.scale, self.backend = store, layer, scale, backend
 
     def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """h: [B, T, d] (a fresh tensor: Block computed it as h + attn, so updating it in place is safe);
-        x0: unused; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
+        """h: [B, T, d], updated in place unless it is x0 (the first layer's h, which later layers read);
+        x0: [B, T, d]; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
         if self.scale == 0.0:
             return h
         table = self.store.table
@@ -339,8 +339,8 @@ class ToLMemory(nn.Module):
             # The op adds rows unscaled. alpha != 1 is an analysis knob (paper Table 1), not the serving
             # path, so a plain torch gather does it rather than a scaled copy of the whole table.
             return h + self.scale * reference.tol_rows(table, ids, self.layer).to(h.dtype)
-        if torch.is_grad_enabled() and h.requires_grad:
-            return ops.tol_gather_add(h, ids, table, self.layer, backend=self.backend)
+        if (torch.is_grad_enabled() and h.requires_grad) or h is x0:
+            return ops.tol_gather_add(h, ids, table, self.layer, backend=self.backend, check_ids=False)
         # check_ids=False: the embedding lookup at the top of this forward already rejected any id outside
         # [0, V), and V is the table's row count (swap_ffn_for_tol checks), so the check would only add
         # a pass over ids (and a device sync on CUDA) per layer.
@@ -414,7 +414,8 @@ class EngineMemory(nn.Module):
         _ENGINES[self.handle] = engine
 
     def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """h: [B, T, d] (fresh: updated in place); x0: unused; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
+        """h: [B, T, d], updated in place unless it is x0 (the first layer's h, which later layers read);
+        x0: [B, T, d]; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
         if self.scale == 0.0:
             return h
         if torch.is_grad_enabled() and h.requires_grad:
@@ -425,6 +426,8 @@ class EngineMemory(nn.Module):
                 rows = torch.zeros(*ids.shape, h.shape[-1], dtype=self.engine.dtype, device=h.device)
                 self._gather_add_(rows, ids)
                 return h + self.scale * rows.to(h.dtype)
+            if h is x0:
+                h = h.clone()
             self._gather_add_(h, ids)
             return h
 
