@@ -236,8 +236,8 @@ def _check_decode_attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_head) -
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if qkv.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: qkv must be float32, float16, bfloat16 or float64, got {qkv.dtype}")
-    if k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype:
-        raise TypeError(f"{op}: the caches must have qkv's dtype {qkv.dtype}, got {k_cache.dtype}, {v_cache.dtype}")
+    if k_cache.dtype not in _FLOAT_DTYPES or v_cache.dtype != k_cache.dtype:  # qkv's, or not (autocast)
+        raise TypeError(f"{op}: k_cache and v_cache must share one float dtype, got {k_cache.dtype}, {v_cache.dtype}")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise TypeError(f"{op}: cos and sin must be float32 tables, got {cos.dtype}, {sin.dtype}")
     if pos.dtype not in (torch.int32, torch.int64) or pad.dtype not in (torch.int32, torch.int64):

@@ -58,7 +58,8 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
     qkv: [B, (H + 2 Hkv) hd], the token's q, k and v projections (H = n_head query heads, then Hkv key and Hkv
          value heads of hd each, hd even); float32/float16/bfloat16/float64.
-    k_cache, v_cache: [B, Hkv, S, hd], qkv's dtype: slot pos receives the rotated k and the v (in place).
+    k_cache, v_cache: [B, Hkv, S, hd], one float dtype (qkv's, or another under autocast): slot pos receives the
+         rotated k and the v (in place).
     cos, sin: [P, hd/2] float32 RoPE tables; row max(pos - pad[b], 0) rotates row b's q and k, as the pairs
               (x[:hd/2], x[hd/2:]), in float32, rounded to qkv's dtype (the model's apply_rope).
     pos: [1] integer, the token's cache slot in [0, S); pad: [B] integer, each row's left-padding slots.

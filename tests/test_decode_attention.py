@@ -76,6 +76,17 @@ def test_padding(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_float32_cache_for_bfloat16_qkv(backend, device):
+    """A float32 model under bfloat16 autocast: bfloat16 projections, float32 caches."""
+    qkv, k, v, cos, sin, pos, pad = make_case(2, 4, 2, 8, 9, 4, torch.bfloat16, device)
+    k, v = k.float(), v.float()
+    y = mk.decode_attention(qkv, k, v, cos, sin, pos, pad, 4, backend=backend)
+    want = reference.decode_attention(qkv, k.clone(), v.clone(), cos, sin, pos, pad, 4)
+    assert y.dtype == torch.bfloat16 and k.dtype == torch.float32
+    torch.testing.assert_close(y, want, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_strided_qkv_rows(backend, device):
     """qkv as the rows of a wider tensor (a slice), as a projection's output may be."""
     qkv, k, v, cos, sin, pos, pad = make_case(3, 2, 2, 8, 9, 4, torch.float32, device)
@@ -115,7 +126,8 @@ BAD = [  # (name, change to the arguments, exception, message part)
     ("pad past the cache", lambda a: a.__setitem__(6, torch.tensor([0, 11])), IndexError, "pad must be"),
     ("position past RoPE", lambda a: a.__setitem__(3, a[3][:5]) or a.__setitem__(4, a[4][:5]), IndexError, "RoPE"),
     ("qkv int", lambda a: a.__setitem__(0, a[0].long()), TypeError, "qkv must be"),
-    ("cache dtype", lambda a: a.__setitem__(1, a[1].half()), TypeError, "caches must have"),
+    ("cache dtypes differ", lambda a: a.__setitem__(1, a[1].half()), TypeError, "share one float dtype"),
+    ("cache int", lambda a: [a.__setitem__(i, a[i].long()) for i in (1, 2)], TypeError, "share one float dtype"),
     ("cos float64", lambda a: a.__setitem__(3, a[3].double()), TypeError, "float32 tables"),
     ("pos float", lambda a: a.__setitem__(5, a[5].float()), TypeError, "int32 or int64"),
     ("qkv width", lambda a: a.__setitem__(0, a[0][:, :-1]), ValueError, "qkv must be"),

@@ -368,6 +368,32 @@ def test_compiled_decode_equals_the_eager_step(kind):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
 
+def test_compiled_tol_lookup_is_fused_and_never_copies_the_table():
+    """Compiled, ToLMemory reads its row by indexing, which Inductor fuses into a kernel of its own (with the
+    residual add and the next norm): no call of the opaque op, and no buffer the size of the table."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from memllm_kernels.model import compile_decode, swap_ffn_for_tol
+    from memllm_kernels.model.tol import iter_tol_chunks
+
+    torch._dynamo.reset()
+    model = tiny_model("memoryllm")
+    table = torch.cat(list(iter_tol_chunks(model, 64)))
+    swap_ffn_for_tol(model, table)
+    with torch.no_grad():
+        model.setup_caches(1, 8)
+        model(torch.tensor([[1, 2, 3]]), input_pos=torch.arange(3))
+        _, code = run_and_get_code(compile_decode(model), torch.tensor([[4]]), input_pos=torch.tensor([3]))
+        model.clear_caches()
+    call = code[-1][code[-1].index("def call("):]
+    assert "tol_gather_add" not in call
+    sizes = [math.prod(int(x) for x in re.findall(r"\d+", shape))
+             for shape in re.findall(r"empty_strided_\w+\(\(([\d, ]*)\)", call)]
+    assert sizes and max(sizes) < table.numel()
+
+
 def test_decode_graph_is_cuda_only_and_says_so():
     from memllm_kernels.model import DecodeGraph
 

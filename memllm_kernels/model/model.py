@@ -142,8 +142,11 @@ class Attention(nn.Module):
         if decode is not None:
             pad, backend = decode
             c = self.kv_cache
-            y = ops.decode_attention(qkv.view(B, -1), c.k, c.v, cos, sin, input_pos, pad, H, backend=backend,
-                                     check=False)  # generate() keeps slots and positions in range
+            if backend == "triton":  # arguments right by construction: the kernel, without the wrapper's checks
+                y = torch.ops.memllm.decode_attention(qkv.view(B, -1), c.k, c.v, cos, sin, input_pos, pad, H)
+            else:  # (~9 us a layer in Python); generate() keeps slots and positions in range: check=False
+                y = ops.decode_attention(qkv.view(B, -1), c.k, c.v, cos, sin, input_pos, pad, H, backend=backend,
+                                         check=False)
             return self.wo(y.view(B, 1, H * hd))
         # q and k rotated together, as the H + H_kv heads of one tensor: RoPE's ~9 small kernels run once per
         # layer instead of twice.
@@ -257,9 +260,9 @@ class Transformer(nn.Module):
     def decode_attention_backend(self, device: torch.device) -> str | None:
         """The decode_attention backend of a one-token cached step on `device`, or None for SDPA."""
         mode = self.decode_attention
-        if mode == "auto":
+        if mode == "auto":  # the compiled kernel on a GPU (not the interpreter, which torch.compile cannot trace)
             usable = device.type == "cuda" and ops.backend_unavailable_reason("triton", device) is None
-            return "triton" if usable else None
+            return "triton" if usable and not ops._triton_interpret() else None
         if mode not in DECODE_ATTENTION:
             raise ValueError(f"decode_attention={mode!r}: choose one of {DECODE_ATTENTION}")
         return "auto" if mode == "memllm" else None

@@ -339,7 +339,13 @@ class ToLMemory(nn.Module):
             # The op adds rows unscaled. alpha != 1 is an analysis knob (paper Table 1), not the serving
             # path, so a plain torch gather does it rather than a scaled copy of the whole table.
             return h + self.scale * reference.tol_rows(table, ids, self.layer).to(h.dtype)
-        if (torch.is_grad_enabled() and h.requires_grad) or h is x0:
+        grad = torch.is_grad_enabled() and h.requires_grad
+        if torch.compiler.is_compiling() and not grad:
+            # Compiled, the row is read by indexing: Inductor fuses the gather with the residual add and the next
+            # layer's norm into one kernel (the op is opaque to it: a kernel of its own per layer). The same
+            # arithmetic as the op (one rounding of h + row), and no copy of the table (checked in the tests).
+            return reference.tol_gather_add(h, ids, table, self.layer)
+        if grad or h is x0:
             return ops.tol_gather_add(h, ids, table, self.layer, backend=self.backend, check_ids=False)
         # check_ids=False: the embedding lookup at the top of this forward already rejected any id outside
         # [0, V), and V is the table's row count (swap_ffn_for_tol checks), so the check would only add
