@@ -298,8 +298,9 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
             raise IndexError(f"decode_attention: pos={p} is outside the cache's [0, {S}) slots")
         if pad.numel() and not (0 <= int(pad.min()) and int(pad.max()) <= S):
             raise IndexError(f"decode_attention: pad must be in [0, {S}], got {pad.tolist()}")
-        if p - (int(pad.min()) if pad.numel() else 0) >= P:
-            raise IndexError(f"decode_attention: RoPE position {p - int(pad.min())} is past the tables' {P} rows")
+        rope_pos = p - (int(pad.min()) if pad.numel() else 0)  # the furthest row's
+        if rope_pos >= P:
+            raise IndexError(f"decode_attention: RoPE position {rope_pos} is past the tables' {P} rows")
     if backend == "triton":
         return torch.ops.memllm.decode_attention(qkv, k_cache, v_cache, cos, sin, pos.reshape(1), pad, n_head)
     return reference.decode_attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_head)

@@ -181,8 +181,8 @@ class Block(nn.Module):
         """h, x0: [B, T, d]; ids: [B, T]. Returns the next residual stream [B, T, d]."""
         a = self.attn(self.attn_norm(h), cos, sin, mask, input_pos, decode)
         if self.memory is not None:
-            # In parallel with attention (it reads x0, not h), so added first: a ToL row then lands in h in place
-            # and torch.compile fuses the `+ a` below with the next layer's norm, one kernel per layer fewer.
+            # In parallel with attention (it reads x0, not h), so added first: eagerly a ToL row lands in h in
+            # place, and compiled, the ToL gather, the `+ a` below and the next layer's norm fuse into one kernel.
             h = self.memory(h, x0, ids)
         h = h + a
         if self.ffn is not None:
