@@ -104,7 +104,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """One decode step's attention; shapes and meaning in reference.decode_attention. Checks are the caller's
     (memllm_kernels.ops.decode_attention)."""
     B = qkv.shape[0]
-    hd = k_cache.shape[-1]
+    hd = int(k_cache.shape[-1])  # head sizes are constexprs: concrete ints even where torch traces symbolic shapes
     y = torch.empty(B, n_head * hd, dtype=qkv.dtype, device=qkv.device)
     if B == 0 or _fake_run(y):
         return y
@@ -112,7 +112,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         y, qkv, k_cache, v_cache, cos, sin, pos, pad,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), k_cache.shape[2],
         cos.shape[0], hd ** -0.5,
-        H=n_head, HKV=k_cache.shape[1], HALF=hd // 2, BLOCK_HALF=triton.next_power_of_2(hd // 2),
+        H=n_head, HKV=int(k_cache.shape[1]), HALF=hd // 2, BLOCK_HALF=triton.next_power_of_2(hd // 2),
         BLOCK_S=_BLOCK_S, FP64=qkv.dtype == torch.float64, num_warps=4,
     )
     return y
