@@ -10,7 +10,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
-BENCHES := bench/bench_tol_gather_add.py bench/bench_e2e.py bench/bench_offload.py
+BENCHES := bench/bench_tol_gather_add.py bench/bench_decode_attention.py bench/bench_e2e.py bench/bench_offload.py
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 
 .PHONY: test bench bench-full build clean

@@ -229,6 +229,9 @@ def _derive(rows: list[dict]) -> None:
             r["speedup_vs_eager"] = eager["ms"] / r["ms"]
         if ffn is not None and r["provider"] not in ("ffn", "add"):
             r["speedup_vs_ffn"] = ffn["ms"] / r["ms"]
+        sdpa = by.get((key(r), "sdpa"))
+        if sdpa is not None and r["provider"] != "sdpa":
+            r["speedup_vs_sdpa"] = sdpa["ms"] / r["ms"]
         for base, field in (("memcpy", "pct_memcpy"), ("resident", "pct_resident")):  # same bytes: a time ratio
             b = by.get((key(r), base))
             if b is not None and r["provider"] != base:

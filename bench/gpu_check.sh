@@ -18,7 +18,8 @@
 #              real-text ones (dense, VRAM, host, disk: the decode targets) first
 #   profile    bench/decode_profile.py: kernels per decode step by kind (matmul, attention, ToL, the rest) for
 #              dense, MemoryLLM and the host tier, eager / graph / compiled: why decode is or is not weight-bound
-#   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size
+#   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size; bench_decode_attention.py:
+#              decode_attention against the model's SDPA step
 #   tests      the whole test suite on the GPU
 # Time: every step gets its own limit (below), cut to what is left of BUDGET seconds (default 540); a step
 # that would get under 45 s is skipped and named. A benchmark step stopped at its limit still writes the
@@ -119,7 +120,7 @@ for step in "${steps[@]}"; do
         grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -12
       } ;;
     gather)
-      run_pytest "$out/bench-gather.log" 120 bench/bench_tol_gather_add.py "${bench_args[@]}" \
+      run_pytest "$out/bench-gather.log" 150 bench/bench_tol_gather_add.py bench/bench_decode_attention.py "${bench_args[@]}" \
         --benchmark-json="$out/pytest-benchmark-gather.json" ;;
     tests)
       run_pytest "$out/tests.log" 300 tests -rs $xdist --junitxml="$out/tests.xml" ;;

@@ -69,6 +69,8 @@ COLUMNS = {
                                   ("ms launch", "ms_launch", ".4f")],
     "offload_hit_rate": [("policy/hot set", "provider", "s"), ("cache", "preset", "s"), ("rows", "T", "d"),
                          ("hits %", _pct("hit_rate"), ".1f"), ("lookups", "lookups", "d"), ("ms", "ms", ".0f")],
+    "decode_attention": _FIRST + [("batch", "batch", "d"), ("ms", "ms", ".4f"), ("GB/s", "gbps", ".1f"),
+                                  ("x sdpa", "speedup_vs_sdpa", ".2f"), ("ms launch", "ms_launch", ".4f")],
     "decode_profile": [("provider", "provider", "s"), ("mode", "mode", "s"), ("attention", "attention", "s"),
                        ("preset", "preset", "s"),
                        ("dtype", "dtype", "s"), ("ms/step", "wall_ms", ".3f"), ("ops/step", "ops_per_step", ".0f"),

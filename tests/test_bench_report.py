@@ -146,3 +146,17 @@ def test_decode_profile_kinds_of_real_kernel_names():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout) == kinds
+
+
+def test_decode_attention_benchmark_runs_and_compares_with_sdpa(tmp_path):
+    """bench/bench_decode_attention.py on the CPU (the op's reference against the model's SDPA step, which the
+    benchmark first checks give the same output): JSON with the speed-up over SDPA, and a report table."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_decode_attention.py", "-q", "-p",
+                           "no:cacheprovider", "-k", "T128", "--results-root", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = {r["provider"]: r for r in report.load(str(folder / "decode_attention.json"))["results"]}
+    assert set(rows) == {"reference", "sdpa"} and rows["reference"]["speedup_vs_sdpa"] > 0
+    assert rows["sdpa"]["bytes"] == 2 * 32 * 128 * 64 * 4  # the cache's keys and values up to the token
+    assert "| reference | float32 | 1b | 128 | 1 |" in open(report.write_report(str(folder))).read()
