@@ -26,12 +26,15 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 ULP = {torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 # (B, n_head, n_kv_head, head_dim, cache slots, pos): MHA at the 1b head size, GQA, head_dim/2 not a power of
-# two (6, 10), the first and the last slot, a cache longer than a key block, one row, no rows.
+# two (6, 10), the first and the last slot, a cache longer than a key block, one row, no rows, split keys.
 SHAPES = [(1, 4, 4, 64, 130, 128), (3, 8, 2, 6, 300, 299), (2, 2, 1, 10, 5, 0), (1, 1, 1, 2, 1, 0),
-          (2, 4, 2, 16, 70, 33), (0, 2, 2, 8, 4, 1)]
+          (2, 4, 2, 16, 70, 33), (0, 2, 2, 8, 4, 1),
+          # from 1024 slots the keys are split among programs (2 and 4 here): all splits busy, most empty
+          (1, 4, 2, 16, 1100, 1099), (2, 2, 2, 8, 2050, 1500), (1, 2, 1, 8, 2050, 5)]
 
 
-def make_case(B, H, Hkv, hd, S, pos, dtype, device, pad=None, rope_rows=400):
+def make_case(B, H, Hkv, hd, S, pos, dtype, device, pad=None, rope_rows=None):
+    rope_rows = rope_rows or max(400, S)
     qkv = torch.randn(B, (H + 2 * Hkv) * hd, dtype=dtype, device=device)
     k = torch.randn(B, Hkv, S, hd, dtype=dtype, device=device)
     v = torch.randn_like(k)
@@ -162,7 +165,7 @@ def test_bad_heads_and_backend():
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's 0 / 0, on purpose
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "triton"])
-@pytest.mark.parametrize("bad_pos", [-1, 10, 399])
+@pytest.mark.parametrize("bad_pos", [-1, 10, 399, 5000])
 def test_kernel_unchecked_bad_slot_writes_nothing(backend, device, bad_pos):
     """check=False (CUDA graphs): a slot outside the cache, or a RoPE position past the tables, reaches the
     kernel, which writes no cache slot and returns NaN instead of reading or writing out of bounds."""
@@ -171,6 +174,9 @@ def test_kernel_unchecked_bad_slot_writes_nothing(backend, device, bad_pos):
     k0, v0 = k.clone(), v.clone()
     if bad_pos == 399:  # in the cache (a long one) but past the RoPE tables
         k, v = torch.randn(2, 2, 400, 8, device=device), torch.randn(2, 2, 400, 8, device=device)
+        k0, v0 = k.clone(), v.clone()
+    if bad_pos == 5000:  # past a cache long enough for split keys
+        k, v = torch.randn(2, 2, 2048, 8, device=device), torch.randn(2, 2, 2048, 8, device=device)
         k0, v0 = k.clone(), v.clone()
     y = mk.decode_attention(qkv, k, v, cos, sin, torch.tensor([bad_pos], device=device), pad * 0, 4,
                             backend=backend, check=False)

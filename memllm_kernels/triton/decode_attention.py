@@ -10,8 +10,10 @@ reading the whole cache), plus a launch gap each: 0.3 ms of MemoryLLM's 1.09 ms 
 One program per (row, query head) loops over key blocks with an online softmax (FlashAttention's recurrence)
 in float32. Keys and values are read in two halves, the (x[:hd/2], x[hd/2:]) pairs that RoPE rotates. The new
 key and value are used from registers at their slot (a program never reads back its own store); the first
-query head of each key/value group stores them. One program per head leaves SMs idle at batch 1 for long
-contexts (32 programs at 1b); a split over key blocks (flash-decoding) would help beyond a few thousand keys.
+query head of each key/value group stores them. One program per head would leave most SMs idle at batch 1
+(32 programs at 1b) and loop over every key of a long context, so from 1024 cache slots on, the keys are split
+among up to 16 programs per head (flash-decoding: _splits), each writing its partial softmax state, which a
+second small kernel combines.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ _BLOCK_S = 256 if _INTERPRET else 64  # keys per loop step (the interpreter pays
 
 @triton.jit
 def decode_attention_kernel(
-    y_ptr, qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr,
+    y_ptr, ml_ptr, part_ptr, qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr,
     qkv_rs, cache_bs, cache_hs, cache_ss, y_rs, S, P, scale,
     H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_S: tl.constexpr,
-    FP64: tl.constexpr,
+    SPLITS: tl.constexpr, FP64: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    j = tl.program_id(2)  # this program's share of the keys (SPLITS > 1: partial results, combined later)
     g = h // (H // HKV)  # this query head's key/value head
     acc_ty = tl.float64 if FP64 else tl.float32
     dtype = qkv_ptr.dtype.element_ty
@@ -62,7 +65,7 @@ def decode_attention_kernel(
     vn2 = tl.load(row + v_off + HALF + i, mask=im, other=0.0)
     kc = k_ptr + b * cache_bs + g * cache_hs
     vc = v_ptr + b * cache_bs + g * cache_hs
-    first = im & ok & (h % (H // HKV) == 0)  # one program per key/value head writes its slot
+    first = im & ok & (h % (H // HKV) == 0) & (j == 0)  # one program per key/value head writes its slot
     tl.store(kc + pos * cache_ss + i, kn1.to(k_ptr.dtype.element_ty), mask=first)
     tl.store(kc + pos * cache_ss + HALF + i, kn2.to(k_ptr.dtype.element_ty), mask=first)
     tl.store(vc + pos * cache_ss + i, vn1.to(v_ptr.dtype.element_ty), mask=first)
@@ -70,6 +73,9 @@ def decode_attention_kernel(
     # Keys pad..pos, and the token's own slot always (a padding query would otherwise see nothing).
     lo = (tl.maximum(tl.minimum(pad, pos), 0) // BLOCK_S) * BLOCK_S
     hi = tl.where(ok, pos + 1, lo)  # no keys (0 / 0: NaN out) for a bad slot
+    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_S), SPLITS) * BLOCK_S  # keys per split, whole blocks
+    lo = lo + j * per
+    hi = tl.minimum(hi, lo + per)
     m = tl.full((), -1e30, acc_ty)  # finite: a fully masked block then adds exp(-inf) = 0, never NaN
     den = tl.zeros((), acc_ty)
     acc1 = tl.zeros((BLOCK_HALF,), acc_ty)
@@ -93,9 +99,44 @@ def decode_attention_kernel(
         acc1 = acc1 * alpha + tl.sum(p[:, None] * vb1, axis=0)
         acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, axis=0)
         m = m_new
+    if SPLITS == 1:
+        out = y_ptr + b * y_rs + h * 2 * HALF
+        tl.store(out + i, (acc1 / den).to(y_ptr.dtype.element_ty), mask=im)
+        tl.store(out + HALF + i, (acc2 / den).to(y_ptr.dtype.element_ty), mask=im)
+    else:  # this split's running max, denominator and unnormalised sum, for decode_attention_combine_kernel
+        k = (b * H + h) * SPLITS + j
+        tl.store(ml_ptr + k * 2, m)
+        tl.store(ml_ptr + k * 2 + 1, den)
+        tl.store(part_ptr + k * 2 * HALF + i, acc1, mask=im)
+        tl.store(part_ptr + k * 2 * HALF + HALF + i, acc2, mask=im)
+
+
+@triton.jit
+def decode_attention_combine_kernel(y_ptr, ml_ptr, part_ptr, y_rs, H: tl.constexpr, HALF: tl.constexpr,
+                                    BLOCK_HALF: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+    """y = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) den_j over a head's splits (M: their largest max)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    j = tl.arange(0, BLOCK_SPLITS)
+    jm = j < SPLITS
+    k = (b * H + h) * SPLITS + j
+    m = tl.load(ml_ptr + k * 2, mask=jm, other=float("-inf"))
+    den = tl.load(ml_ptr + k * 2 + 1, mask=jm, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # a split with no keys has den 0 and adds nothing
+    i = tl.arange(0, BLOCK_HALF)
+    pm = jm[:, None] & (i < HALF)[None, :]
+    a1 = tl.load(part_ptr + k[:, None] * 2 * HALF + i[None, :], mask=pm, other=0.0)
+    a2 = tl.load(part_ptr + k[:, None] * 2 * HALF + HALF + i[None, :], mask=pm, other=0.0)
+    total = tl.sum(w * den, axis=0)  # 0 for a bad slot (no split saw a key): NaN out
     out = y_ptr + b * y_rs + h * 2 * HALF
-    tl.store(out + i, (acc1 / den).to(y_ptr.dtype.element_ty), mask=im)
-    tl.store(out + HALF + i, (acc2 / den).to(y_ptr.dtype.element_ty), mask=im)
+    tl.store(out + i, (tl.sum(w[:, None] * a1, axis=0) / total).to(y_ptr.dtype.element_ty), mask=i < HALF)
+    tl.store(out + HALF + i, (tl.sum(w[:, None] * a2, axis=0) / total).to(y_ptr.dtype.element_ty), mask=i < HALF)
+
+
+def _splits(slots: int, programs: int) -> int:
+    """Programs per head: 1 up to 1023 cache slots; then at least 512 slots each (8 loop steps of 64 keys, so the
+    partial results' extra traffic stays small), at most 16, and at most ~1024 programs in all."""
+    return max(1, min(16, slots // 512, 1024 // max(1, programs)))
 
 
 @triton_op("memllm::decode_attention", mutates_args={"k_cache", "v_cache"})
@@ -108,24 +149,41 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     y = torch.empty(B, n_head * hd, dtype=qkv.dtype, device=qkv.device)
     if B == 0 or _fake_run(y):
         return y
-    wrap_triton(decode_attention_kernel)[(B, n_head)](
-        y, qkv, k_cache, v_cache, cos, sin, pos, pad,
+    splits = _splits(int(k_cache.shape[2]), B * n_head)
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    ml = torch.empty(B * n_head * splits * 2 if splits > 1 else 0, dtype=acc, device=qkv.device)
+    part = torch.empty(B * n_head * splits * hd if splits > 1 else 0, dtype=acc, device=qkv.device)
+    block_half = triton.next_power_of_2(hd // 2)
+    wrap_triton(decode_attention_kernel)[(B, n_head, splits)](
+        y, ml, part, qkv, k_cache, v_cache, cos, sin, pos, pad,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), k_cache.shape[2],
         cos.shape[0], hd ** -0.5,
-        H=n_head, HKV=int(k_cache.shape[1]), HALF=hd // 2, BLOCK_HALF=triton.next_power_of_2(hd // 2),
-        BLOCK_S=_BLOCK_S, FP64=qkv.dtype == torch.float64, num_warps=4,
+        H=n_head, HKV=int(k_cache.shape[1]), HALF=hd // 2, BLOCK_HALF=block_half, BLOCK_S=_BLOCK_S,
+        SPLITS=splits, FP64=acc == torch.float64, num_warps=4,
     )
+    if splits > 1:
+        wrap_triton(decode_attention_combine_kernel)[(B, n_head)](
+            y, ml, part, y.stride(0), H=n_head, HALF=hd // 2, BLOCK_HALF=block_half, SPLITS=splits,
+            BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=1,
+        )
     return y
 
 
 def aot_specs():
-    """The specialization compiled ahead of time for a GPU target in CI: the 1b shape (32 heads of 64) in bf16."""
-    sig = {"y_ptr": "*bf16", "qkv_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cos_ptr": "*fp32",
-           "sin_ptr": "*fp32", "pos_ptr": "*i64", "pad_ptr": "*i64", "qkv_rs": "i32", "cache_bs": "i64",
-           "cache_hs": "i64", "cache_ss": "i32", "y_rs": "i32", "S": "i32", "P": "i32", "scale": "fp32", "H": "constexpr",
-           "HKV": "constexpr", "HALF": "constexpr", "BLOCK_HALF": "constexpr", "BLOCK_S": "constexpr",
-           "FP64": "constexpr"}
-    aligned = ("y_ptr", "qkv_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qkv_rs", "cache_bs", "cache_hs",
-               "cache_ss", "y_rs")
-    yield ("decode_attention_kernel[bf16,1b]", decode_attention_kernel, sig,
-           {"H": 32, "HKV": 32, "HALF": 32, "BLOCK_HALF": 32, "BLOCK_S": 64, "FP64": False}, aligned)
+    """The specializations compiled ahead of time for a GPU target in CI: the 1b shape (32 heads of 64) in bf16,
+    one program per head and split over 4, and the combining kernel."""
+    sig = {"y_ptr": "*bf16", "ml_ptr": "*fp32", "part_ptr": "*fp32", "qkv_ptr": "*bf16", "k_ptr": "*bf16",
+           "v_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "pad_ptr": "*i64",
+           "qkv_rs": "i32", "cache_bs": "i64", "cache_hs": "i64", "cache_ss": "i32", "y_rs": "i32", "S": "i32",
+           "P": "i32", "scale": "fp32", "H": "constexpr", "HKV": "constexpr", "HALF": "constexpr",
+           "BLOCK_HALF": "constexpr", "BLOCK_S": "constexpr", "SPLITS": "constexpr", "FP64": "constexpr"}
+    aligned = ("y_ptr", "ml_ptr", "part_ptr", "qkv_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qkv_rs",
+               "cache_bs", "cache_hs", "cache_ss", "y_rs")
+    for splits in (1, 4):
+        yield (f"decode_attention_kernel[bf16,1b,splits={splits}]", decode_attention_kernel, sig,
+               {"H": 32, "HKV": 32, "HALF": 32, "BLOCK_HALF": 32, "BLOCK_S": 64, "SPLITS": splits, "FP64": False},
+               aligned)
+    sig = {"y_ptr": "*bf16", "ml_ptr": "*fp32", "part_ptr": "*fp32", "y_rs": "i32", "H": "constexpr",
+           "HALF": "constexpr", "BLOCK_HALF": "constexpr", "SPLITS": "constexpr", "BLOCK_SPLITS": "constexpr"}
+    yield ("decode_attention_combine_kernel[bf16,1b]", decode_attention_combine_kernel, sig,
+           {"H": 32, "HALF": 32, "BLOCK_HALF": 32, "SPLITS": 4, "BLOCK_SPLITS": 4}, ("y_ptr", "ml_ptr", "part_ptr"))
