@@ -4,14 +4,14 @@
 
 The decode benchmarks say how fast a step is; this says why. One batch-1 decode step at position 128 (the
 benchmarks' step: bench/models.py, random weights) is profiled over --steps steps, for each provider and mode
-(eager; graph: replayed from a CUDA graph; compiled: torch.compile, inside a graph on a GPU). On a GPU it
-counts the kernels of a step and sums their time by kind (matmul, attention, ToL/offload ops, Inductor's fused
-kernels, copies, the rest: norms, RoPE, masks, adds), and reports the matmuls' bandwidth on the weights they read: if the matmuls run
-near the memory bandwidth and the rest is small, the step is weight-bound and MemoryLLM's speed-up approaches
-the ratio of weights read (about 2.2x at 1b); if the rest is large, it is bound by kernel latency. On the CPU
-it counts the top-level aten (and memllm) ops per step and their time. Writes decode_profile.json (with the
-machine and commit) to --out/<machine>/ and prints a table; `python bench/report.py report DIR` adds it to report.md
-(ops/step: kernels on a GPU, top-level ops on the CPU).
+(eager; graph: replayed from a CUDA graph; compiled: torch.compile, inside a graph on a GPU) and attention (torch's
+SDPA or memllm::decode_attention). On a GPU it counts the kernels of a step and sums their time by kind (matmul,
+attention, ToL/offload ops, Inductor's fused kernels, copies, the rest: norms, RoPE, masks, adds), and reports the
+matmuls' bandwidth on the weights they read: if the matmuls run near the memory bandwidth and the rest is small,
+the step is weight-bound and MemoryLLM's speed-up approaches the ratio of weights read (about 2.2x at 1b); if the
+rest is large, it is bound by kernel latency. On the CPU it counts the top-level aten (and memllm) ops per step and
+their time. Writes decode_profile.json (with the machine and commit) to --out/<machine>/ and prints a table;
+`python bench/report.py report DIR` adds it to report.md (ops/step: kernels on a GPU, top-level ops on the CPU).
 """
 
 from __future__ import annotations

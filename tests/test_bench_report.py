@@ -136,6 +136,7 @@ def test_decode_profile_kinds_of_real_kernel_names():
         "cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_3_64x64x64_4x1x1_cga1x1x1_kernel0_0":
             "attention",
         "void memllm::(anonymous namespace)::tol_gather_add_kernel<c10::BFloat16, c10::BFloat16, long, 8>": "tol",
+        "decode_attention_kernel": "attention", "decode_attention_combine_kernel": "attention",
         "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda>": "copy",
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, true>": "other",
         "aten::mm": "matmul", "aten::linear": "matmul", "aten::index_copy_": "copy", "memllm::tol_gather_add_": "tol",
