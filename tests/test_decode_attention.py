@@ -3,9 +3,10 @@ the model's decode step through it against the SDPA step.
 
 Tolerances, with reasons: the output is a softmax-weighted sum accumulated in float32 in another order than the
 reference's einsum, then rounded to the dtype: float32 within 1e-5, float64 1e-12, 16-bit within the dtype's
-rounding (2 ulp). The appended key is rotated in float32 and rounded to the cache's dtype: within one ulp of
-the reference (a fused multiply-add on a GPU, and Triton's CPU interpreter truncating to bfloat16 instead of
-rounding, move the last bit); the appended value is a copy, bit-exact; every other cache slot is untouched.
+rounding (2 ulp). The appended key is rotated in float32 and rounded to the cache's dtype: within 2 ulps of
+the rotation's terms |k1 cos| + |k2 sin| (a GPU's fused multiply-add, and Triton's CPU interpreter truncating
+to bfloat16 instead of rounding, move the last bits: rotation_size); the appended value is a copy, bit-exact;
+every other cache slot is untouched.
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ def make_case(B, H, Hkv, hd, S, pos, dtype, device, pad=None, rope_rows=None):
     return qkv, k, v, cos, sin, torch.tensor([pos], device=device), pad
 
 
+def rotation_size(qkv, cache_shape, cos, sin, pad, p):
+    """|k1 cos| + |k2 sin| (and its pair's) of each element of the appended key [B, Hkv, hd], in float64: the
+    bound of a rotated element's rounding. A GPU contracts k1 cos - k2 sin into a multiply-add, which differs
+    from the reference's two roundings by an ulp of the products, not of their difference (under cancellation
+    that is many ulps of the result)."""
+    B, Hkv, _, hd = cache_shape
+    H = qkv.shape[1] // hd - 2 * Hkv
+    k = qkv.view(B, H + 2 * Hkv, hd)[:, H:H + Hkv].double().abs()
+    rp = (p - pad.clamp(min=0)).clamp(min=0)
+    c, s = cos[rp].double().abs()[:, None], sin[rp].double().abs()[:, None]
+    k1, k2 = k[..., :hd // 2], k[..., hd // 2:]
+    return torch.cat([k1 * c + k2 * s, k1 * s + k2 * c], dim=-1) + 1e-30
+
+
 def check_against_reference(args, H, backend):
     qkv, k, v, cos, sin, pos, pad = args
     k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
@@ -58,7 +73,7 @@ def check_against_reference(args, H, backend):
     others[p] = False
     assert torch.equal(k1[:, :, others], k[:, :, others])  # only the token's slot is written
     slot, ref = k1[:, :, p].double(), k2[:, :, p].double()
-    assert bool(((slot - ref).abs() <= ref.abs() * ULP[qkv.dtype] * 2 + 1e-30).all())  # one ulp <= 2 |x| 2^-p
+    assert bool(((slot - ref).abs() <= rotation_size(qkv, k.shape, cos, sin, pad, p) * ULP[qkv.dtype] * 2).all())
     return y
 
 
@@ -244,6 +259,17 @@ def test_model_step_matches_sdpa(kind, kw):
         torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)  # later layers: inputs differ in the last bits
     assert torch.equal(out["sdpa"][1][0][1], out["memllm"][1][0][1])  # the first layer's values: copies
+
+
+def test_rope_tables_stay_float32_under_a_cast():
+    """model.to(bfloat16) casts every floating buffer; the RoPE tables are recomputed in float32 (decode_attention
+    takes float32 tables only: a bfloat16 model's decode raised TypeError), equal to a float32 model's."""
+    model = tiny_model().to(torch.bfloat16)
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+    assert torch.equal(model.rope_cos, tiny_model().rope_cos) and torch.equal(model.rope_sin, tiny_model().rope_sin)
+    model.decode_attention = "memllm"
+    out = generate(model, [[5, 6, 7], [8]], 3)
+    assert [len(t) for t in out] == [3, 3]
 
 
 @pytest.mark.requires_triton_cpu

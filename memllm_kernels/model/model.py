@@ -211,6 +211,15 @@ class Transformer(nn.Module):
         self.decode_attention = "auto"
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        """Module.to(dtype), .half() and .bfloat16() cast every floating buffer; the RoPE tables stay float32 (apply_rope
+        rotates in float32, and memllm::decode_attention takes float32 tables only): recomputed after such a cast."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            cos, sin = rope_tables(self.config.block_size, self.config.head_dim, self.config.rope_base)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
     def reset_parameters(self, std: float = 0.02) -> None:
         """N(0, 0.02) for embeddings and linear weights, output projections scaled by 1/sqrt(2L) (GPT-2's
         residual scaling, which keeps the residual stream's variance independent of depth); norms at 1."""

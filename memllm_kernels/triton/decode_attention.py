@@ -31,7 +31,7 @@ _BLOCK_S = 256 if _INTERPRET else 64  # keys per loop step (the interpreter pays
 @triton.jit
 def decode_attention_kernel(
     y_ptr, ml_ptr, part_ptr, qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr,
-    qkv_rs, cache_bs, cache_hs, cache_ss, y_rs, S, P, scale,
+    qkv_rs, cache_bs, cache_hs, cache_ss, y_rs, S, P,
     H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_S: tl.constexpr,
     SPLITS: tl.constexpr, FP64: tl.constexpr,
 ):
@@ -41,6 +41,9 @@ def decode_attention_kernel(
     g = h // (H // HKV)  # this query head's key/value head
     acc_ty = tl.float64 if FP64 else tl.float32
     dtype = qkv_ptr.dtype.element_ty
+    # 1/sqrt(hd) in the accumulation type, computed here: a float argument arrives as float32 from an eager
+    # launch (too coarse for float64's 1e-12) and as float64 from Inductor's (which made the softmax state fp64).
+    scale = 1.0 / tl.sqrt(tl.full((), 2 * HALF, acc_ty))
     pos = tl.load(pos_ptr).to(tl.int64)
     pad = tl.load(pad_ptr + b).to(tl.int64)
     # RoPE at the row's own position (pad slots do not count), rounded to the model's dtype as apply_rope does.
@@ -157,7 +160,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     wrap_triton(decode_attention_kernel)[(B, n_head, splits)](
         y, ml, part, qkv, k_cache, v_cache, cos, sin, pos, pad,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), k_cache.shape[2],
-        cos.shape[0], hd ** -0.5,
+        cos.shape[0],
         H=n_head, HKV=int(k_cache.shape[1]), HALF=hd // 2, BLOCK_HALF=block_half, BLOCK_S=_BLOCK_S,
         SPLITS=splits, FP64=acc == torch.float64, num_warps=4,
     )
@@ -175,7 +178,7 @@ def aot_specs():
     sig = {"y_ptr": "*bf16", "ml_ptr": "*fp32", "part_ptr": "*fp32", "qkv_ptr": "*bf16", "k_ptr": "*bf16",
            "v_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "pad_ptr": "*i64",
            "qkv_rs": "i32", "cache_bs": "i64", "cache_hs": "i64", "cache_ss": "i32", "y_rs": "i32", "S": "i32",
-           "P": "i32", "scale": "fp32", "H": "constexpr", "HKV": "constexpr", "HALF": "constexpr",
+           "P": "i32", "H": "constexpr", "HKV": "constexpr", "HALF": "constexpr",
            "BLOCK_HALF": "constexpr", "BLOCK_S": "constexpr", "SPLITS": "constexpr", "FP64": "constexpr"}
     aligned = ("y_ptr", "ml_ptr", "part_ptr", "qkv_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qkv_rs",
                "cache_bs", "cache_hs", "cache_ss", "y_rs")
