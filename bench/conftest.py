@@ -46,13 +46,18 @@ def machine_info(device: str) -> dict:
         except md.PackageNotFoundError:
             return None
 
-    try:  # MEMLLM_COMMIT names the commit where the tree travels without .git (e.g. to a GPU machine)
-        commit = os.environ.get("MEMLLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or None
-        # Code changes only: results being rewritten by this very run do not make the tree dirty.
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                     ":(exclude)bench/results"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.dirname(__file__)), timeout=10).stdout.strip())
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or None
+        # MEMLLM_COMMIT names the commit where the tree travels without its .git (or with an older one, as to a
+        # GPU machine): whether that tree has changes is then unknown (None), not git's answer about another HEAD.
+        commit = os.environ.get("MEMLLM_COMMIT") or head
+        dirty = None
+        if head and commit and (head.startswith(commit) or commit.startswith(head)):
+            # Code changes only: results being rewritten by this very run do not make the tree dirty.
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                         ":(exclude)bench/results"], capture_output=True, text=True,
+                                        cwd=os.path.dirname(os.path.dirname(__file__)), timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     cpu = platform.processor()

@@ -161,3 +161,24 @@ def test_decode_attention_benchmark_runs_and_compares_with_sdpa(tmp_path):
     assert set(rows) == {"reference", "sdpa"} and rows["reference"]["speedup_vs_sdpa"] > 0
     assert rows["sdpa"]["bytes"] == 2 * 32 * 128 * 64 * 4  # the cache's keys and values up to the token
     assert "| reference | float32 | 1b | 128 | 1 |" in open(report.write_report(str(folder))).read()
+
+
+def test_machine_info_commit_and_dirty(monkeypatch):
+    """MEMLLM_COMMIT names the tree's commit where its .git is missing or older (a GPU machine): whether that tree
+    has changes is then unknown (None), never git's answer about another HEAD; without it, git's HEAD and a bool."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_conftest", os.path.join(ROOT, "bench", "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=ROOT).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    monkeypatch.delenv("MEMLLM_COMMIT", raising=False)
+    info = conftest.machine_info("cpu")
+    assert info["commit"] == head and isinstance(info["dirty"], bool)
+    monkeypatch.setenv("MEMLLM_COMMIT", "0000000")
+    info = conftest.machine_info("cpu")
+    assert info["commit"] == "0000000" and info["dirty"] is None
+    monkeypatch.setenv("MEMLLM_COMMIT", head)
+    assert isinstance(conftest.machine_info("cpu")["dirty"], bool)
