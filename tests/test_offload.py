@@ -784,10 +784,12 @@ def test_model_through_the_engine_equals_the_in_memory_tol(tmp_path, location, k
 
 @pytest.mark.parametrize("location", ["host", "disk"])
 def test_compiled_decode_through_the_engine_equals_the_in_memory_tol(tmp_path, location):
-    """generate(compile=True) with the engine: one compiled graph whose per-layer lookups are the engine's
-    opaque op; the step runs the engine's prefetch and each layer reads the step buffer, giving the in-memory
-    ToL's tokens."""
+    """generate(compile=True) with the engine: one compiled graph with one opaque engine op per step
+    (memllm::engine_step_rows: the step's rows of every layer, copied from the prefetched step buffer), each
+    layer's read by indexing (no per-layer op), giving the in-memory ToL's tokens."""
     import copy
+
+    from torch._inductor.utils import run_and_get_code
 
     from memllm_kernels.model import compile_decode, generate, load_tol, swap_ffn_for_tol
     from memllm_kernels.model.tol import swap_ffn_for_engine
@@ -810,10 +812,18 @@ def test_compiled_decode_through_the_engine_equals_the_in_memory_tol(tmp_path, l
         engine_model.setup_caches(1, 4)
         engine_model(torch.tensor([[5, 6]]), input_pos=torch.arange(2))
         nxt = torch.tensor([[9]])
-        compile_decode(engine_model)(nxt, input_pos=torch.tensor([2]))
+        torch._dynamo.reset()
+        _, code = run_and_get_code(compile_decode(engine_model), nxt, input_pos=torch.tensor([2]))
         assert engine._step.ids is nxt and engine._step.layers_read == [0, 1, 2]  # the prefetched step's buffer
         engine_model.clear_caches()
+    call = code[-1][code[-1].index("def call("):]
+    assert call.count("engine_step_rows.default(") == 1 and "engine_gather_add_" not in call
     h, ids = torch.randn(2, 3, 32), torch.tensor([[1, 2, 3], [4, 5, 299]])
+    handle = engine_model.layers[0].memory.handle
+    torch.library.opcheck(torch.ops.memllm.engine_step_rows, (ids, handle))
+    assert torch.equal(torch.ops.memllm.engine_step_rows(ids, handle), model.layers[0].memory.store.table[ids])
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        torch.ops.memllm.engine_step_rows(ids, -1)
     torch.library.opcheck(torch.ops.memllm.engine_gather_add_, (h, ids, 1, engine_model.layers[0].memory.handle))
     want = h + model.layers[0].memory.store.table[ids, 1]
     torch.ops.memllm.engine_gather_add_(h, ids, 1, engine_model.layers[0].memory.handle)

@@ -37,10 +37,10 @@ def compile_decode(model: Transformer):
     forward compiled by torch.compile (inductor; static shapes, so a new batch size or KV-cache length compiles
     again, tens of seconds). It gives the eager model's logits up to float rounding of fused kernels.
 
-    With the offload engine (swap_ffn_for_engine) each layer's lookup is one opaque op in the compiled graph
-    (memllm::engine_gather_add_, whose body is the engine's Python, run at call time), and the engine's prefetch
-    runs before the compiled forward, as the model's forward pre-hook would (skipped while a CUDA graph is
-    being captured, like the hook).
+    With the offload engine (swap_ffn_for_engine) the compiled graph reads every layer's rows through one
+    opaque op per step (memllm::engine_step_rows, whose body is the engine's Python, run at call time), and the
+    engine's prefetch runs before the compiled forward, as the model's forward pre-hook would (skipped while a
+    CUDA graph is being captured, like the hook).
     """
     engine = getattr(model, "tol_engine", None)
     fwd = torch.compile(model.forward, dynamic=False, fullgraph=True)

@@ -177,13 +177,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if ctx_hidden else None
         self.ffn = FeedForward(cfg.d_model, ctx_hidden) if ctx_hidden else None
 
-    def forward(self, h, x0, ids, cos, sin, mask=None, input_pos=None, decode=None):
-        """h, x0: [B, T, d]; ids: [B, T]. Returns the next residual stream [B, T, d]."""
+    def forward(self, h, x0, ids, cos, sin, mask=None, input_pos=None, decode=None, memory_rows=None):
+        """h, x0: [B, T, d]; ids: [B, T]; memory_rows: an offload engine's rows of every layer [B, T, L, d] (a
+        compiled step, see Transformer.forward) or None. Returns the next residual stream [B, T, d]."""
         a = self.attn(self.attn_norm(h), cos, sin, mask, input_pos, decode)
         if self.memory is not None:
             # In parallel with attention (it reads x0, not h), so added first: eagerly a ToL row lands in h in
             # place, and compiled, the ToL gather, the `+ a` below and the next layer's norm fuse into one kernel.
-            h = self.memory(h, x0, ids)
+            h = self.memory(h, x0, ids) if memory_rows is None else self.memory(h, x0, ids, memory_rows)
         h = h + a
         if self.ffn is not None:
             h = h + self.ffn(self.ffn_norm(h))
@@ -317,8 +318,13 @@ class Transformer(nn.Module):
             else:
                 cos, sin, mask = self._cached_rope_and_mask(input_pos, pad, x0.dtype)
         h = x0
+        memory_rows = None
+        if torch.compiler.is_compiling() and hasattr(self.layers[0].memory, "step_rows"):
+            # ToLs served by an offload engine (EngineMemory), compiled: every layer's rows in one op per step,
+            # so that each layer's read fuses with its adds (an opaque op per layer would be a kernel each).
+            memory_rows = self.layers[0].memory.step_rows(ids)
         for block in self.layers:
-            h = block(h, x0, ids, cos, sin, mask, input_pos, decode)
+            h = block(h, x0, ids, cos, sin, mask, input_pos, decode, memory_rows)
         return self.output(self.norm(h))
 
 

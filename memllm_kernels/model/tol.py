@@ -398,15 +398,31 @@ _ENGINES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictiona
 @torch.library.custom_op("memllm::engine_gather_add_", mutates_args=("hidden",))
 def _engine_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, layer: int, engine: int) -> None:
     """hidden += ToL[ids, layer] through the engine with handle `engine` (OffloadEngine.gather_add_)."""
-    target = _ENGINES.get(engine)
-    if target is None:
-        raise RuntimeError(f"engine_gather_add_: the offload engine {engine} no longer exists")
-    target.gather_add_(hidden, ids, layer)
+    _engine(engine, "engine_gather_add_").gather_add_(hidden, ids, layer)
 
 
 @_engine_gather_add_.register_fake
 def _(hidden, ids, layer, engine):
     return None
+
+
+@torch.library.custom_op("memllm::engine_step_rows", mutates_args=())
+def _engine_step_rows(ids: torch.Tensor, engine: int) -> torch.Tensor:
+    """ToL[ids] of every layer, [*ids.shape, L, d], through the engine with handle `engine` (OffloadEngine.step_rows)."""
+    return _engine(engine, "engine_step_rows").step_rows(ids)
+
+
+@_engine_step_rows.register_fake
+def _(ids, engine):
+    target = _engine(engine, "engine_step_rows")
+    return ids.new_empty(*ids.shape, target.L, target.d, dtype=target.dtype)
+
+
+def _engine(handle: int, op: str):
+    target = _ENGINES.get(handle)
+    if target is None:
+        raise RuntimeError(f"{op}: the offload engine {handle} no longer exists")
+    return target
 
 
 class EngineMemory(nn.Module):
@@ -419,14 +435,28 @@ class EngineMemory(nn.Module):
         self.handle = id(engine)
         _ENGINES[self.handle] = engine
 
-    def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def step_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every layer's rows of this step, [B, T, L, d] (one op; the model calls it once per compiled step)."""
+        return torch.ops.memllm.engine_step_rows(ids, self.handle)
+
+    def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """h: [B, T, d], updated in place unless it is x0 (the first layer's h, which later layers read);
-        x0: [B, T, d]; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
+        x0: [B, T, d]; ids: [B, T]; rows: step_rows(ids) [B, T, L, d] or None. Returns h + scale * ToL[ids, layer].
+
+        With rows (a compiled forward: Transformer.forward passes them), the layer's row is read from them by
+        indexing and added out of place, which Inductor fuses with the residual add and the next norm."""
         if self.scale == 0.0:
             return h
         if torch.is_grad_enabled() and h.requires_grad:
             raise RuntimeError("the offload engine serves inference only; train with the memory FFNs or with "
                                "swap_ffn_for_tol on an in-memory table")
+        if rows is not None:
+            r = rows[..., self.layer, :]
+            if self.scale != 1.0:
+                return h + self.scale * r.to(h.dtype)
+            acc = torch.promote_types(torch.promote_types(h.dtype, r.dtype), torch.float32)  # the op's one rounding
+            return (h.to(acc) + r.to(acc)).to(h.dtype)
         with torch.no_grad():
             if self.scale != 1.0:  # an analysis knob (paper Table 1), as in ToLMemory
                 rows = torch.zeros(*ids.shape, h.shape[-1], dtype=self.engine.dtype, device=h.device)

@@ -494,6 +494,26 @@ class OffloadEngine:
             self._count_layer(step, layer)
         return hidden
 
+    def step_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ToL[ids] of every layer, [*ids.shape, L, d] in the table's dtype on the engine's device: the step's
+        rows copied out of its buffer (one gather for all layers), counted as read by every layer.
+
+        For a compiled forward (memllm::engine_step_rows): each layer then reads its row by indexing, which
+        Inductor fuses with the residual add and the next norm, where gather_add_ would be an opaque kernel per
+        layer. If `ids` is not the step last prefetched it is prefetched first; the copy waits for all of the
+        step's rows (no per-layer overlap). Under CUDA-graph capture the waits and counts are left to
+        wait_step before each replay, as for gather_add_.
+        """
+        step = self._step
+        if step is None or not step.reads(ids):
+            self.prefetch(ids, check_ids=not self._cuda)
+            step = self._step
+        if self._cuda and torch.cuda.is_current_stream_capturing():
+            self.captured_layers.extend(range(self.L))
+        else:
+            self.wait_step(range(self.L))
+        return step.buf.index_select(0, step.first.reshape(-1)).view(*ids.shape, self.L, self.d)
+
     def wait_step(self, layers) -> None:
         """Make the current stream wait for all of the current step's rows, and count them as read by `layers`.
 
