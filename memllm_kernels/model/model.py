@@ -213,8 +213,9 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
-        """Module.to(dtype), .half() and .bfloat16() cast every floating buffer; the RoPE tables stay float32 (apply_rope
-        rotates in float32, and memllm::decode_attention takes float32 tables only): recomputed after such a cast."""
+        """Module.to(dtype), .half() and .bfloat16() cast every floating buffer; the RoPE tables stay float32
+        (apply_rope rotates in float32, and memllm::decode_attention takes float32 tables only): recomputed after
+        such a cast."""
         super()._apply(fn, recurse)
         if self.rope_cos.dtype != torch.float32:
             cos, sin = rope_tables(self.config.block_size, self.config.head_dim, self.config.rope_base)

@@ -408,7 +408,8 @@ def _(hidden, ids, layer, engine):
 
 @torch.library.custom_op("memllm::engine_step_rows", mutates_args=())
 def _engine_step_rows(ids: torch.Tensor, engine: int) -> torch.Tensor:
-    """ToL[ids] of every layer, [*ids.shape, L, d], through the engine with handle `engine` (OffloadEngine.step_rows)."""
+    """ToL[ids] of every layer, [*ids.shape, L, d], through the engine with handle `engine`
+    (OffloadEngine.step_rows)."""
     return _engine(engine, "engine_step_rows").step_rows(ids)
 
 
@@ -442,7 +443,8 @@ class EngineMemory(nn.Module):
     def forward(self, h: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """h: [B, T, d], updated in place unless it is x0 (the first layer's h, which later layers read);
-        x0: [B, T, d]; ids: [B, T]; rows: step_rows(ids) [B, T, L, d] or None. Returns h + scale * ToL[ids, layer].
+        x0: [B, T, d]; ids: [B, T]; rows: step_rows(ids) [B, T, L, d] or None.
+        Returns h + scale * ToL[ids, layer].
 
         With rows (a compiled forward: Transformer.forward passes them), the layer's row is read from them by
         indexing and added out of place, which Inductor fuses with the residual add and the next norm."""
