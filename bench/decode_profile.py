@@ -9,8 +9,9 @@ SDPA or memllm::decode_attention). On a GPU it counts the kernels of a step and 
 attention, ToL/offload ops, Inductor's fused kernels, copies, the rest: norms, RoPE, masks, adds), and reports the
 matmuls' bandwidth on the weights they read: if the matmuls run near the memory bandwidth and the rest is small,
 the step is weight-bound and MemoryLLM's speed-up approaches the ratio of weights read (about 2.2x at 1b); if the
-rest is large, it is bound by kernel latency. On the CPU it counts the top-level aten (and memllm) ops per step and
-their time. Writes decode_profile.json (with the machine and commit) to --out/<machine>/ and prints a table;
+rest is large, it is bound by kernel latency. Its idle time (wall time not covered by any kernel) is what the
+host adds: launches, or the disk tier's sync per step. On the CPU it counts the top-level aten (and memllm) ops
+per step and their time. Writes decode_profile.json (with the machine and commit) to --out/<machine>/ and prints a table;
 `python bench/report.py report DIR` adds it to report.md (ops/step: kernels on a GPU, top-level ops on the CPU).
 """
 
@@ -48,8 +49,20 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def _union_us(intervals) -> float:
+    """Length of the union of [start, end) intervals (us): time at least one kernel (or op) ran."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def profile_step(fn, device: str, steps: int) -> dict:
-    """Kernels (GPU) or top-level aten ops (CPU) of `steps` calls of fn, per step."""
+    """Kernels (GPU) or top-level aten ops (CPU) of `steps` calls of fn, per step. busy_us sums their times
+    (kernels on two streams both count); active_us is the time at least one ran, and idle_us = wall - active_us
+    the time the device waited for the host (launches; the disk tier's sync per step), from an unprofiled run."""
     for _ in range(3):
         fn()
     if device == "cuda":
@@ -82,8 +95,10 @@ def profile_step(fn, device: str, steps: int) -> dict:
         k["count"] += len(times) / steps
         k["us"] += sum(times) / steps
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
+    active = _union_us([(e.time_range.start, e.time_range.end) for e in picked]) / steps
     return {"wall_ms": wall * 1e3, "ops_per_step": len(picked) / steps,
-            "busy_us": sum(map(sum, by_name.values())) / steps, "by_kind": by_kind,
+            "busy_us": sum(map(sum, by_name.values())) / steps, "active_us": active,
+            "idle_us": max(0.0, wall * 1e6 - active), "by_kind": by_kind,
             "top": [{"name": n[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for n, t in top]}
 
 
@@ -140,7 +155,8 @@ def main(argv=None) -> int:
                 json.dump({"machine": info, "results": rows}, f, indent=1)
             kinds = ", ".join(f"{k} {v['count']:.0f}/{v['us']:.0f}us" for k, v in sorted(r["by_kind"].items()))
             print(f"{provider:15} {mode:8} {row['attention']:6} {r['wall_ms']:8.3f} ms/step  {r['ops_per_step']:6.0f} "
-                  f"{'kernels' if device == 'cuda' else 'aten ops'}/step, busy {r['busy_us']:8.0f} us  [{kinds}]"
+                  f"{'kernels' if device == 'cuda' else 'aten ops'}/step, busy {r['busy_us']:8.0f} us, "
+                  f"idle {r['idle_us']:6.0f} us  [{kinds}]"
                   + (f"  matmul {row['matmul_gbps']:.0f} GB/s on weights" if "matmul_gbps" in row else ""),
                   flush=True)
         del model, engine

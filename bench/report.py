@@ -74,7 +74,7 @@ COLUMNS = {
     "decode_profile": [("provider", "provider", "s"), ("mode", "mode", "s"), ("attention", "attention", "s"),
                        ("preset", "preset", "s"),
                        ("dtype", "dtype", "s"), ("ms/step", "wall_ms", ".3f"), ("ops/step", "ops_per_step", ".0f"),
-                       ("busy us", "busy_us", ".0f")]
+                       ("busy us", "busy_us", ".0f"), ("idle us", "idle_us", ".0f")]
     + [(f"{kind} {head}", _kind(kind, field), ".0f") for kind in ("matmul", "attention", "tol", "fused", "copy", "other")
        for head, field in (("n", "count"), ("us", "us"))]
     + [("matmul GB/s", "matmul_gbps", ".0f")],

@@ -120,6 +120,8 @@ def test_decode_profile_counts_the_matmuls_of_a_step(tmp_path):
     assert "attention" not in rows["memoryllm", "memllm"]["by_kind"]  # decode_attention (its reference here)
     assert rows["memoryllm", "memllm"]["by_kind"]["matmul"]["count"] == 13
     assert rows["dense", "sdpa"]["ops_per_step"] > rows["memoryllm", "sdpa"]["ops_per_step"]
+    for r in rows.values():  # ops of one step run one at a time here: their union is their sum
+        assert 0 < r["active_us"] <= r["busy_us"] * 1.001 and r["idle_us"] >= 0
     assert "| dense | eager | sdpa | tiny |" in open(report.write_report(str(folder))).read()
 
 

@@ -1029,3 +1029,44 @@ def test_host_table_is_pinned_exactly_on_gpu(tmp_path):
     host = HostTable.from_file(path)
     assert host.pinned and mk.tol_host_mapped(host.table)
     assert host.table.untyped_storage().nbytes() == table.numel() * 4  # not rounded to a power of two
+
+
+@pytest.mark.parametrize("miss_path", ["mapped", "staged"])
+def test_engine_readmits_a_hit_evicted_by_its_own_step(miss_path):
+    """LRU over 3 slots: after [1, 2, 3], the step [4, 1] admits 4 into 1's slot (1 is least recently used),
+    then finds 1 missing and admits it again, evicting 2: 1's rows must come from where this step put them."""
+    table = torch.randn(VOCAB, 3, 8)
+    engine = OffloadEngine(table, cache_rows=3, policy="lru", miss_path=miss_path)
+    _check_step(engine, table, torch.tensor([1, 2, 3]))
+    _check_step(engine, table, torch.tensor([4, 1]))
+    engine.check_consistency()
+    assert sorted(np.flatnonzero(engine.directory.slot_of >= 0).tolist()) == [1, 3, 4]
+    assert engine.stats()["evictions"] == 2
+
+
+@pytest.mark.parametrize("n", [1, 64, 65, 300])
+def test_staged_steps_of_every_length(n):
+    """The staged path plans short steps in Python and long ones with numpy: both give the table's rows, with
+    repeated ids, hits and misses in one step, and the same statistics as the mapped path."""
+    table = torch.randn(VOCAB, 3, 8)
+    engines = [OffloadEngine(table, cache_rows=CACHE, policy="hot+lru", hot=[0, 1, 2], miss_path=m)
+               for m in ("mapped", "staged")]
+    gen = torch.Generator().manual_seed(n)
+    for _ in range(5):
+        ids = torch.randint(0, VOCAB, (n,), generator=gen)
+        ids[: n // 2] = ids[: n // 2] % 5  # repeats, and hot hits
+        for engine in engines:
+            _check_step(engine, table, ids)
+    for engine in engines:
+        engine.check_consistency()
+    mapped, staged = (e.stats() for e in engines)
+    for key in ("lookups", "hits", "misses", "bytes_h2d", "admissions", "evictions"):
+        assert mapped[key] == staged[key], key
+
+
+def test_staged_path_rejects_bad_ids_without_the_check():
+    engine = OffloadEngine(torch.randn(VOCAB, 2, 4), cache_rows=CACHE, miss_path="staged")
+    for bad in (-1, VOCAB):
+        with pytest.raises(IndexError, match=f"id {bad} .*V={VOCAB}"):
+            engine.prefetch(torch.tensor([3, bad]), check_ids=False)  # the ids reach the host here anyway
+    assert engine.stats()["lookups"] == 0

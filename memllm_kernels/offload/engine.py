@@ -26,8 +26,8 @@ and writes execute in the order the host enqueued them, and a slot is never over
 kernel still reads it; the step buffer is reused only after the same main-stream event.
 
 Disk tier on a GPU: the device cannot map a file, so the miss path is 'staged': the step's ids come to the
-host (one sync per step), the CPU gathers missing rows from the mapping into pinned staging and one copy
-moves them; hits are copied from the cache on the device.
+host (one sync per step), the CPU gathers missing rows from the mapping into pinned staging, and on the device
+tol_cache_prefetch copies the hits from the cache, then tol_host_gather the misses out of staging.
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ class OffloadEngine:
         self._buf = self._first = self._slots = None
         self._staging = None
         self._staging_event = None
+        self._unread = None  # the staged path's stand-in host table (_prefetch_staged)
         self._pending: list = []  # (step, pinned ids, pinned slots, pinned first, event) awaiting bookkeeping
         self._step: _Step | None = None
         self.captured_layers: list[int] = []  # layers read by a forward under CUDA-graph capture (wait_step)
@@ -217,8 +218,8 @@ class OffloadEngine:
         return min(G - 1, layer * G // self.L) if G > 1 else 0
 
     def _index(self, values) -> torch.Tensor:
-        """A host list of ints as an int64 tensor on the device (through pinned memory, non-blocking)."""
-        t = torch.tensor(values, dtype=torch.int64)
+        """Host ints (a list or an array) as an int64 tensor on the device (through pinned memory, non-blocking)."""
+        t = torch.as_tensor(np.asarray(values, dtype=np.int64))
         if not self._cuda:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
@@ -320,12 +321,13 @@ class OffloadEngine:
         # delaying the rows it waits for. Same stream, so an eviction still follows every read of its slot.
         self._drain(block=False)
 
-    def _prefetch_op(self, flat, buf, first, slots, lb, le) -> None:
+    def _prefetch_op(self, flat, buf, first, slots, lb, le, table=None) -> None:
+        table = self.source.table if table is None else table
         if self._prefetch_backend in ("cpu", "cuda"):  # arguments built by the engine: straight to the kernel
-            torch.ops.memllm.tol_cache_prefetch(flat, self.slot_map, self.cache, self.source.table, buf, first, slots,
-                                                lb, le, False)
+            torch.ops.memllm.tol_cache_prefetch(flat, self.slot_map, self.cache, table, buf, first, slots, lb, le,
+                                                False)
         else:
-            ops.tol_cache_prefetch(flat, self.slot_map, self.cache, self.source.table, buf, first, slots, lb, le,
+            ops.tol_cache_prefetch(flat, self.slot_map, self.cache, table, buf, first, slots, lb, le,
                                    backend="reference", check_ids=False)
 
     def _prefetch_mapped(self, ids, flat, groups: int) -> _Step:
@@ -361,55 +363,42 @@ class OffloadEngine:
         return step
 
     def _prefetch_staged(self, ids, flat) -> _Step:
-        """The ids go to the host; hits are copied from the cache, misses read by the CPU into (pinned) staging
-        and copied to the device in one transfer. Bookkeeping is immediate."""
-        host_ids = flat.cpu().numpy().astype(np.int64)  # a sync on CUDA: the disk tier needs the ids on the host
+        """The ids go to the host (a sync on CUDA), which reads the misses into (pinned) staging; on the device
+        one tol_cache_prefetch copies the hits from the cache (as on the mapped path, so a step that only hits,
+        most decode steps, moves no index to the device) and one tol_host_gather puts the misses in their
+        buffer rows. Bookkeeping is immediate. Every host microsecond here is on the critical path (the device
+        idles from the sync to the next launch): on a 2-core CPU this path took 86 us per one-token step that
+        hits (98 with Zipf misses) when it built index tensors for the hits, 25 (45) now."""
+        host_ids = flat.cpu().numpy()  # a sync on CUDA: the disk tier needs the ids on the host
         n = host_ids.shape[0]
-        uniq, first_idx, inverse = np.unique(host_ids, return_index=True, return_inverse=True)
-        order = np.argsort(first_idx, kind="stable")  # distinct tokens in order of first occurrence
-        tokens = uniq[order]
-        slot_of = self.directory.slot_of
-        tok_slots = slot_of[tokens] if tokens.size else np.zeros(0, dtype=np.int32)
-        hit_mask = tok_slots >= 0
-        hit_toks, miss_toks = tokens[hit_mask], tokens[~hit_mask]
-        nh, nm = hit_toks.size, miss_toks.size
-        # Buffer rows: hits first, then misses (contiguous, so the misses move in one copy).
-        row_of_token = {}
-        for r, t in enumerate(hit_toks.tolist()):
-            row_of_token[t] = r
-        for r, t in enumerate(miss_toks.tolist()):
-            row_of_token[t] = nh + r
-        rows_by_rank = np.array([row_of_token[t] for t in tokens.tolist()], dtype=np.int32)
-        rank_of_uniq = np.empty(uniq.size, dtype=np.int64)
-        rank_of_uniq[order] = np.arange(uniq.size)
-        first_host = rows_by_rank[rank_of_uniq[inverse]] if n else np.zeros(0, dtype=np.int32)
+        tokens, positions, miss_toks, miss_pos, hits = _plan_step(host_ids, self.directory.slot_of)  # checks ids
+        nm = len(miss_toks)
         self._ensure_buffers(max(n, 1))
-        buf = self._buf
-        if self._staging is None or self._staging.shape[0] < nm:
-            cap = 1 << max(0, (max(nm, 1) - 1).bit_length())
-            if self._staging_event is not None:
-                self._staging_event.synchronize()
-            self._staging = torch.empty((cap, self.L, self.d), dtype=self.dtype, pin_memory=self._cuda)
-        if self._staging_event is not None:
-            self._staging_event.synchronize()  # the previous step's copy out of staging is done
+        buf, first, slots = self._buf, self._first[:n], self._slots[:n]
         if nm:
-            self.source.read_rows(torch.from_numpy(miss_toks), self._staging[:nm])
+            if self._staging_event is not None:
+                self._staging_event.synchronize()  # the last step's copy out of staging is done
+            if self._staging is None or self._staging.shape[0] < nm:
+                cap = 1 << (nm - 1).bit_length()
+                self._staging = torch.empty((cap, self.L, self.d), dtype=self.dtype, pin_memory=self._cuda)
+            self.source.read_rows(torch.tensor(miss_toks, dtype=torch.int64), self._staging[:nm])
             self.rows_from_disk += nm if isinstance(self.source, DiskTable) else 0
+        if self._unread is None:
+            # tol_cache_prefetch's host table here: the device cannot read this tier, so a miss reads this one
+            # zero row (stride 0 over all V ids), and the staged copy below overwrites it.
+            self._unread = torch.zeros((1, self.L, self.d), dtype=self.dtype, device=self.device).expand(self.V, -1, -1)
         fence = self._main_fence()
         ctx = torch.cuda.stream(self._side) if self._cuda else _nullcontext()
         with ctx:
             if self._cuda:
                 self._side.wait_event(fence)
-            if nh:
-                ops.tol_host_gather(self.cache, self._index(tok_slots[hit_mask].tolist()), buf,
-                                    self._index(list(range(nh))), backend=self.backend, check_ids=False)
+                flat.record_stream(self._side)
+            # Into the engine's own buffers (not new tensors): a CUDA graph that captured this step's reads
+            # reads the next step's through the same addresses.
+            self._prefetch_op(flat, buf, first, slots, 0, None, self._unread)
             if nm:
-                buf[nh:nh + nm].copy_(self._staging[:nm], non_blocking=True)
-            # Into the engine's own index buffer (not a new tensor): a CUDA graph that captured this step's reads
-            # reads the next step's through the same address.
-            first = self._first[:n]
-            host_first = torch.from_numpy(first_host.astype(np.int32))
-            first.copy_(host_first.pin_memory() if self._cuda else host_first, non_blocking=self._cuda)
+                src_dst = self._index([list(range(nm)), miss_pos])  # one transfer for both index rows
+                ops.tol_host_gather(self._staging, src_dst[0], buf, src_dst[1], backend=self.backend, check_ids=False)
             events = []
             if self._cuda:
                 ev = torch.cuda.Event()
@@ -417,11 +406,13 @@ class OffloadEngine:
                 self._staging_event = ev
                 events = [ev]
         step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids))
-        slots_host = slot_of[host_ids] if n else np.zeros(0, dtype=np.int32)
-        self._count(step, int((slots_host >= 0).sum()), nm)
-        admitted, evicted = self.directory.access(tokens.tolist())
-        # Admitted tokens were this step's misses: their rows are already on the device, in buf.
-        self._apply(admitted, evicted, buf, [row_of_token[t] for t, _ in admitted], fence=None)
+        self._count(step, hits, nm)
+        admitted, evicted = self.directory.access(tokens)
+        if admitted or evicted:
+            # Admitted tokens' rows are already on the device, in buf (at the first position holding them). Not only
+            # misses: a hit evicted by an earlier admission of this step is admitted again (into a new slot).
+            row_of_token = dict(zip(tokens, positions))
+            self._apply(admitted, evicted, buf, [row_of_token[t] for t, _ in admitted], fence=None)
         return step
 
     def _bookkeep(self, step: _Step, host_ids: np.ndarray, host_slots: np.ndarray, host_first: np.ndarray) -> None:
@@ -627,6 +618,31 @@ class OffloadEngine:
         self.synchronize()
         self._step = None
         self._pending.clear()
+
+
+def _plan_step(ids: np.ndarray, slot_of: np.ndarray) -> tuple[list, list, list, list, int]:
+    """What the staged path needs of a step's ids [N] (on the host) and the directory's slot map [V]: the
+    distinct tokens in order of first occurrence and the first position of each (its buffer row, as
+    tol_cache_prefetch's `first` makes it), the same two of the missing ones, and how many positions hit.
+    Python lists up to 64 ids (a decode step: ~2 us, where each numpy call costs ~1 us and np.unique ~15),
+    numpy above. Raises IndexError for an id outside [0, V)."""
+    n = ids.shape[0]
+    if n and not (0 <= ids.min() and ids.max() < slot_of.shape[0]):
+        _ops._check_id_range("OffloadEngine", torch.from_numpy(ids), slot_of.shape[0])
+    if n <= 64:
+        ids_l = ids.tolist()
+        seen: dict = {}
+        for b, t in enumerate(ids_l):
+            seen.setdefault(t, b)
+        missing = [(t, b) for t, b in seen.items() if slot_of[t] < 0]
+        hits = sum(1 for t in ids_l if slot_of[t] >= 0)
+        return list(seen), list(seen.values()), [t for t, _ in missing], [b for _, b in missing], hits
+    uniq, index = np.unique(ids, return_index=True)
+    order = np.argsort(index, kind="stable")
+    tokens, positions = uniq[order], index[order]
+    miss = slot_of[tokens] < 0
+    hits = int((slot_of[ids] >= 0).sum())
+    return tokens.tolist(), positions.tolist(), tokens[miss].tolist(), positions[miss].tolist(), hits
 
 
 class _nullcontext:
