@@ -1044,7 +1044,7 @@ def test_engine_readmits_a_hit_evicted_by_its_own_step(miss_path):
     assert engine.stats()["evictions"] == 2
 
 
-@pytest.mark.parametrize("n", [1, 64, 65, 300])
+@pytest.mark.parametrize("n", [0, 1, 64, 65, 300])
 def test_staged_steps_of_every_length(n):
     """The staged path plans short steps in Python and long ones with numpy: both give the table's rows, with
     repeated ids, hits and misses in one step, and the same statistics as the mapped path."""
