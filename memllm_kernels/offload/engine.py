@@ -367,8 +367,8 @@ class OffloadEngine:
         one tol_cache_prefetch copies the hits from the cache (as on the mapped path, so a step that only hits,
         most decode steps, moves no index to the device) and one tol_host_gather puts the misses in their
         buffer rows. Bookkeeping is immediate. Every host microsecond here is on the critical path (the device
-        idles from the sync to the next launch): on a 2-core CPU this path took 86 us per one-token step that
-        hits (98 with Zipf misses) when it built index tensors for the hits, 25 (45) now."""
+        idles from the sync to the next launch): 30 us per one-token step that hits on a 2-core CPU, where the
+        path that built index tensors for the hits took 94-120 (bench_offload.py, offload_engine_step)."""
         host_ids = flat.cpu().numpy()  # a sync on CUDA: the disk tier needs the ids on the host
         n = host_ids.shape[0]
         tokens, positions, miss_toks, miss_pos, hits = _plan_step(host_ids, self.directory.slot_of)  # checks ids
