@@ -1064,9 +1064,14 @@ def test_staged_steps_of_every_length(n):
         assert mapped[key] == staged[key], key
 
 
-def test_staged_path_rejects_bad_ids_without_the_check():
+@pytest.mark.parametrize("check_ids", [True, False])
+def test_staged_path_rejects_bad_ids_on_the_host(check_ids):
+    """The staged path checks ids where it reads them, on the host (prefetch's own check is skipped there)."""
     engine = OffloadEngine(torch.randn(VOCAB, 2, 4), cache_rows=CACHE, miss_path="staged")
     for bad in (-1, VOCAB):
         with pytest.raises(IndexError, match=f"id {bad} .*V={VOCAB}"):
-            engine.prefetch(torch.tensor([3, bad]), check_ids=False)  # the ids reach the host here anyway
-    assert engine.stats()["lookups"] == 0
+            engine.prefetch(torch.tensor([3, bad]), check_ids=check_ids)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        engine.prefetch(torch.tensor([1.0]), check_ids=check_ids)
+    s = engine.stats()
+    assert s["lookups"] == 0 and s["prefetches"] == 0 and s["admissions"] == 0

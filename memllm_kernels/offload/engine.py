@@ -150,6 +150,10 @@ class OffloadEngine:
             raise ValueError(f"miss_path='mapped' needs host memory the device can read by address; this "
                              f"{getattr(source, 'location', 'source')} tier is not ({source.pin_note})")
         self.miss_path = miss_path
+        # The staged path's host table for tol_cache_prefetch: the device cannot read this tier, so a miss reads
+        # this one zero row (stride 0 over all V ids), which the staged copy of the miss then overwrites.
+        self._unread = (torch.zeros((1, self.L, self.d), dtype=self.dtype, device=self.device).expand(self.V, -1, -1)
+                        if miss_path == "staged" else None)
         if hot is None and token_counts is not None:
             counts = np.asarray(token_counts)
             if counts.shape != (self.V,):
@@ -169,7 +173,6 @@ class OffloadEngine:
         self._buf = self._first = self._slots = None
         self._staging = None
         self._staging_event = None
-        self._unread = None  # the staged path's stand-in host table (_prefetch_staged)
         self._pending: list = []  # (step, pinned ids, pinned slots, pinned first, event) awaiting bookkeeping
         self._step: _Step | None = None
         self.captured_layers: list[int] = []  # layers read by a forward under CUDA-graph capture (wait_step)
@@ -306,16 +309,16 @@ class OffloadEngine:
         flat = ids.reshape(-1)
         if flat.device != self.device:
             flat = flat.to(self.device)
-        if check_ids:
+        if check_ids and self.miss_path != "staged":  # the staged path checks the ids on the host, where it reads them
             self._check_ids(flat)
         elif flat.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"ids must be int32 or int64, got {flat.dtype}")
-        self.prefetches += 1
         if self.miss_path == "staged":
             self._step = self._prefetch_staged(ids, flat)
         else:
             groups = self.layer_groups if layer_groups is None else max(1, min(self.L, int(layer_groups)))
             self._step = self._prefetch_mapped(ids, flat, groups)
+        self.prefetches += 1
         # Earlier steps' bookkeeping only now: their admissions (index updates and host rows into cache slots,
         # on the same side stream) queue behind this step's transfer and run during the forward, instead of
         # delaying the rows it waits for. Same stream, so an eviction still follows every read of its slot.
@@ -367,7 +370,7 @@ class OffloadEngine:
         one tol_cache_prefetch copies the hits from the cache (as on the mapped path, so a step that only hits,
         most decode steps, moves no index to the device) and one tol_host_gather puts the misses in their
         buffer rows. Bookkeeping is immediate. Every host microsecond here is on the critical path (the device
-        idles from the sync to the next launch): 30 us per one-token step that hits on a 2-core CPU, where the
+        idles from the sync to the next launch): 30 us per one-token step that hits on a 2-core AMD EPYC VM, where the
         path that built index tensors for the hits took 94-120 (bench_offload.py, offload_engine_step)."""
         host_ids = flat.cpu().numpy()  # a sync on CUDA: the disk tier needs the ids on the host
         n = host_ids.shape[0]
@@ -383,10 +386,6 @@ class OffloadEngine:
                 self._staging = torch.empty((cap, self.L, self.d), dtype=self.dtype, pin_memory=self._cuda)
             self.source.read_rows(torch.tensor(miss_toks, dtype=torch.int64), self._staging[:nm])
             self.rows_from_disk += nm if isinstance(self.source, DiskTable) else 0
-        if self._unread is None:
-            # tol_cache_prefetch's host table here: the device cannot read this tier, so a miss reads this one
-            # zero row (stride 0 over all V ids), and the staged copy below overwrites it.
-            self._unread = torch.zeros((1, self.L, self.d), dtype=self.dtype, device=self.device).expand(self.V, -1, -1)
         fence = self._main_fence()
         ctx = torch.cuda.stream(self._side) if self._cuda else _nullcontext()
         with ctx:
