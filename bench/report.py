@@ -69,6 +69,8 @@ COLUMNS = {
                                   ("ms launch", "ms_launch", ".4f")],
     "offload_engine_step": [("miss path", "provider", "s"), ("preset", "preset", "s"),
                             ("hit fraction", "hit_fraction", ".1f"), ("us per step", lambda r: r["ms"] * 1e3, ".1f")],
+    "disk_read_rows": [("provider", "provider", "s"), ("preset", "preset", "s"), ("rows", "T", "d"), ("ms", "ms", ".3f"),
+                       ("GB/s", "gbps", ".2f"), ("x fault", "speedup_vs_fault", ".1f")],
     "offload_hit_rate": [("policy/hot set", "provider", "s"), ("cache", "preset", "s"), ("rows", "T", "d"),
                          ("hits %", _pct("hit_rate"), ".1f"), ("lookups", "lookups", "d"), ("ms", "ms", ".0f")],
     "decode_attention": _FIRST + [("batch", "batch", "d"), ("ms", "ms", ".4f"), ("GB/s", "gbps", ".1f"),

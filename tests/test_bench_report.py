@@ -155,7 +155,7 @@ def test_decode_attention_benchmark_runs_and_compares_with_sdpa(tmp_path):
     """bench/bench_decode_attention.py on the CPU (the op's reference against the model's SDPA step, which the
     benchmark first checks give the same output): JSON with the speed-up over SDPA, and a report table."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_decode_attention.py", "-q", "-p",
-                           "no:cacheprovider", "-k", "T128", "--results-root", str(tmp_path)],
+                           "no:cacheprovider", "-k", "T128", "--device", "cpu", "--results-root", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]

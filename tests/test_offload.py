@@ -437,6 +437,67 @@ def test_host_table_and_disk_table_read_the_file(tmp_path, dtype, capsys):
     disk.close()
 
 
+class _AdviceLog:
+    """A DiskTable's mapping, recording each madvise(MADV_WILLNEED) as (start, length)."""
+
+    def __init__(self, disk):
+        self._map, self.calls = disk._map, []
+
+    def madvise(self, flag, start=0, length=None):
+        import mmap
+
+        if flag == mmap.MADV_WILLNEED:
+            self.calls.append((start, length))
+        return self._map.madvise(flag, start, *(() if length is None else (length,)))
+
+    def close(self):
+        self._map.close()
+
+
+def _advised(disk, first, rows):
+    """The (start, length) of a WILLNEED over rows [first, first + rows): from the page holding the first one."""
+    import mmap
+
+    start = disk._offset + first * disk.row_bytes
+    lo = start - start % mmap.PAGESIZE
+    return lo, start + rows * disk.row_bytes - lo
+
+
+def test_disk_table_asks_for_its_rows_at_once_one_run_of_tokens_per_madvise(tmp_path):
+    """read_rows first asks the kernel for every row (a cold row otherwise faults in one 4 KiB page at a time):
+    one WILLNEED per run of consecutive tokens, each covering its rows; repeated and out-of-range ids are skipped."""
+    path, table = _tol_file(tmp_path, L=5, d=100)  # 2000-byte rows: not page-aligned
+    disk = DiskTable(path)
+    log = disk._map = _AdviceLog(disk)
+    disk.drop_pages()
+    ids = torch.tensor([9, 5, 6, 7, 2, 9, 3])
+    out = torch.empty(len(ids), 5, 100)
+    disk.read_rows(ids, out)
+    assert torch.equal(out, table[ids])
+    assert log.calls == [_advised(disk, 2, 2), _advised(disk, 5, 3), _advised(disk, 9, 1)]
+    log.calls.clear()
+    disk.willneed([-1, VOCAB, VOCAB - 1])
+    assert log.calls == [_advised(disk, VOCAB - 1, 1)]
+    log.calls.clear()
+    disk.willneed(np.array([], dtype=np.int64))
+    disk.read_rows(torch.tensor([], dtype=torch.int64), out[:0])
+    assert log.calls == []
+    disk.close()
+
+
+def test_cpu_engine_over_the_disk_tier_asks_for_its_misses_only(tmp_path):
+    path, table = _tol_file(tmp_path)
+    disk = DiskTable(path)
+    engine = OffloadEngine(disk, cache_rows=4, policy="static", hot=[1, 2])
+    log = disk._map = _AdviceLog(disk)
+    engine.prefetch(torch.tensor([[1, 7, 2, 8, 7]]))
+    assert log.calls == [_advised(disk, 7, 2)]
+    h = torch.zeros(1, 5, table.shape[2])
+    engine.gather_add_(h, engine._step.ids, 2)
+    assert torch.equal(h, table[[1, 7, 2, 8, 7], 2][None])
+    engine.close()
+
+
 def test_tiers_refuse_missing_truncated_and_mismatched_files(tmp_path):
     from memllm_kernels.model import ModelConfig, Transformer, precompute_tol
 

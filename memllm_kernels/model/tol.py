@@ -151,6 +151,8 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
             if written != expected:
                 raise ValueError(f"chunks held {rows} rows ({written} bytes), the table needs {shape[0]} "
                                  f"({expected} bytes)")
+            f.flush()
+            os.fsync(f.fileno())  # on storage before the rename: a crash leaves the old file or the whole new one
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -338,6 +338,9 @@ class OffloadEngine:
         self._ensure_buffers(n)
         first, slots, buf = self._first[:n], self._slots[:n], self._buf
         if not self._cuda:
+            if isinstance(self.source, DiskTable):  # the op would fault each missing row in page by page
+                host = flat.numpy()
+                self.source.willneed(host[self.directory.slot_of[np.clip(host, 0, self.V - 1)] < 0])
             self._prefetch_op(flat, buf, first, slots, 0, None)
             step = _Step(ids, n, first.view(ids.shape), buf, [], version=_version(ids))
             self._bookkeep(step, flat.numpy(), slots.numpy(), first.numpy())
