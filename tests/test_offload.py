@@ -981,7 +981,9 @@ def test_engine_on_gpu_equals_the_table(tmp_path, tier):
     tab = table.cuda()
     for step in range(200):
         ids = torch.randint(0, 500, (2, 3), device="cuda")
-        engine.prefetch(ids, check_ids=False, layer_groups=1 if step % 2 else None)  # one event, or the default 4
+        # the default 4 groups on the side stream, one group there, or one group inline on this stream (a
+        # DecodeGraph's replay), interleaved: each kind's cache reads follow the others' cache writes
+        engine.prefetch(ids, check_ids=False, layer_groups=[None, 1, None][step % 3], inline=step % 3 == 2)
         for layer in range(4):
             h = torch.randn(2, 3, 64, device="cuda", dtype=torch.bfloat16)
             expected = mk.tol_gather_add(h, ids, tab, layer)
@@ -1007,9 +1009,9 @@ def test_engine_decode_steady_state_has_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(20):
+        for step in range(20):
             ids = torch.randint(0, 1000, (1, 1), device="cuda")
-            engine.prefetch(ids, check_ids=False)
+            engine.prefetch(ids, check_ids=False, inline=step % 2 == 1)  # side stream, or inline (DecodeGraph)
             for layer in range(4):
                 engine.gather_add_(h, ids, layer)
     finally:

@@ -11,8 +11,9 @@ from a graph, the step costs one launch, and what is left is the weight traffic 
     logits = step(tokens, pos, pad)              # tokens [B, 1] at cache slot pos -> logits [B, 1, V]
 
 The logits tensor belongs to the graph: the next call overwrites it. With the offload engine
-(swap_ffn_for_engine), each call runs engine.prefetch() eagerly (hits and misses are decided on the host,
-without a host sync on the pinned tier) and the graph reads the engine's step buffer, so rows still come from
+(swap_ffn_for_engine), each call runs engine.prefetch(inline=True) eagerly, on the stream the graph is replayed
+on (hits and misses are decided on the host, without a host sync on the pinned tier), and the graph reads the
+engine's step buffer, so rows still come from
 the device cache or the host tier; a step buffer that moved (a longer prompt grew it) is recaptured.
 CUDA only: on other devices it raises ValueError rather than quietly running eagerly.
 
@@ -105,7 +106,7 @@ class DecodeGraph:
         if self.engine is not None:
             # The capture's reads of the step buffer are recorded, not run: prefetch once so that the buffer
             # exists at its final address and the reads match this step (the model's hook is off while capturing).
-            self.engine.prefetch(self.tokens, check_ids=False, layer_groups=1)
+            self.engine.prefetch(self.tokens, check_ids=False, inline=True)
             self.engine.wait_step([])
             self.engine.captured_layers = []
         self.graph = torch.cuda.CUDAGraph()
@@ -130,14 +131,14 @@ class DecodeGraph:
                              f"graph's scratch slot: set up the cache one slot longer)")
         self._set_inputs(tokens, pos, pad)
         if self.engine is not None:
-            # One layer group: the replay waits for every layer's rows, so more events would only add launches.
-            self.engine.prefetch(self.tokens, check_ids=False, layer_groups=1)
+            # Inline (one group, on this stream): the replay waits for every layer's rows anyway.
+            self.engine.prefetch(self.tokens, check_ids=False, inline=True)
             if any(a is not b for a, b in zip(self.engine.step_buffers(), self._buffers)):
                 # A longer step grew the engine's buffers since the capture: capture again (its scratch step
                 # overwrites the inputs), then set and prefetch this call's inputs once more.
                 self._capture()
                 self._set_inputs(tokens, pos, pad)
-                self.engine.prefetch(self.tokens, check_ids=False, layer_groups=1)
+                self.engine.prefetch(self.tokens, check_ids=False, inline=True)
             self.engine.wait_step(self._layers)
         self.graph.replay()
         return self.logits

@@ -11,7 +11,8 @@ Data path of one step (docs/offload.md has the full argument):
      runs tol_cache_prefetch once per layer group: every distinct token's rows of those layers go, in one
      token-major pass, into a step buffer `buf` [N, L, d] -- from its cache slot on a hit, from the host
      table over PCIe (mapped memory) on a miss -- and `first[b]` names the buffer row of position b.
-     An event after each group lets layer l wait for its own group only.
+     An event after each group lets layer l wait for its own group only. prefetch(ids, inline=True), for a
+     step replayed from a CUDA graph, runs one group on main itself, after main waits for the side stream.
   2. gather_add_(h, ids, l) makes main wait for l's group event, then runs tol_gather_add_(h, first, buf, l).
   3. The host learns the step's ids and hit flags later, from a non-blocking device-to-host copy that it
      polls (event.query) at the next prefetch, after queuing that prefetch's transfer: no host
@@ -21,9 +22,10 @@ Data path of one step (docs/offload.md has the full argument):
      On the CPU everything runs synchronously, in the same order, through the same ops.
 Eviction safety: every cache write is on the side stream after an event recorded on main at the time it
 is enqueued (so every kernel launched before it that reads the cache has finished), and every main-stream
-read of the cache (the fused tol_cached_gather_add_ path) first waits for the side stream. So cache reads
-and writes execute in the order the host enqueued them, and a slot is never overwritten while a launched
-kernel still reads it; the step buffer is reused only after the same main-stream event.
+read of the cache (the fused tol_cached_gather_add_ path, an inline transfer) first waits for the side
+stream. So cache reads and writes execute in the order the host enqueued them, and a slot is never
+overwritten while a launched kernel still reads it; the step buffer is reused only after the same
+main-stream event.
 
 Disk tier on a GPU: the device cannot map a file, so the miss path is 'staged': the step's ids come to the
 host (one sync per step), the CPU gathers missing rows from the mapping into pinned staging, and on the device
@@ -295,14 +297,18 @@ class OffloadEngine:
                             f"{flat.dtype if isinstance(flat, torch.Tensor) else type(flat).__name__}")
         _ops._check_id_range("OffloadEngine", flat, self.V)
 
-    def prefetch(self, ids: torch.Tensor, *, check_ids: bool = True, layer_groups: int | None = None) -> None:
+    def prefetch(self, ids: torch.Tensor, *, check_ids: bool = True, layer_groups: int | None = None,
+                 inline: bool = False) -> None:
         """Start moving every layer's rows of `ids` ([...] int32/int64, any shape) for the next forward.
 
         Deduplicated (a repeated token moves once). On CUDA it returns at once (the transfer runs on a side
         stream) and needs no host synchronisation, except check_ids=True on CUDA ids (one sync for the
         range check; the model's hook passes False there: its embedding lookup rejects bad ids anyway) and
         the staged (disk) miss path, which reads the ids on the host. layer_groups: this step's number of layer
-        groups (default the engine's); DecodeGraph passes 1, since a replay waits for every layer's rows anyway.
+        groups (default the engine's). inline: one group, queued on the current stream instead of the side
+        stream (CUDA; on the CPU everything is inline). DecodeGraph passes it: a replay waits for every layer's
+        rows anyway, so the side stream only added two waits across streams between replays (on an H200, 47 us
+        more idle device time per compiled 1b step than with ToLs in VRAM, decode_profile.py).
         """
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
@@ -313,11 +319,12 @@ class OffloadEngine:
             self._check_ids(flat)
         elif flat.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"ids must be int32 or int64, got {flat.dtype}")
+        inline = bool(inline) and self._cuda
         if self.miss_path == "staged":
-            self._step = self._prefetch_staged(ids, flat)
+            self._step = self._prefetch_staged(ids, flat, inline)
         else:
             groups = self.layer_groups if layer_groups is None else max(1, min(self.L, int(layer_groups)))
-            self._step = self._prefetch_mapped(ids, flat, groups)
+            self._step = self._prefetch_mapped(ids, flat, groups, inline)
         self.prefetches += 1
         # Earlier steps' bookkeeping only now: their admissions (index updates and host rows into cache slots,
         # on the same side stream) queue behind this step's transfer and run during the forward, instead of
@@ -333,7 +340,7 @@ class OffloadEngine:
             ops.tol_cache_prefetch(flat, self.slot_map, self.cache, table, buf, first, slots, lb, le,
                                    backend="reference", check_ids=False)
 
-    def _prefetch_mapped(self, ids, flat, groups: int) -> _Step:
+    def _prefetch_mapped(self, ids, flat, groups: int, inline: bool) -> _Step:
         n = flat.numel()
         self._ensure_buffers(n)
         first, slots, buf = self._first[:n], self._slots[:n], self._buf
@@ -345,12 +352,19 @@ class OffloadEngine:
             step = _Step(ids, n, first.view(ids.shape), buf, [], version=_version(ids))
             self._bookkeep(step, flat.numpy(), slots.numpy(), first.numpy())
             return step
-        fence = self._main_fence()
         events = []
+        if inline:
+            # Before the transfer reads the cache, the side stream's queued work is done: cache writes (each
+            # queued after the compute stream's reads of its slot) and the last step's copies of first/slots,
+            # which this step overwrites. In decode that work finished during the last forward.
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
+            self._prefetch_op(flat, buf, first, slots, 0, None)
+            events.append(self._main_fence())
+        fence = events[0] if inline else self._main_fence()
         with torch.cuda.stream(self._side):
-            self._side.wait_event(fence)  # the ids exist; the last step's reads of buf are done
+            self._side.wait_event(fence)  # the ids exist; the last step's reads of buf are done (inline: the transfer)
             flat.record_stream(self._side)
-            for lb, le in self._groups(groups):
+            for lb, le in ([] if inline else self._groups(groups)):
                 self._prefetch_op(flat, buf, first, slots, lb, le)
                 ev = torch.cuda.Event()
                 ev.record(self._side)
@@ -368,7 +382,7 @@ class OffloadEngine:
         self._pending.append((step, h_ids, h_slots, h_first, done))
         return step
 
-    def _prefetch_staged(self, ids, flat) -> _Step:
+    def _prefetch_staged(self, ids, flat, inline: bool) -> _Step:
         """The ids go to the host (a sync on CUDA), which reads the misses into (pinned) staging; on the device
         one tol_cache_prefetch copies the hits from the cache (as on the mapped path, so a step that only hits,
         most decode steps, moves no index to the device) and one tol_host_gather puts the misses in their
@@ -389,10 +403,13 @@ class OffloadEngine:
                 self._staging = torch.empty((cap, self.L, self.d), dtype=self.dtype, pin_memory=self._cuda)
             self.source.read_rows(torch.tensor(miss_toks, dtype=torch.int64), self._staging[:nm])
             self.rows_from_disk += nm if isinstance(self.source, DiskTable) else 0
-        fence = self._main_fence()
-        ctx = torch.cuda.stream(self._side) if self._cuda else _nullcontext()
+        fence = None if inline else self._main_fence()
+        stream = (torch.cuda.current_stream(self.device) if inline else self._side) if self._cuda else None
+        ctx = torch.cuda.stream(stream) if self._cuda else _nullcontext()
         with ctx:
-            if self._cuda:
+            if inline:
+                stream.wait_stream(self._side)  # as on the mapped path: the side stream's cache writes are done
+            elif self._cuda:
                 self._side.wait_event(fence)
                 flat.record_stream(self._side)
             # Into the engine's own buffers (not new tensors): a CUDA graph that captured this step's reads
@@ -404,7 +421,7 @@ class OffloadEngine:
             events = []
             if self._cuda:
                 ev = torch.cuda.Event()
-                ev.record(self._side)
+                ev.record(stream)
                 self._staging_event = ev
                 events = [ev]
         step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids))
@@ -414,7 +431,9 @@ class OffloadEngine:
             # Admitted tokens' rows are already on the device, in buf (at the first position holding them). Not only
             # misses: a hit evicted by an earlier admission of this step is admitted again (into a new slot).
             row_of_token = dict(zip(tokens, positions))
-            self._apply(admitted, evicted, buf, [row_of_token[t] for t, _ in admitted], fence=None)
+            # On the side stream: after the transfer into buf (inline: an event on the stream that ran it).
+            self._apply(admitted, evicted, buf, [row_of_token[t] for t, _ in admitted],
+                        fence=events[0] if inline else None)
         return step
 
     def _bookkeep(self, step: _Step, host_ids: np.ndarray, host_slots: np.ndarray, host_first: np.ndarray) -> None:
