@@ -176,6 +176,7 @@ class OffloadEngine:
         self._staging = None
         self._staging_event = None
         self._pending: list = []  # (step, pinned ids, pinned slots, pinned first, event) awaiting bookkeeping
+        self._deferred = None  # the staged path's last admissions: _apply's arguments, queued at the next step
         self._step: _Step | None = None
         self.captured_layers: list[int] = []  # layers read by a forward under CUDA-graph capture (wait_step)
         # Per-layer counters as Python lists: a numpy scalar update costs ~1 us, four per layer per step add up.
@@ -386,9 +387,12 @@ class OffloadEngine:
         """The ids go to the host (a sync on CUDA), which reads the misses into (pinned) staging; on the device
         one tol_cache_prefetch copies the hits from the cache (as on the mapped path, so a step that only hits,
         most decode steps, moves no index to the device) and one tol_host_gather puts the misses in their
-        buffer rows. Bookkeeping is immediate. Every host microsecond here is on the critical path (the device
-        idles from the sync to the next launch): 30 us per one-token step that hits on a 2-core AMD EPYC VM, where the
-        path that built index tensors for the hits took 94-120 (bench_offload.py, offload_engine_step)."""
+        buffer rows. Statistics and policy are immediate; the admissions they decide are queued at the next
+        step (or the next synchronize), before its sync. Every host microsecond here is on the critical path
+        (the device idles from the sync to the next launch): 30 us per one-token step that hits on a 2-core AMD
+        EPYC VM, where the path that built index tensors for the hits took 94-120 (bench_offload.py,
+        offload_engine_step)."""
+        self._apply_deferred()  # while the device still runs the last forward: off the path from the sync below
         host_ids = flat.cpu().numpy()  # a sync on CUDA: the disk tier needs the ids on the host
         n = host_ids.shape[0]
         tokens, positions, miss_toks, miss_pos, hits = _plan_step(host_ids, self.directory.slot_of)  # checks ids
@@ -430,11 +434,20 @@ class OffloadEngine:
         if admitted or evicted:
             # Admitted tokens' rows are already on the device, in buf (at the first position holding them). Not only
             # misses: a hit evicted by an earlier admission of this step is admitted again (into a new slot).
+            # Queued at the next step, before its sync, not now: from the sync to the next launch the device
+            # idles, and these are up to 5 launches (~40 us of host time). buf keeps this step's rows until the
+            # next step's transfer, which is queued after them. On the side stream after this step's transfer
+            # (inline: after an event on the stream that ran it).
             row_of_token = dict(zip(tokens, positions))
-            # On the side stream: after the transfer into buf (inline: an event on the stream that ran it).
-            self._apply(admitted, evicted, buf, [row_of_token[t] for t, _ in admitted],
-                        fence=events[0] if inline else None)
+            self._deferred = (admitted, evicted, buf, [row_of_token[t] for t, _ in admitted],
+                              events[0] if inline else None)
         return step
+
+    def _apply_deferred(self) -> None:
+        if self._deferred is not None:
+            admitted, evicted, buf, rows, fence = self._deferred
+            self._deferred = None
+            self._apply(admitted, evicted, buf, rows, fence=fence)
 
     def _bookkeep(self, step: _Step, host_ids: np.ndarray, host_slots: np.ndarray, host_first: np.ndarray) -> None:
         """Statistics and policy for one step whose ids and hit flags are on the host; applies admissions."""
@@ -463,7 +476,10 @@ class OffloadEngine:
         self._bytes[layer] += step.unique_misses * self._layer_bytes
 
     def _drain(self, block: bool) -> None:
-        """Bookkeeping of CUDA steps whose device-to-host copies have landed (all of them if block)."""
+        """Bookkeeping of CUDA steps whose device-to-host copies have landed (all of them if block; then also
+        the staged path's deferred admissions)."""
+        if block:
+            self._apply_deferred()
         while self._pending:
             step, h_ids, h_slots, h_first, done = self._pending[0]
             # More than 8 steps behind: wait for the oldest rather than let the backlog grow.
