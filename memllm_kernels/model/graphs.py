@@ -13,8 +13,8 @@ from a graph, the step costs one launch, and what is left is the weight traffic 
 The logits tensor belongs to the graph: the next call overwrites it. With the offload engine
 (swap_ffn_for_engine), each call runs engine.prefetch(inline=True) eagerly, on the stream the graph is replayed
 on (hits and misses are decided on the host, without a host sync on the pinned tier), and the graph reads the
-engine's step buffer, so rows still come from
-the device cache or the host tier; a step buffer that moved (a longer prompt grew it) is recaptured.
+engine's step buffer, so rows still come from the device cache or the host tier; a step buffer that moved (a
+longer prompt grew it) is recaptured.
 CUDA only: on other devices it raises ValueError rather than quietly running eagerly.
 
 A graph removes launch overhead but not the kernels' own latency: on an H200 the replayed 1b dense step took

@@ -170,8 +170,8 @@ class DiskTable:
 
     def read_rows(self, ids: torch.Tensor, out: torch.Tensor) -> None:
         """out[:N] = table[ids] (ids a CPU int tensor [N]): the rows are read from storage (willneed), then
-        gathered. One cold 1b row: 0.14-0.17 ms this way, 1.5 ms when its 24 pages fault in one by one (2-core
-        AMD EPYC VM's virtual disk; bench_offload.py, disk_read_rows)."""
+        gathered. One cold 1b row: 0.21-0.27 ms this way, 1.24-1.30 ms when its 24 pages fault in one by one
+        (2-core AMD EPYC VM's virtual disk; bench_offload.py, disk_read_rows)."""
         self.willneed(ids)
         ops.tol_host_gather(self.table, ids, out, check_ids=False)
         self.note_read(ids.numel())
