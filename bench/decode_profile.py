@@ -1,6 +1,7 @@
 """Where a decode step's time goes: kernels per step, by kind, for dense vs MemoryLLM (torch.profiler).
 
     python bench/decode_profile.py [--device cuda] [--size 1b] [--modes graph compiled] [--attention sdpa memllm]
+                                   [--compile-mode max-autotune-no-cudagraphs]
 
 The decode benchmarks say how fast a step is; this says why. One batch-1 decode step at position 128 (the
 benchmarks' step: bench/models.py, random weights) is profiled over --steps steps, for each provider and mode
@@ -115,6 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention", nargs="+", choices=["sdpa", "memllm"],
                    help="the decode step's attention (Transformer.decode_attention): default both on a GPU, sdpa "
                    "on the CPU (memllm runs its PyTorch reference there)")
+    p.add_argument("--compile-mode", help="torch.compile's mode for the compiled cases (default: its default), "
+                   "e.g. max-autotune-no-cudagraphs (Inductor's own Triton matmuls where they beat cuBLAS; minutes "
+                   "of tuning per case); the rows' mode reads compiled/<mode>")
     p.add_argument("--steps", type=int, default=20, help="profiled decode steps per case (default 20)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="results go to OUT/<machine>/decode_profile.json (default bench/results)")
@@ -142,10 +146,13 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 fn = decode_step(model, torch.randint(0, V, (1, T), device=device),
                                  torch.randint(0, V, (256, 1, 1), device=device),
-                                 graph=device == "cuda" and mode != "eager", compile=mode == "compiled")
+                                 graph=device == "cuda" and mode != "eager",
+                                 compile=mode == "compiled" and (a.compile_mode or True))
                 r = profile_step(fn, device, a.steps)
             model.clear_caches()
             mm = r["by_kind"].get("matmul")
+            if mode == "compiled" and a.compile_mode:
+                mode = f"compiled/{a.compile_mode}"
             row = {"op": "decode_profile", "provider": provider, "mode": mode, "attention": attention_kind(model, device),
                    "preset": size, "dtype": dtype, "batch": 1, "T": T, "weight_bytes_read": weights_read,
                    "seconds": time.perf_counter() - t0, **r}

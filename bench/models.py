@@ -92,11 +92,13 @@ def build_model(device: str, size: str, dtype: str, provider: str, token_counts:
     return model, engine
 
 
-def decode_step(model, prompt: torch.Tensor, tokens: torch.Tensor, graph: bool = False, compile: bool = False):
+def decode_step(model, prompt: torch.Tensor, tokens: torch.Tensor, graph: bool = False,
+                compile: bool | str = False):
     """A function that runs one decode step per call: the next of `tokens` [N, B, 1] (cycled) at position
     T = prompt.shape[1], rewriting the same KV-cache slot each time, after prefilling `prompt` [B, T].
     graph: replay the step from a DecodeGraph (CUDA) instead of launching it eagerly. compile: the step
-    compiled by torch.compile (memllm_kernels.model.compile_decode; inside the graph where graph is set)."""
+    compiled by torch.compile (memllm_kernels.model.compile_decode; inside the graph where graph is set); a
+    string is torch.compile's mode."""
     from memllm_kernels.model import DecodeGraph, compile_decode
 
     B, T = prompt.shape
@@ -111,7 +113,7 @@ def decode_step(model, prompt: torch.Tensor, tokens: torch.Tensor, graph: bool =
         step = DecodeGraph(model, B, compile=compile)
         return lambda: step(tokens[next(it)], T)
     pos = torch.tensor([T], device=prompt.device)
-    fwd = compile_decode(model) if compile else model
+    fwd = compile_decode(model, compile if isinstance(compile, str) else None) if compile else model
     return lambda: fwd(tokens[next(it)], input_pos=pos)
 
 

@@ -360,6 +360,8 @@ def test_compiled_decode_equals_the_eager_step(kind):
             got = step(nxt, input_pos=torch.tensor([t]), pad=pad)
             torch.testing.assert_close(got, model(nxt, input_pos=torch.tensor([t]), pad=pad), atol=CACHE_ATOL, rtol=0)
         model.clear_caches()
+        with pytest.raises(RuntimeError, match="no-such-mode"):  # compile_decode's mode goes to torch.compile
+            compile_decode(model, mode="no-such-mode")
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     assert generate(model, prompts, 8, compile=True) == generate(model, prompts, 8)
     # another prompt length: the cache length is rounded up to 64 slots, so the compiled step is reused
@@ -401,6 +403,9 @@ def test_decode_graph_is_cuda_only_and_says_so():
     model.setup_caches(1, 8)
     with pytest.raises(ValueError, match="captures CUDA graphs; the model is on cpu"):
         DecodeGraph(model, 1)
+    for mode in ("reduce-overhead", "max-autotune"):  # their own CUDA graphs cannot nest in DecodeGraph's
+        with pytest.raises(ValueError, match="use 'max-autotune-no-cudagraphs'"):
+            DecodeGraph(model, 1, compile=mode)
     with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
         generate(model, [[1, 2]], 4, cuda_graph=True)
 

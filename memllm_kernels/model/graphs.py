@@ -33,10 +33,12 @@ import torch
 from .model import Transformer
 
 
-def compile_decode(model: Transformer):
+def compile_decode(model: Transformer, mode: str | None = None):
     """A callable like `model` for decode steps, `(ids [B, 1], input_pos=[pos], pad=pad) -> logits`, with the
     forward compiled by torch.compile (inductor; static shapes, so a new batch size or KV-cache length compiles
     again, tens of seconds). It gives the eager model's logits up to float rounding of fused kernels.
+    mode: torch.compile's mode (default None: its default), e.g. "max-autotune-no-cudagraphs" (Inductor also
+    tries its own Triton matmuls, and keeps them where they beat cuBLAS: minutes of tuning on the first call).
 
     With the offload engine (swap_ffn_for_engine) the compiled graph reads every layer's rows through one
     opaque op per step (memllm::engine_step_rows, whose body is the engine's Python, run at call time), and the
@@ -44,7 +46,7 @@ def compile_decode(model: Transformer):
     CUDA graph is being captured, like the hook).
     """
     engine = getattr(model, "tol_engine", None)
-    fwd = torch.compile(model.forward, dynamic=False, fullgraph=True)
+    fwd = torch.compile(model.forward, dynamic=False, fullgraph=True, mode=mode)
     if engine is None:
         return fwd
 
@@ -63,10 +65,14 @@ class DecodeGraph:
     forwards write the last KV slot, max_len - 1; calls decode at slots below it, whose causal masks never
     read it (generate() never reaches the last slot either).
     warmup: eager forwards before the capture (lazy initialisation of cuBLAS and the like must not be captured).
-    compile: capture the compile_decode(model) step (its compilation runs in the first warm-up forward).
+    compile: capture the compile_decode(model) step (its compilation runs in the first warm-up forward); True,
+    or torch.compile's mode for it, one that makes no CUDA graphs of its own (this class makes the graph).
     """
 
-    def __init__(self, model: Transformer, batch: int, *, warmup: int = 2, compile: bool = False):
+    def __init__(self, model: Transformer, batch: int, *, warmup: int = 2, compile: bool | str = False):
+        if isinstance(compile, str) and compile in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"compile={compile!r} makes torch.compile capture CUDA graphs of its own, which cannot "
+                             f"be captured inside DecodeGraph's; use 'max-autotune-no-cudagraphs' or 'default'")
         device = model.output.weight.device
         if device.type != "cuda":
             raise ValueError(f"DecodeGraph captures CUDA graphs; the model is on {device} (decode eagerly there)")
@@ -81,7 +87,7 @@ class DecodeGraph:
         self.max_len = model._cache_len
         self._kv = kv
         self.engine = getattr(model, "tol_engine", None)
-        self._step = compile_decode(model) if compile else model
+        self._step = compile_decode(model, compile if isinstance(compile, str) else None) if compile else model
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.full((1,), self.max_len - 1, dtype=torch.long, device=device)
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
