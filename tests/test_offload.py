@@ -982,13 +982,18 @@ def test_engine_on_gpu_equals_the_table(tmp_path, tier):
     for step in range(200):
         ids = torch.randint(0, 500, (2, 3), device="cuda")
         # the default 4 groups on the side stream, one group there, or one group inline on this stream (a
-        # DecodeGraph's replay), interleaved: each kind's cache reads follow the others' cache writes
-        engine.prefetch(ids, check_ids=False, layer_groups=[None, 1, None][step % 3], inline=step % 3 == 2)
+        # DecodeGraph's replay), with the host's share now or after the reads (finish_later), interleaved: each
+        # kind's cache reads follow the others' cache writes
+        mode = step % 4
+        engine.prefetch(ids, check_ids=False, layer_groups=[None, 1, None, None][mode], inline=mode >= 2,
+                        finish_later=mode == 3)
         for layer in range(4):
             h = torch.randn(2, 3, 64, device="cuda", dtype=torch.bfloat16)
             expected = mk.tol_gather_add(h, ids, tab, layer)
             engine.gather_add_(h, ids, layer)
             assert torch.equal(h, expected)
+        if mode == 3 and step % 8 == 3:  # else the next prefetch finishes it
+            engine.finish_step()
     engine.check_consistency()
     assert engine.stats()["hits"] > 0
 
@@ -1011,9 +1016,12 @@ def test_engine_decode_steady_state_has_no_host_sync():
     try:
         for step in range(20):
             ids = torch.randint(0, 1000, (1, 1), device="cuda")
-            engine.prefetch(ids, check_ids=False, inline=step % 2 == 1)  # side stream, or inline (DecodeGraph)
+            mode = step % 3  # side stream, inline, or inline with the host's share after the reads (DecodeGraph)
+            engine.prefetch(ids, check_ids=False, inline=mode > 0, finish_later=mode == 2)
             for layer in range(4):
                 engine.gather_add_(h, ids, layer)
+            if mode == 2:
+                engine.finish_step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     engine.check_consistency()
@@ -1125,6 +1133,28 @@ def test_staged_steps_of_every_length(n):
     mapped, staged = (e.stats() for e in engines)
     for key in ("lookups", "hits", "misses", "bytes_h2d", "admissions", "evictions"):
         assert mapped[key] == staged[key], key
+
+
+def test_finish_later_needs_inline_and_changes_nothing_on_the_cpu():
+    """prefetch(inline=True, finish_later=True) + finish_step() is DecodeGraph's order (on the CPU everything
+    is synchronous, so the same rows and statistics); finish_later alone is refused."""
+    table = torch.randn(VOCAB, 2, 4)
+    a = OffloadEngine(table, cache_rows=CACHE, policy="lru")
+    b = OffloadEngine(table, cache_rows=CACHE, policy="lru")
+    with pytest.raises(ValueError, match="finish_later=True needs inline=True"):
+        a.prefetch(torch.tensor([1]), finish_later=True)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        ids = torch.randint(0, VOCAB, (3,), generator=g)
+        a.prefetch(ids)
+        b.prefetch(ids, inline=True, finish_later=True)
+        ha, hb = torch.zeros(3, 4), torch.zeros(3, 4)
+        a.gather_add_(ha, ids, 1)
+        b.gather_add_(hb, ids, 1)
+        b.finish_step()
+        assert torch.equal(ha, table[ids, 1]) and torch.equal(hb, ha)
+    assert a.stats() == b.stats()
+    b.check_consistency()
 
 
 @pytest.mark.parametrize("check_ids", [True, False])

@@ -137,16 +137,19 @@ class DecodeGraph:
                              f"graph's scratch slot: set up the cache one slot longer)")
         self._set_inputs(tokens, pos, pad)
         if self.engine is not None:
-            # Inline (one group, on this stream): the replay waits for every layer's rows anyway.
-            self.engine.prefetch(self.tokens, check_ids=False, inline=True)
+            # Inline (one group, on this stream): the replay waits for every layer's rows anyway. The engine's
+            # host work (bookkeeping, admissions) after the replay's launch: the replay reads only the step buffer.
+            self.engine.prefetch(self.tokens, check_ids=False, inline=True, finish_later=True)
             if any(a is not b for a, b in zip(self.engine.step_buffers(), self._buffers)):
                 # A longer step grew the engine's buffers since the capture: capture again (its scratch step
                 # overwrites the inputs), then set and prefetch this call's inputs once more.
                 self._capture()
                 self._set_inputs(tokens, pos, pad)
-                self.engine.prefetch(self.tokens, check_ids=False, inline=True)
+                self.engine.prefetch(self.tokens, check_ids=False, inline=True, finish_later=True)
             self.engine.wait_step(self._layers)
         self.graph.replay()
+        if self.engine is not None:
+            self.engine.finish_step()
         return self.logits
 
     def _set_inputs(self, tokens, pos, pad) -> None:

@@ -19,6 +19,7 @@ Data path of one step (docs/offload.md has the full argument):
      synchronisation per decode step. That bookkeeping updates the statistics and the policy
      (CacheDirectory), which decides admissions and evictions; those are applied on the side stream, behind
      the new step's transfer (rows copied host -> cache slot, slot map updated), and so serve later steps.
+     DecodeGraph defers this host work (finish_later=True) until it has launched the replay (finish_step()).
      On the CPU everything runs synchronously, in the same order, through the same ops.
 Eviction safety: every cache write is on the side stream after an event recorded on main at the time it
 is enqueued (so every kernel launched before it that reads the cache has finished), and every main-stream
@@ -85,6 +86,7 @@ class _Step:
     hits: int = 0
     unique_misses: int = 0
     version: int | None = None  # _version(ids) at the prefetch
+    inline: bool = False  # the transfer ran on the compute stream (events[0] recorded there after it)
 
     def reads(self, ids: torch.Tensor) -> bool:
         """Whether `ids` are this step's ids: the same tensor, or the same memory, shape and version (a compiled
@@ -177,6 +179,7 @@ class OffloadEngine:
         self._staging_event = None
         self._pending: list = []  # (step, pinned ids, pinned slots, pinned first, event) awaiting bookkeeping
         self._deferred = None  # the staged path's last admissions: _apply's arguments, queued at the next step
+        self._unfinished = None  # the mapped CUDA path's last step, until its host copies are queued (_finish)
         self._step: _Step | None = None
         self.captured_layers: list[int] = []  # layers read by a forward under CUDA-graph capture (wait_step)
         # Per-layer counters as Python lists: a numpy scalar update costs ~1 us, four per layer per step add up.
@@ -299,7 +302,7 @@ class OffloadEngine:
         _ops._check_id_range("OffloadEngine", flat, self.V)
 
     def prefetch(self, ids: torch.Tensor, *, check_ids: bool = True, layer_groups: int | None = None,
-                 inline: bool = False) -> None:
+                 inline: bool = False, finish_later: bool = False) -> None:
         """Start moving every layer's rows of `ids` ([...] int32/int64, any shape) for the next forward.
 
         Deduplicated (a repeated token moves once). On CUDA it returns at once (the transfer runs on a side
@@ -310,9 +313,17 @@ class OffloadEngine:
         stream (CUDA; on the CPU everything is inline). DecodeGraph passes it: a replay waits for every layer's
         rows anyway, so the side stream only added two waits across streams between replays (on an H200, 47 us
         more idle device time per compiled 1b step than with ToLs in VRAM, decode_profile.py).
+        finish_later (with inline): queue only the transfer now; finish_step() then queues the rest (the host's
+        copies of the step's hit flags, earlier steps' bookkeeping and admissions). For a caller that queues a
+        forward reading only the step buffer in between (DecodeGraph: the replay), so that the host's share is
+        off the path from this call to that launch (it counts when the host waits for each step, as a token
+        streamer does). Before the next prefetch; prefetch and synchronize() call it if the caller did not.
         """
+        if finish_later and not inline:
+            raise ValueError("finish_later=True needs inline=True (the transfer on the current stream)")
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+        self._finish()  # a step prefetched with finish_later: its copies of first/slots precede this step's
         flat = ids.reshape(-1)
         if flat.device != self.device:
             flat = flat.to(self.device)
@@ -327,10 +338,20 @@ class OffloadEngine:
             groups = self.layer_groups if layer_groups is None else max(1, min(self.L, int(layer_groups)))
             self._step = self._prefetch_mapped(ids, flat, groups, inline)
         self.prefetches += 1
-        # Earlier steps' bookkeeping only now: their admissions (index updates and host rows into cache slots,
-        # on the same side stream) queue behind this step's transfer and run during the forward, instead of
-        # delaying the rows it waits for. Same stream, so an eviction still follows every read of its slot.
-        self._drain(block=False)
+        if not (finish_later and inline):
+            self.finish_step()
+
+    def finish_step(self) -> None:
+        """The host's share of the last prefetch, after its transfer was queued: the device-to-host copies of
+        its ids, slots and first (the mapped path on CUDA; polled later, never waited for), then earlier steps'
+        bookkeeping. Their admissions (index updates and host rows into cache slots, on the side stream) queue
+        behind this step's transfer and run during the forward, instead of delaying the rows it waits for:
+        each after the transfer's event (inline) or, on the side stream, in order after the transfer, so an
+        eviction still follows every read of its slot. Called by prefetch, unless finish_later=True."""
+        step = self._step
+        fence = step.events[0] if step is not None and step.inline else None
+        self._finish()
+        self._drain(block=False, fence=fence)
 
     def _prefetch_op(self, flat, buf, first, slots, lb, le, table=None) -> None:
         table = self.source.table if table is None else table
@@ -361,16 +382,32 @@ class OffloadEngine:
             torch.cuda.current_stream(self.device).wait_stream(self._side)
             self._prefetch_op(flat, buf, first, slots, 0, None)
             events.append(self._main_fence())
-        fence = events[0] if inline else self._main_fence()
+        else:
+            fence = self._main_fence()
+            with torch.cuda.stream(self._side):
+                self._side.wait_event(fence)  # the ids exist; the last step's reads of buf are done
+                flat.record_stream(self._side)
+                for lb, le in self._groups(groups):
+                    self._prefetch_op(flat, buf, first, slots, lb, le)
+                    ev = torch.cuda.Event()
+                    ev.record(self._side)
+                    events.append(ev)
+        step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids), inline=inline)
+        self._unfinished = (step, flat, slots, first)
+        return step
+
+    def _finish(self) -> None:
+        """Queue the host's copies of the last mapped CUDA step's ids, slots and first, on the side stream after
+        its transfer, into pinned memory that _drain polls: the host learns hits later, without waiting."""
+        if self._unfinished is None:
+            return
+        step, flat, slots, first = self._unfinished
+        self._unfinished = None
+        n = step.n
         with torch.cuda.stream(self._side):
-            self._side.wait_event(fence)  # the ids exist; the last step's reads of buf are done (inline: the transfer)
+            if step.inline:
+                self._side.wait_event(step.events[0])
             flat.record_stream(self._side)
-            for lb, le in ([] if inline else self._groups(groups)):
-                self._prefetch_op(flat, buf, first, slots, lb, le)
-                ev = torch.cuda.Event()
-                ev.record(self._side)
-                events.append(ev)
-            # The host learns ids and hits later, without waiting: pinned copies it polls at the next prefetch.
             h_ids = torch.empty(n, dtype=flat.dtype, pin_memory=True)
             h_slots = torch.empty(n, dtype=torch.int32, pin_memory=True)
             h_first = torch.empty(n, dtype=torch.int32, pin_memory=True)
@@ -379,9 +416,7 @@ class OffloadEngine:
             h_first.copy_(first, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._side)
-        step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids))
         self._pending.append((step, h_ids, h_slots, h_first, done))
-        return step
 
     def _prefetch_staged(self, ids, flat, inline: bool) -> _Step:
         """The ids go to the host (a sync on CUDA), which reads the misses into (pinned) staging; on the device
@@ -428,7 +463,7 @@ class OffloadEngine:
                 ev.record(stream)
                 self._staging_event = ev
                 events = [ev]
-        step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids))
+        step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids), inline=inline)
         self._count(step, hits, nm)
         admitted, evicted = self.directory.access(tokens)
         if admitted or evicted:
@@ -449,8 +484,10 @@ class OffloadEngine:
             self._deferred = None
             self._apply(admitted, evicted, buf, rows, fence=fence)
 
-    def _bookkeep(self, step: _Step, host_ids: np.ndarray, host_slots: np.ndarray, host_first: np.ndarray) -> None:
-        """Statistics and policy for one step whose ids and hit flags are on the host; applies admissions."""
+    def _bookkeep(self, step: _Step, host_ids: np.ndarray, host_slots: np.ndarray, host_first: np.ndarray,
+                  fence=None) -> None:
+        """Statistics and policy for one step whose ids and hit flags are on the host; applies admissions (on
+        CUDA after `fence`, default an event recorded now on the current stream)."""
         n = step.n
         ids_l, slots_l, first_l = host_ids[:n].tolist(), host_slots[:n].tolist(), host_first[:n].tolist()
         tokens = [t for b, t in enumerate(ids_l) if first_l[b] == b and 0 <= t < self.V]
@@ -459,7 +496,7 @@ class OffloadEngine:
         self._count(step, hits, unique_misses)
         admitted, evicted = self.directory.access(tokens)
         if admitted or evicted:
-            self._apply(admitted, evicted, fence=self._main_fence())
+            self._apply(admitted, evicted, fence=self._main_fence() if fence is None else fence)
         if unique_misses and isinstance(self.source, DiskTable):
             self.source.note_read(unique_misses)
             self.rows_from_disk += unique_misses
@@ -475,10 +512,11 @@ class OffloadEngine:
         self._misses[layer] += step.n - step.hits
         self._bytes[layer] += step.unique_misses * self._layer_bytes
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool, fence=None) -> None:
         """Bookkeeping of CUDA steps whose device-to-host copies have landed (all of them if block; then also
-        the staged path's deferred admissions)."""
+        the last step's copies and the staged path's deferred admissions). fence: as in _bookkeep."""
         if block:
+            self._finish()
             self._apply_deferred()
         while self._pending:
             step, h_ids, h_slots, h_first, done = self._pending[0]
@@ -487,7 +525,7 @@ class OffloadEngine:
                 return
             done.synchronize()
             self._pending.pop(0)
-            self._bookkeep(step, h_ids.numpy(), h_slots.numpy(), h_first.numpy())
+            self._bookkeep(step, h_ids.numpy(), h_slots.numpy(), h_first.numpy(), fence)
 
     # ------------------------------------------------------------ per-layer reads
     def gather_add_(self, hidden: torch.Tensor, ids: torch.Tensor, layer: int) -> torch.Tensor:
