@@ -405,9 +405,9 @@ class OffloadEngine:
         self._unfinished = None
         n = step.n
         with torch.cuda.stream(self._side):
-            if step.inline:
+            if step.inline:  # else the transfer ran here already, and marked flat
                 self._side.wait_event(step.events[0])
-            flat.record_stream(self._side)
+                flat.record_stream(self._side)
             h_ids = torch.empty(n, dtype=flat.dtype, pin_memory=True)
             h_slots = torch.empty(n, dtype=torch.int32, pin_memory=True)
             h_first = torch.empty(n, dtype=torch.int32, pin_memory=True)
