@@ -15,7 +15,8 @@ benchmark on real text with a hot set is e2e_offload_decode in bench_offload.py)
                     on a GPU, replayed from a CUDA graph; compilation is warm-up, not timed
 Decode on a GPU: each round runs DECODE_RUN steps back to back between CUDA events (generate() never waits for
 a token before launching the next step); ms_synced is one step followed by a host sync (a caller that reads
-each token as it comes pays the host's share of the step too).
+each token as it comes pays the host's share of the step too); ms_host is the host's time per step in the
+back-to-back runs (where it reaches ms, the host sets the pace, not the device).
 Memory: the bytes of device-resident weights (the host and disk providers keep the token
 embedding in host memory) and of the device-resident table (or cache), and the peak device memory (GPU) or
 process RSS (CPU) while the benchmark ran.
@@ -84,6 +85,7 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B):
     mem, mem_kind = peak_memory(device)
     row = record(op=f"e2e_{phase}", provider=kind, dtype=dtype, preset=size, T=T, batch=B, ms=t["s"] * 1e3,
                  attention=None if phase == "prefill" else attention_kind(model, device),
-                 ms_synced=t["s_synced"] and t["s_synced"] * 1e3, tokens_per_s=tokens / t["s"],
+                 ms_synced=t["s_synced"] and t["s_synced"] * 1e3, ms_host=t["s_host"] and t["s_host"] * 1e3,
+                 tokens_per_s=tokens / t["s"],
                  peak_memory_bytes=mem, peak_memory_kind=mem_kind, **memory_bytes(model, engine))
     benchmark.extra_info.update(row)

@@ -434,6 +434,6 @@ def test_offload_decode(benchmark, device, size, dtype, decode_provider, mode):
     row = record(op="e2e_offload_decode" + ("" if mode == "eager" else f"_{mode}"), provider=decode_provider,
                  dtype=dtype, preset=size, T=T, batch=1, ms=t["s"] * 1e3, tokens_per_s=1 / t["s"],
                  attention=attention_kind(model, device),
-                 ms_synced=t["s_synced"] and t["s_synced"] * 1e3,
+                 ms_synced=t["s_synced"] and t["s_synced"] * 1e3, ms_host=t["s_host"] and t["s_host"] * 1e3,
                  peak_memory_bytes=mem, peak_memory_kind=mem_kind, text=text, **memory_bytes(model, engine))
     benchmark.extra_info.update(row)

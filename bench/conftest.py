@@ -107,8 +107,9 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
     which includes the Python and launch overhead a caller without graphs pays. graph=False (code that
     is not written for capture, like a whole model step) makes the eager time the primary one; min_inner:
     at least this many calls back to back per round (a decode loop that does not wait for each token, as
-    generate() runs), and "s_synced" is then the time of one call followed by a host sync (a caller that
-    reads every token as it comes).
+    generate() runs), "s_synced" is then the time of one call followed by a host sync (a caller that
+    reads every token as it comes), and "s_host" the host's time per call in those runs (perf_counter until
+    the last call returns): where it reaches "s", the host, not the device, sets the pace.
     Warm-up calls (compilation, caches, allocator) are never counted.
     """
     for _ in range(3):
@@ -126,7 +127,7 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
             samples.append(time.perf_counter() - t)
 
         benchmark.pedantic(run, rounds=int(min(200, max(5, target_s / est))), iterations=1, warmup_rounds=2)
-        return {"s": statistics.median(samples), "s_launch": None, "s_synced": None}
+        return {"s": statistics.median(samples), "s_launch": None, "s_synced": None, "s_host": None}
 
     inner = max(min_inner, int(min(100, max(1, 1e-3 / est))))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -147,10 +148,14 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
             end.synchronize()
             synced.append(start.elapsed_time(end) / 1e3)
 
+        host: list[float] = []
+
         def run():
             start.record()
+            t = time.perf_counter()
             for _ in range(inner):
                 fn()
+            host.append((time.perf_counter() - t) / inner)
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end) / 1e3 / inner)
@@ -158,7 +163,7 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
         benchmark.pedantic(run, rounds=int(min(100, max(5, target_s / (statistics.median(launch) * inner)))),
                            iterations=1, warmup_rounds=1)
         return {"s": statistics.median(samples), "s_launch": statistics.median(samples),
-                "s_synced": statistics.median(synced)}
+                "s_synced": statistics.median(synced), "s_host": statistics.median(host)}
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # graph capture wants its warm-up on a side stream
@@ -179,7 +184,7 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
 
     rounds = int(min(100, max(5, target_s / (statistics.median(launch) * inner))))
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
-    return {"s": statistics.median(samples), "s_launch": statistics.median(launch), "s_synced": None}
+    return {"s": statistics.median(samples), "s_launch": statistics.median(launch), "s_synced": None, "s_host": None}
 
 
 def reset_peak_memory(device: str) -> None:

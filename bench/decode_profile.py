@@ -11,7 +11,9 @@ attention, ToL/offload ops, Inductor's fused kernels, copies, the rest: norms, R
 matmuls' bandwidth on the weights they read: if the matmuls run near the memory bandwidth and the rest is small,
 the step is weight-bound and MemoryLLM's speed-up approaches the ratio of weights read (about 2.2x at 1b); if the
 rest is large, it is bound by kernel latency. Its idle time (wall time not covered by any kernel) is what the
-host adds: launches, or the disk tier's sync per step. On the CPU it counts the top-level aten (and memllm) ops
+host adds: launches, or the disk tier's sync per step; host_ms is the host's own time per step (where it reaches
+ms/step, the host sets the pace), and host_top its top-level torch ops and CUDA runtime calls (profiled, so
+inflated: blocking calls and allocations stand out). On the CPU it counts the top-level aten (and memllm) ops
 per step and their time. Writes decode_profile.json (with the machine and commit) to --out/<machine>/ and prints a
 table; `python bench/report.py report DIR` adds it to report.md (ops/step: kernels on a GPU, top-level ops on the
 CPU).
@@ -64,7 +66,8 @@ def _union_us(intervals) -> float:
 def profile_step(fn, device: str, steps: int) -> dict:
     """Kernels (GPU) or top-level aten ops (CPU) of `steps` calls of fn, per step. busy_us sums their times
     (kernels on two streams both count); active_us is the time at least one ran, and idle_us = wall - active_us
-    the time the device waited for the host (launches; the disk tier's sync per step), from an unprofiled run."""
+    the time the device waited for the host (launches; the disk tier's sync per step), from an unprofiled run,
+    whose host_ms is the host's time per step until its last call returns (near wall_ms: the host sets the pace)."""
     for _ in range(3):
         fn()
     if device == "cuda":
@@ -72,6 +75,7 @@ def profile_step(fn, device: str, steps: int) -> dict:
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
+    host = (time.perf_counter() - t0) / steps  # the host's time per step: where it reaches wall, it sets the pace
     if device == "cuda":
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps
@@ -98,10 +102,21 @@ def profile_step(fn, device: str, steps: int) -> dict:
         k["us"] += sum(times) / steps
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
     active = _union_us([(e.time_range.start, e.time_range.end) for e in picked]) / steps
-    return {"wall_ms": wall * 1e3, "ops_per_step": len(picked) / steps,
-            "busy_us": sum(map(sum, by_name.values())) / steps, "active_us": active,
-            "idle_us": max(0.0, wall * 1e6 - active), "by_kind": by_kind,
-            "top": [{"name": n[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for n, t in top]}
+    out = {"wall_ms": wall * 1e3, "host_ms": host * 1e3, "ops_per_step": len(picked) / steps,
+           "busy_us": sum(map(sum, by_name.values())) / steps, "active_us": active,
+           "idle_us": max(0.0, wall * 1e6 - active), "by_kind": by_kind,
+           "top": [{"name": n[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for n, t in top]}
+    if device == "cuda":
+        # Where the host's time goes (under the profiler, so inflated): its top-level torch ops and CUDA runtime
+        # calls (cudaGraphLaunch, cudaEventRecord, cudaHostAlloc, a blocking cudaEventSynchronize, ...).
+        host_by: dict[str, list] = {}
+        for e in events:
+            if e.device_type == DeviceType.CPU and e.cpu_parent is None:
+                host_by.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        out["host_ops_us"] = sum(map(sum, host_by.values())) / steps
+        out["host_top"] = [{"name": n[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
+                           for n, t in sorted(host_by.items(), key=lambda kv: -sum(kv[1]))[:15]]
+    return out
 
 
 def main(argv=None) -> int:
@@ -162,11 +177,16 @@ def main(argv=None) -> int:
             with open(path, "w") as f:  # after every case: a run stopped at a time limit keeps what it measured
                 json.dump({"machine": info, "results": rows}, f, indent=1)
             kinds = ", ".join(f"{k} {v['count']:.0f}/{v['us']:.0f}us" for k, v in sorted(r["by_kind"].items()))
-            print(f"{provider:15} {mode:8} {row['attention']:6} {r['wall_ms']:8.3f} ms/step  {r['ops_per_step']:6.0f} "
+            print(f"{provider:15} {mode:8} {row['attention']:6} {r['wall_ms']:8.3f} ms/step (host {r['host_ms']:.3f})"
+                  f"  {r['ops_per_step']:6.0f} "
                   f"{'kernels' if device == 'cuda' else 'aten ops'}/step, busy {r['busy_us']:8.0f} us, "
                   f"idle {r['idle_us']:6.0f} us  [{kinds}]"
                   + (f"  matmul {row['matmul_gbps']:.0f} GB/s on weights" if "matmul_gbps" in row else ""),
                   flush=True)
+            if "host_top" in r:
+                print(f"    host (profiled) {r['host_ops_us']:.0f} us/step in top-level ops: " + ", ".join(
+                    f"{t['name'][:40]} {t['per_step']:.1f}/{t['us_per_step']:.0f}us" for t in r["host_top"][:8]),
+                      flush=True)
         del model, engine
     free_models()
     print(f"wrote {path}")

@@ -121,7 +121,7 @@ for step in "${steps[@]}"; do
         # shellcheck disable=SC2086  # PROFILE_ARGS: several words
         timeout -s INT -k 30 "$t" $PY bench/decode_profile.py --device "${BENCH_DEVICE:-cuda}" --out "$out" \
           ${PROFILE_ARGS:-} >"$out/decode-profile.log" 2>&1 || { status=1; echo "   failed or stopped at the limit"; }
-        grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -12
+        grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -24
       } ;;
     gather)
       run_pytest "$out/bench-gather.log" 150 bench/bench_tol_gather_add.py bench/bench_decode_attention.py "${bench_args[@]}" \

@@ -77,13 +77,15 @@ COLUMNS = {
                                   ("x sdpa", "speedup_vs_sdpa", ".2f"), ("ms launch", "ms_launch", ".4f")],
     "decode_profile": [("provider", "provider", "s"), ("mode", "mode", "s"), ("attention", "attention", "s"),
                        ("preset", "preset", "s"),
-                       ("dtype", "dtype", "s"), ("ms/step", "wall_ms", ".3f"), ("ops/step", "ops_per_step", ".0f"),
+                       ("dtype", "dtype", "s"), ("ms/step", "wall_ms", ".3f"), ("host ms", "host_ms", ".3f"),
+                       ("ops/step", "ops_per_step", ".0f"),
                        ("busy us", "busy_us", ".0f"), ("idle us", "idle_us", ".0f")]
     + [(f"{kind} {head}", _kind(kind, field), ".0f") for kind in ("matmul", "attention", "tol", "fused", "copy", "other")
        for head, field in (("n", "count"), ("us", "us"))]
     + [("matmul GB/s", "matmul_gbps", ".0f")],
     "e2e": _FIRST + [
         ("batch", "batch", "d"), ("attention", "attention", "s"), ("ms", "ms", ".3f"), ("ms synced", "ms_synced", ".3f"),
+        ("ms host", "ms_host", ".3f"),
         ("tokens/s", "tokens_per_s", ".1f"), ("x dense", "speedup_vs_dense", ".2f"),
         ("% bound", "pct_bound", ".0f"), ("weights GB", _gb("weight_bytes"), ".3f"), ("table GB", _gb("table_bytes"), ".3f"),
         ("peak GB", _gb("peak_memory_bytes"), ".2f"), ("hits %", _pct("hit_rate"), ".1f")],

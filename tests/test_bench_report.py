@@ -62,7 +62,8 @@ def test_compare_cli(bench_run, tmp_path):
     proc = subprocess.run([sys.executable, "bench/report.py", "compare", str(old), str(new)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("2.00") == len(data["results"])
+    ratios = [line.split()[-1] for line in proc.stdout.splitlines()[3:]]  # after old:, new: and the header
+    assert ratios == ["2.00"] * len(data["results"]), proc.stdout
 
 
 def test_compare_rejects_foreign_json(tmp_path):
