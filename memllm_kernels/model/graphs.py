@@ -101,6 +101,7 @@ class DecodeGraph:
     def _capture(self) -> None:
         self.tokens.zero_()
         self.pad.zero_()
+        self._pad_zero = True
         self.pos.fill_(self.max_len - 1)  # scratch slot: see the class docstring
         main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
@@ -155,7 +156,8 @@ class DecodeGraph:
     def _set_inputs(self, tokens, pos, pad) -> None:
         self.tokens.copy_(tokens)
         self.pos.fill_(int(pos))
-        if pad is None:
-            self.pad.zero_()
-        else:
+        if pad is not None:
             self.pad.copy_(pad)
+        elif not self._pad_zero:  # a launch saved per step: the host's time can set a replayed step's pace
+            self.pad.zero_()
+        self._pad_zero = pad is None

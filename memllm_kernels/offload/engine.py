@@ -81,6 +81,7 @@ class _Step:
     buf: torch.Tensor  # [>= N, L, d]
     events: list  # per layer group (CUDA), else empty
     layers_read: list = field(default_factory=list)
+    whole: int = 0  # reads of all L layers at once (wait_step): counted in one go, not layer by layer
     waited: set = field(default_factory=set)
     counted: bool = False
     hits: int = 0
@@ -131,6 +132,7 @@ class OffloadEngine:
         # path calls the compiled ops directly (~20 us less per call than through the checking wrappers).
         self._prefetch_backend = ops._backend("auto" if backend == "triton" else backend, self.device, triton_ok=False)
         self._gather_compiled = _ops._pick_backend(backend, self.device) in ("cpu", "cuda")
+        self._rows_backend = ops._backend(backend, self.device, triton_ok=True)  # tol_host_gather's
         self.row_bytes = self.L * self.d * table.element_size()
         self._layer_bytes = self.d * table.element_size()
         if isinstance(cache_rows, bool) or not isinstance(cache_rows, (int, np.integer)):
@@ -174,7 +176,7 @@ class OffloadEngine:
         self._cuda = self.device.type == "cuda"
         self.layer_groups = max(1, min(self.L, layer_groups or (4 if self._cuda else 1)))
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
-        self._buf = self._first = self._slots = None
+        self._buf = self._first = None
         self._staging = None
         self._staging_event = None
         self._pending: list = []  # (step, pinned ids, pinned slots, pinned first, event) awaiting bookkeeping
@@ -184,6 +186,10 @@ class OffloadEngine:
         self.captured_layers: list[int] = []  # layers read by a forward under CUDA-graph capture (wait_step)
         # Per-layer counters as Python lists: a numpy scalar update costs ~1 us, four per layer per step add up.
         self._lookups, self._hits, self._misses, self._bytes = ([0] * self.L for _ in range(4))
+        # The same four for reads of every layer at once (a replayed or compiled step), added to each layer by
+        # stats(): one update per step instead of 4 x 24.
+        self._whole = [0, 0, 0, 0]
+        self._all_layers = list(range(self.L))
         self._fused_hits = torch.zeros(self.L, dtype=torch.int64, device=self.device) if self._cuda else None
         self.prefetches = 0
         self.bytes_admitted = 0
@@ -213,12 +219,16 @@ class OffloadEngine:
                 self._buf.record_stream(self._side)  # used on the side stream; freed on main
                 if old is not None:
                     old.record_stream(self._side)
-        if self._first is None or self._first.shape[0] < n:
-            self._first = torch.empty(max(n, 1), dtype=torch.int32, device=self.device)
-            self._slots = torch.empty(max(n, 1), dtype=torch.int32, device=self.device)
+        if self._first is None or self._first.shape[0] < 2 * n:
+            # first [n] and slots [n] of a step, back to back (_first_slots): the host copies both in one transfer
+            self._first = torch.empty(2 * max(n, 1), dtype=torch.int32, device=self.device)
             if self._cuda:
                 self._first.record_stream(self._side)
-                self._slots.record_stream(self._side)
+
+    def _first_slots(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's first [n] (buffer row of each position; a CUDA graph reads it at the buffer's start) and
+        slots [n] (cache slot or -1), after it in the same buffer."""
+        return self._first[:n], self._first[n:2 * n]
 
     def _groups(self, G: int):
         return [(g * self.L // G, (g + 1) * self.L // G) for g in range(G)]
@@ -233,33 +243,53 @@ class OffloadEngine:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
+    def _indices(self, longs: list, ints: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host ints as an int64 [len(longs)] and an int32 [len(ints)] tensor on the device, through one pinned
+        buffer and one non-blocking copy (each transfer costs the host a pinned allocation and a copy launch)."""
+        k = 8 * len(longs)
+        a = np.empty(k + 4 * len(ints), dtype=np.uint8)
+        a[:k].view(np.int64)[:] = longs
+        a[k:].view(np.int32)[:] = ints
+        t = torch.from_numpy(a)
+        if self._cuda:
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t[:k].view(torch.int64), t[k:].view(torch.int32)
+
     # ------------------------------------------------------------ admissions and evictions
     def _apply(self, admitted, evicted, src=None, src_rows=None, *, fence) -> None:
-        """Mirror the directory's decisions onto the device: slot_map[evicted] = -1, rows of admitted tokens
-        into their slots (from the source table, or from rows `src_rows` of `src`), slot_map[admitted] = slot.
-        On CUDA, on the side stream after `fence` (a main-stream event; see the module docstring)."""
+        """Mirror the directory's decisions onto the device: rows of admitted tokens into their slots (from the
+        source table, or from rows `src_rows` of `src`), then slot_map[evicted] = -1 and slot_map[admitted] =
+        slot. On CUDA, on the side stream after `fence` (a main-stream event; see the module docstring). One
+        index transfer and two launches, however many tokens: on a replayed decode step the host's own time
+        per step can set the pace, and each launch costs it ~10 us."""
         if not admitted and not evicted:
             return
+        E, A = len(evicted), len(admitted)
+        toks = [t for t, _ in evicted] + [t for t, _ in admitted]
+        slots = [s for _, s in admitted]
         ctx = torch.cuda.stream(self._side) if self._cuda else _nullcontext()
         with ctx:
             if self._cuda and fence is not None:
                 self._side.wait_event(fence)
-            if evicted:
-                self.slot_map.index_fill_(0, self._index([t for t, _ in evicted]), -1)
-            if admitted:
-                toks = self._index([t for t, _ in admitted])
-                slots = self._index([s for _, s in admitted])
+            longs, values = self._indices(toks + slots + ([] if src is None else list(src_rows)), [-1] * E + slots)
+            if A:
+                ids = longs[E:E + A] if src is None else longs[E + 2 * A:]  # tokens, or rows of src
+                self._gather_rows(self.source.table if src is None else src, ids, longs[E + A:E + 2 * A])
                 if src is None:
-                    ops.tol_host_gather(self.source.table, toks, self.cache, slots, backend=self.backend,
-                                        check_ids=False)
-                    self.bytes_admitted += len(admitted) * self.row_bytes
+                    self.bytes_admitted += A * self.row_bytes
                     if isinstance(self.source, DiskTable):
-                        self.source.note_read(len(admitted))
-                        self.rows_from_disk += len(admitted)
-                else:
-                    ops.tol_host_gather(src, self._index(src_rows), self.cache, slots, backend=self.backend,
-                                        check_ids=False)
-                self.slot_map.index_copy_(0, toks, slots.to(torch.int32))
+                        self.source.note_read(A)
+                        self.rows_from_disk += A
+            # Evictions and admissions in one launch: no token is both (access() never evicts a token it admits,
+            # and each call sees a token once), so no index repeats.
+            self.slot_map.index_copy_(0, longs[:E + A], values)
+
+    def _gather_rows(self, table, ids, rows) -> None:
+        """cache[rows] = table[ids]: the engine built the arguments, so the compiled op is called directly."""
+        if self._rows_backend in ("cpu", "cuda"):
+            torch.ops.memllm.tol_host_gather(table, ids, self.cache, rows, False)
+        else:
+            ops.tol_host_gather(table, ids, self.cache, rows, backend=self.backend, check_ids=False)
 
     def _preload(self, admitted) -> None:
         """Rows of the hot set into their slots at start-up. A tier the device cannot read by address (the
@@ -365,7 +395,7 @@ class OffloadEngine:
     def _prefetch_mapped(self, ids, flat, groups: int, inline: bool) -> _Step:
         n = flat.numel()
         self._ensure_buffers(n)
-        first, slots, buf = self._first[:n], self._slots[:n], self._buf
+        (first, slots), buf = self._first_slots(n), self._buf
         if not self._cuda:
             if isinstance(self.source, DiskTable):  # the op would fault each missing row in page by page
                 host = flat.numpy()
@@ -393,7 +423,7 @@ class OffloadEngine:
                     ev.record(self._side)
                     events.append(ev)
         step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids), inline=inline)
-        self._unfinished = (step, flat, slots, first)
+        self._unfinished = (step, flat, self._first[:2 * n])
         return step
 
     def _finish(self) -> None:
@@ -401,22 +431,22 @@ class OffloadEngine:
         its transfer, into pinned memory that _drain polls: the host learns hits later, without waiting."""
         if self._unfinished is None:
             return
-        step, flat, slots, first = self._unfinished
+        step, flat, first_slots = self._unfinished
         self._unfinished = None
-        n = step.n
+        n, k = step.n, step.n * flat.element_size()
         with torch.cuda.stream(self._side):
             if step.inline:  # else the transfer ran here already, and marked flat
                 self._side.wait_event(step.events[0])
                 flat.record_stream(self._side)
-            h_ids = torch.empty(n, dtype=flat.dtype, pin_memory=True)
-            h_slots = torch.empty(n, dtype=torch.int32, pin_memory=True)
-            h_first = torch.empty(n, dtype=torch.int32, pin_memory=True)
+            # One pinned allocation and two copies (ids; first and slots, back to back): each costs the host
+            # ~10 us, and on a replayed decode step the host's time can set the pace.
+            h = torch.empty(k + 8 * n, dtype=torch.uint8, pin_memory=True)
+            h_ids, h_fs = h[:k].view(flat.dtype), h[k:].view(torch.int32)
             h_ids.copy_(flat, non_blocking=True)
-            h_slots.copy_(slots, non_blocking=True)
-            h_first.copy_(first, non_blocking=True)
+            h_fs.copy_(first_slots, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._side)
-        self._pending.append((step, h_ids, h_slots, h_first, done))
+        self._pending.append((step, h_ids, h_fs[n:], h_fs[:n], done))
 
     def _prefetch_staged(self, ids, flat, inline: bool) -> _Step:
         """The ids go to the host (a sync on CUDA), which reads the misses into (pinned) staging; on the device
@@ -433,7 +463,7 @@ class OffloadEngine:
         tokens, positions, miss_toks, miss_pos, hits = _plan_step(host_ids, self.directory.slot_of)  # checks ids
         nm = len(miss_toks)
         self._ensure_buffers(max(n, 1))
-        buf, first, slots = self._buf, self._first[:n], self._slots[:n]
+        (first, slots), buf = self._first_slots(n), self._buf
         if nm:
             if self._staging_event is not None:
                 self._staging_event.synchronize()  # the last step's copy out of staging is done
@@ -505,6 +535,15 @@ class OffloadEngine:
         step.hits, step.unique_misses, step.counted = hits, unique_misses, True
         for layer in step.layers_read:
             self._count_layer(step, layer)
+        if step.whole:
+            self._count_whole(step, step.whole)
+
+    def _count_whole(self, step: _Step, times: int) -> None:
+        w = self._whole
+        w[0] += times * step.n
+        w[1] += times * step.hits
+        w[2] += times * (step.n - step.hits)
+        w[3] += times * step.unique_misses * self._layer_bytes
 
     def _count_layer(self, step: _Step, layer: int) -> None:
         self._lookups[layer] += step.n
@@ -596,6 +635,11 @@ class OffloadEngine:
                 if g not in step.waited:
                     main.wait_event(ev)
                     step.waited.add(g)
+        if layers == self._all_layers or (isinstance(layers, range) and layers == range(self.L)):
+            step.whole += 1
+            if step.counted:
+                self._count_whole(step, 1)
+            return
         for layer in layers:
             step.layers_read.append(layer)
             if step.counted:
@@ -642,9 +686,10 @@ class OffloadEngine:
         admissions are token granular (all L layers of a row at once).
         """
         self.synchronize()
-        hits = np.array(self._hits, dtype=np.int64)
-        misses = np.array(self._misses, dtype=np.int64)
-        lookups_arr = np.array(self._lookups, dtype=np.int64)
+        w_lookups, w_hits, w_misses, w_bytes = self._whole
+        hits = np.array(self._hits, dtype=np.int64) + w_hits
+        misses = np.array(self._misses, dtype=np.int64) + w_misses
+        lookups_arr = np.array(self._lookups, dtype=np.int64) + w_lookups
         if self._cuda:
             fh = self._fused_hits.cpu().numpy()
             # fused-path lookups are counted at launch; their hits on the device
@@ -655,10 +700,10 @@ class OffloadEngine:
         admit_per_layer = self.directory.admissions * self.d * es
         per_layer = []
         for l in range(self.L):
-            lk = int(self._lookups[l])
+            lk = int(lookups_arr[l])
             per_layer.append({"layer": l, "lookups": lk, "hits": int(hits[l]), "misses": int(misses[l]),
                               "hit_rate": (int(hits[l]) / lk) if lk else None,
-                              "bytes_h2d": int(self._bytes[l]) + admit_per_layer})
+                              "bytes_h2d": int(self._bytes[l]) + w_bytes + admit_per_layer})
         lookups = int(lookups_arr.sum())
         total_hits = int(hits.sum())
         return {
