@@ -171,6 +171,8 @@ def main(argv=None) -> int:
             row = {"op": "decode_profile", "provider": provider, "mode": mode, "attention": attention_kind(model, device),
                    "preset": size, "dtype": dtype, "batch": 1, "T": T, "weight_bytes_read": weights_read,
                    "seconds": time.perf_counter() - t0, **r}
+            if engine is not None:  # how often the host ran 8 steps ahead of the engine's bookkeeping, in all
+                row["host_waits"] = engine.host_waits
             if device == "cuda" and mm and mm["us"]:
                 row["matmul_gbps"] = weights_read / (mm["us"] * 1e-6) / 1e9  # weights read / matmul time
             rows.append(row)

@@ -161,7 +161,7 @@ def memory_bytes(model, engine) -> dict:
         s = engine.stats()
         out["table_bytes"] = engine.cache.numel() * engine.cache.element_size()
         out.update(hit_rate=s["hit_rate"], cache_rows=s["cache_rows"], pinned=s["pinned"], miss_path=s["miss_path"],
-                   bytes_h2d=s["bytes_h2d"])
+                   bytes_h2d=s["bytes_h2d"], host_waits=s["host_waits"])
     elif model.config.has_memory:
         tab = model.memory_modules()[0].store.table
         out["table_bytes"] = tab.numel() * tab.element_size()

@@ -1168,4 +1168,4 @@ def test_staged_path_rejects_bad_ids_on_the_host(check_ids):
     with pytest.raises(TypeError, match="int32 or int64"):
         engine.prefetch(torch.tensor([1.0]), check_ids=check_ids)
     s = engine.stats()
-    assert s["lookups"] == 0 and s["prefetches"] == 0 and s["admissions"] == 0
+    assert s["lookups"] == 0 and s["prefetches"] == 0 and s["admissions"] == 0 and s["host_waits"] == 0

@@ -192,6 +192,7 @@ class OffloadEngine:
         self._all_layers = list(range(self.L))
         self._fused_hits = torch.zeros(self.L, dtype=torch.int64, device=self.device) if self._cuda else None
         self.prefetches = 0
+        self.host_waits = 0  # times the host waited for the device to catch up (CUDA; _drain)
         self.bytes_admitted = 0
         self.rows_from_disk = 0
         # The hot set goes in at start, before any step.
@@ -561,9 +562,12 @@ class OffloadEngine:
             self._apply_deferred()
         while self._pending:
             step, h_ids, h_slots, h_first, done = self._pending[0]
-            # More than 8 steps behind: wait for the oldest rather than let the backlog grow.
-            if not block and len(self._pending) <= 8 and not done.query():
-                return
+            if not block and not done.query():
+                if len(self._pending) <= 8:
+                    return
+                # More than 8 steps behind: wait for the oldest rather than let the backlog grow. Counted: a
+                # host that waits here runs ahead of the device (its time per step then says little).
+                self.host_waits += 1
             done.synchronize()
             self._pending.pop(0)
             self._bookkeep(step, h_ids.numpy(), h_slots.numpy(), h_first.numpy(), fence)
@@ -685,7 +689,8 @@ class OffloadEngine:
         lookups: token positions read (per layer that read them); hits: rows found in the cache at the
         step's prefetch; misses = lookups - hits; bytes_h2d: bytes of rows moved from the lower tier to the
         device (step misses, counted once per distinct token, plus admissions into the cache); evictions and
-        admissions are token granular (all L layers of a row at once).
+        admissions are token granular (all L layers of a row at once); host_waits: how often the host, more
+        than 8 steps ahead of the device's bookkeeping copies, waited for it (CUDA).
         """
         self.synchronize()
         w_lookups, w_hits, w_misses, w_bytes = self._whole
@@ -716,7 +721,7 @@ class OffloadEngine:
             "lookups": lookups, "hits": total_hits, "misses": lookups - total_hits,
             "hit_rate": total_hits / lookups if lookups else None,
             "bytes_h2d": int(sum(p["bytes_h2d"] for p in per_layer)), "admissions": self.directory.admissions,
-            "evictions": self.directory.evictions, "prefetches": self.prefetches,
+            "evictions": self.directory.evictions, "prefetches": self.prefetches, "host_waits": self.host_waits,
             "rows_from_disk": self.rows_from_disk, "per_layer": per_layer,
         }
 
