@@ -651,6 +651,26 @@ def test_engine_on_every_cpu_backend(backend):
 
 
 @pytest.mark.parametrize("miss_path", ["mapped", "staged"])
+def test_wait_step_of_every_layer_counts_like_reading_each(miss_path):
+    """A step whose forward reads every layer at once (a replayed or compiled step) is counted in one update;
+    the statistics are those of reading each layer, whatever sequence names the layers."""
+    table = torch.randn(VOCAB, 3, 8)
+    a = OffloadEngine(table, cache_rows=CACHE, policy="lru", miss_path=miss_path)
+    b = OffloadEngine(table, cache_rows=CACHE, policy="lru", miss_path=miss_path)
+    forms = [range(3), [0, 1, 2], (0, 1, 2), np.arange(3), [2, 0, 1]]
+    for i in range(40):
+        ids = torch.randint(0, VOCAB, (2, 1))
+        a.prefetch(ids)
+        a.wait_step(forms[i % len(forms)])
+        b.prefetch(ids)
+        for layer in range(3):
+            b.gather_add_(torch.zeros(2, 1, 8), ids, layer)
+    sa, sb = a.stats(), b.stats()
+    for key in ("lookups", "hits", "misses", "hit_rate", "bytes_h2d"):
+        assert sa[key] == sb[key] and [p[key] for p in sa["per_layer"]] == [p[key] for p in sb["per_layer"]], key
+
+
+@pytest.mark.parametrize("miss_path", ["mapped", "staged"])
 def test_engine_step_buffers_are_reused_and_wait_step_counts_like_reads(miss_path):
     """What DecodeGraph relies on: every step of at most as many tokens as before is read from the same two
     tensors (step_buffers), and wait_step(layers) counts lookups as the per-layer reads would."""

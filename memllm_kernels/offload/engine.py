@@ -641,7 +641,7 @@ class OffloadEngine:
                 if g not in step.waited:
                     main.wait_event(ev)
                     step.waited.add(g)
-        if layers == self._all_layers or (isinstance(layers, range) and layers == range(self.L)):
+        if isinstance(layers, (list, range)) and len(layers) == self.L and list(layers) == self._all_layers:
             step.whole += 1
             if step.counted:
                 self._count_whole(step, 1)
