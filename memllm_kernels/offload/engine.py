@@ -262,7 +262,7 @@ class OffloadEngine:
         source table, or from rows `src_rows` of `src`), then slot_map[evicted] = -1 and slot_map[admitted] =
         slot. On CUDA, on the side stream after `fence` (a main-stream event; see the module docstring). One
         index transfer and two launches, however many tokens: on a replayed decode step the host's own time
-        per step can set the pace, and each launch costs it ~10 us."""
+        per step can set the pace (on the H200 machine a synced VRAM step spent 54 us on its 4 launches)."""
         if not admitted and not evicted:
             return
         E, A = len(evicted), len(admitted)
@@ -441,8 +441,8 @@ class OffloadEngine:
             if step.inline:  # else the transfer ran here already, and marked flat
                 self._side.wait_event(step.events[0])
                 flat.record_stream(self._side)
-            # One pinned allocation and two copies (ids; first and slots, back to back): each costs the host
-            # ~10 us, and on a replayed decode step the host's time can set the pace.
+            # One pinned allocation and two copies (ids; first and slots, back to back), not three and three:
+            # on a replayed decode step the host's time can set the pace (see _apply).
             h = torch.empty(k + 8 * n, dtype=torch.uint8, pin_memory=True)
             h_ids, h_fs = h[:k].view(flat.dtype), h[k:].view(torch.int32)
             h_ids.copy_(flat, non_blocking=True)
