@@ -63,6 +63,20 @@ def _union_us(intervals) -> float:
     return total
 
 
+def _by_name(events) -> dict[str, list]:
+    """Durations (us) of the events, by name."""
+    out: dict[str, list] = {}
+    for e in events:
+        out.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    return out
+
+
+def _top(by_name: dict, steps: int, n: int) -> list[dict]:
+    """The n names with the most time, per step."""
+    return [{"name": k[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
+            for k, t in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:n]]
+
+
 def profile_step(fn, device: str, steps: int) -> dict:
     """Kernels (GPU) or top-level aten ops (CPU) of `steps` calls of fn, per step. busy_us sums their times
     (kernels on two streams both count); active_us is the time at least one ran, and idle_us = wall - active_us
@@ -92,30 +106,23 @@ def profile_step(fn, device: str, steps: int) -> dict:
         ours = ("aten::", "memllm::")
         picked = [e for e in events if e.name.startswith(ours)
                   and not (e.cpu_parent is not None and e.cpu_parent.name.startswith(ours))]
-    by_name: dict[str, list] = {}
-    for e in picked:
-        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    by_name = _by_name(picked)
     by_kind: dict[str, dict] = {}
     for name, times in by_name.items():
         k = by_kind.setdefault(kind_of(name), {"count": 0, "us": 0.0})
         k["count"] += len(times) / steps
         k["us"] += sum(times) / steps
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
     active = _union_us([(e.time_range.start, e.time_range.end) for e in picked]) / steps
     out = {"wall_ms": wall * 1e3, "host_ms": host * 1e3, "ops_per_step": len(picked) / steps,
            "busy_us": sum(map(sum, by_name.values())) / steps, "active_us": active,
            "idle_us": max(0.0, wall * 1e6 - active), "by_kind": by_kind,
-           "top": [{"name": n[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps} for n, t in top]}
+           "top": _top(by_name, steps, 10)}
     if device == "cuda":
         # Where the host's time goes (under the profiler, so inflated): its top-level torch ops and CUDA runtime
         # calls (cudaGraphLaunch, cudaEventRecord, cudaHostAlloc, a blocking cudaEventSynchronize, ...).
-        host_by: dict[str, list] = {}
-        for e in events:
-            if e.device_type == DeviceType.CPU and e.cpu_parent is None:
-                host_by.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        host_by = _by_name(e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None)
         out["host_ops_us"] = sum(map(sum, host_by.values())) / steps
-        out["host_top"] = [{"name": n[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
-                           for n, t in sorted(host_by.items(), key=lambda kv: -sum(kv[1]))[:15]]
+        out["host_top"] = _top(host_by, steps, 15)
     return out
 
 

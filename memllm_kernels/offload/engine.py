@@ -237,13 +237,6 @@ class OffloadEngine:
     def _group_of(self, layer: int, G: int) -> int:
         return min(G - 1, layer * G // self.L) if G > 1 else 0
 
-    def _index(self, values) -> torch.Tensor:
-        """Host ints (a list or an array) as an int64 tensor on the device (through pinned memory, non-blocking)."""
-        t = torch.as_tensor(np.asarray(values, dtype=np.int64))
-        if not self._cuda:
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
-
     def _indices(self, longs: list, ints: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Host ints as an int64 [len(longs)] and an int32 [len(ints)] tensor on the device, through one pinned
         buffer and one non-blocking copy (each transfer costs the host a pinned allocation and a copy launch)."""
@@ -488,8 +481,8 @@ class OffloadEngine:
             # reads the next step's through the same addresses.
             self._prefetch_op(flat, buf, first, slots, 0, None, self._unread)
             if nm:
-                src_dst = self._index([list(range(nm)), miss_pos])  # one transfer for both index rows
-                self._gather_rows(self._staging, src_dst[0], src_dst[1], buf)
+                src_dst, _ = self._indices(list(range(nm)) + miss_pos, [])  # one transfer for both index rows
+                self._gather_rows(self._staging, src_dst[:nm], src_dst[nm:], buf)
             events = []
             if self._cuda:
                 ev = torch.cuda.Event()
@@ -503,7 +496,7 @@ class OffloadEngine:
             # Admitted tokens' rows are already on the device, in buf (at the first position holding them). Not only
             # misses: a hit evicted by an earlier admission of this step is admitted again (into a new slot).
             # Queued at the next step, before its sync, not now: from the sync to the next launch the device
-            # idles, and these are up to 5 launches (~40 us of host time). buf keeps this step's rows until the
+            # idles, and these are an index transfer and two launches. buf keeps this step's rows until the
             # next step's transfer, which is queued after them. On the side stream after this step's transfer
             # (inline: after an event on the stream that ran it).
             row_of_token = dict(zip(tokens, positions))
