@@ -38,6 +38,17 @@ TORCH_LIBRARY(memllm, m) {
   m.def(
       "tol_cache_prefetch(Tensor ids, Tensor slot_map, Tensor cache, Tensor host_table, Tensor(a!) out, "
       "Tensor(b!) first, Tensor(c!) slots, int layer_begin=0, int? layer_end=None, bool check_ids=True) -> ()");
+  // One step's cache bookkeeping on the device, after tol_cache_prefetch filled rows [N, L, d] and
+  // first/slots: an LRU tail over hot slots that are never evicted, decided and applied without the host.
+  // The step's distinct tokens in order of first occurrence: a resident token's slot is stamped
+  // last_use = clock++ (hot slots keep last_use = INT64_MAX); a missing token takes the slot of least
+  // last_use (a free slot has -1; ties: the lowest slot) among those not admitted this step
+  // (admitted_at != step), evicting its owner, and rows[b] is copied into it. counters (int64 [7]):
+  // clock, step, lookups (positions), hits (positions resident at the prefetch), unique misses,
+  // admissions, evictions. Equal, decision for decision, to the host's CacheDirectory with an LRU tail.
+  m.def(
+      "tol_cache_admit(Tensor ids, Tensor first, Tensor slots, Tensor rows, Tensor(a!) slot_map, Tensor(b!) owner, "
+      "Tensor(c!) last_use, Tensor(d!) admitted_at, Tensor(e!) cache, Tensor(f!) counters) -> ()");
   // An exact-size host allocation (anonymous mmap, not the caching pinned allocator, which rounds a
   // 47.7 GiB table up to 64 GiB), page-locked and device-mapped with cudaHostRegister when pin=True, the
   // build has CUDA; pin=True raises where it cannot pin (the Python wrapper asks only where a GPU is visible).

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -147,6 +148,51 @@ inline LayerRange check_cache_prefetch_args(const at::Tensor& ids, const at::Ten
   TORCH_CHECK(0 <= layer_begin && layer_begin <= end && end <= L,
               op + ": layers [" + to_str(layer_begin) + ", " + to_str(end) + ") are not within [0, " + to_str(L) + ")");
   return {layer_begin, end, cache.size(-1)};
+}
+
+// tol_cache_admit's counters (int64 [kAdmitCounters]) and the last_use of a hot slot (never evicted).
+enum AdmitCounter : int { kClock, kStep, kLookups, kHits, kUniqueMisses, kAdmissions, kEvictions, kAdmitCounters };
+constexpr int64_t kHotStamp = INT64_MAX;
+
+// tol_cache_admit's argument checks, shared by the CPU and CUDA kernels. Everything it writes must be
+// contiguous (the kernels index it flat); every tensor on one device.
+inline void check_cache_admit_args(const at::Tensor& ids, const at::Tensor& first, const at::Tensor& slots,
+                                   const at::Tensor& rows, const at::Tensor& slot_map, const at::Tensor& owner,
+                                   const at::Tensor& last_use, const at::Tensor& admitted_at, const at::Tensor& cache,
+                                   const at::Tensor& counters) {
+  const std::string op = "tol_cache_admit";
+  check_token_table(op, "cache", cache);
+  check_token_table(op, "rows", rows);
+  check_index_dtype(op, "ids", ids);
+  TORCH_CHECK(ids.dim() == 1, op + ": ids must be 1-D [N], got shape " + to_str(ids.sizes()));
+  const int64_t N = ids.size(0), C = cache.size(0);
+  TORCH_CHECK_TYPE(rows.scalar_type() == cache.scalar_type(), op + ": rows must have cache's dtype " +
+                                                                  c10::toString(cache.scalar_type()) + ", got " +
+                                                                  c10::toString(rows.scalar_type()));
+  TORCH_CHECK(rows.dim() == cache.dim() && rows.sizes().slice(1) == cache.sizes().slice(1) && rows.size(0) >= N,
+              op + ": rows must be [>= N, ...] with N=" + to_str(N) + " and cache's row shape " +
+                  to_str(cache.sizes().slice(1)) + ", got " + to_str(rows.sizes()));
+  TORCH_CHECK(cache.is_contiguous(), op + ": cache must be contiguous");
+  struct Arg {
+    const at::Tensor* t;
+    const char* name;
+    at::ScalarType dtype;
+    int64_t size;
+  };
+  for (const Arg& a : {Arg{&first, "first", at::kInt, N}, Arg{&slots, "slots", at::kInt, N},
+                       Arg{&slot_map, "slot_map", at::kInt, -1}, Arg{&owner, "owner", at::kInt, C},
+                       Arg{&last_use, "last_use", at::kLong, C}, Arg{&admitted_at, "admitted_at", at::kLong, C},
+                       Arg{&counters, "counters", at::kLong, kAdmitCounters}}) {
+    TORCH_CHECK_TYPE(a.t->scalar_type() == a.dtype, op + ": " + a.name + " must be " + c10::toString(a.dtype) +
+                                                        ", got " + c10::toString(a.t->scalar_type()));
+    TORCH_CHECK(a.t->dim() == 1 && (a.size < 0 || a.t->size(0) == a.size) && a.t->is_contiguous(),
+                op + ": " + a.name + " must be a contiguous 1-D tensor" +
+                    (a.size < 0 ? std::string() : " of " + to_str(a.size)) + ", got shape " + to_str(a.t->sizes()));
+    TORCH_CHECK(a.t->device() == cache.device(),
+                op + ": " + a.name + " must be on cache's device " + cache.device().str() + ", got " + a.t->device().str());
+  }
+  TORCH_CHECK(ids.device() == cache.device() && rows.device() == cache.device(),
+              op + ": ids and rows must be on cache's device " + cache.device().str());
 }
 
 // Page-locking host memory needs the CUDA runtime, which only the CUDA build links. The CPU file

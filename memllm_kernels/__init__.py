@@ -14,6 +14,7 @@ from .ops import (  # noqa: F401
     tol_gather_add_,
 )
 from .offload.ops import (  # noqa: F401  the offload engine's ops (memllm_kernels/offload, docs/offload.md)
+    tol_cache_admit,
     tol_cache_prefetch,
     tol_cached_gather_add,
     tol_cached_gather_add_,

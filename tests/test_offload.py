@@ -283,6 +283,94 @@ def test_cache_prefetch_bad_input_raises(backend, device):
                               backend="triton")
 
 
+def _admit_state(V, C, policy, table, device, seed):
+    """A CacheDirectory after preload and tol_cache_admit's state mirroring it: (directory, [slot_map, owner,
+    last_use, admitted_at, cache, counters])."""
+    hot = np.random.default_rng(seed).permutation(V)[:C].tolist()
+    directory = CacheDirectory(V, C, policy, hot, 0.5)
+    slot_map = torch.full((V,), -1, dtype=torch.int32)
+    owner = torch.full((C,), -1, dtype=torch.int32)
+    last_use = torch.full((C,), -1 if policy != "static" else oref.HOT_STAMP, dtype=torch.int64)
+    cache = torch.zeros((C,) + tuple(table.shape[1:]), dtype=table.dtype)
+    for tok, slot in directory.preload():
+        slot_map[tok], owner[slot], last_use[slot] = slot, tok, oref.HOT_STAMP
+        cache[slot] = table[tok].cpu()
+    state = [slot_map, owner, last_use, torch.full((C,), -1, dtype=torch.int64), cache,
+             torch.zeros(len(oref.ADMIT_COUNTERS), dtype=torch.int64)]
+    return directory, [t.to(device) for t in state]
+
+
+@pytest.mark.parametrize("backend,device", NO_TRITON)
+@pytest.mark.parametrize("policy", ["lru", "hot+lru", "static"])
+@pytest.mark.parametrize("dtype,row", [(torch.float32, (3, 24)), (torch.bfloat16, (2, 7))], ids=["fp32", "bf16-odd"])
+def test_cache_admit_decides_like_the_host_directory(backend, device, policy, dtype, row):
+    """tol_cache_admit after tol_cache_prefetch, step by step: the same slot map as CacheDirectory.access of the
+    step's distinct tokens, the same state as the reference, each occupied slot holding its token's rows, and
+    counters that agree with the directory's admissions and evictions. Steps of 0 to 12 ids with repeats, more
+    distinct tokens than the tail has slots (the step's own admissions are never victims)."""
+    V, C = 61, 10
+    table = host_table((V,) + row, dtype, device)
+    directory, state = _admit_state(V, C, policy, table, device, seed=len(policy))
+    _, expected = _admit_state(V, C, policy, table, "cpu", seed=len(policy))
+    rng = np.random.default_rng(3)
+    hits = 0
+    for step in range(150):
+        n = int(rng.integers(0, 13))
+        ids = torch.from_numpy((rng.zipf(1.3, n) % V).astype(np.int64))
+        buf = torch.zeros((max(n, 1),) + row, dtype=dtype, device=device)
+        first = torch.empty(n, dtype=torch.int32, device=device)
+        slots = torch.empty(n, dtype=torch.int32, device=device)
+        mk.tol_cache_prefetch(ids.to(device), state[0], state[4], table, buf, first, slots, backend=backend)
+        hits += int((slots >= 0).sum())
+        mk.tol_cache_admit(ids.to(device), first, slots, buf, *state, backend=backend)
+        oref.tol_cache_admit(ids, first.cpu(), slots.cpu(), buf.cpu(), *expected)
+        directory.access(dict.fromkeys(ids.tolist()))
+        for got, want in zip(state, expected):
+            assert torch.equal(got.cpu(), want), f"step {step}"
+        assert np.array_equal(state[0].cpu().numpy(), directory.slot_of), f"step {step}: not the directory's decision"
+    owner = state[1].cpu()
+    occupied = (owner >= 0).nonzero().reshape(-1)
+    assert torch.equal(state[4].cpu()[occupied], table.cpu()[owner[occupied].long()])
+    c = dict(zip(oref.ADMIT_COUNTERS, state[5].tolist()))
+    assert (c["admissions"], c["evictions"], c["step"], c["hits"]) == (directory.admissions, directory.evictions,
+                                                                       150, hits)
+    assert policy == "static" or c["evictions"] > 0
+
+
+@pytest.mark.parametrize("backend,device", NO_TRITON)
+def test_cache_admit_skips_bad_ids_and_refuses_bad_input(backend, device):
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    _, state = _admit_state(VOCAB, CACHE, "lru", table, device, seed=0)
+    ids = torch.tensor([VOCAB + 3, -1, 4], device=device)  # the prefetch ran with check_ids=False
+    buf = torch.zeros(3, 2, 8, device=device)
+    first = torch.arange(3, dtype=torch.int32, device=device)
+    slots = torch.full((3,), -1, dtype=torch.int32, device=device)
+    mk.tol_cache_admit(ids, first, slots, buf, *state, backend=backend)
+    assert (state[0].cpu() >= 0).nonzero().reshape(-1).tolist() == [4] and state[1].cpu()[0] == 4  # token 4 only
+    snapshot = [t.clone() for t in state]
+    bad = [
+        (TypeError, "first must be int32", dict(first=first.long())),
+        (ValueError, "owner must be a contiguous 1-D tensor of 9", dict(owner=state[1][:4])),
+        (ValueError, "counters must be a contiguous 1-D tensor of 7", dict(counters=state[5][:3])),
+        (ValueError, "last_use must be a contiguous", dict(last_use=torch.zeros(2 * CACHE, dtype=torch.int64,
+                                                                                device=device)[::2])),
+        (ValueError, "rows has 1 rows for 3 ids", dict(rows=buf[:1])),
+        (TypeError, "rows must have cache's dtype", dict(rows=buf.double())),
+        (TypeError, "int32 or int64", dict(ids=ids.float())),
+    ]
+    names = ["ids", "first", "slots", "rows", "slot_map", "owner", "last_use", "admitted_at", "cache", "counters"]
+    for exc, msg, change in bad:
+        args = dict(zip(names, [ids, first, slots, buf] + state))
+        args.update(change)
+        with pytest.raises(exc, match=msg):
+            mk.tol_cache_admit(**args, backend=backend)
+    if device != "cpu":
+        with pytest.raises(RuntimeError, match="must be on cache's device"):
+            mk.tol_cache_admit(ids, first, slots, buf, state[0].cpu(), *state[1:], backend=backend)
+    for got, want in zip(state, snapshot):
+        assert torch.equal(got, want)  # nothing changed
+
+
 # ================================================================ torch.library integration
 def _samples(device):
     """Arguments for opcheck. The table is on `device`: opcheck deep-copies its arguments, and a copy of a
@@ -307,6 +395,8 @@ def test_opcheck(device):
     first = torch.zeros(4, dtype=torch.int32, device=device)
     slots = torch.zeros(4, dtype=torch.int32, device=device)
     torch.library.opcheck(torch.ops.memllm.tol_cache_prefetch, (ids, slot_map, cache, table, out, first, slots, 0, 2))
+    _, state = _admit_state(VOCAB, CACHE, "hot+lru", table, device, seed=1)
+    torch.library.opcheck(torch.ops.memllm.tol_cache_admit, (ids, first, slots, out, *state))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
@@ -340,6 +430,9 @@ def test_meta_device():
     assert out.device.type == "meta" and out.shape == h.shape
     assert torch.ops.memllm.tol_cache_prefetch(ids.view(-1), sm, cache, host, torch.empty(10, 24, 2048, device="meta",
                                                dtype=torch.bfloat16), ids.view(-1).int(), ids.view(-1).int()) is None
+    state = [torch.empty(6400, device="meta", dtype=dt) for dt in (torch.int32, torch.int64, torch.int64)]
+    assert torch.ops.memllm.tol_cache_admit(ids.view(-1), ids.view(-1).int(), ids.view(-1).int(), cache, sm, *state,
+                                            cache, torch.empty(7, device="meta", dtype=torch.int64)) is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -621,6 +714,57 @@ def test_engine_rows_equal_the_table(tmp_path, policy, tier, miss_path):
     assert "lookups" in format_stats(s)
 
 
+@pytest.mark.parametrize("policy", ["lru", "hot+lru", "static"])
+@pytest.mark.parametrize("tier", ["tensor", "host", "disk"])
+def test_device_bookkeeping_equals_the_host_bookkeeping(tmp_path, policy, tier):
+    """bookkeeping='device' (tol_cache_admit after each transfer) makes the host directory's decisions: the same
+    slot map after every step, the same rows read, the same statistics (bytes aside: its admissions copy rows
+    already on the device instead of reading them from the host tier again)."""
+    path, table = _tol_file(tmp_path, dtype=torch.bfloat16)
+    counts = np.bincount(np.random.default_rng(1).zipf(1.5, 2000) % VOCAB, minlength=VOCAB)
+    engines = {}
+    for bk in ("host", "device"):
+        source = {"tensor": lambda: table, "host": lambda: HostTable.from_file(path), "disk": lambda: DiskTable(path)}
+        engines[bk] = OffloadEngine(source[tier](), cache_rows=CACHE, policy=policy, token_counts=counts,
+                                    bookkeeping=bk)
+    g = torch.Generator().manual_seed(4)
+    for step in range(80):
+        ids = torch.randint(0, VOCAB, (2, int(torch.randint(1, 6, (1,), generator=g))), generator=g)
+        for engine in engines.values():
+            _check_step(engine, table, ids)
+        assert torch.equal(engines["host"].slot_map, engines["device"].slot_map), f"step {step}"
+    for engine in engines.values():
+        engine.check_consistency()
+    host, dev = (engines[bk].stats() for bk in ("host", "device"))
+    for key in ("lookups", "hits", "misses", "hit_rate", "admissions", "evictions", "resident", "hot_rows"):
+        assert host[key] == dev[key], key
+    assert [p["hits"] for p in host["per_layer"]] == [p["hits"] for p in dev["per_layer"]]
+    row_bytes = table[0].numel() * table.element_size()
+    assert host["bytes_h2d"] - dev["bytes_h2d"] == host["admissions"] * row_bytes
+    assert (dev["bookkeeping"], host["bookkeeping"]) == ("device", "host")
+    assert "(run on the device)" in format_stats(dev) and "(run on the device)" not in format_stats(host)
+    assert policy == "static" or dev["admissions"] > 0
+
+
+def test_device_bookkeeping_evicts_and_refuses_what_it_cannot_run():
+    table = torch.randn(VOCAB, 2, 4)
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="hot+lru", hot=[1, 2, 3, 4, 5, 6], bookkeeping="device")
+    _check_step(engine, table, torch.tensor([7, 8, 1]))
+    assert engine.evict(torch.tensor([1, 7, 9, 1])) == 2  # a hot token and a tail token; 9 was not resident
+    assert engine.slot_map[1] == -1 and engine.slot_map[7] == -1 and engine.stats()["evictions"] == 2
+    engine.check_consistency()
+    for step in range(30):  # the freed hot slot joins the tail
+        _check_step(engine, table, torch.randint(0, VOCAB, (3,)))
+    engine.check_consistency()
+    assert engine.stats()["resident"] == CACHE
+    for kwargs, msg in [(dict(bookkeeping="gpu"), "bookkeeping must be one of"),
+                        (dict(policy="hot+lfu", hot=[1]), r"runs an LRU tail .* 'hot\+lfu'"),
+                        (dict(policy="lfu"), "runs an LRU tail"),
+                        (dict(policy="lru", miss_path="staged"), "needs the mapped miss path")]:
+        with pytest.raises(ValueError, match=msg):
+            OffloadEngine(table, cache_rows=CACHE, **{"bookkeeping": "device", **kwargs})
+
+
 def test_engine_fused_path_without_prefetch():
     table = torch.randn(VOCAB, 3, 8)
     engine = OffloadEngine(table, cache_rows=CACHE, policy="lru")
@@ -751,18 +895,21 @@ def test_engine_errors(monkeypatch):
 
 
 def test_engine_stress_100k_steps_against_a_dictionary():
-    """100,000 random prefetch / lookup / fused lookup / evict steps over every policy and both miss paths;
-    every row read is checked against a {token: rows} dictionary and the cache against the directory."""
+    """100,000 random prefetch / lookup / fused lookup / evict steps over every policy and both miss paths, and
+    the policies that can run on the device with bookkeeping='device'; every row read is checked against a
+    {token: rows} dictionary and the cache against the directory (or the device's owners)."""
     rng = random.Random(0)
     V, L, d = 97, 2, 4
     table = torch.randn(V, L, d)
     reference_rows = {v: table[v].clone() for v in range(V)}  # the dictionary reference
     counts = np.bincount(np.random.default_rng(0).zipf(1.3, 5000) % V, minlength=V)
-    configs = list(itertools.product(POLICIES, ("mapped", "staged")))
+    configs = [(p, m, "host") for p, m in itertools.product(POLICIES, ("mapped", "staged"))]
+    configs += [(p, "mapped", "device") for p in ("lru", "hot+lru", "static")]
     steps_each = STRESS_STEPS // len(configs)
     total = 0
-    for policy, miss_path in configs:
-        engine = OffloadEngine(table, cache_rows=13, policy=policy, token_counts=counts, miss_path=miss_path)
+    for policy, miss_path, bookkeeping in configs:
+        engine = OffloadEngine(table, cache_rows=13, policy=policy, token_counts=counts, miss_path=miss_path,
+                               bookkeeping=bookkeeping)
         for step in range(steps_each):
             r = rng.random()
             n = rng.randint(1, 4)
@@ -779,7 +926,8 @@ def test_engine_stress_100k_steps_against_a_dictionary():
                 engine.gather_add_(h, t, layer)
                 for i, tok in enumerate(ids):
                     if not torch.equal(h[i], reference_rows[tok][layer]):
-                        raise AssertionError(f"{policy}/{miss_path} step {step}: stale or wrong row for token {tok}")
+                        raise AssertionError(f"{policy}/{miss_path}/{bookkeeping} step {step}: stale or wrong row "
+                                             f"for token {tok}")
             if step % 2000 == 0:
                 engine.check_consistency()
             total += 1

@@ -14,6 +14,7 @@ policy.py (CacheDirectory, LRU/LFU/static/hot+tail policies, simulate), engine.p
 from .engine import MISS_PATHS, OffloadEngine, format_stats  # noqa: F401
 from .ops import (  # noqa: F401
     pin_unavailable_reason,
+    tol_cache_admit,
     tol_cache_prefetch,
     tol_cached_gather_add,
     tol_cached_gather_add_,

@@ -42,10 +42,12 @@ import torch
 
 from .. import ops as _ops
 from . import ops
+from . import reference as _ref
 from .policy import POLICIES, CacheDirectory, hot_set_from_counts
 from .tiers import DiskTable, mem_available
 
 MISS_PATHS = ("auto", "mapped", "staged")
+BOOKKEEPING = ("host", "device")
 
 
 class _TensorSource:
@@ -110,11 +112,19 @@ class OffloadEngine:
         4 on a GPU, 1 on the CPU). miss_path: 'mapped' (the device reads host rows by address: pinned host
         tier, or the CPU), 'staged' (via the host: the disk tier on a GPU), 'auto' picks.
     check_memory: refuse a cache larger than the device's free memory (a clear error instead of an OOM).
+    bookkeeping: where the policy runs. 'host' (default): CacheDirectory on the host learns each step's hit
+        flags from a copy it polls and mirrors its decisions onto the device (any policy, any tier).
+        'device': tol_cache_admit decides and applies them on the device right after each step's transfer,
+        with the same decisions as the host's LRU (policies lru, hot+lru, static; the mapped miss path): a
+        step costs the host two launches and no bookkeeping, and an admitted row is copied from the step's
+        rows already on the device instead of read over PCIe a second time. Its statistics count each
+        prefetched step once for every layer; explicit evict() frees slots that are refilled lowest first.
     """
 
     def __init__(self, source, *, device="cpu", cache_rows: int, policy: str = "hot+lru", hot=None,
                  token_counts=None, hot_fraction: float = 0.75, layer_groups: int | None = None,
-                 miss_path: str = "auto", backend: str = "auto", check_memory: bool = True):
+                 miss_path: str = "auto", backend: str = "auto", check_memory: bool = True,
+                 bookkeeping: str = "host"):
         if isinstance(source, torch.Tensor):
             source = _TensorSource(source)
         self.source = source
@@ -156,6 +166,16 @@ class OffloadEngine:
             raise ValueError(f"miss_path='mapped' needs host memory the device can read by address; this "
                              f"{getattr(source, 'location', 'source')} tier is not ({source.pin_note})")
         self.miss_path = miss_path
+        if bookkeeping not in BOOKKEEPING:
+            raise ValueError(f"bookkeeping must be one of {BOOKKEEPING}, got {bookkeeping!r}")
+        if bookkeeping == "device" and policy not in ("lru", "hot+lru", "static"):
+            raise ValueError(f"bookkeeping='device' runs an LRU tail (tol_cache_admit); policy {policy!r} needs the "
+                             "host's bookkeeping: use policy 'lru', 'hot+lru' or 'static', or bookkeeping='host'")
+        if bookkeeping == "device" and miss_path == "staged":
+            raise ValueError("bookkeeping='device' needs the mapped miss path (a tier the device reads by address); "
+                             "the staged path (disk on a GPU) learns each step's ids on the host anyway: "
+                             "use bookkeeping='host'")
+        self.bookkeeping = bookkeeping
         # The staged path's host table for tol_cache_prefetch: the device cannot read this tier, so a miss reads
         # this one zero row (stride 0 over all V ids), which the staged copy of the miss then overwrites.
         self._unread = (torch.zeros((1, self.L, self.d), dtype=self.dtype, device=self.device).expand(self.V, -1, -1)
@@ -197,6 +217,16 @@ class OffloadEngine:
         self.rows_from_disk = 0
         # The hot set goes in at start, before any step.
         self._preload(self.directory.preload())
+        if bookkeeping == "device":
+            # tol_cache_admit's state (reference.tol_cache_admit): the directory's placement at start; hot slots
+            # (every slot under 'static') are never evicted; the directory is not consulted again.
+            d = self.directory
+            last_use = np.where(d.owner >= 0, _ref.HOT_STAMP, -1) if policy != "static" else np.full(
+                cache_rows, _ref.HOT_STAMP)
+            self._owner = torch.from_numpy(d.owner.astype(np.int32)).to(self.device)
+            self._last_use = torch.from_numpy(last_use.astype(np.int64)).to(self.device)
+            self._admitted_at = torch.full((cache_rows,), -1, dtype=torch.int64, device=self.device)
+            self._counters = torch.zeros(len(_ref.ADMIT_COUNTERS), dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------ set-up helpers
     def _check_free_memory(self, rows: int) -> None:
@@ -308,10 +338,27 @@ class OffloadEngine:
         """Drop these tokens' rows from the cache (hot ones too). Returns how many were resident."""
         flat = torch.as_tensor(ids).reshape(-1)
         self._check_ids(flat)
+        if self.bookkeeping == "device":
+            return self._evict_on_device(flat)
         self._drain(block=True)
         evicted = self.directory.evict(dict.fromkeys(int(t) for t in flat.tolist()))
         self._apply([], evicted, fence=self._main_fence())
         return len(evicted)
+
+    def _evict_on_device(self, flat: torch.Tensor) -> int:
+        """evict() with bookkeeping='device': after everything queued so far (a rare call: it synchronises), the
+        resident tokens' slots become free tail slots (a hot one joins the tail, as on the host)."""
+        self.synchronize()
+        toks = torch.tensor(list(dict.fromkeys(flat.tolist())), dtype=torch.int64, device=self.device)
+        slots = self.slot_map[toks].long() if toks.numel() else toks
+        toks, slots = toks[slots >= 0], slots[slots >= 0]
+        self._owner[slots] = -1
+        self._last_use[slots] = -1
+        self._admitted_at[slots] = -1
+        self.slot_map[toks] = -1
+        self._counters[_ref.ADMIT_COUNTERS.index("evictions")] += toks.numel()
+        self.synchronize()
+        return int(toks.numel())
 
     def _main_fence(self):
         if not self._cuda:
@@ -395,10 +442,13 @@ class OffloadEngine:
         if not self._cuda:
             if isinstance(self.source, DiskTable):  # the op would fault each missing row in page by page
                 host = flat.numpy()
-                self.source.willneed(host[self.directory.slot_of[np.clip(host, 0, self.V - 1)] < 0])
+                self.source.willneed(host[self.slot_map.numpy()[np.clip(host, 0, self.V - 1)] < 0])
             self._prefetch_op(flat, buf, first, slots, 0, None)
             step = _Step(ids, n, first.view(ids.shape), buf, [], version=_version(ids))
-            self._bookkeep(step, flat.numpy(), slots.numpy(), first.numpy())
+            if self.bookkeeping == "device":
+                self._admit(flat, first, slots, buf)
+            else:
+                self._bookkeep(step, flat.numpy(), slots.numpy(), first.numpy())
             return step
         events = []
         if inline:
@@ -424,7 +474,9 @@ class OffloadEngine:
 
     def _finish(self) -> None:
         """Queue the host's copies of the last mapped CUDA step's ids, slots and first, on the side stream after
-        its transfer, into pinned memory that _drain polls: the host learns hits later, without waiting."""
+        its transfer, into pinned memory that _drain polls: the host learns hits later, without waiting. With
+        bookkeeping='device', queue the step's tol_cache_admit there instead (off the compute stream: the
+        forward reads only the step's rows, and the next step's transfer waits for the side stream)."""
         if self._unfinished is None:
             return
         step, flat, first_slots = self._unfinished
@@ -434,6 +486,9 @@ class OffloadEngine:
             if step.inline:  # else the transfer ran here already, and marked flat
                 self._side.wait_event(step.events[0])
                 flat.record_stream(self._side)
+            if self.bookkeeping == "device":
+                self._admit(flat, first_slots[:n], first_slots[n:], step.buf)
+                return
             # One pinned allocation and two copies (ids; first and slots, back to back), not three and three:
             # on a replayed decode step the host's time can set the pace (see _apply).
             h = torch.empty(k + 8 * n, dtype=torch.uint8, pin_memory=True)
@@ -443,6 +498,16 @@ class OffloadEngine:
             done = torch.cuda.Event()
             done.record(self._side)
         self._pending.append((step, h_ids, h_fs[n:], h_fs[:n], done))
+
+    def _admit(self, flat, first, slots, buf) -> None:
+        """bookkeeping='device': tol_cache_admit on the current stream, straight to the kernel where one exists
+        (the engine built the arguments)."""
+        args = (flat, first, slots, buf, self.slot_map, self._owner, self._last_use, self._admitted_at, self.cache,
+                self._counters)
+        if self._prefetch_backend in ("cpu", "cuda"):
+            torch.ops.memllm.tol_cache_admit(*args)
+        else:
+            ops.tol_cache_admit(*args, backend="reference")
 
     def _prefetch_staged(self, ids, flat, inline: bool) -> _Step:
         """The ids go to the host (a sync on CUDA), which reads the misses into (pinned) staging; on the device
@@ -661,7 +726,7 @@ class OffloadEngine:
         if self._cuda:
             self._fused_hits[layer] += (self.slot_map[ids.reshape(-1).long()] >= 0).sum()
         else:
-            h = int((self.directory.slot_of[ids.reshape(-1).numpy()] >= 0).sum())
+            h = int((self.slot_map[ids.reshape(-1).long()] >= 0).sum())
             self._hits[layer] += h
             self._misses[layer] += n - h
             self._bytes[layer] += (n - h) * self.d * self.cache.element_size()
@@ -687,6 +752,14 @@ class OffloadEngine:
         """
         self.synchronize()
         w_lookups, w_hits, w_misses, w_bytes = self._whole
+        admissions, evictions = self.directory.admissions, self.directory.evictions
+        admitted_bytes = admissions * self._layer_bytes  # per layer: the host path reads each admitted row again
+        if self.bookkeeping == "device":
+            # Every prefetched step, counted once for every layer; admissions copy rows already on the device.
+            c = dict(zip(_ref.ADMIT_COUNTERS, self._counters.tolist()))
+            w_lookups, w_hits, w_misses = c["lookups"], c["hits"], c["lookups"] - c["hits"]
+            w_bytes = c["unique_misses"] * self._layer_bytes
+            admissions, evictions, admitted_bytes = c["admissions"], c["evictions"], 0
         hits = np.array(self._hits, dtype=np.int64) + w_hits
         misses = np.array(self._misses, dtype=np.int64) + w_misses
         lookups_arr = np.array(self._lookups, dtype=np.int64) + w_lookups
@@ -696,25 +769,23 @@ class OffloadEngine:
             fused_lookups = lookups_arr - (hits + misses)
             hits += fh
             misses += fused_lookups - fh
-        es = self.cache.element_size()
-        admit_per_layer = self.directory.admissions * self.d * es
         per_layer = []
         for l in range(self.L):
             lk = int(lookups_arr[l])
             per_layer.append({"layer": l, "lookups": lk, "hits": int(hits[l]), "misses": int(misses[l]),
                               "hit_rate": (int(hits[l]) / lk) if lk else None,
-                              "bytes_h2d": int(self._bytes[l]) + w_bytes + admit_per_layer})
+                              "bytes_h2d": int(self._bytes[l]) + w_bytes + admitted_bytes})
         lookups = int(lookups_arr.sum())
         total_hits = int(hits.sum())
         return {
-            "policy": self.directory.policy_name, "cache_rows": self.capacity, "vocab": self.V,
-            "cache_fraction": self.capacity / self.V, "hot_rows": len(self.directory.hot),
-            "resident": int((self.directory.slot_of >= 0).sum()), "device": str(self.device),
+            "policy": self.directory.policy_name, "bookkeeping": self.bookkeeping, "cache_rows": self.capacity,
+            "vocab": self.V, "cache_fraction": self.capacity / self.V, "hot_rows": len(self.directory.hot),
+            "resident": int((self.slot_map >= 0).sum()), "device": str(self.device),
             "miss_path": self.miss_path, "tier": self.source.describe(), "pinned": bool(self.source.pinned),
             "lookups": lookups, "hits": total_hits, "misses": lookups - total_hits,
             "hit_rate": total_hits / lookups if lookups else None,
-            "bytes_h2d": int(sum(p["bytes_h2d"] for p in per_layer)), "admissions": self.directory.admissions,
-            "evictions": self.directory.evictions, "prefetches": self.prefetches, "host_waits": self.host_waits,
+            "bytes_h2d": int(sum(p["bytes_h2d"] for p in per_layer)), "admissions": admissions,
+            "evictions": evictions, "prefetches": self.prefetches, "host_waits": self.host_waits,
             "rows_from_disk": self.rows_from_disk, "per_layer": per_layer,
         }
 
@@ -722,13 +793,16 @@ class OffloadEngine:
         """Raise AssertionError unless the device slot map mirrors the directory and every occupied slot holds
         exactly its token's rows (tests)."""
         self.synchronize()
-        d = self.directory
-        dev_map = self.slot_map.cpu().numpy()
-        assert np.array_equal(dev_map, d.slot_of), "device slot map differs from the directory"
-        occupied = np.nonzero(d.owner >= 0)[0]
-        toks = d.owner[occupied]
-        assert np.array_equal(d.slot_of[toks], occupied), "slot owners and slot map disagree"
-        assert int((d.slot_of >= 0).sum()) == occupied.size, "a token maps to a slot it does not own"
+        slot_of = self.slot_map.cpu().numpy()
+        if self.bookkeeping == "device":
+            owner = self._owner.cpu().numpy()
+        else:
+            owner = self.directory.owner
+            assert np.array_equal(slot_of, self.directory.slot_of), "device slot map differs from the directory"
+        occupied = np.nonzero(owner >= 0)[0]
+        toks = owner[occupied]
+        assert np.array_equal(slot_of[toks], occupied), "slot owners and slot map disagree"
+        assert int((slot_of >= 0).sum()) == occupied.size, "a token maps to a slot it does not own"
         if occupied.size:
             got = self.cache[torch.from_numpy(occupied).to(self.device)].cpu()
             want = self.source.table[torch.from_numpy(toks)].cpu()
@@ -779,7 +853,8 @@ def format_stats(s: dict) -> str:
     hr = "-" if s["hit_rate"] is None else f"{100 * s['hit_rate']:.1f}%"
     tier = s["tier"]
     pinned = "pinned" if s["pinned"] else f"not pinned: {tier.get('pin_note')}"
-    lines = [f"cache: {s['policy']}, {s['cache_rows']} of {s['vocab']} rows ({100 * s['cache_fraction']:.1f}%, "
+    where = " (run on the device)" if s.get("bookkeeping") == "device" else ""
+    lines = [f"cache: {s['policy']}{where}, {s['cache_rows']} of {s['vocab']} rows ({100 * s['cache_fraction']:.1f}%, "
              f"{s['hot_rows']} hot) on {s['device']}; tier {tier['location']} ({pinned}), miss path {s['miss_path']}",
              f"cache: {s['lookups']:,} lookups, {s['hits']:,} hits ({hr}), {s['misses']:,} misses, "
              f"{s['bytes_h2d'] / gb:.4f} GB moved to the device, {s['admissions']:,} admissions, "

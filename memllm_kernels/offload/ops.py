@@ -8,6 +8,8 @@ after the op; Triton kernels in memllm_kernels/triton/):
     tol_cache_prefetch(Tensor ids, Tensor slot_map, Tensor cache, Tensor host_table, Tensor(a!) out,
                        Tensor(b!) first, Tensor(c!) slots, int layer_begin=0, int? layer_end=None,
                        bool check_ids=True) -> ()
+    tol_cache_admit(Tensor ids, Tensor first, Tensor slots, Tensor rows, Tensor(a!) slot_map, Tensor(b!) owner,
+                    Tensor(c!) last_use, Tensor(d!) admitted_at, Tensor(e!) cache, Tensor(f!) counters) -> ()
     tol_host_alloc(int[] size, ScalarType dtype, bool pin=True) -> Tensor
     tol_host_mapped(Tensor t) -> bool
 Backends: 'reference' (memllm_kernels/offload/reference.py, any device), 'cpu', 'cuda', and 'triton' for
@@ -292,6 +294,58 @@ def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.T
 @torch.library.register_fake("memllm::tol_cache_prefetch")
 def _tol_cache_prefetch_fake(ids, slot_map, cache, host_table, out, first, slots, layer_begin=0, layer_end=None,
                              check_ids=True):
+    return None
+
+
+# ---------------------------------------------------------------- tol_cache_admit
+def tol_cache_admit(ids: torch.Tensor, first: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+                    slot_map: torch.Tensor, owner: torch.Tensor, last_use: torch.Tensor, admitted_at: torch.Tensor,
+                    cache: torch.Tensor, counters: torch.Tensor, *, backend: str = "auto") -> None:
+    """One step's cache bookkeeping on the device after tol_cache_prefetch: an LRU tail over hot slots, the
+    same decisions as CacheDirectory's hot+lru (see csrc/ops.cpp and reference.tol_cache_admit).
+
+    ids [N] int32/int64, first and slots [N] int32: tol_cache_prefetch's inputs and outputs for the step;
+    rows [>= N, ...]: its rows (rows[b] holds ids[b]'s row at first occurrences), with cache's row shape
+    and dtype. Updated in place: slot_map [V] int32, owner [C] int32 (token or -1), last_use [C] int64
+    (HOT_STAMP for hot slots, -1 for free ones), admitted_at [C] int64 (step of admission), cache [C, ...]
+    (admitted rows copied from rows), counters [7] int64 (reference.ADMIT_COUNTERS). All on one device;
+    no host synchronisation (usable under CUDA graphs). Ids outside [0, V) are skipped.
+    """
+    op = "tol_cache_admit"
+    _check_token_table(op, "cache", cache)
+    _tensor(op, "rows", rows)
+    _same_rows(op, ["cache", "rows"], [cache, rows])
+    _check_token_table(op, "rows", rows)
+    _tensor(op, "ids", ids, _INDEX, "int32 or int64")
+    if ids.dim() != 1:
+        raise ValueError(f"{op}: ids must be 1-D [N], got shape {list(ids.shape)}")
+    N, C, dev = ids.shape[0], cache.shape[0], cache.device
+    if rows.shape[0] < N:
+        raise ValueError(f"{op}: rows has {rows.shape[0]} rows for {N} ids")
+    if not cache.is_contiguous():
+        raise ValueError(f"{op}: cache must be contiguous")
+    for name, t, dtype, size in (("first", first, torch.int32, N), ("slots", slots, torch.int32, N),
+                                 ("slot_map", slot_map, torch.int32, None), ("owner", owner, torch.int32, C),
+                                 ("last_use", last_use, torch.int64, C), ("admitted_at", admitted_at, torch.int64, C),
+                                 ("counters", counters, torch.int64, len(reference.ADMIT_COUNTERS))):
+        _tensor(op, name, t, (dtype,), str(dtype).removeprefix("torch."))
+        if t.dim() != 1 or (size is not None and t.shape[0] != size) or not t.is_contiguous():
+            want = "" if size is None else f" of {size}"
+            raise ValueError(f"{op}: {name} must be a contiguous 1-D tensor{want}, got shape {list(t.shape)}")
+    for name, t in (("ids", ids), ("first", first), ("slots", slots), ("rows", rows), ("slot_map", slot_map),
+                    ("owner", owner), ("last_use", last_use), ("admitted_at", admitted_at), ("counters", counters)):
+        if t.device != dev:
+            raise RuntimeError(f"{op}: {name} must be on cache's device {dev}, got {t.device}")
+    b = _backend(backend, dev, triton_ok=False)
+    if b in ("cpu", "cuda"):
+        torch.ops.memllm.tol_cache_admit(ids, first, slots, rows, slot_map, owner, last_use, admitted_at, cache,
+                                         counters)
+    else:
+        reference.tol_cache_admit(ids, first, slots, rows, slot_map, owner, last_use, admitted_at, cache, counters)
+
+
+@torch.library.register_fake("memllm::tol_cache_admit")
+def _tol_cache_admit_fake(ids, first, slots, rows, slot_map, owner, last_use, admitted_at, cache, counters):
     return None
 
 

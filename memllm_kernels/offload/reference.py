@@ -6,6 +6,7 @@ the fallback where no compiled kernel exists (e.g. tol_cache_prefetch with Trito
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -77,3 +78,55 @@ def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.T
         out[uniq.to(out.device), layer_begin:end] = rows[:, layer_begin:end].to(out.device)
     elif end > layer_begin:
         out[uniq.to(out.device)] = rows.to(out.device)
+
+
+HOT_STAMP = torch.iinfo(torch.int64).max  # tol_cache_admit: the last_use of a hot slot (never evicted)
+ADMIT_COUNTERS = ("clock", "step", "lookups", "hits", "unique_misses", "admissions", "evictions")
+
+
+def tol_cache_admit(ids: torch.Tensor, first: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+                    slot_map: torch.Tensor, owner: torch.Tensor, last_use: torch.Tensor, admitted_at: torch.Tensor,
+                    cache: torch.Tensor, counters: torch.Tensor) -> None:
+    """One step's LRU bookkeeping after tol_cache_prefetch (see csrc/ops.cpp), in place on slot_map [V],
+    owner [C], last_use [C], admitted_at [C], cache [C, ...] and counters [7] (ADMIT_COUNTERS).
+
+    The step's distinct tokens (positions b with first[b] == b, ids in [0, V)) in order: a resident token's
+    slot gets last_use = clock (clock += 1) unless it is hot (HOT_STAMP); a missing one takes the slot of
+    least last_use (ties: the lowest slot) among those not admitted this step and not hot, evicting its
+    owner, and rows[b] is copied into it. No such slot: not admitted."""
+    ids_l, first_l, slots_l = ids.tolist(), first.tolist(), slots.tolist()
+    sm, own = slot_map.cpu().numpy().copy(), owner.cpu().numpy().copy()
+    use, born = last_use.cpu().numpy().copy(), admitted_at.cpu().numpy().copy()
+    cnt = counters.cpu().numpy().copy()
+    V, C = sm.shape[0], own.shape[0]
+    clock, step = int(cnt[0]), int(cnt[1]) + 1
+    copies = []
+    for b, tok in enumerate(ids_l):
+        if first_l[b] != b or not 0 <= tok < V:
+            continue
+        s = int(sm[tok])
+        if 0 <= s < C:
+            if use[s] != HOT_STAMP:
+                use[s], clock = clock, clock + 1
+            continue
+        if C == 0:
+            continue
+        key = np.where(born != step, use, HOT_STAMP)  # this step's admissions are never victims
+        v = int(np.argmin(key))  # the first of equal keys: the lowest slot
+        if key[v] == HOT_STAMP:
+            continue
+        if 0 <= own[v] < V:
+            sm[own[v]] = -1
+            cnt[6] += 1
+        own[v], sm[tok], use[v], born[v] = tok, v, clock, step
+        clock += 1
+        cnt[5] += 1
+        copies.append((b, v))
+    cnt[0], cnt[1] = clock, step
+    cnt[2] += len(ids_l)
+    cnt[3] += sum(1 for s in slots_l if s >= 0)
+    cnt[4] += sum(1 for b, s in enumerate(slots_l) if first_l[b] == b and s < 0)
+    for t, a in ((slot_map, sm), (owner, own), (last_use, use), (admitted_at, born), (counters, cnt)):
+        t.copy_(torch.from_numpy(a))
+    for b, v in copies:  # in order: a slot is admitted into at most once per step
+        cache[v] = rows[b]
