@@ -1140,12 +1140,13 @@ def test_cli_generate_and_eval_with_tol_location(tmp_path, monkeypatch, capsys):
 
 # ================================================================ GPU (skipped here, with the reason)
 @pytest.mark.requires_cuda
-@pytest.mark.parametrize("tier", ["host", "disk"])
-def test_engine_on_gpu_equals_the_table(tmp_path, tier):
+@pytest.mark.parametrize("tier,bookkeeping", [("host", "host"), ("disk", "host"), ("host", "device")])
+def test_engine_on_gpu_equals_the_table(tmp_path, tier, bookkeeping):
     path, table = _tol_file(tmp_path, V=500, L=4, d=64, dtype=torch.bfloat16)
     source = HostTable.from_file(path) if tier == "host" else DiskTable(path)
     assert source.pinned == (tier == "host")
-    engine = OffloadEngine(source, device="cuda", cache_rows=40, policy="hot+lru", token_counts=np.arange(500))
+    engine = OffloadEngine(source, device="cuda", cache_rows=40, policy="hot+lru", token_counts=np.arange(500),
+                           bookkeeping=bookkeeping)
     assert engine.miss_path == ("mapped" if tier == "host" else "staged")
     tab = table.cuda()
     for step in range(200):
@@ -1168,12 +1169,13 @@ def test_engine_on_gpu_equals_the_table(tmp_path, tier):
 
 
 @pytest.mark.requires_cuda
-def test_engine_decode_steady_state_has_no_host_sync():
+@pytest.mark.parametrize("bookkeeping", ["host", "device"])
+def test_engine_decode_steady_state_has_no_host_sync(bookkeeping):
     """After warm-up, prefetch + per-layer reads of a decode step on the pinned tier never synchronise the host
     with the device (torch's sync debug mode raises on any synchronising call)."""
     table = mk.tol_host_alloc([1000, 4, 128], torch.bfloat16)
     table.copy_(torch.randn(1000, 4, 128).to(torch.bfloat16))
-    engine = OffloadEngine(HostTable(table), device="cuda", cache_rows=50, policy="lru")
+    engine = OffloadEngine(HostTable(table), device="cuda", cache_rows=50, policy="lru", bookkeeping=bookkeeping)
     ids = torch.randint(0, 1000, (1, 1), device="cuda")
     h = torch.zeros(1, 1, 128, device="cuda", dtype=torch.bfloat16)
     for _ in range(5):
@@ -1198,8 +1200,8 @@ def test_engine_decode_steady_state_has_no_host_sync():
 
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
-@pytest.mark.parametrize("location", ["host", "disk"])
-def test_decode_graph_through_the_engine_equals_the_in_memory_tol(tmp_path, location, compile):
+@pytest.mark.parametrize("location,bookkeeping", [("host", "host"), ("disk", "host"), ("host", "device")])
+def test_decode_graph_through_the_engine_equals_the_in_memory_tol(tmp_path, location, bookkeeping, compile):
     """Generation with every decode step replayed from a CUDA graph, ToLs read through the engine (pinned host
     tier, mapped misses; disk tier, staged misses), gives the in-memory ToL's tokens, and the engine counts
     the replayed steps' lookups."""
@@ -1214,7 +1216,8 @@ def test_decode_graph_through_the_engine_equals_the_in_memory_tol(tmp_path, loca
     swap_ffn_for_tol(model, load_tol(path, model))
     model.cuda()
     source = HostTable.from_file(path, engine_model) if location == "host" else DiskTable(path, engine_model)
-    engine = OffloadEngine(source, device="cuda", cache_rows=15, policy="hot+lru", token_counts=np.arange(300))
+    engine = OffloadEngine(source, device="cuda", cache_rows=15, policy="hot+lru", token_counts=np.arange(300),
+                           bookkeeping=bookkeeping)
     swap_ffn_for_engine(engine_model, engine)
     prompts = [[1, 2, 3, 250], [7]]
     want = generate(model, prompts, 20, cuda_graph=True)
@@ -1230,7 +1233,8 @@ def test_decode_graph_through_the_engine_equals_the_in_memory_tol(tmp_path, loca
 
 
 @pytest.mark.requires_cuda
-def test_decode_graph_steady_state_has_no_host_sync(tmp_path):
+@pytest.mark.parametrize("bookkeeping", ["host", "device"])
+def test_decode_graph_steady_state_has_no_host_sync(tmp_path, bookkeeping):
     """DecodeGraph steps with ToLs in the pinned host tier: prefetch, bookkeeping and replay never synchronise
     the host with the device; a step after the engine's buffers grew is captured again and still right."""
     from memllm_kernels.model import DecodeGraph
@@ -1238,7 +1242,8 @@ def test_decode_graph_steady_state_has_no_host_sync(tmp_path):
 
     model, path = _tiny_model_and_file(tmp_path)
     model.cuda()
-    engine = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15, policy="lru")
+    engine = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15, policy="lru",
+                           bookkeeping=bookkeeping)
     swap_ffn_for_engine(model, engine)
     with torch.no_grad():
         model.setup_caches(1, 40)
@@ -1261,6 +1266,47 @@ def test_decode_graph_steady_state_has_no_host_sync(tmp_path):
         want = model(toks[3], input_pos=torch.tensor([30], device="cuda"))  # eager, the same slot and token
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     engine.check_consistency()
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
+def test_decode_graph_with_device_bookkeeping_decides_like_the_host(tmp_path, compile):
+    """With bookkeeping='device' the graph replays the engine's whole step (transfer and tol_cache_admit): the
+    host does no engine work per step, the logits equal those of an engine whose host directory decides, and
+    after the run both caches hold the same tokens in the same slots (the host applies its decisions steps
+    later, so the hits differ)."""
+    import copy
+
+    from memllm_kernels.model import DecodeGraph
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    torch._dynamo.reset()
+    model, path = _tiny_model_and_file(tmp_path)
+    model.cuda()
+    models, engines = {}, {}
+    for bk in ("host", "device"):
+        models[bk] = copy.deepcopy(model)
+        engines[bk] = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15,
+                                    policy="hot+lru", token_counts=np.arange(300), bookkeeping=bk)
+        swap_ffn_for_engine(models[bk], engines[bk])
+    assert engines["device"].graph_step and not engines["host"].graph_step
+    toks = torch.from_numpy(np.random.default_rng(5).zipf(1.3, 60) % 300).view(60, 1, 1).cuda()
+    with torch.no_grad():
+        steps = {}
+        for bk, m in models.items():
+            m.setup_caches(1, 70)
+            m(torch.tensor([[1, 2, 3]], device="cuda"), input_pos=torch.arange(3, device="cuda"))
+            steps[bk] = DecodeGraph(m, 1, compile=compile)
+        before = engines["device"].stats()["lookups"]
+        for t in range(60):
+            got = {bk: steps[bk](toks[t], 3 + t).clone() for bk in steps}
+            torch.testing.assert_close(got["device"], got["host"], atol=0, rtol=0)
+    host, dev = engines["host"].stats(), engines["device"].stats()
+    assert dev["lookups"] - before == 60 * 3
+    assert dev["admissions"] == host["admissions"] > 0 and dev["evictions"] == host["evictions"]
+    assert torch.equal(engines["device"].slot_map, engines["host"].slot_map)
+    for engine in engines.values():
+        engine.check_consistency()
 
 
 @pytest.mark.requires_cuda

@@ -29,7 +29,12 @@ inline const char* device_address(const at::Tensor& t, const at::Device& device,
   // Map the allocation's base (what was registered), then add the tensor's offset into it.
   char* base = static_cast<char*>(const_cast<void*>(t.storage().data()));
   void* mapped = nullptr;
+  // A lookup, not a stream operation: allowed while a CUDA graph is captured (OffloadEngine.capture_step
+  // records the step's host-row reads into the graph), where the default capture mode could refuse it.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
   const cudaError_t err = cudaHostGetDevicePointer(&mapped, base, 0);
+  C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // clear the sticky-free error so later calls do not see it
     TORCH_CHECK(false, op + ": " + name + " is in pageable host memory, which a GPU kernel cannot read (" +

@@ -14,7 +14,9 @@ The logits tensor belongs to the graph: the next call overwrites it. With the of
 (swap_ffn_for_engine), each call runs engine.prefetch(inline=True) eagerly, on the stream the graph is replayed
 on (hits and misses are decided on the host, without a host sync on the pinned tier), and the graph reads the
 engine's step buffer, so rows still come from the device cache or the host tier; a step buffer that moved (a
-longer prompt grew it) is recaptured.
+longer prompt grew it) is recaptured. An engine with bookkeeping='device' (OffloadEngine.graph_step) has its
+whole step captured instead: transfer and bookkeeping run inside the graph, and a call costs the host one
+replay, as with the table in device memory.
 CUDA only: on other devices it raises ValueError rather than quietly running eagerly.
 
 A graph removes launch overhead but not the kernels' own latency: on an H200 the replayed 1b dense step took
@@ -110,7 +112,11 @@ class DecodeGraph:
             for _ in range(self.warmup):
                 self._forward()
         main.wait_stream(side)
-        if self.engine is not None:
+        whole = self.engine is not None and self.engine.graph_step
+        if whole:
+            self.engine.reserve(self.tokens.numel())  # capture_step allocates nothing
+            self.engine.captured_layers = []
+        elif self.engine is not None:
             # The capture's reads of the step buffer are recorded, not run: prefetch once so that the buffer
             # exists at its final address and the reads match this step (the model's hook is off while capturing).
             self.engine.prefetch(self.tokens, check_ids=False, inline=True)
@@ -118,7 +124,11 @@ class DecodeGraph:
             self.engine.captured_layers = []
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
+            if whole:  # the engine's transfer and bookkeeping are part of the graph
+                self.engine.capture_step(self.tokens)
             self.logits = self._forward()
+            if whole:
+                self.engine.end_capture()
         if self.engine is not None:
             self._layers = list(self.engine.captured_layers)
             self._buffers = self.engine.step_buffers()
@@ -137,6 +147,14 @@ class DecodeGraph:
             raise ValueError(f"pos={pos} is outside [0, {self.max_len - 1}) (slot {self.max_len - 1} is the "
                              f"graph's scratch slot: set up the cache one slot longer)")
         self._set_inputs(tokens, pos, pad)
+        if self.engine is not None and self.engine.graph_step:
+            # The graph runs the engine's step too (bookkeeping on the device): no engine work on the host.
+            if any(a is not b for a, b in zip(self.engine.step_buffers(), self._buffers)):
+                self._capture()
+                self._set_inputs(tokens, pos, pad)
+            self.engine.before_replay()
+            self.graph.replay()
+            return self.logits
         if self.engine is not None:
             # Inline (one group, on this stream): the replay waits for every layer's rows anyway. The engine's
             # host work (bookkeeping, admissions) after the replay's launch: the replay reads only the step buffer.

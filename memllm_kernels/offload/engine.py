@@ -203,6 +203,7 @@ class OffloadEngine:
         self._deferred = None  # the staged path's last admissions: _apply's arguments, queued at the next step
         self._unfinished = None  # the mapped CUDA path's last step, until its host copies are queued (_finish)
         self._step: _Step | None = None
+        self._fork = torch.cuda.Stream(self.device) if self._cuda else None  # capture_step's forked stream
         self.captured_layers: list[int] = []  # layers read by a forward under CUDA-graph capture (wait_step)
         # Per-layer counters as Python lists: a numpy scalar update costs ~1 us, four per layer per step add up.
         self._lookups, self._hits, self._misses, self._bytes = ([0] * self.L for _ in range(4))
@@ -708,6 +709,51 @@ class OffloadEngine:
             step.layers_read.append(layer)
             if step.counted:
                 self._count_layer(step, layer)
+
+    # ------------------------------------------------------------ a whole step inside a CUDA graph
+    @property
+    def graph_step(self) -> bool:
+        """Whether a CUDA graph can capture this engine's whole step, transfer and bookkeeping (bookkeeping=
+        'device' on the mapped miss path of a CUDA device): DecodeGraph then replays it with the forward, and a
+        decode step costs the host no engine work at all."""
+        return self._cuda and self.bookkeeping == "device" and self.miss_path == "mapped"
+
+    def capture_step(self, ids: torch.Tensor) -> None:
+        """Under CUDA-graph capture, for a graph_step engine: the step's transfer (tol_cache_prefetch) on the
+        capturing stream and its bookkeeping (tol_cache_admit) on a stream forked from it, which end_capture()
+        joins (the admission overlaps the forward, which reads only the step buffer). ids: the graph's static
+        input [...]; each replay runs the step for what it holds then. reserve(ids.numel()) (or a prefetch of as
+        many ids) must come before the capture: nothing is allocated while capturing."""
+        if not self.graph_step:
+            raise RuntimeError("capture_step needs bookkeeping='device' on the mapped miss path of a CUDA device")
+        if not torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("capture_step records a step into a CUDA graph: call it while capturing")
+        flat = ids.reshape(-1)
+        n = flat.numel()
+        if self._buf is None or self._buf.shape[0] < n or self._first.shape[0] < 2 * n:
+            raise RuntimeError(f"capture_step: reserve({n}) before the capture, so the step buffers exist")
+        (first, slots), buf = self._first_slots(n), self._buf
+        main = torch.cuda.current_stream(self.device)
+        self._prefetch_op(flat, buf, first, slots, 0, None)
+        self._fork.wait_stream(main)
+        with torch.cuda.stream(self._fork):
+            self._admit(flat, first, slots, buf)
+        self._step = _Step(ids, n, first.view(ids.shape), buf, [], version=_version(ids), inline=True)
+
+    def reserve(self, n: int) -> None:
+        """Make the step buffers hold steps of n tokens (they grow, never shrink)."""
+        self._ensure_buffers(max(1, int(n)))
+
+    def end_capture(self) -> None:
+        """Join capture_step's forked stream into the capturing stream (before the capture ends)."""
+        torch.cuda.current_stream(self.device).wait_stream(self._fork)
+
+    def before_replay(self) -> None:
+        """Before each replay of a graph with a captured step: what eager steps left (an admission still to queue,
+        work on the side stream) runs before the replayed transfer reads the cache; counts the step."""
+        self._finish()
+        torch.cuda.current_stream(self.device).wait_stream(self._side)
+        self.prefetches += 1
 
     def step_buffers(self) -> tuple:
         """The device tensors a prefetched step is read from (first-row index, rows). They stay the same
