@@ -36,8 +36,9 @@ op offload_hit_rate Pure bookkeeping (memllm_kernels.offload.policy.simulate) on
 op e2e_offload_decode  Decode tokens/s of the model at batch 1 (random weights), the next token taken from a
                     real text stream (Shakespeare validation split) so the cache sees realistic reuse:
                     dense, memoryllm (ToL in device memory), memoryllm-host (pinned host tier + a cache of 5%
-                    of the text's GPT-2 vocabulary, 2,512 rows), memoryllm-disk (ToL file read in place + the
-                    same cache). GPU: the 1b preset in bf16 (targets:
+                    of the text's GPT-2 vocabulary, 2,512 rows), memoryllm-host-devlru (the same, its LRU run
+                    on the device: on a GPU the graph replays the engine's whole step), memoryllm-disk (ToL
+                    file read in place + the same cache). GPU: the 1b preset in bf16 (targets:
                     >= 2.0x dense, host/disk <= 3% slower than all-in-VRAM, peak VRAM <= 2.5 GB); CPU: the tiny
                     preset in float32, so the code path is exercised. GPU: also e2e_offload_decode_graph, each
                     step replayed from a CUDA graph (DecodeGraph; the engine's prefetch still runs eagerly).
@@ -82,7 +83,7 @@ def pytest_generate_tests(metafunc):
                               for p in presets for n in tokens for g in provs])
     if "decode_provider" in metafunc.fixturenames:
         size, dtype = ("1b", "bfloat16") if device == "cuda" else ("tiny", "float32")
-        provs = ["dense", "memoryllm", "memoryllm-host", "memoryllm-disk"]
+        provs = ["dense", "memoryllm", "memoryllm-host", "memoryllm-host-devlru", "memoryllm-disk"]
         modes = ["eager", "graph", "compiled"] if device == "cuda" else ["eager", "compiled"]
         metafunc.parametrize("device,size,dtype,decode_provider,mode",  # provider-major: one 1b build each
                              [pytest.param(device, size, dtype, p, m, id=f"{p}-{size}-{m}")

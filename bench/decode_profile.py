@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", help="preset size (default 1b on a GPU, tiny on the CPU)")
     p.add_argument("--dtype", help="default bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--providers", nargs="+", default=["dense", "memoryllm", "memoryllm-host"], choices=PROVIDERS)
+    p.add_argument("--providers", nargs="+", default=["dense", "memoryllm", "memoryllm-host", "memoryllm-host-devlru"],
+                   choices=PROVIDERS)
     p.add_argument("--modes", nargs="+", choices=["eager", "graph", "compiled"],
                    help="default graph and compiled on a GPU (eager is bound by launches there), eager and compiled "
                    "on the CPU; graph: CUDA only (skipped on the CPU)")

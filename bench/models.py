@@ -6,6 +6,8 @@ Providers (where a model's memory-FFN rows come from):
     memoryllm-host   MemoryLLM, ToL table in the host tier (page-locked when a GPU is present) + a device
                      row cache of 5% of the vocabulary (hot+lru), through the offload engine; the token
                      embedding in host memory too (offload_embedding: 0.53 GB less device memory at 1b)
+    memoryllm-host-devlru  the same with the cache's LRU bookkeeping on the device (OffloadEngine(bookkeeping=
+                     'device'): each step's tol_cache_admit runs after its transfer, inside a DecodeGraph's graph)
     memoryllm-disk   the same with the table read in place from a safetensors file (pages dropped first),
                      written once into table_dir() and reused by later runs (12.6 GB at 1b: delete it after)
     flex3            Flex-MemoryLLM (beta = 3): FFN-C dense, FFN-M as a ToL table in device memory
@@ -25,7 +27,7 @@ import torch
 
 import memllm_kernels as mk
 
-PROVIDERS = ("dense", "memoryllm", "memoryllm-host", "memoryllm-disk", "flex3")
+PROVIDERS = ("dense", "memoryllm", "memoryllm-host", "memoryllm-host-devlru", "memoryllm-disk", "flex3")
 CACHE_FRACTION = 0.05  # device cache of the host/disk providers, in rows of the vocabulary
 
 
@@ -70,7 +72,7 @@ def build_model(device: str, size: str, dtype: str, provider: str, token_counts:
         if provider in ("memoryllm", "flex3"):
             swap_ffn_for_tol(model, fill_table(shape, dt, device))
         else:
-            if provider == "memoryllm-host":
+            if provider.startswith("memoryllm-host"):
                 source = HostTable(mk.tol_host_alloc(shape, dt))
                 chunk = fill_table((min(shape[0], 512),) + shape[1:], dt, "cpu")
                 for i in range(0, shape[0], chunk.shape[0]):
@@ -84,7 +86,8 @@ def build_model(device: str, size: str, dtype: str, provider: str, token_counts:
                 source = DiskTable(path)
                 source.drop_pages()  # start cold: rows come from storage (or whatever the device caches)
             rows = max(1, int(cfg.vocab_size * CACHE_FRACTION)) if cache_rows is None else cache_rows
-            engine = OffloadEngine(source, device=device, cache_rows=rows, policy="hot+lru", token_counts=token_counts)
+            engine = OffloadEngine(source, device=device, cache_rows=rows, policy="hot+lru", token_counts=token_counts,
+                                   bookkeeping="device" if provider.endswith("-devlru") else "host")
             swap_ffn_for_engine(model, engine)
             offload_embedding(model)
     if device == "cuda":

@@ -40,7 +40,7 @@ def _layers(s: str) -> list[int]:
 
 
 def _add_offload_args(p: argparse.ArgumentParser) -> None:
-    """--tol-location / --cache-rows / --cache-policy (the offload engine, docs/offload.md)."""
+    """--tol-location / --cache-rows / --cache-policy / --cache-bookkeeping (the offload engine, docs/offload.md)."""
     from .offload.policy import POLICIES
 
     p.add_argument("--tol-location", choices=("device", "host", "disk"),
@@ -51,6 +51,10 @@ def _add_offload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", choices=POLICIES, default="hot+lru",
                    help="cache policy (default hot+lru: a hot set from the run's training-split token counts "
                    "plus an LRU tail)")
+    p.add_argument("--cache-bookkeeping", choices=("host", "device"), default="host",
+                   help="where the cache policy runs (default host); device: an LRU tail decided by a kernel after "
+                   "each step's transfer (policies lru, hot+lru, static; --tol-location host, or any tier on the "
+                   "CPU), and with --cuda-graph the whole step is replayed from the graph")
     p.add_argument("--embedding-location", choices=("device", "host"), default="device",
                    help="where the token embedding lives (default device); host: page-locked host memory read "
                    "one row per token, freeing [vocab x d] of device memory (models with untied embeddings)")
@@ -255,7 +259,7 @@ def _cmd_precompute(a) -> int:
 
 def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | None = None,
                         cache_rows: int | None = None, policy: str = "hot+lru", progress: bool = False,
-                        embedding: str = "device"):
+                        embedding: str = "device", bookkeeping: str = "host"):
     """(model, run config, offload engine or None). location 'host'/'disk' reads the ToL through an
     OffloadEngine (memllm_kernels/offload); 'device' or plain --tol puts the whole table on the device.
     embedding 'host': the token embedding in host memory (offload_embedding), after the ToL is set up."""
@@ -267,9 +271,11 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
     model, cfg = load_run(run, device)
     engine = None
     if location in ("host", "disk"):
-        engine = _attach_engine(model, cfg, run, device, location, cache_rows, policy, progress)
+        engine = _attach_engine(model, cfg, run, device, location, cache_rows, policy, progress, bookkeeping)
     elif cache_rows is not None:
         raise ValueError("--cache-rows needs --tol-location host or disk")
+    elif bookkeeping != "host":
+        raise ValueError("--cache-bookkeeping needs --tol-location host or disk")
     elif use_tol or location == "device":
         path = run / "tol.safetensors"
         if not path.is_file():
@@ -281,7 +287,8 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
     return model, cfg, engine
 
 
-def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows, policy: str, progress: bool):
+def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows, policy: str, progress: bool,
+                   bookkeeping: str = "host"):
     import numpy as np
 
     from .model.tol import swap_ffn_for_engine
@@ -290,6 +297,12 @@ def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows
     path = run / "tol.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
+    if bookkeeping == "device":  # before minutes of reading a large table into host memory
+        if policy not in ("lru", "hot+lru", "static"):
+            raise ValueError(f"--cache-bookkeeping device runs an LRU tail; --cache-policy {policy} needs the host's")
+        if location == "disk" and not device.startswith("cpu"):
+            raise ValueError("--cache-bookkeeping device needs a tier the GPU reads by address (--tol-location "
+                             "host); the disk tier learns each step's ids on the host anyway")
     source = HostTable.from_file(path, model, progress=progress) if location == "host" else DiskTable(path, model)
     V = model.config.vocab_size
     rows = max(1, V // 20) if cache_rows is None else cache_rows
@@ -304,7 +317,8 @@ def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows
             if policy == "static":
                 raise ValueError(f"the static cache policy needs the run's training text for its hot set: {e}") from None
             print(f"memllm: no hot set ({e}); the cache starts empty", file=sys.stderr)
-    engine = OffloadEngine(source, device=device, cache_rows=rows, policy=policy, token_counts=counts)
+    engine = OffloadEngine(source, device=device, cache_rows=rows, policy=policy, token_counts=counts,
+                           bookkeeping=bookkeeping)
     swap_ffn_for_engine(model, engine)
     return engine
 
@@ -319,7 +333,8 @@ def _cmd_eval(a) -> int:
     if a.ffn and a.tol_location:
         raise ValueError("--tol-location runs the ToL; it cannot be combined with --ffn")
     model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
-                                             progress=not a.no_progress, embedding=a.embedding_location)
+                                             progress=not a.no_progress, embedding=a.embedding_location,
+                                             bookkeeping=a.cache_bookkeeping)
     if a.alpha != 1.0 or a.drop_layers:
         model.set_memory_scale(a.alpha, a.drop_layers)
     ids, _ = run_tokens(cfg, a.run, "val", a.text)
@@ -350,7 +365,8 @@ def _cmd_generate(a) -> int:
     if a.cuda_graph and not a.device.startswith("cuda"):
         raise ValueError(f"--cuda-graph replays CUDA graphs: it needs --device cuda, not {a.device}")
     model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
-                                             progress=not a.no_progress, embedding=a.embedding_location)
+                                             progress=not a.no_progress, embedding=a.embedding_location,
+                                             bookkeeping=a.cache_bookkeeping)
     model.decode_attention = a.decode_attention
     tok = load_run_tokenizer(a.run, cfg["tokenizer"])
     prompts = [tok.encode(p) for p in a.prompt]

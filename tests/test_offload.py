@@ -1117,6 +1117,8 @@ def test_cli_generate_and_eval_with_tol_location(tmp_path, monkeypatch, capsys):
             assert "cache: hot+lru, 20 of 300 rows" in out and "lookups" in out
     out = cli(*gen, "--tol-location", "disk", "--cache-rows", "20", "--embedding-location", "host")
     assert out.splitlines()[0] == base.splitlines()[0]
+    out = cli(*gen, "--tol-location", "host", "--cache-rows", "20", "--cache-bookkeeping", "device")
+    assert out.splitlines()[0] == base.splitlines()[0] and "cache: hot+lru (run on the device), 20 of 300" in out
     torch._dynamo.reset()
     compiled = cli(*gen, "--tol-location", "host", "--cache-rows", "20", "--compile")
     assert compiled.splitlines()[0] == base.splitlines()[0]
@@ -1132,6 +1134,12 @@ def test_cli_generate_and_eval_with_tol_location(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "larger than the vocabulary (V=300)" in capsys.readouterr().err
     rc = main([*ev, "--tol", "--cache-rows", "5"])
     assert rc == 2 and "--cache-rows needs --tol-location" in capsys.readouterr().err
+    rc = main([*ev, "--tol", "--cache-bookkeeping", "device"])
+    assert rc == 2 and "--cache-bookkeeping needs --tol-location" in capsys.readouterr().err
+    rc = main([*ev, "--tol-location", "host", "--cache-bookkeeping", "device", "--cache-policy", "lfu"])
+    assert rc == 2 and "--cache-policy lfu needs the host's" in capsys.readouterr().err
+    dev = json.loads(cli(*ev, "--tol-location", "disk", "--cache-bookkeeping", "device"))
+    assert dev["loss"] == ref["loss"] and dev["cache"]["bookkeeping"] == "device"
     rc = main([*ev, "--ffn", "--tol-location", "disk"])
     assert rc == 2 and "cannot be combined with --ffn" in capsys.readouterr().err
     rc = main([*gen, "--tol", "--cuda-graph"])
