@@ -19,7 +19,7 @@
 #   profile    bench/decode_profile.py: kernels per decode step by kind (matmul, attention, ToL, the rest) and
 #              the device's idle time for dense, MemoryLLM and the host tier, graph / compiled, both attentions:
 #              why decode is or is not weight-bound (PROFILE_ARGS: its options instead, e.g. "--modes compiled
-#              --attention memllm --providers memoryllm memoryllm-host memoryllm-disk"; each compiled case
+#              --attention memllm --providers memoryllm memoryllm-host memoryllm-host-devlru"; each compiled case
 #              compiles the 1b step, about a minute)
 #   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size; bench_decode_attention.py:
 #              decode_attention against the model's SDPA step

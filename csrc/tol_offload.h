@@ -1,5 +1,5 @@
-// Shared by the offload ops (tol_host_gather, tol_cached_gather_add, tol_cache_prefetch, tol_host_alloc):
-// argument checks of token-row tables and the hook through which the CUDA build pins host memory.
+// Shared by the offload ops (tol_host_gather, tol_cached_gather_add, tol_cache_prefetch, tol_cache_admit,
+// tol_host_alloc): argument checks of token-row tables and the hook through which the CUDA build pins host memory.
 //
 // A "token-row table" is [V, d] or token-major [V, L, d]: each token's rows (all L layers) are one
 // contiguous run of L*d elements, so one token moves as one copy (96 KiB at the 1b preset in bf16).

@@ -69,7 +69,7 @@ PAPER_COUNTS = {  # size: (dense M, MemoryLLM active M, exact non-embedding, exa
 }
 
 # ---- tolerances, with reasons ----
-# Swapped vs FFN logits, float32, relative to the FFN logits' largest magnitude (issue 3: <= 1e-4). The
+# Swapped vs FFN logits, float32, relative to the FFN logits' largest magnitude (target: <= 1e-4). The
 # table rows are the same float32 FFN outputs, computed on [C, d] vocabulary chunks instead of [B*T, d]
 # activations: only BLAS blocking differs (~1e-7 relative), so 1e-4 has three orders of headroom.
 SWAP_RTOL = 1e-4

@@ -1,4 +1,4 @@
-"""The offload engine (issue 4): its ops on every backend against memllm_kernels/offload/reference.py, the
+"""The offload engine: its ops on every backend against memllm_kernels/offload/reference.py, the
 host tiers, the cache policies, a 100,000-step randomized stress test of the bookkeeping, and the model and
 CLI reading ToLs from host memory / disk with outputs identical to the in-memory ToL run.
 

@@ -1,4 +1,4 @@
-"""The offload engine (issue 4, docs/offload.md): ToLs on disk or in pinned host memory, a device row cache,
+"""The offload engine (docs/offload.md): ToLs on disk or in pinned host memory, a device row cache,
 asynchronous prefetch overlapped with compute.
 
     from memllm_kernels.offload import HostTable, DiskTable, OffloadEngine
@@ -6,7 +6,7 @@ asynchronous prefetch overlapped with compute.
                            policy="hot+lru", token_counts=counts)
     swap_ffn_for_engine(model, engine)          # memllm_kernels.model: the model reads through the engine
 
-Files: ops.py (the offload ops: tol_host_gather, tol_cached_gather_add(_), tol_cache_prefetch,
+Files: ops.py (the offload ops: tol_host_gather, tol_cached_gather_add(_), tol_cache_prefetch, tol_cache_admit,
 tol_host_alloc, tol_host_mapped), reference.py (their pure-PyTorch specs), tiers.py (DiskTable, HostTable),
 policy.py (CacheDirectory, LRU/LFU/static/hot+tail policies, simulate), engine.py (OffloadEngine).
 """

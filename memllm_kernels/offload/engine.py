@@ -20,6 +20,8 @@ Data path of one step (docs/offload.md has the full argument):
      (CacheDirectory), which decides admissions and evictions; those are applied on the side stream, behind
      the new step's transfer (rows copied host -> cache slot, slot map updated), and so serve later steps.
      DecodeGraph defers this host work (finish_later=True) until it has launched the replay (finish_step()).
+     With bookkeeping='device' step 3 is one kernel instead (tol_cache_admit, the same LRU decisions, queued
+     after the transfer on the side stream), and DecodeGraph captures the whole step into its graph.
      On the CPU everything runs synchronously, in the same order, through the same ops.
 Eviction safety: every cache write is on the side stream after an event recorded on main at the time it
 is enqueued (so every kernel launched before it that reads the cache has finished), and every main-stream
