@@ -21,6 +21,9 @@
 #              why decode is or is not weight-bound (PROFILE_ARGS: its options instead, e.g. "--modes compiled
 #              --attention memllm --providers memoryllm memoryllm-host memoryllm-host-devlru"; each compiled case
 #              compiles the 1b step, about a minute)
+#   host       the host tier's decode targets alone, in a short call: compiled + CUDA-graph decode on real text of
+#              dense, ToL in VRAM and the pinned host tier with the bookkeeping on the host and on the device
+#              (memoryllm-host-devlru), then decode_profile of the last three (4 + 3 compiles of the 1b step)
 #   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size; bench_decode_attention.py:
 #              decode_attention against the model's SDPA step
 #   tests      the whole test suite on the GPU
@@ -123,12 +126,22 @@ for step in "${steps[@]}"; do
           ${PROFILE_ARGS:-} >"$out/decode-profile.log" 2>&1 || { status=1; echo "   failed or stopped at the limit"; }
         grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -24
       } ;;
+    host)
+      run_pytest "$out/bench-host.log" 200 bench/bench_offload.py "${bench_args[@]}" \
+        -k "offload_decode and compiled and not disk" --benchmark-json="$out/pytest-benchmark-host.json"
+      t=$(limit 200) && {
+        echo "   limit ${t}s, log $out/decode-profile.log"
+        timeout -s INT -k 30 "$t" $PY bench/decode_profile.py --device "${BENCH_DEVICE:-cuda}" --out "$out" \
+          --modes compiled --attention memllm --providers memoryllm memoryllm-host memoryllm-host-devlru \
+          >"$out/decode-profile.log" 2>&1 || { status=1; echo "   failed or stopped at the limit"; }
+        grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -24
+      } ;;
     gather)
       run_pytest "$out/bench-gather.log" 150 bench/bench_tol_gather_add.py bench/bench_decode_attention.py "${bench_args[@]}" \
         --benchmark-json="$out/pytest-benchmark-gather.json" ;;
     tests)
       run_pytest "$out/tests.log" 300 tests -rs $xdist --junitxml="$out/tests.xml" ;;
-    *) echo "unknown step $step (build gpu-tests offload e2e compiled profile gather tests)"; exit 2 ;;
+    *) echo "unknown step $step (build gpu-tests offload e2e compiled profile host gather tests)"; exit 2 ;;
   esac
 done
 echo; echo "== $(date +%T) done in $(( $(date +%s) - t_start ))s (status $status)"

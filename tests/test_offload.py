@@ -757,6 +757,9 @@ def test_device_bookkeeping_evicts_and_refuses_what_it_cannot_run():
         _check_step(engine, table, torch.randint(0, VOCAB, (3,)))
     engine.check_consistency()
     assert engine.stats()["resident"] == CACHE
+    assert not engine.graph_step  # a CUDA graph captures the step on a GPU only
+    with pytest.raises(RuntimeError, match="capture_step needs bookkeeping='device' on the mapped miss path of a CUDA"):
+        engine.capture_step(torch.tensor([1]))
     for kwargs, msg in [(dict(bookkeeping="gpu"), "bookkeeping must be one of"),
                         (dict(policy="hot+lfu", hot=[1]), r"runs an LRU tail .* 'hot\+lfu'"),
                         (dict(policy="lfu"), "runs an LRU tail"),
