@@ -92,6 +92,7 @@ class _Step:
     unique_misses: int = 0
     version: int | None = None  # _version(ids) at the prefetch
     inline: bool = False  # the transfer ran on the compute stream (events[0] recorded there after it)
+    captured: bool = False  # recorded into a CUDA graph (capture_step): its reads wait on its events in the graph
 
     def reads(self, ids: torch.Tensor) -> bool:
         """Whether `ids` are this step's ids: the same tensor, or the same memory, shape and version (a compiled
@@ -682,6 +683,8 @@ class OffloadEngine:
             step = self._step
         if self._cuda and torch.cuda.is_current_stream_capturing():
             self.captured_layers.extend(range(self.L))
+            if step.captured:  # the rows move on capture_step's stream, inside the same graph
+                torch.cuda.current_stream(self.device).wait_event(step.events[0])
         else:
             self.wait_step(range(self.L))
         return step.buf.index_select(0, step.first.reshape(-1)).view(*ids.shape, self.L, self.d)
@@ -721,10 +724,13 @@ class OffloadEngine:
         return self._cuda and self.bookkeeping == "device" and self.miss_path == "mapped"
 
     def capture_step(self, ids: torch.Tensor) -> None:
-        """Under CUDA-graph capture, for a graph_step engine: the step's transfer (tol_cache_prefetch) on the
-        capturing stream and its bookkeeping (tol_cache_admit) on a stream forked from it, which end_capture()
-        joins (the admission overlaps the forward, which reads only the step buffer). ids: the graph's static
-        input [...]; each replay runs the step for what it holds then. reserve(ids.numel()) (or a prefetch of as
+        """Under CUDA-graph capture, for a graph_step engine: the step's transfer (tol_cache_prefetch) and then
+        its bookkeeping (tol_cache_admit) on a stream forked from the capturing one, which end_capture() joins.
+        The forward's reads of the step buffer (gather_add_, step_rows) wait for the transfer's event inside the
+        graph, so the transfer overlaps whatever comes before the first of them (the embedding, a compiled
+        step's first attention: Transformer.forward fetches the rows there), and the admission the rest of the
+        forward, which reads only the step buffer. ids: the graph's static input [...]; each replay runs the
+        step for what it holds then. reserve(ids.numel()) (or a prefetch of as
         many ids) must come before the capture: nothing is allocated while capturing."""
         if not self.graph_step:
             raise RuntimeError("capture_step needs bookkeeping='device' on the mapped miss path of a CUDA device")
@@ -735,12 +741,14 @@ class OffloadEngine:
         if self._buf is None or self._buf.shape[0] < n or self._first.shape[0] < 2 * n:
             raise RuntimeError(f"capture_step: reserve({n}) before the capture, so the step buffers exist")
         (first, slots), buf = self._first_slots(n), self._buf
-        main = torch.cuda.current_stream(self.device)
-        self._prefetch_op(flat, buf, first, slots, 0, None)
-        self._fork.wait_stream(main)
+        self._fork.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._fork):
+            self._prefetch_op(flat, buf, first, slots, 0, None)
+            rows = torch.cuda.Event()
+            rows.record(self._fork)
             self._admit(flat, first, slots, buf)
-        self._step = _Step(ids, n, first.view(ids.shape), buf, [], version=_version(ids), inline=True)
+        self._step = _Step(ids, n, first.view(ids.shape), buf, [rows], version=_version(ids), inline=True,
+                           captured=True)
 
     def reserve(self, n: int) -> None:
         """Make the step buffers hold steps of n tokens (they grow, never shrink)."""
