@@ -1051,6 +1051,10 @@ def test_compiled_decode_through_the_engine_equals_the_in_memory_tol(tmp_path, l
         engine_model.clear_caches()
     call = code[-1][code[-1].index("def call("):]
     assert call.count("engine_step_rows.default(") == 1 and "engine_gather_add_" not in call
+    # Inductor schedules it where the first layer reads it: after that layer's q/k/v and output projections (a
+    # transfer still running overlaps them; a captured engine step waits for its rows there), before the second's
+    before_rows = call[:call.index("engine_step_rows.default(")]
+    assert before_rows.count("extern_kernels.mm(") == 2, before_rows
     h, ids = torch.randn(2, 3, 32), torch.tensor([[1, 2, 3], [4, 5, 299]])
     handle = engine_model.layers[0].memory.handle
     torch.library.opcheck(torch.ops.memllm.engine_step_rows, (ids, handle))

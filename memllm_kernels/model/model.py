@@ -178,32 +178,17 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.d_model, ctx_hidden) if ctx_hidden else None
 
     def forward(self, h, x0, ids, cos, sin, mask=None, input_pos=None, decode=None, memory_rows=None):
-        """h, x0: [B, T, d]; ids: [B, T]; memory_rows: a StepRows (an offload engine's rows of every layer, in a
+        """h, x0: [B, T, d]; ids: [B, T]; memory_rows: an offload engine's rows of every layer [B, T, L, d] (a
         compiled step, see Transformer.forward) or None. Returns the next residual stream [B, T, d]."""
         a = self.attn(self.attn_norm(h), cos, sin, mask, input_pos, decode)
         if self.memory is not None:
             # In parallel with attention (it reads x0, not h), so added first: eagerly a ToL row lands in h in
             # place, and compiled, the ToL gather, the `+ a` below and the next layer's norm fuse into one kernel.
-            h = self.memory(h, x0, ids) if memory_rows is None else self.memory(h, x0, ids, memory_rows.get())
+            h = self.memory(h, x0, ids) if memory_rows is None else self.memory(h, x0, ids, memory_rows)
         h = h + a
         if self.ffn is not None:
             h = h + self.ffn(self.ffn_norm(h))
         return h
-
-
-class StepRows:
-    """An offload engine's rows of every layer for one compiled step, [B, T, L, d], fetched by one op
-    (EngineMemory.step_rows) where the first layer reads them, after that layer's attention: in a CUDA graph
-    that moves the step's rows on another stream (DecodeGraph over OffloadEngine.graph_step), the transfer
-    then overlaps the embedding and the first attention instead of preceding them."""
-
-    def __init__(self, memory, ids: torch.Tensor):
-        self.memory, self.ids, self.rows = memory, ids, None
-
-    def get(self) -> torch.Tensor:
-        if self.rows is None:
-            self.rows = self.memory.step_rows(self.ids)
-        return self.rows
 
 
 class Transformer(nn.Module):
@@ -338,7 +323,7 @@ class Transformer(nn.Module):
         if torch.compiler.is_compiling() and hasattr(self.layers[0].memory, "step_rows"):
             # ToLs served by an offload engine (EngineMemory), compiled: every layer's rows in one op per step,
             # so that each layer's read fuses with its adds (an opaque op per layer would be a kernel each).
-            memory_rows = StepRows(self.layers[0].memory, ids)
+            memory_rows = self.layers[0].memory.step_rows(ids)
         for block in self.layers:
             h = block(h, x0, ids, cos, sin, mask, input_pos, decode, memory_rows)
         return self.output(self.norm(h))
