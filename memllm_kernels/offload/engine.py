@@ -728,7 +728,7 @@ class OffloadEngine:
         its bookkeeping (tol_cache_admit) on a stream forked from the capturing one, which end_capture() joins.
         The forward's reads of the step buffer (gather_add_, step_rows) wait for the transfer's event inside the
         graph, so the transfer overlaps whatever comes before the first of them (the embedding, a compiled
-        step's first attention: Transformer.forward fetches the rows there), and the admission the rest of the
+        step's first attention: Inductor schedules its read of the rows there), and the admission the rest of the
         forward, which reads only the step buffer. ids: the graph's static input [...]; each replay runs the
         step for what it holds then. reserve(ids.numel()) (or a prefetch of as
         many ids) must come before the capture: nothing is allocated while capturing."""
