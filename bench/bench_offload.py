@@ -1,4 +1,4 @@
-"""Benchmarks of the offload engine (memllm_kernels/offload, docs/offload.md). Seven parts, one op each:
+"""Benchmarks of the offload engine (memllm_kernels/offload, docs/offload.md). Eight parts, one op each:
 
     pytest bench/bench_offload.py -q              # CPU: all of them (decode at the tiny preset); GPU: 1b shapes
     MEMLLM_HIT_TEXT=book.txt pytest bench/bench_offload.py -k hit_rate    # hit rates on any UTF-8 text
@@ -17,8 +17,13 @@ op offload_cached_gather_add  tol_cached_gather_add_ (hidden += the layer's row,
                     (tol_gather_add_ on a table wholly in device memory: the all-in-VRAM ceiling). 1b, bf16.
 op offload_prefetch tol_cache_prefetch: all 24 layers' rows of N distinct tokens (90% resident) into a step
                     buffer, against "memcpy" (a contiguous device copy of the same bytes).
+op offload_admit    tol_cache_admit, the bookkeeping on the device, per step: N=1, a resident decode token;
+                    N=64, 64 distinct tokens that all miss (LRU over a 2,512-slot cache thrashed by 8,192
+                    tokens: 64 argmins, evictions and 96 KiB row copies in sequence); against "memcpy" (the
+                    same rows copied device to device). admitted_per_lookup is counted by the op itself.
 op offload_engine_step  Host time of OffloadEngine.prefetch for one decode token (ms: median per call), the
                     engine's work between two steps: "mapped" (queues the transfer, no sync; the host tier),
+                    "mapped-device" (the same with bookkeeping='device': one more launch, no host policy),
                     "staged" (the disk tier's path: the ids come to the host, one sync on a GPU, so all of it is
                     on the device's critical path). 1b rows, a static hot set of 5% of an 8192-token table;
                     hit_fraction 1.0 (every step hits) and 0.9.
@@ -259,15 +264,18 @@ def test_cache_prefetch(benchmark, request, N, provider):
 
 
 @pytest.mark.parametrize("hit", [1.0, 0.9])
-@pytest.mark.parametrize("provider", ["mapped", "staged"])
+@pytest.mark.parametrize("provider", ["mapped", "mapped-device", "staged"])
 def test_engine_step(benchmark, request, provider, hit):
-    """Host time of OffloadEngine.prefetch for one decode token (what runs between two replayed steps)."""
+    """Host time of OffloadEngine.prefetch for one decode token (what runs between two replayed steps);
+    mapped-device: the mapped path with bookkeeping='device' (the step's tol_cache_admit instead of the host's
+    copies and policy)."""
     device = bench_device(request.config)
     d = GATHER_D["1b"]
     host, _, _, resident, other = _cache_setup(device, d)
     # A static hot set: misses are never admitted, so every step hits with probability `hit`.
     engine = OffloadEngine(host, device=device, cache_rows=resident.numel(), policy="static", hot=resident.tolist(),
-                           miss_path=provider, check_memory=False)
+                           miss_path=provider.split("-")[0], check_memory=False,
+                           bookkeeping="device" if provider.endswith("-device") else "host")
     g = torch.Generator().manual_seed(3)
     pick = torch.rand(256, generator=g) < hit
     toks = torch.where(pick, resident[torch.randint(0, resident.numel(), (256,), generator=g)],
@@ -329,6 +337,53 @@ def test_disk_read_rows(benchmark, N, provider):
     benchmark.pedantic(run, setup=setup, rounds=20 if N == 1 else 5, iterations=1)
     row = record(op="disk_read_rows", provider=provider, dtype="bfloat16", preset="1b", T=N, d=d,
                  ms=float(np.median(samples)) * 1e3, bytes=N * L_PRESET * d * 2)
+    benchmark.extra_info.update(row)
+
+
+@pytest.mark.parametrize("N,scenario", [(1, "hit"), (64, "miss")])
+@pytest.mark.parametrize("provider", ["compiled", "memcpy"])
+def test_cache_admit(benchmark, request, N, scenario, provider):
+    """tol_cache_admit per step at the 1b row shape with a cache of 2,512 slots (5% of GPT-2's vocabulary): N=1,
+    a decode step whose token is resident (a stamp); N=64, steps of 64 distinct tokens cycling through 8,192,
+    more than the cache holds, so LRU misses every one (64 argmins over the slots, 64 evictions and row copies
+    in sequence). memcpy: the same rows copied device to device, the admissions' data movement alone."""
+    device = bench_device(request.config)
+    d, V, C = GATHER_D["1b"], 50257, 2512
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randperm(V, generator=g)[:128 * N].view(128, N)
+    id_sets = [t.to(device) for t in tokens]
+    it = itertools.cycle(id_sets)
+    rows = torch.randn(N, L_PRESET, d).to(torch.bfloat16).to(device)
+    cache = torch.zeros(C, L_PRESET, d, dtype=torch.bfloat16, device=device)
+    first = torch.arange(N, dtype=torch.int32, device=device)  # distinct tokens: each its own first position
+    slots = torch.full((N,), -1, dtype=torch.int32, device=device)
+    state = [torch.full((V,), -1, dtype=torch.int32, device=device), torch.full((C,), -1, dtype=torch.int32,
+             device=device), torch.full((C,), -1, dtype=torch.int64, device=device),
+             torch.full((C,), -1, dtype=torch.int64, device=device), cache,
+             torch.zeros(7, dtype=torch.int64, device=device)]
+    counters = state[5]
+    if provider == "memcpy":
+        def fn():
+            return cache[:N].copy_(rows)
+    else:
+        backend = "cuda" if device == "cuda" else "cpu"
+        reason = mk.backend_unavailable_reason(backend, device)
+        if reason:
+            pytest.skip(f"backend {backend} unavailable: {reason}")
+
+        def fn():
+            return mk.tol_cache_admit(next(it), first, slots, rows, *state, backend=backend)
+        for _ in range(len(id_sets)):  # one pass over the sets: N=1's tokens are resident from here on
+            fn()
+    before = counters.tolist()
+    t = timed(benchmark, fn, device)  # GPU time from graph replay; ms_launch: eager calls
+    after = counters.tolist()
+    lookups = after[2] - before[2]
+    admitted = (after[5] - before[5]) / lookups if lookups else None  # measured, not assumed
+    nbytes = 2 * N * L_PRESET * d * 2 * (1 if admitted is None else admitted)  # admitted rows read and written
+    row = record(op="offload_admit", provider=provider, dtype="bfloat16", preset="1b", T=N, d=d, cache_rows=C,
+                 scenario=scenario, admitted_per_lookup=admitted, ms=t["s"] * 1e3,
+                 ms_launch=t["s_launch"] and t["s_launch"] * 1e3, bytes=nbytes, gbps=nbytes / t["s"] / 1e9)
     benchmark.extra_info.update(row)
 
 
