@@ -23,7 +23,8 @@
 #              compiles the 1b step, about a minute)
 #   host       the host tier's decode targets alone, in a short call: compiled + CUDA-graph decode on real text of
 #              dense, ToL in VRAM and the pinned host tier with the bookkeeping on the host and on the device
-#              (memoryllm-host-devlru), then decode_profile of the last three (4 + 3 compiles of the 1b step)
+#              (memoryllm-host-devlru), the host's time per engine step and tol_cache_admit's, then
+#              decode_profile of the last three (4 + 3 compiles of the 1b step)
 #   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size; bench_decode_attention.py:
 #              decode_attention against the model's SDPA step
 #   tests      the whole test suite on the GPU
@@ -128,7 +129,8 @@ for step in "${steps[@]}"; do
       } ;;
     host)
       run_pytest "$out/bench-host.log" 200 bench/bench_offload.py "${bench_args[@]}" \
-        -k "offload_decode and compiled and not disk" --benchmark-json="$out/pytest-benchmark-host.json"
+        -k "(offload_decode and compiled and not disk) or cache_admit or engine_step" \
+        --benchmark-json="$out/pytest-benchmark-host.json"
       t=$(limit 200) && {
         echo "   limit ${t}s, log $out/decode-profile.log"
         timeout -s INT -k 30 "$t" $PY bench/decode_profile.py --device "${BENCH_DEVICE:-cuda}" --out "$out" \
