@@ -76,6 +76,16 @@ run_pytest() {  # run_pytest LOG CAP ARGS...: pytest under a time limit; SIGINT 
   tail -1 "$log"
 }
 
+run_profile() {  # run_profile CAP ARGS...: bench/decode_profile.py under a time limit, its summary printed
+  local t
+  t=$(limit "$1") || return 0
+  shift
+  echo "   limit ${t}s, log $out/decode-profile.log"
+  timeout -s INT -k 30 "$t" $PY bench/decode_profile.py --device "${BENCH_DEVICE:-cuda}" --out "$out" "$@" \
+    >"$out/decode-profile.log" 2>&1 || { status=1; echo "   failed or stopped at the limit"; }
+  grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -24
+}
+
 echo "== $(date +%T) machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
 wheels=${WHEELS:-.whl}
@@ -120,24 +130,14 @@ for step in "${steps[@]}"; do
       run_pytest "$out/bench-compiled.log" 300 bench/bench_offload.py bench/bench_e2e.py "${bench_args[@]}" \
         -k "$compiled" --benchmark-json="$out/pytest-benchmark-compiled.json" ;;
     profile)
-      t=$(limit 240) && {
-        echo "   limit ${t}s, log $out/decode-profile.log"
-        # shellcheck disable=SC2086  # PROFILE_ARGS: several words
-        timeout -s INT -k 30 "$t" $PY bench/decode_profile.py --device "${BENCH_DEVICE:-cuda}" --out "$out" \
-          ${PROFILE_ARGS:-} >"$out/decode-profile.log" 2>&1 || { status=1; echo "   failed or stopped at the limit"; }
-        grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -24
-      } ;;
+      # shellcheck disable=SC2086  # PROFILE_ARGS: several words
+      run_profile 240 ${PROFILE_ARGS:-} ;;
     host)
       run_pytest "$out/bench-host.log" 200 bench/bench_offload.py "${bench_args[@]}" \
         -k "(offload_decode and compiled and not disk) or cache_admit or engine_step" \
         --benchmark-json="$out/pytest-benchmark-host.json"
-      t=$(limit 200) && {
-        echo "   limit ${t}s, log $out/decode-profile.log"
-        timeout -s INT -k 30 "$t" $PY bench/decode_profile.py --device "${BENCH_DEVICE:-cuda}" --out "$out" \
-          --modes compiled --attention memllm --providers memoryllm memoryllm-host memoryllm-host-devlru \
-          >"$out/decode-profile.log" 2>&1 || { status=1; echo "   failed or stopped at the limit"; }
-        grep -vE "^(USDT|STAGE)" "$out/decode-profile.log" | tail -24
-      } ;;
+      run_profile 200 --modes compiled --attention memllm \
+        --providers memoryllm memoryllm-host memoryllm-host-devlru ;;
     gather)
       run_pytest "$out/bench-gather.log" 150 bench/bench_tol_gather_add.py bench/bench_decode_attention.py "${bench_args[@]}" \
         --benchmark-json="$out/pytest-benchmark-gather.json" ;;

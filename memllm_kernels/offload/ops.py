@@ -55,6 +55,17 @@ def _same_rows(op, names, tables):
                              f"got {name} {list(t.shape)}")
 
 
+def _check_rows_and_ids(op, src_name, src, dst_name, dst, ids):
+    """A source and a destination token-row table with the same dtype and row shape, and 1-D int ids [N]."""
+    _check_token_table(op, src_name, src)
+    _tensor(op, dst_name, dst)
+    _same_rows(op, [src_name, dst_name], [src, dst])
+    _check_token_table(op, dst_name, dst)
+    _tensor(op, "ids", ids, _INDEX, "int32 or int64")
+    if ids.dim() != 1:
+        raise ValueError(f"{op}: ids must be 1-D [N], got shape {list(ids.shape)}")
+
+
 def _check_slot_map(op, slot_map, num_rows, device):
     _tensor(op, "slot_map", slot_map, (torch.int32,), "int32")
     if slot_map.dim() != 1 or slot_map.shape[0] != num_rows:
@@ -120,13 +131,7 @@ def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, r
     a bad destination row is skipped; nothing outside table or out is touched.
     """
     op = "tol_host_gather"
-    _check_token_table(op, "table", table)
-    _tensor(op, "out", out)
-    _same_rows(op, ["table", "out"], [table, out])
-    _check_token_table(op, "out", out)
-    _tensor(op, "ids", ids, _INDEX, "int32 or int64")
-    if ids.dim() != 1:
-        raise ValueError(f"{op}: ids must be 1-D [N], got shape {list(ids.shape)}")
+    _check_rows_and_ids(op, "table", table, "out", out, ids)
     if ids.device != out.device:
         raise RuntimeError(f"{op}: ids must be on out's device {out.device}, got {ids.device}")
     _host_or(op, "table", table, out.device)
@@ -312,13 +317,7 @@ def tol_cache_admit(ids: torch.Tensor, first: torch.Tensor, slots: torch.Tensor,
     no host synchronisation (usable under CUDA graphs). Ids outside [0, V) are skipped.
     """
     op = "tol_cache_admit"
-    _check_token_table(op, "cache", cache)
-    _tensor(op, "rows", rows)
-    _same_rows(op, ["cache", "rows"], [cache, rows])
-    _check_token_table(op, "rows", rows)
-    _tensor(op, "ids", ids, _INDEX, "int32 or int64")
-    if ids.dim() != 1:
-        raise ValueError(f"{op}: ids must be 1-D [N], got shape {list(ids.shape)}")
+    _check_rows_and_ids(op, "cache", cache, "rows", rows, ids)
     N, C, dev = ids.shape[0], cache.shape[0], cache.device
     if rows.shape[0] < N:
         raise ValueError(f"{op}: rows has {rows.shape[0]} rows for {N} ids")
