@@ -27,6 +27,7 @@
 #              decode_profile of the last three (4 + 3 compiles of the 1b step)
 #   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size; bench_decode_attention.py:
 #              decode_attention against the model's SDPA step
+#   attention  bench_decode_attention.py alone (a short call: 12 benchmarks)
 #   tests      the whole test suite on the GPU
 # Time: every step gets its own limit (below), cut to what is left of BUDGET seconds (default 540); a step
 # that would get under 45 s is skipped and named. A benchmark step stopped at its limit still writes the
@@ -141,9 +142,12 @@ for step in "${steps[@]}"; do
     gather)
       run_pytest "$out/bench-gather.log" 150 bench/bench_tol_gather_add.py bench/bench_decode_attention.py "${bench_args[@]}" \
         --benchmark-json="$out/pytest-benchmark-gather.json" ;;
+    attention)
+      run_pytest "$out/bench-attention.log" 90 bench/bench_decode_attention.py "${bench_args[@]}" \
+        --benchmark-json="$out/pytest-benchmark-attention.json" ;;
     tests)
       run_pytest "$out/tests.log" 300 tests -rs $xdist --junitxml="$out/tests.xml" ;;
-    *) echo "unknown step $step (build gpu-tests offload e2e compiled profile host gather tests)"; exit 2 ;;
+    *) echo "unknown step $step (build gpu-tests offload e2e compiled profile host gather attention tests)"; exit 2 ;;
   esac
 done
 echo; echo "== $(date +%T) done in $(( $(date +%s) - t_start ))s (status $status)"

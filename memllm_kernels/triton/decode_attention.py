@@ -8,12 +8,13 @@ reading the whole cache), plus a launch gap each: 0.3 ms of MemoryLLM's 1.09 ms 
 2x the dense model's speed. This kernel reads only the slots up to the token's own, and needs no mask tensor.
 
 One program per (row, query head) loops over key blocks with an online softmax (FlashAttention's recurrence)
-in float32. Keys and values are read in two halves, the (x[:hd/2], x[hd/2:]) pairs that RoPE rotates. The new
-key and value are used from registers at their slot (a program never reads back its own store); the first
-query head of each key/value group stores them. One program per head would leave most SMs idle at batch 1
-(32 programs at 1b) and loop over every key of a long context, so from 1024 cache slots on, the keys are split
-among up to 16 programs per head (flash-decoding: _splits), each writing its partial softmax state, which a
-second small kernel combines.
+in float32, kept per key row of the block and combined across rows once at the end, and reads each block's
+keys and values while it computes on the one before. Keys and values are read in two halves, the
+(x[:hd/2], x[hd/2:]) pairs that RoPE rotates. The new key and value are used from registers (a program never
+reads back its own store); the first query head of each key/value group stores them. One program per head
+would leave most SMs idle at batch 1 (32 programs at 1b) and loop over every key of a long context, so from
+1024 cache slots on, the keys are split among up to 16 programs per head (flash-decoding: _splits), each
+writing its partial softmax state, which a second small kernel combines.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ from torch.library import triton_op, wrap_triton
 from .tol_gather_add import _INTERPRET, _fake_run
 
 _BLOCK_S = 256 if _INTERPRET else 64  # keys per loop step (the interpreter pays per step, not per element)
+
+
+@triton.jit
+def _load_block(kc, vc, start, end, cache_ss, i, im, HALF: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Keys and values of cache slots start .. start + BLOCK_S - 1 below end, in the two halves RoPE pairs
+    ([BLOCK_S, BLOCK_HALF] each, the cache's dtype; 0 elsewhere: nothing is read past end)."""
+    s = start + tl.arange(0, BLOCK_S)
+    ld = (s < end)[:, None] & im[None, :]
+    kp = kc + s[:, None] * cache_ss + i[None, :]
+    vp = vc + s[:, None] * cache_ss + i[None, :]
+    return (tl.load(kp, mask=ld, other=0.0), tl.load(kp + HALF, mask=ld, other=0.0),
+            tl.load(vp, mask=ld, other=0.0), tl.load(vp + HALF, mask=ld, other=0.0))
 
 
 @triton.jit
@@ -53,6 +66,20 @@ def decode_attention_kernel(
     ok = (pos >= 0) & (pos < S) & (rp < P)
     i = tl.arange(0, BLOCK_HALF)
     im = i < HALF
+    kc = k_ptr + b * cache_bs + g * cache_hs
+    vc = v_ptr + b * cache_bs + g * cache_hs
+    # The cached keys pad..pos-1 in whole blocks, split among SPLITS programs; the token's own key and value
+    # come from registers (below), so a token at position 128 reads two blocks of keys, not three.
+    lo = (tl.maximum(tl.minimum(pad, pos), 0) // BLOCK_S) * BLOCK_S
+    hi = tl.where(ok, pos, lo)  # no keys for a bad slot
+    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_S), SPLITS) * BLOCK_S  # keys per split, whole blocks
+    lo = lo + j * per
+    hi = tl.minimum(hi, lo + per)
+    # Keys and values are loaded one block ahead of the block being computed on. A loop step that loaded its
+    # keys, reduced them across warps and only then loaded its values paid each load's latency in full (7.0 us
+    # for 128 keys, two blocks, at 1b shapes on an H200). The first block is loaded before the token's slot is
+    # written below (it never reads that slot), so its latency overlaps the RoPE tables' loads.
+    kb1, kb2, vb1, vb2 = _load_block(kc, vc, lo, hi, cache_ss, i, im, HALF, BLOCK_S)
     cos = tl.load(cos_ptr + rp * HALF + i, mask=im & ok, other=0.0).to(acc_ty)
     sin = tl.load(sin_ptr + rp * HALF + i, mask=im & ok, other=0.0).to(acc_ty)
     row = qkv_ptr + b * qkv_rs
@@ -66,42 +93,42 @@ def decode_attention_kernel(
     v_off = (H + HKV + g) * 2 * HALF
     vn1 = tl.load(row + v_off + i, mask=im, other=0.0)
     vn2 = tl.load(row + v_off + HALF + i, mask=im, other=0.0)
-    kc = k_ptr + b * cache_bs + g * cache_hs
-    vc = v_ptr + b * cache_bs + g * cache_hs
     first = im & ok & (h % (H // HKV) == 0) & (j == 0)  # one program per key/value head writes its slot
     tl.store(kc + pos * cache_ss + i, kn1.to(k_ptr.dtype.element_ty), mask=first)
     tl.store(kc + pos * cache_ss + HALF + i, kn2.to(k_ptr.dtype.element_ty), mask=first)
     tl.store(vc + pos * cache_ss + i, vn1.to(v_ptr.dtype.element_ty), mask=first)
     tl.store(vc + pos * cache_ss + HALF + i, vn2.to(v_ptr.dtype.element_ty), mask=first)
-    # Keys pad..pos, and the token's own slot always (a padding query would otherwise see nothing).
-    lo = (tl.maximum(tl.minimum(pad, pos), 0) // BLOCK_S) * BLOCK_S
-    hi = tl.where(ok, pos + 1, lo)  # no keys (0 / 0: NaN out) for a bad slot
-    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_S), SPLITS) * BLOCK_S  # keys per split, whole blocks
-    lo = lo + j * per
-    hi = tl.minimum(hi, lo + per)
-    m = tl.full((), -1e30, acc_ty)  # finite: a fully masked block then adds exp(-inf) = 0, never NaN
-    den = tl.zeros((), acc_ty)
-    acc1 = tl.zeros((BLOCK_HALF,), acc_ty)
-    acc2 = tl.zeros((BLOCK_HALF,), acc_ty)
+    # Each key row of the block keeps its own softmax state (max, denominator, weighted sum of values) over the
+    # loop, and the rows are combined once after it: the loop then reduces only within a warp (the score over
+    # the head's dims), where one state for the block needed four reductions across warps per step (twelve
+    # barriers). m stays finite: a masked key adds exp(-inf) = 0.
+    m_row = tl.full((BLOCK_S,), -1e30, acc_ty)
+    den_row = tl.zeros((BLOCK_S,), acc_ty)
+    acc1_row = tl.zeros((BLOCK_S, BLOCK_HALF), acc_ty)
+    acc2_row = tl.zeros((BLOCK_S, BLOCK_HALF), acc_ty)
     for start in range(lo, hi, BLOCK_S):
+        nk1, nk2, nv1, nv2 = _load_block(kc, vc, start + BLOCK_S, hi, cache_ss, i, im, HALF, BLOCK_S)
         s = start + tl.arange(0, BLOCK_S)
-        new = (s == pos)[:, None]
-        ld = (s < pos)[:, None] & im[None, :]
-        kp = kc + s[:, None] * cache_ss + i[None, :]
-        kb1 = tl.where(new, kn1[None, :], tl.load(kp, mask=ld, other=0.0)).to(acc_ty)
-        kb2 = tl.where(new, kn2[None, :], tl.load(kp + HALF, mask=ld, other=0.0)).to(acc_ty)
-        sc = tl.sum(q1[None, :] * kb1 + q2[None, :] * kb2, axis=1) * scale
-        sc = tl.where(((s >= pad) & (s <= pos)) | (s == pos), sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=0))
-        alpha = tl.exp(m - m_new)
+        sc = tl.sum(q1[None, :] * kb1.to(acc_ty) + q2[None, :] * kb2.to(acc_ty), axis=1) * scale
+        sc = tl.where((s >= pad) & (s < hi), sc, float("-inf"))
+        m_new = tl.maximum(m_row, sc)
+        alpha = tl.exp(m_row - m_new)
         p = tl.exp(sc - m_new)
-        vp = vc + s[:, None] * cache_ss + i[None, :]
-        vb1 = tl.where(new, vn1[None, :], tl.load(vp, mask=ld, other=0.0)).to(acc_ty)
-        vb2 = tl.where(new, vn2[None, :], tl.load(vp + HALF, mask=ld, other=0.0)).to(acc_ty)
-        den = den * alpha + tl.sum(p, axis=0)
-        acc1 = acc1 * alpha + tl.sum(p[:, None] * vb1, axis=0)
-        acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, axis=0)
-        m = m_new
+        den_row = den_row * alpha + p
+        acc1_row = acc1_row * alpha[:, None] + p[:, None] * vb1.to(acc_ty)
+        acc2_row = acc2_row * alpha[:, None] + p[:, None] * vb2.to(acc_ty)
+        m_row = m_new
+        kb1, kb2, vb1, vb2 = nk1, nk2, nv1, nv2
+    # The token's own key joins in split 0 (a padding query sees only that key); a split with no keys, and a bad
+    # slot, end with den 0 (0 / 0: NaN out).
+    own = (j == 0) & ok
+    m_own = tl.where(own, tl.sum(q1 * kn1.to(acc_ty) + q2 * kn2.to(acc_ty), axis=0) * scale, -1e30)
+    m = tl.maximum(tl.max(m_row, axis=0), m_own)
+    w = tl.exp(m_row - m)
+    w_own = tl.where(own, tl.exp(m_own - m), 0.0)
+    den = tl.sum(w * den_row, axis=0) + w_own
+    acc1 = tl.sum(w[:, None] * acc1_row, axis=0) + w_own * vn1.to(acc_ty)
+    acc2 = tl.sum(w[:, None] * acc2_row, axis=0) + w_own * vn2.to(acc_ty)
     if SPLITS == 1:
         out = y_ptr + b * y_rs + h * 2 * HALF
         tl.store(out + i, (acc1 / den).to(y_ptr.dtype.element_ty), mask=im)
