@@ -14,7 +14,8 @@ Providers (one row each per dtype, preset and token count T):
              decode loop, which validates a step's ids once for all layers)
     cpu_ / cuda_ / triton_   the in-place tol_gather_add_ (the model's path: no output allocation)
     add      torch.add of the same bytes (3 x T x d): the memory-bandwidth ceiling for this op
-    ffn      the dense SwiGLU FFN of the same preset, W_down(silu(W_gate x) * W_up x), K from the preset
+    ffn      the dense SwiGLU FFN of the same preset, W_down(silu(W_gate x) * W_up x), K from the preset, W_gate
+             and W_up stacked in one matmul as in the model
     copy     (GPU) a 2 GiB device-to-device copy: the device-copy bandwidth ceiling
     matmul   a large square matmul in each dtype (4096 on a GPU, 2048 on a CPU): the FLOP/s ceiling the
              dense FFN is measured against ("% matmul")
@@ -113,16 +114,16 @@ def test_tol_gather_add(benchmark, device, dtype, preset, T, provider):
     if provider == "ffn":
         def make():
             return (torch.randn(T, d, device=device, dtype=dt),
-                    torch.randn(K, d, device=device, dtype=dt) / d**0.5,
-                    torch.randn(K, d, device=device, dtype=dt) / d**0.5,
+                    torch.randn(2 * K, d, device=device, dtype=dt) / d**0.5,
                     torch.randn(d, K, device=device, dtype=dt) / K**0.5)
 
         bytes_moved, flops = ffn_bytes, ffn_flops  # weights + activations in and out; 3 matmuls of T x d x K
         _, nxt = _rotating(make, bytes_moved)
 
         def fn():
-            x, wg, wu, wd = nxt()
-            return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+            x, w_gate_up, wd = nxt()
+            gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, wd)
     elif provider == "add":
         _, nxt = _rotating(lambda: [torch.randn(T, d, device=device, dtype=dt) for _ in range(3)], bytes_moved)
 

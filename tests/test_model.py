@@ -18,6 +18,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import BACKEND_DEVICES, DEVICES
 
 from memllm_kernels.model import (
@@ -686,32 +687,54 @@ def test_swap_uses_the_in_place_op_and_drops_ffn_weights(monkeypatch, tmp_path):
     assert model.layers[0].attn.wqkv.weight.grad is not None
 
 
-@pytest.mark.parametrize("n_kv_head", [None, 2])
-def test_checkpoint_with_separate_qkv_weights_loads(tmp_path, n_kv_head):
-    """A checkpoint from before the stacked wqkv projection (separate wq, wk, wv) loads into it, through
-    load_state_dict and safetensors' load_model, with the same logits."""
+@pytest.mark.parametrize("kind,n_kv_head", [("memoryllm", None), ("memoryllm", 2), ("flex2", None), ("dense", 2)])
+def test_checkpoint_with_separate_projection_weights_loads(tmp_path, kind, n_kv_head):
+    """A checkpoint from before the stacked projections (separate wq, wk, wv and w_gate, w_up) loads into them,
+    through load_state_dict and safetensors' load_model, with the same logits."""
     from safetensors.torch import load_model, save_file
 
-    model = tiny_model("memoryllm", n_kv_head=n_kv_head)
+    model = tiny_model(kind, n_kv_head=n_kv_head)
     cfg = model.config
     old = {}
     for k, v in model.state_dict().items():
         if k.endswith("attn.wqkv.weight"):
             q, kk, vv = v.split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim])
             old.update({k.replace("wqkv", "wq"): q, k.replace("wqkv", "wk"): kk, k.replace("wqkv", "wv"): vv})
+        elif k.endswith("w_gate_up.weight"):
+            gate, up = v.chunk(2)
+            old.update({k.replace("w_gate_up", "w_gate"): gate, k.replace("w_gate_up", "w_up"): up})
         else:
             old[k] = v
-    assert not any("wqkv" in k for k in old)
+    assert not any("wqkv" in k or "w_gate_up" in k for k in old) and any("w_up" in k for k in old)
     ids = random_ids(model.config)
     with torch.no_grad():
         want = model(ids)
-        fresh = tiny_model("memoryllm", n_kv_head=n_kv_head)
+        fresh = tiny_model(kind, n_kv_head=n_kv_head)
         fresh.load_state_dict(old)
         assert torch.equal(fresh(ids), want)
         save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "old.safetensors"))
-        fresh = tiny_model("memoryllm", n_kv_head=n_kv_head)
+        fresh = tiny_model(kind, n_kv_head=n_kv_head)
         load_model(fresh, str(tmp_path / "old.safetensors"))
         assert torch.equal(fresh(ids), want)
+
+
+def test_feed_forward_stacks_gate_and_up():
+    """One [2K, d] weight, one matmul; w_gate and w_up are views of its halves (what the interpretability
+    tools and the ToL checksum read), and the output is SwiGLU's W_down(W_up x * silu(W_gate x))."""
+    from memllm_kernels.model.model import FeedForward
+
+    torch.manual_seed(0)
+    f = FeedForward(16, 24)
+    assert [n for n, _ in f.named_parameters()] == ["w_gate_up.weight", "w_down.weight"]
+    w = f.w_gate_up.weight
+    assert f.w_gate.weight.data_ptr() == w.data_ptr() and torch.equal(f.w_up.weight, w[24:])
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    f = f.double()
+    want = (F.silu(x @ f.w_gate.weight.t()) * f.w_up(x)) @ f.w_down.weight.t()
+    torch.testing.assert_close(f(x), want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        f.w_up.weight[0, 0] = 7.0  # an edit through the view lands in the stacked weight
+    assert f.w_gate_up.weight[24, 0] == 7.0
 
 
 def test_swap_errors(tmp_path):
