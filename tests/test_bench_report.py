@@ -105,8 +105,8 @@ def test_table_leaves_out_columns_that_apply_to_no_row():
 
 def test_decode_profile_counts_the_matmuls_of_a_step(tmp_path):
     """bench/decode_profile.py on the CPU: per eager decode step of the tiny preset (6 layers), the dense model
-    runs 31 matmuls (per layer one for q, k, v together, the output projection and the FFN's three; then the
-    head) and MemoryLLM 13 plus one ToL lookup per layer; through decode_attention, no SDPA; the report gets the
+    runs 25 matmuls (per layer one for q, k, v together, the output projection, one for the FFN's gate and up
+    together and its down projection; then the head) and MemoryLLM 13 plus one ToL lookup per layer; through decode_attention, no SDPA; the report gets the
     table."""
     proc = subprocess.run([sys.executable, "bench/decode_profile.py", "--device", "cpu", "--providers", "dense",
                            "memoryllm", "--modes", "eager", "--attention", "sdpa", "memllm", "--steps", "2",
@@ -115,7 +115,7 @@ def test_decode_profile_counts_the_matmuls_of_a_step(tmp_path):
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     rows = {(r["provider"], r["attention"]): r for r in report.load(str(folder / "decode_profile.json"))["results"]}
     dense, mem = rows["dense", "sdpa"]["by_kind"], rows["memoryllm", "sdpa"]["by_kind"]
-    assert dense["matmul"]["count"] == 31 and mem["matmul"]["count"] == 13
+    assert dense["matmul"]["count"] == 25 and mem["matmul"]["count"] == 13
     assert mem["tol"]["count"] == 6 and "tol" not in dense
     assert dense["attention"]["count"] == mem["attention"]["count"] == 6  # one SDPA per layer
     assert "attention" not in rows["memoryllm", "memllm"]["by_kind"]  # decode_attention (its reference here)
