@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -84,8 +85,14 @@ def machine_info(device: str) -> dict:
 
 
 def machine_tag(info: dict) -> str:
-    name = info.get("gpu") if info["device"] == "cuda" else f"cpu-{info['cpu_threads']}t"
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    """The results folder's name: the GPU's name, or cpu-<threads>t-<CPU model> (cpu-2t-amd-epyc,
+    cpu-2t-intel-xeon), so that runs on two machines never write into one folder."""
+    if info["device"] == "cuda":
+        name = info["gpu"]
+    else:
+        model = re.sub(r"\((r|tm)\)|\b(processor|cpu)\b|@.*", " ", (info.get("cpu") or "").lower())
+        name = f"cpu-{info['cpu_threads']}t {model}"
+    return re.sub(r"-+", "-", "".join(c if c.isalnum() else "-" for c in name.lower())).strip("-")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):  # pytest-benchmark hook
