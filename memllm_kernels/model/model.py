@@ -17,6 +17,7 @@ that adds one row of that table with the `tol_gather_add_` op. Both expose the s
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +57,13 @@ class _Rows:
         return F.linear(x, self.weight)
 
 
-def _stack_gate_up(module, state_dict, prefix, *args) -> None:
-    """Load a checkpoint with separate w_gate, w_up weights (the layout before w_gate_up) into the stacked one."""
-    names = [f"{prefix}w_gate.weight", f"{prefix}w_up.weight"]
+def _load_stacked(parts: tuple[str, ...], stacked: str, module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook (bound with functools.partial): a checkpoint with the separate weights `parts`
+    (the layout before `stacked`, e.g. wq, wk, wv before wqkv) loads into the stacked projection, their rows
+    concatenated in that order."""
+    names = [f"{prefix}{p}.weight" for p in parts]
     if all(n in state_dict for n in names):
-        state_dict[f"{prefix}w_gate_up.weight"] = torch.cat([state_dict.pop(n) for n in names])
+        state_dict[f"{prefix}{stacked}.weight"] = torch.cat([state_dict.pop(n) for n in names])
 
 
 class FeedForward(nn.Module):
@@ -75,7 +78,7 @@ class FeedForward(nn.Module):
         self.w_gate_up = nn.Linear(dim, 2 * hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
         self.w_gate, self.w_up = _Rows(self.w_gate_up, 0, hidden), _Rows(self.w_gate_up, hidden, hidden)
-        self.register_load_state_dict_pre_hook(_stack_gate_up)
+        self.register_load_state_dict_pre_hook(partial(_load_stacked, ("w_gate", "w_up"), "w_gate_up"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
@@ -140,13 +143,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
-def _stack_qkv(module, state_dict, prefix, *args) -> None:
-    """Load a checkpoint with separate wq, wk, wv weights (the layout before wqkv) into the stacked wqkv."""
-    names = [f"{prefix}w{c}.weight" for c in "qkv"]
-    if all(n in state_dict for n in names):
-        state_dict[f"{prefix}wqkv.weight"] = torch.cat([state_dict.pop(n) for n in names])
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -156,7 +152,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.kv_cache: KVCache | None = None
-        self.register_load_state_dict_pre_hook(_stack_qkv)
+        self.register_load_state_dict_pre_hook(partial(_load_stacked, ("wq", "wk", "wv"), "wqkv"))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, decode: tuple[torch.Tensor, str] | None = None) -> torch.Tensor:
