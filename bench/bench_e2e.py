@@ -17,6 +17,9 @@ Decode on a GPU: each round runs DECODE_RUN steps back to back between CUDA even
 a token before launching the next step); ms_synced is one step followed by a host sync (a caller that reads
 each token as it comes pays the host's share of the step too); ms_host is the host's time per step in the
 back-to-back runs (where it reaches ms, the host sets the pace, not the device).
+    op decode_linear: each projection a batch-1 decode step reads, alone (F.linear: cuBLAS on a GPU, oneDNN/MKL
+                    on the CPU), at the 1b shapes in bf16, against the same-bytes device copy: which of the
+                    step's matmuls run near the bandwidth ceiling (see decode_linear's docstring)
 Memory: the bytes of device-resident weights (the host and disk providers keep the token
 embedding in host memory) and of the device-resident table (or cache), and the peak device memory (GPU) or
 process RSS (CPU) while the benchmark ran.
@@ -25,6 +28,7 @@ process RSS (CPU) while the benchmark ran.
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -34,6 +38,9 @@ from models import PROVIDERS, attention_kind, decode_step, free_models, memory_b
 
 
 def pytest_generate_tests(metafunc):
+    if "projection" in metafunc.fixturenames:
+        metafunc.parametrize("device,projection", [pytest.param(bench_device(metafunc.config), p, id=p)
+                                                   for p in PROJECTIONS])
     if "kind" not in metafunc.fixturenames:
         return
     device = bench_device(metafunc.config)
@@ -88,4 +95,45 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B):
                  ms_synced=t["s_synced"] and t["s_synced"] * 1e3, ms_host=t["s_host"] and t["s_host"] * 1e3,
                  tokens_per_s=tokens / t["s"],
                  peak_memory_bytes=mem, peak_memory_kind=mem_kind, **memory_bytes(model, engine))
+    benchmark.extra_info.update(row)
+
+
+# The matmuls of a batch-1 decode step at the 1b preset, as (name, weight [N, K] from the config, per step).
+# w_gate is one half of w_gate_up: the FFN before its gate and up were stacked read two of these.
+PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_gate", "w_down", "head")
+ROTATE_BYTES = 256e6  # weights cycled per timed run: 5x an H200's 50 MB L2, so each call reads HBM, as a layer does
+
+
+def projection_shape(cfg, name: str) -> tuple[int, int, int]:
+    """(N, K, calls per decode step) of projection `name`: y [1, N] = x [1, K] @ W[N, K]^T."""
+    d, k, kv = cfg.d_model, cfg.ffn_hidden, cfg.n_kv_head * cfg.head_dim
+    return {"wqkv": (d + 2 * kv, d, cfg.n_layer), "wo": (d, d, cfg.n_layer),
+            "w_gate_up": (2 * k, d, cfg.n_layer), "w_gate": (k, d, 0), "w_down": (d, k, cfg.n_layer),
+            "head": (cfg.vocab_size, d, 1)}[name]
+
+
+@torch.inference_mode()
+def test_decode_linear(benchmark, device, projection):
+    """One token through one projection of the 1b preset in bf16 (the dense model's step runs wqkv, wo,
+    w_gate_up and w_down per layer and the head once; MemoryLLM's the same without the FFN's two): GB/s of
+    the weight read, % of the same run's device-copy ceiling (make bench's gather benchmarks measure it),
+    and ms per decode step (ms x calls per step). A decode step's matmul time that is not near the ceiling
+    is where its GEMV loses, and is the same in both models only for wqkv, wo and the head."""
+    from memllm_kernels.model import get_preset
+
+    cfg = get_preset("1b-dense")
+    n, k, per_step = projection_shape(cfg, projection)
+    dt = torch.bfloat16
+    copies = min(cfg.n_layer, max(1, math.ceil(ROTATE_BYTES / (n * k * dt.itemsize))))
+    weights = [torch.empty(n, k, device=device, dtype=dt).uniform_(-0.02, 0.02) for _ in range(copies)]
+    x = torch.randn(1, k, device=device, dtype=dt)
+    it = itertools.cycle(weights)
+
+    def fn():
+        return torch.nn.functional.linear(x, next(it))
+    t = timed(benchmark, fn, device, min_inner=copies)  # a GPU round replays one call per copy
+    row = record(op="decode_linear", provider=projection, dtype="bfloat16", preset="1b", T=1, batch=1,
+                 N=n, K=k, per_step=per_step, copies=copies, ms=t["s"] * 1e3,
+                 ms_per_step=t["s"] * 1e3 * per_step, ms_launch=t["s_launch"] and t["s_launch"] * 1e3,
+                 bytes=n * k * dt.itemsize + (n + k) * dt.itemsize)
     benchmark.extra_info.update(row)

@@ -133,8 +133,9 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
             fn()
             samples.append(time.perf_counter() - t)
 
+        # pedantic's warm-up rounds run `run` too: their samples are dropped
         benchmark.pedantic(run, rounds=int(min(200, max(5, target_s / est))), iterations=1, warmup_rounds=2)
-        return {"s": statistics.median(samples), "s_launch": None, "s_synced": None, "s_host": None}
+        return {"s": statistics.median(samples[2:]), "s_launch": None, "s_synced": None, "s_host": None}
 
     inner = max(min_inner, int(min(100, max(1, 1e-3 / est))))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -171,6 +172,7 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
 
         benchmark.pedantic(run, rounds=int(min(100, max(5, target_s / (statistics.median(launch) * inner)))),
                            iterations=1, warmup_rounds=1)
+        samples, host = samples[1:], host[1:]  # pedantic's warm-up round ran `run` too
         return {"s": statistics.median(samples), "s_launch": statistics.median(samples),
                 "s_synced": statistics.median(synced), "s_host": statistics.median(host)}
     side = torch.cuda.Stream()
@@ -193,7 +195,7 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
 
     rounds = int(min(100, max(5, target_s / (statistics.median(launch) * inner))))
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
-    return {"s": statistics.median(samples), "s_launch": statistics.median(launch), "s_synced": None, "s_host": None}
+    return {"s": statistics.median(samples[2:]), "s_launch": statistics.median(launch), "s_synced": None, "s_host": None}
 
 
 def reset_peak_memory(device: str) -> None:

@@ -28,6 +28,8 @@
 #   gather     bench/bench_tol_gather_add.py: the gather-add op at every preset and size; bench_decode_attention.py:
 #              decode_attention against the model's SDPA step
 #   attention  bench_decode_attention.py alone (a short call: 12 benchmarks)
+#   linear     each 1b projection of a batch-1 decode step alone (bench_e2e.py's decode_linear: wqkv, wo, w_gate_up,
+#              one half of it, w_down, head) beside the device-copy ceiling: which of the step's GEMVs lose time
 #   tests      the whole test suite on the GPU
 # Time: every step gets its own limit (below), cut to what is left of BUDGET seconds (default 540); a step
 # that would get under 45 s is skipped and named. A benchmark step stopped at its limit still writes the
@@ -145,9 +147,12 @@ for step in "${steps[@]}"; do
     attention)
       run_pytest "$out/bench-attention.log" 90 bench/bench_decode_attention.py "${bench_args[@]}" \
         --benchmark-json="$out/pytest-benchmark-attention.json" ;;
+    linear)
+      run_pytest "$out/bench-linear.log" 90 bench/bench_tol_gather_add.py bench/bench_e2e.py "${bench_args[@]}" \
+        -k "copy_bandwidth or decode_linear" --benchmark-json="$out/pytest-benchmark-linear.json" ;;
     tests)
       run_pytest "$out/tests.log" 300 tests -rs $xdist --junitxml="$out/tests.xml" ;;
-    *) echo "unknown step $step (build gpu-tests offload e2e compiled profile host gather attention tests)"; exit 2 ;;
+    *) echo "unknown step $step (build gpu-tests offload e2e compiled profile host gather attention linear tests)"; exit 2 ;;
   esac
 done
 echo; echo "== $(date +%T) done in $(( $(date +%s) - t_start ))s (status $status)"
