@@ -34,7 +34,8 @@ import pytest
 import torch
 
 from conftest import DECODE_RUN, bench_device, peak_memory, record, reset_peak_memory, timed
-from models import PROVIDERS, attention_kind, decode_step, free_models, memory_bytes, resident_model
+from models import (PROJECTIONS, PROVIDERS, ROTATE_BYTES, attention_kind, decode_step, free_models, memory_bytes,
+                    projection_shape, resident_model)
 
 
 def pytest_generate_tests(metafunc):
@@ -96,20 +97,6 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B):
                  tokens_per_s=tokens / t["s"],
                  peak_memory_bytes=mem, peak_memory_kind=mem_kind, **memory_bytes(model, engine))
     benchmark.extra_info.update(row)
-
-
-# The matmuls of a batch-1 decode step at the 1b preset, as (name, weight [N, K] from the config, per step).
-# w_gate is one half of w_gate_up: the FFN before its gate and up were stacked read two of these.
-PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_gate", "w_down", "head")
-ROTATE_BYTES = 256e6  # weights cycled per timed run: 5x an H200's 50 MB L2, so each call reads HBM, as a layer does
-
-
-def projection_shape(cfg, name: str) -> tuple[int, int, int]:
-    """(N, K, calls per decode step) of projection `name`: y [1, N] = x [1, K] @ W[N, K]^T."""
-    d, k, kv = cfg.d_model, cfg.ffn_hidden, cfg.n_kv_head * cfg.head_dim
-    return {"wqkv": (d + 2 * kv, d, cfg.n_layer), "wo": (d, d, cfg.n_layer),
-            "w_gate_up": (2 * k, d, cfg.n_layer), "w_gate": (k, d, 0), "w_down": (d, k, cfg.n_layer),
-            "head": (cfg.vocab_size, d, 1)}[name]
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""Reference models for the end-to-end benchmarks (bench_e2e.py, bench_offload.py), random weights.
+"""Reference models for the end-to-end benchmarks (bench_e2e.py, bench_offload.py), random weights, and the
+shapes of a decode step's projections (bench_e2e.py's decode_linear).
 
 Providers (where a model's memory-FFN rows come from):
     dense            the dense model (SwiGLU FFNs on the residual stream)
@@ -169,3 +170,17 @@ def memory_bytes(model, engine) -> dict:
         tab = model.memory_modules()[0].store.table
         out["table_bytes"] = tab.numel() * tab.element_size()
     return out
+
+
+# The matmuls of a batch-1 decode step at the 1b preset, as (name, weight [N, K] from the config, per step).
+# w_gate is one half of w_gate_up: the FFN before its gate and up were stacked read two of these.
+PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_gate", "w_down", "head")
+ROTATE_BYTES = 256e6  # weights cycled per timed run: 5x an H200's 50 MB L2, so each call reads HBM, as a layer does
+
+
+def projection_shape(cfg, name: str) -> tuple[int, int, int]:
+    """(N, K, calls per decode step) of projection `name`: y [1, N] = x [1, K] @ W[N, K]^T."""
+    d, k, kv = cfg.d_model, cfg.ffn_hidden, cfg.n_kv_head * cfg.head_dim
+    return {"wqkv": (d + 2 * kv, d, cfg.n_layer), "wo": (d, d, cfg.n_layer),
+            "w_gate_up": (2 * k, d, cfg.n_layer), "w_gate": (k, d, 0), "w_down": (d, k, cfg.n_layer),
+            "head": (cfg.vocab_size, d, 1)}[name]

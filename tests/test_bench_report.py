@@ -185,3 +185,26 @@ def test_machine_info_commit_and_dirty(monkeypatch):
     assert info["commit"] == "0000000" and info["dirty"] is None
     monkeypatch.setenv("MEMLLM_COMMIT", head)
     assert isinstance(conftest.machine_info("cpu")["dirty"], bool)
+
+
+def test_decode_linear_benchmark_covers_the_dense_step(tmp_path):
+    """bench_e2e.py's decode_linear: the projections a batch-1 step runs per layer (and the head once) are
+    exactly the dense 1b model's matmul weights, and one run writes GB/s and ms per step for a projection."""
+    import models
+    from memllm_kernels.model import get_preset, param_counts
+
+    cfg = get_preset("1b-dense")
+    shapes = {p: models.projection_shape(cfg, p) for p in models.PROJECTIONS}
+    counts = param_counts(cfg)
+    assert sum(n * k * per for n, k, per in shapes.values()) == counts["attention"] + counts["ffn_context"] + counts["head"]
+    assert shapes["w_gate_up"][0] == 2 * shapes["w_gate"][0] and shapes["w_gate"][2] == 0
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_e2e.py", "-q", "-p", "no:cacheprovider",
+                           "-k", "decode_linear and wo", "--device", "cpu", "--results-root", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (row,) = report.load(str(folder / "decode_linear.json"))["results"]
+    assert (row["provider"], row["N"], row["K"], row["per_step"]) == ("wo", 2048, 2048, 24)
+    assert row["copies"] == 24 and row["bytes"] == (2048 * 2048 + 2 * 2048) * 2
+    assert row["ms_per_step"] == pytest.approx(24 * row["ms"]) and row["gbps"] > 0
+    assert "| wo | bfloat16 | 1b | 2048 | 2048 |" in open(report.write_report(str(folder))).read()
