@@ -148,6 +148,15 @@ def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
 _BAD_ID = "is outside [0, V)"
 
 
+def _check_no_overlap(op: str, name: str, t: torch.Tensor) -> None:
+    """An output written in place must not have elements sharing memory (an expand()ed tensor): the C++
+    kernels refuse it through ATen's check, the Triton ones would race. The same test as ATen's
+    has_internal_overlap: a dimension of size > 1 with stride 0."""
+    if any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
+        raise RuntimeError(f"{op}: {name} has elements that share memory (shape {list(t.shape)}, strides "
+                           f"{list(t.stride())}), so it cannot be written in place; pass {name}.clone()")
+
+
 def _run_compiled(op, *args, checks=None):
     """Calls a C++/CUDA op, which checks its arguments itself. On an error, `checks()` (the Python checks,
     run only then: they cost ~2.5 us per call, a third of a one-token call on CPU) raises the TypeError /
@@ -218,6 +227,7 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
                       checks=lambda: _check_args("tol_gather_add_", hidden, ids, table, layer))
         return hidden
     _check_args("tol_gather_add_", hidden, ids, table, layer)
+    _check_no_overlap("tol_gather_add_", "hidden", hidden)
     if check_ids:
         _check_id_range("tol_gather_add_", ids, table.shape[0])
     if backend == "triton":
@@ -307,13 +317,25 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 
 # ---- fake kernels: allocation only, same layout as the real kernels (a new contiguous tensor) ----
+def _no_meta_mix(op: str, *tensors) -> None:
+    """Fake kernels serve the Meta key too, so a call mixing a meta tensor with real ones reaches them (not the
+    CPU kernel, which checks its arguments): raise as torch's own ops do, rather than hand back an
+    uninitialised tensor. Under torch.compile every argument is a FakeTensor on its own device: no effect."""
+    metas = {t.device.type == "meta" for t in tensors if isinstance(t, torch.Tensor)}
+    if len(metas) > 1:
+        devices = sorted({str(t.device) for t in tensors if isinstance(t, torch.Tensor)})
+        raise RuntimeError(f"{op}: tensors on the meta device cannot be mixed with real ones, got {devices}")
+
+
 @torch.library.register_fake("memllm::tol_gather_add")
 def _tol_gather_add_fake(hidden, ids, table, layer=None, check_ids=True):
+    _no_meta_mix("tol_gather_add", hidden, ids, table)
     return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
 
 
 @torch.library.register_fake("memllm::tol_gather_add_")
 def _tol_gather_add__fake(hidden, ids, table, layer=None, check_ids=True):
+    _no_meta_mix("tol_gather_add_", hidden, ids, table)
     return None
 
 

@@ -13,12 +13,28 @@ def tol_rows(table: torch.Tensor, ids: torch.Tensor, layer: int | None = None) -
     """Gather token-wise lookup rows.
 
     table: [V, d] or token-major [V, L, d]; ids: integer tensor of any shape [...];
-    returns [..., d] in table's dtype (a pure gather, bit-exact by definition).
+    returns [..., d] in table's dtype (a pure gather, bit-exact by definition). An id outside [0, V) gets
+    a NaN row (what the kernels write when called with check_ids=False; the wrappers raise first otherwise).
     """
     # select + index_select, not table[ids, layer]: on CPU torch's advanced indexing of a strided
     # view took 15 ms for 8 tokens of a [8192, 24, 960] table (torch 2.13), index_select 12 us.
     src = table if layer is None else table.select(1, layer)
-    return src.index_select(0, ids.reshape(-1).long()).reshape(*ids.shape, table.shape[-1])
+    flat, ok = valid_ids(ids, table.shape[0])
+    rows = src.index_select(0, flat) if table.shape[0] else src.new_empty(flat.shape[0], table.shape[-1])
+    return nan_where_bad(rows, ok).reshape(*ids.shape, table.shape[-1])
+
+
+def valid_ids(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids flattened to int64 and clamped into [0, num_rows), whether each was in range): the gather reads
+    only real rows; no host sync (usable where the kernels skip the id check, e.g. under CUDA graphs)."""
+    flat = ids.reshape(-1).long()
+    ok = (flat >= 0) & (flat < num_rows)
+    return flat.clamp(0, max(num_rows - 1, 0)), ok
+
+
+def nan_where_bad(rows: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """rows [N, ...] with the rows where ok [N] is False replaced by NaN."""
+    return torch.where(ok.view(-1, *([1] * (rows.dim() - 1))), rows, rows.new_full((), float("nan")))
 
 
 def tol_gather_add(

@@ -38,7 +38,8 @@ from test_tol_gather_add import assert_matches_reference
 # ---- the test matrix, named once ----
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
-               (torch.float16, torch.float32)]  # (hidden, table)
+               (torch.float16, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.float16)]
+# (hidden, table)
 TOKENS = [0, 1, 7, 300]
 DIMS = [1, 8, 769]
 LAYERS = [None, 2]  # None: [V, d] tables; 2: token-major [V, 3, d] read at layer 2
@@ -106,7 +107,7 @@ def test_host_gather_empty_and_int32(backend, device):
     assert torch.equal(out[[2, 0]].cpu(), table.cpu()[[4, 40]]) and not out[1].any()
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_host_gather_unchecked_bad_ids_never_read_or_write_out_of_bounds(backend, device):
     table = host_table((VOCAB, 2, 8), torch.float32, device)
     out = torch.zeros(4, 2, 8, device=device)
@@ -159,7 +160,10 @@ def test_cached_gather_add_matches_full_table(backend, device, hidden_dtype, tab
     table = host_table(shape, table_dtype, device)
     slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
     hidden = torch.randn(T, d, device=device).to(hidden_dtype)
-    ids = torch.randint(0, VOCAB, (T,), device=device)
+    # int32 ids at odd T, int64 at even T: both index types without doubling the matrix
+    ids = torch.randint(0, VOCAB, (T,), device=device, dtype=torch.int32 if T % 2 else torch.int64)
+    if T >= 2:
+        ids[0] = ids[1] = VOCAB - 1  # the largest id, repeated
     before = hidden.clone()
     out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, layer, backend=backend)
     assert torch.equal(hidden, before)
@@ -167,6 +171,56 @@ def test_cached_gather_add_matches_full_table(backend, device, hidden_dtype, tab
     assert_matches_reference(out, hidden, ids, full, layer, backend)
     assert mk.tol_cached_gather_add_(hidden, ids, slot_map, cache, table, layer, backend=backend) is hidden
     assert_matches_reference(hidden, before, ids, full, layer, backend)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["functional", "inplace"])
+def test_cached_gather_add_unchecked_bad_ids_give_nan_rows(backend, device, inplace):
+    """check_ids=False: an id outside [0, V) (negative, V, far past V) reads nothing and gives a NaN row, on a hit
+    path's slot lookup too; the other rows stay exact. The reference, the spec, says the same."""
+    table = host_table((VOCAB, 3, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([1, -1, VOCAB, 5, -(2**40), 2**40], device=device)
+    hidden = torch.randn(6, 8, device=device)
+    before = hidden.clone()
+    fn = mk.tol_cached_gather_add_ if inplace else mk.tol_cached_gather_add
+    out = fn(hidden, ids, slot_map, cache, table, 2, backend=backend, check_ids=False)
+    assert torch.isnan(out[[1, 2, 4, 5]]).all()
+    good = torch.tensor([0, 3], device=device)
+    assert_matches_reference(out[good], before[good], ids[good], table.to(device), 2, backend)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_cached_gather_add_refuses_a_hidden_whose_elements_share_memory(backend, device):
+    table = host_table((VOCAB, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    base = torch.zeros(1, 8, device=device)
+    with pytest.raises(RuntimeError, match="share memory|single memory location"):
+        mk.tol_cached_gather_add_(base.expand(4, 8), torch.tensor([1, 2, 3, 4], device=device), slot_map, cache,
+                                  table, backend=backend)
+    assert not base.any()
+
+
+def test_offload_fake_kernels_refuse_meta_tensors_mixed_with_real_ones():
+    """A call mixing a meta tensor with real ones reaches the fake kernel (the Meta key): it raises instead of
+    returning an uninitialised tensor or doing nothing."""
+    table = torch.randn(VOCAB, 2, 8)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, "cpu")
+    meta_ids = torch.tensor([1, 2], device="meta")
+    out, first, slots = torch.zeros(2, 2, 8), torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    calls = [
+        lambda: torch.ops.memllm.tol_host_gather(table, meta_ids, out, None, True),
+        lambda: torch.ops.memllm.tol_cached_gather_add(torch.randn(2, 8), meta_ids, slot_map, cache, table, 1, True),
+        lambda: torch.ops.memllm.tol_cached_gather_add_(torch.randn(2, 8), meta_ids, slot_map, cache, table, 1, True),
+        lambda: torch.ops.memllm.tol_cache_prefetch(meta_ids, slot_map, cache, table, out, first, slots, 0, None, True),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="meta device cannot be mixed"):
+            call()
+    _, state = _admit_state(VOCAB, CACHE, "lru", table, "cpu", seed=0)
+    with pytest.raises(RuntimeError, match="meta device cannot be mixed"):
+        torch.ops.memllm.tol_cache_admit(meta_ids, first, slots, out, *state)
+    assert not out.any()
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
@@ -258,7 +312,25 @@ def test_cache_prefetch_matches_reference(backend, device, dtype, n):
     if n:
         assert torch.equal(out.cpu()[first.cpu().long()], table.cpu()[ids.cpu()])  # each position's rows
         if n >= 2:
-            assert first[1] == 0
+            assert first[1] == 0 and not out[1].any()  # a repeat's own row is left alone
+    want = torch.zeros_like(out)
+    oref.tol_cache_prefetch(ids, slot_map, cache, table, want, first.clone(), slots.clone())
+    assert torch.equal(out.cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("backend,device", NO_TRITON)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+def test_cache_prefetch_unchecked_bad_ids_give_nan_rows_and_no_slot(backend, device, id_dtype):
+    table = host_table((VOCAB, 2, 8), torch.float16, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([3, -1, VOCAB, 3, 2**31 - 1], device=device, dtype=id_dtype)
+    out = torch.zeros(5, 2, 8, dtype=torch.float16, device=device)
+    first = torch.zeros(5, dtype=torch.int32, device=device)
+    slots = torch.zeros(5, dtype=torch.int32, device=device)
+    mk.tol_cache_prefetch(ids, slot_map, cache, table, out, first, slots, backend=backend, check_ids=False)
+    assert first.tolist() == [0, 1, 2, 0, 4]
+    assert slots.tolist()[1:3] + slots.tolist()[4:] == [-1, -1, -1]
+    assert torch.equal(out[0].cpu(), table.cpu()[3]) and torch.isnan(out[[1, 2, 4]]).all() and not out[3].any()
 
 
 @pytest.mark.parametrize("backend,device", NO_TRITON)
@@ -441,11 +513,22 @@ def test_torch_compile_fullgraph(device):
     w = torch.randn(8, 8, device=device)
 
     def f(h, ids):
-        return mk.tol_cached_gather_add(h @ w, ids, slot_map, cache, table, 1, check_ids=False) * 2
+        h = mk.tol_cached_gather_add(h @ w, ids, slot_map, cache, table, 1, check_ids=False)
+        return mk.tol_cached_gather_add_(h, ids, slot_map, cache, table, 0, check_ids=False) * 2
+
+    def spec(h, ids):  # 1e-5: Inductor may order the matmul's sums differently than eager
+        h = oref.tol_cached_gather_add(h @ w, ids, slot_map, cache, table, 1)
+        return oref.tol_cached_gather_add(h, ids, slot_map, cache, table, 0) * 2
 
     torch._dynamo.reset()
-    h, ids = torch.randn(3, 8, device=device), torch.tensor([1, 2, VOCAB - 1], device=device)
-    torch.testing.assert_close(torch.compile(f, fullgraph=True)(h, ids), f(h, ids), rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(f, fullgraph=True)
+    cached = int(((slot_map >= 0) & (slot_map < CACHE)).nonzero()[0, 0])  # a token whose row is in the cache
+    h, ids = torch.randn(3, 8, device=device), torch.tensor([1, cached, VOCAB - 1], device=device)
+    torch.testing.assert_close(compiled(h, ids), spec(h, ids), rtol=1e-5, atol=1e-5)
+    before = compiled(h, ids)
+    cache.add_(1.0)  # read live, not as a constant copy: the hit's row changes
+    torch.testing.assert_close(compiled(h, ids), spec(h, ids), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(compiled(h, ids), before)
 
 
 # ================================================================ host tiers
@@ -470,6 +553,11 @@ def test_host_alloc_is_exact_size_and_honest_about_pinning():
     assert mk.tol_host_alloc([0, 4], torch.float32).shape == (0, 4)
     with pytest.raises(RuntimeError, match="negative size"):
         mk.tol_host_alloc([-1], torch.float32)
+    for size in ([2**62 + 1], [2**32, 2**31], [2**61, 3, 1]):  # wrapped, the product would map a few bytes
+        with pytest.raises(RuntimeError, match="more bytes than an int64 holds"):
+            mk.tol_host_alloc(size, torch.float32)
+    assert mk.tol_host_alloc([2**62, 0], torch.float32).shape == (2**62, 0)
+    torch.library.opcheck(torch.ops.memllm.tol_host_alloc, ([3, 5], torch.float32, False))
 
 
 def test_host_alloc_op_raises_where_it_cannot_pin():

@@ -26,31 +26,34 @@ HostPinHooks& host_pin_hooks() {
 namespace {
 
 at::Tensor tol_host_alloc(c10::IntArrayRef size, at::ScalarType dtype, bool pin) {
-  int64_t numel = 1;
-  for (size_t i = 0; i < size.size(); ++i) {
-    TORCH_CHECK(size[i] >= 0, "tol_host_alloc: negative size " + to_str(size));
-    numel *= size[i];
-  }
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  // Checked products: a wrapped size would map a few bytes under a tensor of the full shape (a crash on
+  // first use). Any size a mapping could serve stays far below INT64_MAX bytes.
   const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
-  if (bytes == 0) return at::empty(size, options);
+  for (size_t i = 0; i < size.size(); ++i) TORCH_CHECK(size[i] >= 0, "tol_host_alloc: negative size " + to_str(size));
+  for (size_t i = 0; i < size.size(); ++i)
+    if (size[i] == 0) return at::empty(size, options);
+  int64_t bytes = static_cast<int64_t>(c10::elementSize(dtype));
+  for (size_t i = 0; i < size.size(); ++i)
+    TORCH_CHECK(!__builtin_mul_overflow(bytes, size[i], &bytes),
+                "tol_host_alloc: size " + to_str(size) + " of " + std::string(c10::toString(dtype)) +
+                    " is more bytes than an int64 holds");
   // No quiet fallback to ordinary memory: the Python wrapper decides whether to ask (a GPU is visible, the CUDA
   // kernels are built); asked, this pins or raises.
   const HostPinHooks& hooks = host_pin_hooks();
   TORCH_CHECK(!pin || hooks.pin != nullptr,
               "tol_host_alloc: pin=True needs the CUDA build of memllm_kernels._C (cudaHostRegister); this one "
               "has CPU kernels only (pass pin=False)");
-  void* ptr = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(ptr != MAP_FAILED, "tol_host_alloc: mmap of " + to_str(static_cast<int64_t>(bytes)) +
+  void* ptr = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(ptr != MAP_FAILED, "tol_host_alloc: mmap of " + to_str(bytes) +
                                      " bytes failed: " + std::strerror(errno));
   // Huge pages where the kernel allows them: ~3M fewer page faults to fill a 12.6 GB table. Advice only.
-  (void)madvise(ptr, bytes, MADV_HUGEPAGE);
+  (void)madvise(ptr, static_cast<size_t>(bytes), MADV_HUGEPAGE);
   bool pinned = false;
   if (pin) {
-    const std::string err = hooks.pin(ptr, bytes);
+    const std::string err = hooks.pin(ptr, static_cast<size_t>(bytes));
     if (!err.empty()) {
-      munmap(ptr, bytes);
-      TORCH_CHECK(false, "tol_host_alloc: page-locking " + to_str(static_cast<int64_t>(bytes)) +
+      munmap(ptr, static_cast<size_t>(bytes));
+      TORCH_CHECK(false, "tol_host_alloc: page-locking " + to_str(bytes) +
                              " bytes failed: " + err +
                              " (page-locked memory is limited by RAM and `ulimit -l`; pass pin=False for "
                              "ordinary memory)");
@@ -59,7 +62,7 @@ at::Tensor tol_host_alloc(c10::IntArrayRef size, at::ScalarType dtype, bool pin)
   }
   auto deleter = [bytes, pinned](void* p) {
     if (pinned && host_pin_hooks().unpin != nullptr) host_pin_hooks().unpin(p);
-    munmap(p, bytes);
+    munmap(p, static_cast<size_t>(bytes));
   };
   return at::from_blob(ptr, size, deleter, options);
 }

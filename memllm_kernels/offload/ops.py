@@ -158,6 +158,7 @@ def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, r
 
 @torch.library.register_fake("memllm::tol_host_gather")
 def _tol_host_gather_fake(table, ids, out, rows=None, check_ids=True):
+    _ops._no_meta_mix("tol_host_gather", table, ids, out, rows)
     return None
 
 
@@ -216,6 +217,7 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
                                                              check_ids))
         return hidden
     _checks(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
+    _ops._check_no_overlap(op, "hidden", hidden)
     if b == "triton":
         torch.ops.memllm.tol_cached_gather_add_triton_(hidden, ids, slot_map, cache, host_table, layer)
     else:
@@ -225,11 +227,13 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
 
 @torch.library.register_fake("memllm::tol_cached_gather_add")
 def _tol_cached_gather_add_fake(hidden, ids, slot_map, cache, host_table, layer=None, check_ids=True):
+    _ops._no_meta_mix("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table)
     return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
 
 
 @torch.library.register_fake("memllm::tol_cached_gather_add_")
 def _tol_cached_gather_add__fake(hidden, ids, slot_map, cache, host_table, layer=None, check_ids=True):
+    _ops._no_meta_mix("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table)
     return None
 
 
@@ -299,6 +303,7 @@ def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.T
 @torch.library.register_fake("memllm::tol_cache_prefetch")
 def _tol_cache_prefetch_fake(ids, slot_map, cache, host_table, out, first, slots, layer_begin=0, layer_end=None,
                              check_ids=True):
+    _ops._no_meta_mix("tol_cache_prefetch", ids, slot_map, cache, host_table, out, first, slots)
     return None
 
 
@@ -345,6 +350,8 @@ def tol_cache_admit(ids: torch.Tensor, first: torch.Tensor, slots: torch.Tensor,
 
 @torch.library.register_fake("memllm::tol_cache_admit")
 def _tol_cache_admit_fake(ids, first, slots, rows, slot_map, owner, last_use, admitted_at, cache, counters):
+    _ops._no_meta_mix("tol_cache_admit", ids, first, slots, rows, slot_map, owner, last_use, admitted_at, cache,
+                      counters)
     return None
 
 

@@ -9,14 +9,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..reference import nan_where_bad, valid_ids
+
 
 def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
     """out[rows[i]] = table[ids[i]] (out[i] without rows): whole token rows. table [V, ...]; ids [N];
-    out [M, ...] with table's row shape and dtype; rows [N]. Returns out (modified in place)."""
-    src = table.index_select(0, ids.to(table.device).long()).to(out.device)
+    out [M, ...] with table's row shape and dtype; rows [N]. Returns out (modified in place).
+    Out-of-range entries (reachable with check_ids=False): a bad id writes a NaN row, a bad row is skipped."""
+    flat, ok = valid_ids(ids.to(table.device), table.shape[0])
+    src = table.index_select(0, flat) if table.shape[0] else table.new_empty(flat.shape[0], *table.shape[1:])
+    src = nan_where_bad(src, ok).to(out.device)
     dst = torch.arange(ids.shape[0], device=out.device) if rows is None else rows.to(out.device).long()
-    out.index_copy_(0, dst, src)
+    keep = (dst >= 0) & (dst < out.shape[0])
+    out.index_copy_(0, dst[keep], src[keep])
     return out
 
 
@@ -24,14 +30,15 @@ def cached_rows(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor, 
                 layer: int | None = None) -> torch.Tensor:
     """The rows tol_cached_gather_add adds: cache[slot_map[id]] where the slot is in [0, C), else
     host_table[id]; [..., d] (with layer, or for [V, d] tables) or [..., L, d] (whole token rows, layer None)
-    in the tables' dtype on cache's device."""
-    flat = ids.reshape(-1).long()
+    in the tables' dtype on cache's device. An id outside [0, V) gets a NaN row (check_ids=False)."""
+    flat, ok = valid_ids(ids, host_table.shape[0])
     slots = slot_map[flat.to(slot_map.device)].long().to(cache.device)
     hit = (slots >= 0) & (slots < cache.shape[0])
     rows = host_table.index_select(0, flat.to(host_table.device)).to(cache.device)  # [N, ...]
     if cache.shape[0]:
         from_cache = cache.index_select(0, slots.clamp(0, cache.shape[0] - 1))
         rows = torch.where(hit.view(-1, *([1] * (rows.dim() - 1))), from_cache, rows)
+    rows = nan_where_bad(rows, ok.to(rows.device))
     if layer is not None:
         rows = rows[:, layer]
     return rows.reshape(*ids.shape, *rows.shape[1:])
@@ -65,8 +72,9 @@ def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.T
     occurrences, out[b, layer_begin:layer_end] = the token's row from its slot (hit) or host_table (miss)."""
     flat = ids.reshape(-1).long()
     first.copy_(first_occurrence(flat))
-    s = slot_map[flat.to(slot_map.device)].long()
-    s = torch.where((s >= 0) & (s < cache.shape[0]), s, -1)
+    clamped, ok = valid_ids(flat.to(slot_map.device), host_table.shape[0])
+    s = slot_map[clamped].long()
+    s = torch.where(ok & (s >= 0) & (s < cache.shape[0]), s, -1)  # a bad id (check_ids=False): -1, a NaN row
     slots.copy_(s.to(torch.int32))
     uniq = (first.long() == torch.arange(flat.numel(), device=first.device)).nonzero().reshape(-1)
     if uniq.numel() == 0:
