@@ -51,7 +51,7 @@ def _same_rows(op, names, tables):
         if t.dtype != ref.dtype:
             raise TypeError(f"{op}: {name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
         if t.shape[1:] != ref.shape[1:]:
-            raise ValueError(f"{op}: {name} rows must have {ref_name}'s row shape {list(ref.shape[1:])}, "
+            raise ValueError(f"{op}: the rows of {name} must have {ref_name}'s row shape {list(ref.shape[1:])}, "
                              f"got {name} {list(t.shape)}")
 
 
