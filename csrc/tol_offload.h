@@ -183,8 +183,10 @@ inline void check_cache_admit_args(const at::Tensor& ids, const at::Tensor& firs
                        Arg{&slot_map, "slot_map", at::kInt, -1}, Arg{&owner, "owner", at::kInt, C},
                        Arg{&last_use, "last_use", at::kLong, C}, Arg{&admitted_at, "admitted_at", at::kLong, C},
                        Arg{&counters, "counters", at::kLong, kAdmitCounters}}) {
-    TORCH_CHECK_TYPE(a.t->scalar_type() == a.dtype, op + ": " + a.name + " must be " + c10::toString(a.dtype) +
-                                                        ", got " + c10::toString(a.t->scalar_type()));
+    // torch's own names (int32, int64), as the Python checks print them, not c10's (Int, Long)
+    TORCH_CHECK_TYPE(a.t->scalar_type() == a.dtype,
+                     op + ": " + a.name + " must be " + std::string(c10::getDtypeNames(a.dtype).first) + ", got " +
+                         std::string(c10::getDtypeNames(a.t->scalar_type()).first));
     TORCH_CHECK(a.t->dim() == 1 && (a.size < 0 || a.t->size(0) == a.size) && a.t->is_contiguous(),
                 op + ": " + a.name + " must be a contiguous 1-D tensor" +
                     (a.size < 0 ? std::string() : " of " + to_str(a.size)) + ", got shape " + to_str(a.t->sizes()));

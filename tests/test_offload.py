@@ -290,6 +290,29 @@ def test_cached_gather_add_compiled_op_checks_its_inputs(device):
         torch.ops.memllm.tol_cached_gather_add(h, torch.tensor([1, 2], device=device), slot_map, cache, table[:, :1], 0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_ops_check_their_inputs_in_cpp_too(device):
+    """The wrappers of tol_host_gather, tol_cache_prefetch and tol_cache_admit check in Python and call the ops
+    with check_ids=False; called directly, the C++/CUDA ops make the same checks themselves, writing nothing."""
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    out = torch.zeros(3, 2, 8, device=device)
+    first, slots = (torch.zeros(3, dtype=torch.int32, device=device) for _ in range(2))
+    bad_ids = torch.tensor([0, VOCAB, 1], device=device)
+    with pytest.raises(RuntimeError, match=rf"id {VOCAB} .*V={VOCAB}"):
+        torch.ops.memllm.tol_host_gather(table, bad_ids, out, None, True)
+    with pytest.raises(RuntimeError, match=r"destination row 7"):
+        torch.ops.memllm.tol_host_gather(table, bad_ids[:1], out, torch.tensor([7], device=device), True)
+    with pytest.raises(RuntimeError, match=rf"id {VOCAB} .*V={VOCAB}"):
+        torch.ops.memllm.tol_cache_prefetch(bad_ids, slot_map, cache, table, out, first, slots, 0, None, True)
+    with pytest.raises(TypeError, match="first and slots must be int32"):
+        torch.ops.memllm.tol_cache_prefetch(bad_ids, slot_map, cache, table, out, first.long(), slots, 0, None, False)
+    _, state = _admit_state(VOCAB, CACHE, "lru", table, device, seed=0)
+    with pytest.raises(TypeError, match="slot_map must be int32"):
+        torch.ops.memllm.tol_cache_admit(bad_ids, first, slots, out, state[0].long(), *state[1:])
+    assert not out.any() and not first.any() and not slots.any()
+
+
 # ================================================================ tol_cache_prefetch
 @pytest.mark.parametrize("backend,device", NO_TRITON)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
