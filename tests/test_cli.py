@@ -67,11 +67,11 @@ def test_end_to_end_smoke(tmp_path, text, capsys):
     runs = tmp_path / "run"
     rc, out, err = run(capsys, "train", "--preset", "tiny-memoryllm", "--out", str(runs), "--text", str(text),
                        "--steps", "3", "--tokenizer", "bpe-320", "--batch-size", "8", "--seq-len", "32",
-                       "--eval-every", "0", "--no-progress")
+                       "--eval-every", "0", "--final-eval-tokens", "300", "--no-progress")
     assert rc == 0, err
     assert "non-embedding 4.74M" in out and "validation loss" in out
     summary = json.loads((runs / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["tokenizer"] == "bpe-320"
+    assert summary["steps"] == 3 and summary["tokenizer"] == "bpe-320" and summary["val_tokens"] == 300
 
     rc, out, err = run(capsys, "precompute", str(runs), "--no-progress")
     assert rc == 0, err and (runs / "tol.safetensors").is_file()
@@ -139,8 +139,14 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
     assert (runs / "model.safetensors").read_bytes() == before
     rc, _, err = run(capsys, "precompute", str(runs))
     assert rc == 2 and "dense" in err
-    rc, _, err = run(capsys, "eval", str(runs), "--tol")
-    assert rc == 2 and "tol.safetensors does not exist" in err
+    for cmd in (["eval", str(runs), "--tol"], ["generate", str(runs), "--prompt", "the", "--tol-location", "host"]):
+        rc, _, err = run(capsys, *cmd)
+        assert rc == 2 and "dense model: it has no memory FFNs, so no ToL" in err
+    for extra in ([], ["--steps", "1"]):  # already there: refused, nothing rewritten
+        config = (runs / "config.json").read_bytes()
+        rc, out, err = run(capsys, "train", "--out", str(runs), "--resume", "--no-progress", *extra)
+        assert rc == 2 and "already at step 1 of 1; pass --steps above 1" in err
+        assert (runs / "config.json").read_bytes() == config and (runs / "model.safetensors").read_bytes() == before
     assert run(capsys, *args, "--force", "--seed", "1")[0] == 0
     assert (runs / "model.safetensors").read_bytes() != before
 
@@ -155,8 +161,83 @@ def test_precompute_refuses_overwrite_and_dry_run(tmp_path, text, capsys):
     rc, _, err = run(capsys, "precompute", str(runs))
     assert rc == 2 and "exists; pass --force" in err
     assert (runs / "tol.safetensors").stat().st_mtime_ns == stamp
+    rc, _, err = run(capsys, "precompute", str(runs), "--out", str(tmp_path), "--force")
+    assert rc == 2 and "is a directory; give the table's file name" in err
+    rc, _, err = run(capsys, "precompute", str(runs), "--out", str(tmp_path / "nodir" / "t.safetensors"))
+    assert rc == 2 and "the folder of --out" in err and "does not exist" in err
+    assert not (tmp_path / "nodir").exists()
     rc, out, err = run(capsys, "precompute", "--preset", "250m-memoryllm", "--dry-run", "--dtype", "bf16")
     assert rc == 0, err
     est = json.loads(out.splitlines()[-1])
     assert est["shape"] == [128256, 24, 960] and est["table_bytes"] == 128256 * 24 * 960 * 2
     assert est["chunks"] > 1 and est["work_bytes"] < est["table_bytes"] / 10 and est["estimated_seconds"] > 0
+
+
+BAD_NUMBERS = [
+    (["train", "--preset", "tiny-memoryllm", "--steps", "0"], "--steps: expected a positive integer, got 0"),
+    (["train", "--preset", "tiny-memoryllm", "--steps", "-3"], "--steps: expected a positive integer, got -3"),
+    (["train", "--preset", "tiny-memoryllm", "--minutes", "-1"], "--minutes: expected a positive number"),
+    (["train", "--preset", "tiny-memoryllm", "--ckpt-every", "0"], "--ckpt-every: expected a positive integer"),
+    (["train", "--preset", "tiny-memoryllm", "--seq-len", "0"], "--seq-len: expected a positive integer"),
+    (["train", "--preset", "tiny-memoryllm", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["train", "--preset", "tiny-memoryllm", "--threads", "-1"], "--threads: expected a positive integer"),
+    (["train", "--preset", "tiny-memoryllm", "--device", "bogus"], "unknown device 'bogus'"),
+    (["eval", "RUN", "--seq-len", "-4"], "--seq-len: expected a positive integer"),
+    (["eval", "RUN", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["eval", "RUN", "--max-tokens", "0"], "--max-tokens: expected a positive integer"),
+    (["generate", "RUN", "--prompt", "a", "--max-new-tokens", "-3"], "--max-new-tokens: expected a positive integer"),
+    (["generate", "RUN", "--prompt", "a", "--top-k", "0"], "--top-k: expected a positive integer"),
+    (["generate", "RUN", "--prompt", "a", "--temperature", "-1"], "--temperature: expected a non-negative number"),
+    (["generate", "RUN", "--prompt", "a", "--cache-rows", "-5"], "--cache-rows: expected a non-negative integer"),
+    (["precompute", "RUN", "--chunk-mb", "0"], "--chunk-mb: expected a positive number"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_NUMBERS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_numbers_and_devices_are_refused_before_any_work(argv, message, tmp_path, capsys):
+    """A count of 0 or below (which trained on nothing, trained 500 steps for --steps 0, or failed after minutes)
+    and an unusable device are refused by the parser: exit 2, one line, nothing written."""
+    argv = [str(tmp_path / "run") if a == "RUN" else a for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_device_without_a_gpu_is_refused(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --device cuda is valid here")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "RUN", "--device", "cuda"])
+    assert e.value.code == 2 and "device 'cuda': " in capsys.readouterr().err
+
+
+def test_info_of_a_path_that_is_no_run(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    rc, _, err = run(capsys, "info", str(f))
+    assert rc == 2 and "is neither a preset nor a run directory" in err
+
+
+def test_the_python_api_refuses_the_same_numbers():
+    """TrainConfig and generate check what the parser checks, for callers of the library."""
+    import torch
+
+    from memllm_kernels.model import Transformer, generate, get_preset
+    from memllm_kernels.model.train import TrainConfig, evaluate
+
+    for bad in (dict(steps=0), dict(ckpt_every=0), dict(seq_len=-1), dict(minutes=0.0), dict(val_fraction=1.0),
+                dict(final_eval_tokens=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+    model = Transformer(get_preset("tiny-memoryllm", n_layer=1, vocab_size=64)).eval()
+    with pytest.raises(ValueError, match="must be positive"):
+        evaluate(model, np.arange(64), seq_len=0)
+    for kw in (dict(max_new_tokens=0), dict(max_new_tokens=2, top_k=0), dict(max_new_tokens=2, temperature=-1.0)):
+        with pytest.raises(ValueError, match="must be positive and temperature >= 0"):
+            generate(model, [[1, 2]], **kw)
+    assert len(generate(model, [[1, 2]], 2)[0]) == 2 and torch.is_grad_enabled()

@@ -44,7 +44,7 @@ RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "optimizer.sa
 class TrainConfig:
     """steps: optimizer steps (with `minutes`, fixed after timing the first steps and recorded here).
     batch_size x seq_len tokens per step. eval_tokens: validation tokens scored at each periodic
-    evaluation (the final one scores the whole validation split)."""
+    evaluation; final_eval_tokens: at the final one (None: the whole validation split)."""
 
     steps: int = 500
     minutes: float | None = None
@@ -67,6 +67,25 @@ class TrainConfig:
     tokenizer: str = "gpt2"
     text: str | None = None  # None: the Shakespeare corpus
     device: str = "auto"
+    final_eval_tokens: int | None = None  # None: the whole validation split
+
+    def __post_init__(self):
+        """Refuse counts that would train on nothing or fail after minutes (a step count of 0, a checkpoint
+        interval of 0), before a run folder is touched."""
+        for name in ("steps", "batch_size", "seq_len", "eval_tokens", "ckpt_every", "log_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup", "eval_every"):  # eval_every 0: no periodic evaluation
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ValueError(f"minutes must be positive, got {self.minutes!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.final_eval_tokens is not None and self.final_eval_tokens < 1:
+            raise ValueError(f"final_eval_tokens must be positive (None: the whole split), got {self.final_eval_tokens!r}")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -115,6 +134,9 @@ def evaluate(model: Transformer, ids: np.ndarray, seq_len: int, batch_size: int 
     ids: 1-D token ids. Returns {loss, ppl, tokens, seconds, tokens_per_s}; seconds counts model forward
     passes only (not the host-side batching).
     """
+    if seq_len < 1 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"seq_len, batch_size and max_tokens must be positive, got {seq_len}, {batch_size} and "
+                         f"{max_tokens}")
     device = model.output.weight.device
     n_pred = len(ids) - 1
     if max_tokens is not None:
@@ -272,6 +294,10 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
             raise FileNotFoundError(f"{out} has no checkpoint (state.json) to resume from")
         model_cfg = ModelConfig.from_dict(saved["model"])
         tc = TrainConfig(**saved["train"])
+        done = json.loads((out / "state.json").read_text())["step"]
+        if (tc.steps if steps is None else steps) <= done:
+            raise ValueError(f"{out} is already at step {done} of {tc.steps}; pass --steps above {done} to "
+                             "train it further")
         if steps is not None and steps != tc.steps:
             log(f"resume: steps {tc.steps} -> {steps} (the cosine schedule changes from here on)")
             tc.steps = saved["train"]["steps"] = steps
@@ -377,7 +403,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
     if step < tc.steps:
         return {"step": step, "stopped": True}
     model.eval()
-    ev = evaluate(model, val_ids, tc.seq_len, tc.batch_size, progress=progress)
+    ev = evaluate(model, val_ids, tc.seq_len, tc.batch_size, max_tokens=tc.final_eval_tokens, progress=progress)
     summary = {"preset": model_cfg.name, "kind": model_cfg.kind, "tokenizer": tok.spec, "steps": tc.steps,
                "tokens": tokens, "train_seconds": elapsed, "train_tokens_per_s": tokens / elapsed,
                "final_train_loss": ce_val,
