@@ -53,11 +53,9 @@ _POS_INT, _NONNEG_INT, _POS_FLOAT, _NONNEG_FLOAT = (_number(int, True), _number(
 
 
 def _device(s: str) -> str:
-    """cpu, cuda, cuda:N (or auto where allowed), checked against what this torch can use."""
+    """cpu, cuda or cuda:N, checked against what this torch can use."""
     import torch
 
-    if s == "auto":
-        return s
     try:
         dev = torch.device(s)
     except RuntimeError:
@@ -71,6 +69,10 @@ def _device(s: str) -> str:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"device {s!r}: only {torch.cuda.device_count()} GPU(s) are visible")
     return s
+
+
+def _device_or_auto(s: str) -> str:
+    return s if s == "auto" else _device(s)
 
 
 def _layers(s: str) -> list[int]:
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Shakespeare with the gpt2 tokenizer: minutes on a 2-core CPU)")
     t.add_argument("--ckpt-every", type=_POS_INT, default=100, help="steps between checkpoints (default 100)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text (whole works) held out")
-    t.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    t.add_argument("--device", type=_device_or_auto, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     t.add_argument("--threads", type=_POS_INT, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     t.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
