@@ -360,9 +360,11 @@ def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows
         if location == "disk" and not device.startswith("cpu"):
             raise ValueError("--cache-bookkeeping device needs a tier the GPU reads by address (--tol-location "
                              "host); the disk tier learns each step's ids on the host anyway")
-    source = HostTable.from_file(path, model, progress=progress) if location == "host" else DiskTable(path, model)
     V = model.config.vocab_size
     rows = max(1, V // 20) if cache_rows is None else cache_rows
+    if rows > V:  # the engine says so too, but only after minutes of reading a large table into host memory
+        raise ValueError(f"--cache-rows {rows} is larger than the vocabulary (V={V})")
+    source = HostTable.from_file(path, model, progress=progress) if location == "host" else DiskTable(path, model)
     counts = None
     if policy in ("static", "hot+lru", "hot+lfu"):
         from .model.train import run_tokens

@@ -139,6 +139,13 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
     assert (runs / "model.safetensors").read_bytes() == before
     rc, _, err = run(capsys, "precompute", str(runs))
     assert rc == 2 and "dense" in err
+    tiny_text = tmp_path / "tiny_text"
+    tiny_text.mkdir()
+    for i in range(6):
+        (tiny_text / f"w{i}.txt").write_text("the king speaks. the queen hears.\n")
+    rc, _, err = run(capsys, "train", "--preset", "tiny-dense", "--out", str(tmp_path / "short"), "--text",
+                     str(tiny_text), "--steps", "1", "--tokenizer", "bpe-300", "--seq-len", "200")
+    assert rc == 2 and "too few for seq_len=200" in err and not (tmp_path / "short").exists()
     for cmd in (["eval", str(runs), "--tol"], ["generate", str(runs), "--prompt", "the", "--tol-location", "host"]):
         rc, _, err = run(capsys, *cmd)
         assert rc == 2 and "dense model: it has no memory FFNs, so no ToL" in err
@@ -228,12 +235,15 @@ def test_the_python_api_refuses_the_same_numbers():
     import torch
 
     from memllm_kernels.model import Transformer, generate, get_preset
-    from memllm_kernels.model.train import TrainConfig, evaluate
+    from memllm_kernels.model.train import TrainConfig, evaluate, pick_device
 
     for bad in (dict(steps=0), dict(ckpt_every=0), dict(seq_len=-1), dict(minutes=0.0), dict(val_fraction=1.0),
                 dict(final_eval_tokens=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda'"):
+            pick_device("cuda")
     model = Transformer(get_preset("tiny-memoryllm", n_layer=1, vocab_size=64)).eval()
     with pytest.raises(ValueError, match="must be positive"):
         evaluate(model, np.arange(64), seq_len=0)

