@@ -24,6 +24,7 @@ from memllm_kernels.interpret import (access_map, alpha_sweep, bigram_agreement,
                                       suppress_token_rows, suppressed_keys)
 from memllm_kernels.interpret.clusters import kmeans, knn_graph, local_clustering, normalise_rows, shuffled_columns
 from memllm_kernels.interpret.lens import top_successors
+from memllm_kernels.interpret.report import report_files
 from memllm_kernels.interpret.sweeps import dropped_ffn, memory_scale
 from memllm_kernels.model import ModelConfig, Transformer
 from memllm_kernels.model.tol import iter_tol_chunks, swap_ffn_for_tol
@@ -199,6 +200,21 @@ def test_clusters_are_deterministic_with_a_seed(seed):
     assert a.frequent == b.frequent and all(len(v) <= 8 for v in a.frequent.values())
     other = cluster_layer(model, 0, n_clusters=5, sample=80, seed=seed + 10, tsne=False)
     assert not np.array_equal(a.sample, other.sample)
+
+
+@needs_sklearn
+def test_clusters_of_tiny_samples():
+    """A sample whose tokens each sit in a cluster of their own has no silhouette (sklearn raises): 0, as for
+    one cluster. Too small a sample is refused by name, before K-means runs."""
+    model = tiny_model()
+    toks = np.arange(10)
+    cr = cluster_layer(model, 0, tokens=toks, n_clusters=10, sample=5, seed=0)
+    assert len(np.unique(cr.labels[cr.sample])) == 5 and cr.silhouette == 0.0
+    assert cr.tsne.shape == (5, 2) and cr.knn == 4
+    with pytest.raises(ValueError, match="sample needs at least 5 tokens, got 4"):
+        cluster_layer(model, 0, tokens=toks, n_clusters=2, sample=4)
+    with pytest.raises(ValueError, match="sample needs at least 2 tokens, got 1"):
+        cluster_layer(model, 0, tokens=toks, n_clusters=2, sample=1, tsne=False)
 
 
 def test_outlier_key_counts_definition():
@@ -455,6 +471,9 @@ def test_resolve_token():
     assert resolve_token(tok, "king", 300)[0] == 10  # the word form wins
     assert resolve_token(tok, " king", 300)[0] == 10
     assert resolve_token(tok, "#11", 300) == (11, "raw id 11")
+    # the hint names the one way to pick the other token: a shell strips quotes and "'king'" is three tokens
+    assert resolve_token(tok, "king", 300)[1] == "' king' is token 10 (also 'king' = 11; pass --token '#11' to pick it)"
+    assert "pass --edit-token '#11' to pick it" in resolve_token(tok, "king", 300, "--edit-token")[1]
     with pytest.raises(ValueError, match=r"unknown token 'kingdom': .*\['king', 'dom'\]"):
         resolve_token(tok, "kingdom", 300)
     with pytest.raises(ValueError, match=r"token id 999 is outside the vocabulary \[0, 300\)"):
@@ -494,6 +513,18 @@ def _inspect(*argv):
     return main(build_parser().parse_args(["inspect", *argv]))
 
 
+def _no_analyses(monkeypatch, *also):
+    """Make every analysis of the report (and the functions named in `also`) fail the test: for errors that
+    must come before any of them."""
+    report = importlib.import_module("memllm_kernels.interpret.report")
+
+    def ran(*a, **kw):
+        raise AssertionError("an analysis ran before the error")
+    for name in ("check_decomposition", "access_map", "cluster_layer", "bigram_agreement", "layer_drop_sweep",
+                 "edit_effect", *also):
+        monkeypatch.setattr(report, name, ran)
+
+
 def test_inspect_help_lists_the_arguments(capsys):
     from memllm_kernels.interpret.cli import build_parser
 
@@ -502,11 +533,45 @@ def test_inspect_help_lists_the_arguments(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: memllm inspect")
-    for opt in ("--layer", "--out", "--token", "--dense", "--seed", "--tsne-sample", "--skip"):
+    for opt in ("--layer", "--out", "--force", "--token", "--dense", "--seed", "--tsne-sample", "--skip"):
         assert opt in out
     with pytest.raises(SystemExit):
         build_parser().parse_args(["inspect", "RUN", "--skip", "nonsense"])
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_inspect_help_matches_the_docs():
+    """Every option is in docs/interpret.md, and every option with a default names it in --help."""
+    import argparse
+    from pathlib import Path
+
+    from memllm_kernels.interpret.cli import add_parser
+
+    p = add_parser(argparse.ArgumentParser().add_subparsers())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "interpret.md").read_text()
+    for a in p._actions:
+        if not a.option_strings or a.dest == "help":
+            continue
+        assert a.option_strings[-1] in docs, a.option_strings
+        if a.default not in (None, False):
+            assert "default" in a.help, a.option_strings
+    assert "two most frequent word tokens" in docs and "most frequent word token" in p.format_help()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tsne-sample", "1"], "--tsne-sample: expected an integer >= 5, got 1"),
+    (["--tsne-sample", "4"], "--tsne-sample: expected an integer >= 5, got 4"),
+    (["--clusters", "1"], "--clusters: expected an integer >= 2, got 1"),
+    (["--threads", "-1"], "--threads: expected a positive integer, got -1"),
+    (["--outlier-tau", "0"], "--outlier-tau: expected a positive number, got 0"),
+    (["--device", "bogus"], "unknown device 'bogus'"),
+])
+def test_inspect_parser_refuses_bad_numbers(capsys, argv, message):
+    from memllm_kernels.interpret.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["inspect", "RUN", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 @needs_train_deps
@@ -529,6 +594,15 @@ def test_inspect_writes_the_report(runs, tmp_path, capsys):
     assert all(r["ok"] for r in res["identity"]) and len(res["clusters"]) == 2
     assert res["edits"]["suppress_token"]["max_abs_delta_unreached"] == 0.0
     assert [p["at"] for p in res["sweeps"]["alpha"]["points"]] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    # the files the overwrite check looks for are exactly those written
+    assert sorted(f.name for f in out.iterdir()) == sorted(report_files([0, 1]))
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+    rc = _inspect(str(paths["memoryllm"]), "--out", str(out), "--no-progress")  # the same folder again
+    assert rc == 2
+    assert (f"memllm inspect: error: {out} already has report.md, report.json, access_l0.png, access_l1.png and 8 "
+            "more; pass --force to overwrite them") in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     # --layer restricts the per-layer analyses; the sweep still covers every layer
     out1 = tmp_path / "rep1"
     rc = _inspect(str(paths["memoryllm"]), "--layer", "1", "--out", str(out1), "--skip", "clusters,edits",
@@ -537,6 +611,51 @@ def test_inspect_writes_the_report(runs, tmp_path, capsys):
     res1 = json.loads((out1 / "report.json").read_text())
     assert [r["layer"] for r in res1["identity"]] == [1] and len(res1["sweeps"]["layers"][0]["points"]) == 2
     assert not (out1 / "access_l0.png").exists() and "clusters" not in res1
+
+
+@needs_train_deps
+def test_inspect_refuses_to_overwrite_without_force(runs, tmp_path, capsys, monkeypatch):
+    """Files a report or --token would write are named and kept, before any analysis runs; --force
+    overwrites them; other files in the folder do not count."""
+    paths, _ = runs
+    run = str(paths["memoryllm"])
+    quick = ["--skip", "identity,access,clusters,lens,sweeps,edits", "--no-progress"]  # report.md + report.json
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert _inspect(run, "--out", str(out), *quick) == 0
+    (out / "report.md").write_text("mine")
+    (out / "token.md").write_text("mine")
+    capsys.readouterr()
+    with monkeypatch.context() as mp:
+        _no_analyses(mp, "token_report")
+        assert _inspect(run, "--out", str(out), "--no-progress") == 2
+        err = capsys.readouterr().err
+        assert err == (f"memllm inspect: error: {out} already has report.md, report.json; pass --force to "
+                       "overwrite them\n")
+        assert _inspect(run, "--token", "king", "--out", str(out), "--no-progress") == 2
+        err = capsys.readouterr().err
+        assert err == f"memllm inspect: error: {out} already has token.md; pass --force to overwrite it\n"
+    assert (out / "report.md").read_text() == (out / "token.md").read_text() == "mine"
+    assert _inspect(run, "--out", str(out), "--force", *quick) == 0
+    assert _inspect(run, "--token", "king", "--out", str(out), "--force", "--no-progress") == 0
+    assert (out / "report.md").read_text().startswith("# Memory inspection")
+    assert "promoted next tokens" in (out / "token.md").read_text()
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@needs_train_deps
+def test_inspect_small_tsne_sample(runs, tmp_path, capsys):
+    """The smallest --tsne-sample the help allows runs through, and the report names the k-NN graph it used
+    (--knn 10 lowered to 4)."""
+    paths, _ = runs
+    out = tmp_path / "rep"
+    rc = _inspect(str(paths["memoryllm"]), "--out", str(out), "--tsne-sample", "5", "--skip",
+                  "identity,access,lens,sweeps,edits", "--no-progress")
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "report.json").read_text())
+    assert [c["sample"] for c in res["clusters"]] == [5, 5] and [c["knn"] for c in res["clusters"]] == [4, 4]
+    assert "the 4-NN cosine graph" in (out / "report.md").read_text()
 
 
 @needs_train_deps
@@ -555,9 +674,13 @@ def test_inspect_one_token(runs, capsys):
     (["--token", "zzzqqq"], "unknown token 'zzzqqq'"),
     (["--token", "#99999"], "outside the vocabulary"),
     (["--edit-token", "zzzqqq", "--skip", "identity,access,clusters,lens,sweeps"], "unknown token 'zzzqqq'"),
+    (["--edit-source", "zzzqqq"], "unknown token 'zzzqqq'"),
+    (["--clusters", "2000"], "--clusters 2000: K-means needs 2 to"),
+    (["--top-k", "100000"], "--top-k 100000: the access maps rank the"),
 ])
-def test_inspect_bad_arguments(runs, capsys, argv, message):
+def test_inspect_bad_arguments(runs, capsys, monkeypatch, argv, message):
     paths, _ = runs
+    _no_analyses(monkeypatch)  # refused before minutes of analyses
     assert _inspect(str(paths["memoryllm"]), "--no-progress", *argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("memllm inspect: error:") and message in err

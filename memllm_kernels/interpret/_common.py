@@ -91,6 +91,17 @@ def check_layers(model: Transformer, layers) -> list[int]:
     return [check_layer(model, l) for l in layers]
 
 
+def refuse_overwrite(paths, force: bool) -> None:
+    """FileExistsError naming those of `paths` that exist, unless force: nothing a user saved is overwritten
+    without asking (the `memllm train` / `precompute` rule)."""
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not force:
+        more = len(existing) - 4
+        shown = ", ".join(p.name for p in existing[:4]) + (f" and {more} more" if more > 0 else "")
+        raise FileExistsError(f"{existing[0].parent} already has {shown}; pass --force to overwrite "
+                              + ("it" if len(existing) == 1 else "them"))
+
+
 def require_memory(model: Transformer) -> None:
     cfg = model.config
     if not cfg.has_memory:
@@ -177,12 +188,13 @@ class TokenNames:
         return sep.join(f(i) for i in ids)
 
 
-def resolve_token(tokenizer, text: str, vocab_size: int) -> tuple[int, str]:
+def resolve_token(tokenizer, text: str, vocab_size: int, option: str = "--token") -> tuple[int, str]:
     """A user's token string -> (id, note). '#123' is the raw id 123.
 
     Otherwise the text must encode to exactly one token. When the text has no leading space and both
     'king' and ' king' are single tokens, the space-prefixed one is chosen: in a GPT-2-style byte-level
     BPE that is the word at the start of a word, while 'king' alone is usually a word piece ('spea|king').
+    The note then names the other token and how to pick it with `option` (the command-line flag).
     Raises ValueError for unknown or multi-token strings, naming the pieces.
     """
     if text.startswith("#") and text[1:].isdigit():
@@ -204,7 +216,9 @@ def resolve_token(tokenizer, text: str, vocab_size: int) -> tuple[int, str]:
     c, i = single[0]
     note = f"{c!r} is token {i}"
     if len(single) > 1:
-        note += f" (also {single[1][0]!r} = {single[1][1]}; pass it with quotes to pick it)"
+        # only the raw id can pick it: a shell strips quotes around 'king', and "'king'" is three tokens;
+        # the id is quoted because an unquoted # starts a shell comment
+        note += f" (also {single[1][0]!r} = {single[1][1]}; pass {option} '#{single[1][1]}' to pick it)"
     return int(i), note
 
 

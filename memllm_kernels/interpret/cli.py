@@ -2,7 +2,9 @@
 it (returns an exit code; user errors print one line and return 2, like the other subcommands).
 
     memllm inspect RUN [--layer L] [--out DIR] [--dense RUN]     # report.md + PNGs + report.json
-    memllm inspect RUN --token "king"                            # one token across layers, printed
+    memllm inspect RUN --token "king" [--out DIR]                # one token across layers, printed (+ DIR/token.md)
+
+Files of an earlier report (or token.md) in the folder are not overwritten without --force.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._common import refuse_overwrite
+from .clusters import MIN_TSNE_SAMPLE
 from .report import SECTIONS
 
 DESCRIPTION = """\
@@ -19,7 +23,8 @@ decomposition checked against the FFN, access maps (top keys per token, inverted
 K-means + t-SNE clusters of coefficient vectors with a clustering coefficient and outlier keys per layer,
 a logit lens on every ToL row, perplexity sweeps (one layer's memory dropped; memory scaled by alpha) and
 memory edits (a token's rows suppressed / rewritten, a key suppressed). Writes RUN/inspect/report.md with
-PNGs and report.json. With --token, prints one token's keys, neighbours and promoted tokens per layer.
+PNGs and report.json; files of an earlier report there are kept unless --force. With --token, prints one
+token's keys, neighbours and promoted tokens per layer.
 Needs scikit-learn and matplotlib: pip install 'memllm-kernels[interpret]'. Definitions: docs/interpret.md."""
 
 
@@ -41,14 +46,22 @@ def _skip(s: str) -> list[str]:
     return vals
 
 
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _at_least(lo: int):
+    """An argparse type: an integer >= lo."""
+    want = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {v}")
+        return v
+    return parse
+
+
+_positive = _at_least(1)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,28 +71,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="run directory written by `memllm train` (memoryllm or flex kind)")
     p.add_argument("--layer", type=int, help="analyse only this layer (default: all layers; sweeps always cover all)")
-    p.add_argument("--out", type=Path, help="report folder (default RUN/inspect); files in it are overwritten")
+    p.add_argument("--out", type=Path, help="report folder (default RUN/inspect); with --token, the printed text "
+                   "also goes to OUT/token.md. Refused when it holds files the command would write, unless --force")
+    p.add_argument("--force", action="store_true", help="overwrite the files of an earlier report (or token.md) in "
+                   "the --out folder")
     p.add_argument("--token", help="show one token instead of writing the report: text that is one token of the "
-                   "run's vocabulary ('king' picks ' king' when both exist) or a raw id '#123'")
+                   "run's vocabulary ('king' picks ' king' when both exist) or a raw id '#123' (quoted: an "
+                   "unquoted # starts a shell comment)")
     p.add_argument("--dense", type=Path, help="a dense run for the layer sweep's comparison (paper Fig. 4)")
     p.add_argument("--seed", type=int, default=0, help="seeds K-means, t-SNE and the token samples (default 0)")
-    p.add_argument("--clusters", type=_positive, default=16, help="K-means clusters per layer (default 16)")
-    p.add_argument("--tsne-sample", type=_positive, default=2000,
-                   help="seen tokens sampled for t-SNE and the clustering coefficient (default 2000)")
+    p.add_argument("--clusters", type=_at_least(2), default=16, help="K-means clusters per layer, from 2 to the "
+                   "number of distinct tokens in the training split (default 16)")
+    p.add_argument("--tsne-sample", type=_at_least(MIN_TSNE_SAMPLE), default=2000,
+                   help=f"seen tokens sampled for t-SNE and the clustering coefficient, at least {MIN_TSNE_SAMPLE} "
+                   "(t-SNE's minimum; default 2000)")
     p.add_argument("--knn", type=_positive, default=10, help="neighbours in the clustering coefficient's graph (default 10)")
-    p.add_argument("--outlier-tau", type=float, default=6.0,
+    from ..cli import _POS_FLOAT, _device  # memllm's own parser types (that module is loaded: it calls us)
+
+    p.add_argument("--outlier-tau", type=_POS_FLOAT, default=6.0,
                    help="outlier key: contribution > tau x the token's RMS contribution (default 6)")
     p.add_argument("--top-k", type=_positive, default=8, help="keys per token in access maps / promoted tokens (default 8)")
     p.add_argument("--eval-tokens", type=_positive, default=16384,
                    help="validation tokens per sweep point and for the edit measurements (default 16384)")
     p.add_argument("--alphas", type=_alphas, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
                    help="memory scales for the alpha sweep (default 1.0,0.9,0.8,0.7,0.6,0.5)")
-    p.add_argument("--edit-token", help="token whose memory the edit demo changes (default ' king', else the most "
-                   "frequent word)")
-    p.add_argument("--edit-source", help="token whose rows the rewrite demo copies in (default ' queen')")
-    p.add_argument("--skip", type=_skip, default=[], help=f"comma-separated sections to leave out: {', '.join(SECTIONS)}")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--edit-token", help="token whose memory the edit demo changes (default ' king'; when ' king' "
+                   "and ' queen' are not both single tokens, the most frequent word token of the training split)")
+    p.add_argument("--edit-source", help="token whose rows the rewrite demo copies in (default: the first of "
+                   "' king', ' queen' that is not the edit token; when they are not both single tokens, the most "
+                   "frequent word token that is not the edit token)")
+    p.add_argument("--skip", type=_skip, default=[],
+                   help=f"comma-separated sections to leave out: {', '.join(SECTIONS)} (default: none)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -94,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
         if args.token is not None:
             from .report import token_report
 
+            if args.out is not None:  # refused before the analysis, not after it
+                refuse_overwrite([args.out / "token.md"], args.force)
             text, _ = token_report(args.run, args.token, layer=args.layer, k=args.top_k, device=args.device,
                                    progress=not args.no_progress)
             print(text)
@@ -106,7 +132,8 @@ def main(args: argparse.Namespace) -> int:
         write_report(args.run, args.out, layer=args.layer, dense=args.dense, seed=args.seed, n_clusters=args.clusters,
                      tsne_sample=args.tsne_sample, knn=args.knn, outlier_tau=args.outlier_tau, top_k=args.top_k,
                      eval_tokens=args.eval_tokens, alphas=args.alphas, edit_token=args.edit_token,
-                     edit_source=args.edit_source, skip=args.skip, device=args.device, progress=not args.no_progress)
+                     edit_source=args.edit_source, skip=args.skip, device=args.device, progress=not args.no_progress,
+                     force=args.force)
         return 0
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"memllm inspect: error: {e}", file=sys.stderr)

@@ -33,6 +33,9 @@ from ._common import check_layer, new_figure, require, save_figure
 from .coefficients import DEFAULT_CHUNK_TOKENS, coefficients
 
 DEFAULT_TSNE_SAMPLE = 2000
+# t-SNE's perplexity (min(30, (S - 1) / 3), below) must stay under the sample size and its neighbour search
+# needs a few points: 5 is the smallest sample tsne_2d accepts.
+MIN_TSNE_SAMPLE = 5
 DEFAULT_CLUSTERS = 16
 DEFAULT_KNN = 10
 DEFAULT_OUTLIER_TAU = 6.0
@@ -134,8 +137,8 @@ def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
     decomposition = require("sklearn.decomposition", "t-SNE")
     manifold = require("sklearn.manifold", "t-SNE")
     n = x.shape[0]
-    if n < 5:
-        raise ValueError(f"t-SNE needs at least 5 tokens, got {n}")
+    if n < MIN_TSNE_SAMPLE:
+        raise ValueError(f"t-SNE needs at least {MIN_TSNE_SAMPLE} tokens, got {n}")
     dims = min(50, x.shape[1], n)
     if x.shape[1] > dims:
         x = decomposition.PCA(n_components=dims, random_state=seed).fit_transform(x)
@@ -151,7 +154,8 @@ class ClusterResult:
     labels [N]; centers [n_clusters, K] (of normalised vectors); central / frequent: per cluster, example
     token ids (closest to the centroid / most frequent in the training text, when counts were given);
     sample [S]: indices into `tokens` used for t-SNE and the clustering coefficient; tsne [S, 2] or None;
-    outliers [N]: outlier keys per token; silhouette: of the K-means labels on the sample (cosine).
+    outliers [N]: outlier keys per token; silhouette: of the K-means labels on the sample (cosine; 0 where
+    it is undefined: one cluster, or every sampled token in a cluster of its own).
     """
 
     layer: int
@@ -229,6 +233,11 @@ def cluster_layer(model: Transformer, layer: int, *, tokens=None, n_clusters: in
     n = len(co.tokens)
     if n < 3:
         raise ValueError(f"clustering needs at least 3 tokens, got {n}")
+    # checked before K-means, which can take minutes: the sample needs 2 tokens for a k-NN graph, more for t-SNE
+    need = MIN_TSNE_SAMPLE if tsne else 2
+    if min(sample, n) < need:
+        raise ValueError(f"the t-SNE / clustering-coefficient sample needs at least {need} tokens, got "
+                         f"{min(sample, n)} (sample {sample}, {n} tokens)")
     x = normalise_rows(co.coef)
     labels, centers, method = kmeans(x, n_clusters, seed)
     idx = sample_indices(n, sample, seed)
@@ -237,7 +246,10 @@ def cluster_layer(model: Transformer, layer: int, *, tokens=None, n_clusters: in
     cc = clustering_coefficient(xs, k)
     cc_shuf = clustering_coefficient(shuffled_columns(xs, seed), k)
     metrics = require("sklearn.metrics", "clustering")
-    sil = float(metrics.silhouette_score(xs, labels[idx], metric="cosine")) if len(np.unique(labels[idx])) > 1 else 0.0
+    # sklearn defines the silhouette for 2 <= labels <= samples - 1 only; outside that every sampled token is
+    # alone in its cluster or all share one, and 0 is sklearn's own value for a one-token cluster
+    n_labels = len(np.unique(labels[idx]))
+    sil = float(metrics.silhouette_score(xs, labels[idx], metric="cosine")) if 2 <= n_labels < len(idx) else 0.0
     view = tsne_2d(xs, seed) if tsne else None
     dist = _chunked_dists(x, centers)
     central, frequent = {}, {}

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._common import RunHandle, check_layers, open_run, progress_bar, require_memory, resolve_token, token_counts
+from ._common import (RunHandle, check_layers, open_run, progress_bar, refuse_overwrite, require_memory,
+                      resolve_token, token_counts)
 from .access import access_map
-from .clusters import (DEFAULT_CLUSTERS, DEFAULT_KNN, DEFAULT_OUTLIER_TAU, DEFAULT_TSNE_SAMPLE, cluster_layer,
-                       nearest_tokens, outlier_key_counts, plot_layer_summary)
+from .clusters import (DEFAULT_CLUSTERS, DEFAULT_KNN, DEFAULT_OUTLIER_TAU, DEFAULT_TSNE_SAMPLE, MIN_TSNE_SAMPLE,
+                       cluster_layer, nearest_tokens, outlier_key_counts, plot_layer_summary)
 from .coefficients import check_decomposition, coefficients
 from .edits import copy_token_rows, edit_effect, edited_rows, suppress_token_rows, suppressed_keys
 from .lens import SUM, bigram_agreement, memory_lens
@@ -56,10 +57,10 @@ def _pick_edit_tokens(h: RunHandle, counts: np.ndarray, edit_token, edit_source)
     V = h.model.config.vocab_size
     notes = []
     if edit_token is not None:
-        t, note = resolve_token(h.tokenizer, edit_token, V)
+        t, note = resolve_token(h.tokenizer, edit_token, V, "--edit-token")
         notes.append(f"edit token: {note}")
     if edit_source is not None:
-        s, note = resolve_token(h.tokenizer, edit_source, V)
+        s, note = resolve_token(h.tokenizer, edit_source, V, "--edit-source")
         notes.append(f"edit source: {note}")
     defaults = []
     for w in DEFAULT_EDIT_TOKENS:
@@ -78,16 +79,26 @@ def _pick_edit_tokens(h: RunHandle, counts: np.ndarray, edit_token, edit_source)
     return int(t), int(s), notes
 
 
+def report_files(layers, skip=()) -> list[str]:
+    """The names of the files write_report writes into its folder for these layers and skipped sections."""
+    per_section = {"access": [f"access_l{l}.png" for l in layers],
+                   "clusters": [f"tsne_l{l}.png" for l in layers] + ["layers_clusters_outliers.png"],
+                   "lens": ["lens_bigram.png"], "sweeps": ["sweep_layers.png", "sweep_alpha.png"],
+                   "edits": ["edit_suppress_token.png", "edit_suppress_key.png"]}
+    return ["report.md", "report.json"] + [f for sec, fs in per_section.items() if sec not in skip for f in fs]
+
+
 def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: int = 0,
                  n_clusters: int = DEFAULT_CLUSTERS, tsne_sample: int = DEFAULT_TSNE_SAMPLE, knn: int = DEFAULT_KNN,
                  outlier_tau: float = DEFAULT_OUTLIER_TAU, top_k: int = 8, eval_tokens: int = DEFAULT_EVAL_TOKENS,
                  alphas=DEFAULT_ALPHAS, edit_token: str | None = None, edit_source: str | None = None,
-                 skip=(), device: str = "cpu", progress: bool = True, log=print) -> dict:
+                 skip=(), device: str = "cpu", progress: bool = True, force: bool = False, log=print) -> dict:
     """Run every analysis on `run` (a `memllm train` directory, or an open RunHandle) and write
     out/report.md, out/report.json and the PNGs (out defaults to RUN/inspect). Returns the JSON dict.
 
     layer: analyse only that layer (default: all); dense: a dense run (directory) for the layer sweep's
-    comparison; skip: section names from SECTIONS to leave out.
+    comparison; skip: section names from SECTIONS to leave out; force: overwrite files of an earlier report
+    in `out` (otherwise FileExistsError). Arguments are checked before any analysis runs.
     """
     t_start = time.perf_counter()
     bad = sorted(set(skip) - set(SECTIONS))
@@ -97,11 +108,11 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
     model, cfg = h.model, h.model.config
     require_memory(model)
     layers = check_layers(model, None if layer is None else [layer])
+    out = Path(out) if out is not None else h.path / "inspect"
+    refuse_overwrite([out / f for f in report_files(layers, skip)], force)
     dense_h = None
     if dense is not None and "sweeps" not in skip:
         dense_h = dense if isinstance(dense, RunHandle) else open_run(dense, device)
-    out = Path(out) if out is not None else h.path / "inspect"
-    out.mkdir(parents=True, exist_ok=True)
     names = h.names
     seq_len = int(h.config["train"]["seq_len"])
     log(f"inspect {h.path} ({cfg.name}, kind {cfg.kind}, vocab {cfg.vocab_size}, {cfg.n_layer} layers, K_M "
@@ -110,6 +121,22 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
     val_ids = h.token_ids("val")
     counts = token_counts(train_ids, cfg.vocab_size)
     seen = np.flatnonzero(counts > 0)
+    # the clusters and edits sections would fail on these only after minutes of analyses: check them now
+    if "clusters" not in skip:
+        if len(seen) < MIN_TSNE_SAMPLE:
+            raise ValueError(f"only {len(seen)} distinct tokens occur in the training split, too few to cluster "
+                             f"(t-SNE needs {MIN_TSNE_SAMPLE}); pass --skip clusters")
+        if not 2 <= n_clusters <= len(seen):
+            raise ValueError(f"--clusters {n_clusters}: K-means needs 2 to {len(seen):,} clusters here (the "
+                             f"{len(seen):,} distinct tokens of the training split are what it groups)")
+        if tsne_sample < MIN_TSNE_SAMPLE:
+            raise ValueError(f"--tsne-sample {tsne_sample}: t-SNE needs at least {MIN_TSNE_SAMPLE} tokens")
+    if "edits" not in skip:
+        edit_tok, edit_src, edit_notes = _pick_edit_tokens(h, counts, edit_token, edit_source)
+    if "access" not in skip and not 1 <= top_k <= cfg.ffn_memory_hidden:
+        raise ValueError(f"--top-k {top_k}: the access maps rank the {cfg.ffn_memory_hidden} memory keys of a "
+                         f"layer; give 1 to {cfg.ffn_memory_hidden}")
+    out.mkdir(parents=True, exist_ok=True)
     res: dict = {"run": str(h.path), "model": cfg.to_dict(), "seed": seed, "layers": layers,
                  "seen_tokens": int(len(seen)), "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
                  "torch_threads": torch.get_num_threads(), "device": device}
@@ -168,7 +195,7 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
         log("[3/6] clusters, clustering coefficient, outlier keys (t-SNE on "
             f"{min(tsne_sample, len(seen))} tokens per layer)")
         for l in progress_bar(layers, enabled=progress, desc="clusters"):
-            cr = cluster_layer(model, l, tokens=seen, n_clusters=min(n_clusters, len(seen)), sample=tsne_sample,
+            cr = cluster_layer(model, l, tokens=seen, n_clusters=n_clusters, sample=tsne_sample,
                                knn=knn, outlier_tau=outlier_tau, seed=seed, counts=counts, progress=progress)
             clusters[l] = cr
             cr.plot(png(f"tsne_l{l}.png"), names=names)
@@ -177,9 +204,10 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
         res["clusters"] = [c.summary() for c in crs]
         md += ["## 3. Clusters, clustering coefficient, outlier keys", "",
                f"K-means ({n_clusters} clusters) over the L2-normalised coefficient vectors of the {len(seen):,} seen "
-               f"tokens; t-SNE and the clustering coefficient (mean local clustering coefficient of the {knn}-NN "
-               f"cosine graph) on a seeded sample of {min(tsne_sample, len(seen))}; 'shuffled' is the same "
-               f"coefficient after permuting every key's column across tokens. Outlier keys: contribution > "
+               f"tokens; t-SNE and the clustering coefficient (mean local clustering coefficient of the "
+               # the k actually used: cluster_layer lowers --knn to sample - 1 for tiny samples
+               f"{crs[0].knn}-NN cosine graph) on a seeded sample of {min(tsne_sample, len(seen))}; 'shuffled' is "
+               f"the same coefficient after permuting every key's column across tokens. Outlier keys: contribution > "
                f"{outlier_tau:g} x the token's RMS contribution. [plot](layers_clusters_outliers.png)", ""]
         md += _table(["layer", "clustering coef.", "shuffled", "silhouette", "outlier keys / token (mean)",
                       "p99", "max", "tokens with >= 1"],
@@ -253,9 +281,8 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
     # ---- 6. edits
     if "edits" not in skip:
         log("[6/6] memory edits")
-        tok, src, notes = _pick_edit_tokens(h, counts, edit_token, edit_source)
-        res["edits"] = _edits_section(h, tok, src, layers, val_ids, seq_len, eval_tokens, counts, md, notes,
-                                      png, progress, access)
+        res["edits"] = _edits_section(h, edit_tok, edit_src, layers, val_ids, seq_len, eval_tokens, counts, md,
+                                      edit_notes, png, progress, access)
 
     res["seconds"] = time.perf_counter() - t_start
     md += [f"_Generated by `memllm inspect` in {res['seconds']:.0f} s ({torch.get_num_threads()} torch threads, "
