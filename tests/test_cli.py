@@ -247,7 +247,7 @@ def test_the_python_api_refuses_the_same_numbers():
     model = Transformer(get_preset("tiny-memoryllm", n_layer=1, vocab_size=64)).eval()
     with pytest.raises(ValueError, match="must be positive"):
         evaluate(model, np.arange(64), seq_len=0)
-    for kw in (dict(max_new_tokens=0), dict(max_new_tokens=2, top_k=0), dict(max_new_tokens=2, temperature=-1.0)):
-        with pytest.raises(ValueError, match="must be positive and temperature >= 0"):
+    for kw in (dict(max_new_tokens=-3), dict(max_new_tokens=2, top_k=0), dict(max_new_tokens=2, temperature=-1.0)):
+        with pytest.raises(ValueError, match="must be >= 0 and top_k positive"):
             generate(model, [[1, 2]], **kw)
     assert len(generate(model, [[1, 2]], 2)[0]) == 2 and torch.is_grad_enabled()

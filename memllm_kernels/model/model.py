@@ -395,9 +395,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
-    if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1):
-        raise ValueError(f"max_new_tokens and top_k must be positive and temperature >= 0, got {max_new_tokens}, "
-                         f"{top_k} and {temperature}")
+    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"max_new_tokens and temperature must be >= 0 and top_k positive, got {max_new_tokens}, "
+                         f"{temperature} and {top_k}")
     V = model.config.vocab_size
     for i, p in enumerate(prompts):
         bad = next((t for t in p if not 0 <= t < V), None)
