@@ -191,6 +191,20 @@ def test_cached_gather_add_unchecked_bad_ids_give_nan_rows(backend, device, inpl
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_cached_gather_add_with_an_empty_cache_and_huge_vocabulary(backend, device):
+    """C = 0 (every lookup a miss, slots past the cache included) and the 1b vocabulary's last ids."""
+    V = 128_256
+    table = host_table((V, 2, 8), torch.bfloat16, device)
+    slot_map = torch.full((V,), -1, dtype=torch.int32, device=device)
+    slot_map[V - 1] = 3  # a slot outside the empty cache: a miss
+    cache = torch.zeros(0, 2, 8, dtype=torch.bfloat16, device=device)
+    ids = torch.tensor([V - 1, 0, V - 2, V - 1], device=device, dtype=torch.int32)
+    hidden = torch.randn(4, 8, device=device, dtype=torch.bfloat16)
+    out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, 1, backend=backend)
+    assert_matches_reference(out, hidden, ids, table.to(device), 1, backend)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_cached_gather_add_refuses_a_hidden_whose_elements_share_memory(backend, device):
     table = host_table((VOCAB, 8), torch.float32, device)
     slot_map, cache = slot_setup(VOCAB, CACHE, table, device)

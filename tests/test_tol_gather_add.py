@@ -19,6 +19,7 @@ DIMS = [1, 8, 769, 2048]
 LAYERS = [None, 3]  # None: a [V, d] table; 3: a token-major [V, 3, d] table, read at its last layer
 ID_DTYPES = [torch.int32, torch.int64]
 VOCAB = 37  # small, so T=4097 repeats every id many times
+WITH_REFERENCE = BACKEND_DEVICES + [pytest.param("reference", "cpu", id="reference")]
 
 # ---- tolerances, with reasons ----
 # The sum is taken in float32 and rounded once to hidden's dtype, on every backend and in the
@@ -113,6 +114,34 @@ def test_leading_dims_and_transposed(backend, device):
     assert_matches_reference(out, one_token, torch.tensor(7, device=device), table, 0, backend)
 
 
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_strided_ids_and_layer_major_table(backend, device):
+    """Non-contiguous ids (every other one of a longer tensor) and a token-major view of a layer-major buffer
+    ([L, V, d] permuted to [V, L, d]: rows spaced V*d apart, layers d): the same rows as contiguous copies."""
+    buf = torch.randn(3, 20, 24, device=device)  # [L, V, d]
+    table = buf.permute(1, 0, 2)
+    ids = torch.tensor([4, 0, 19, 7, 19, 2, 11, 5], device=device)[::2]
+    assert not table.is_contiguous() and not ids.is_contiguous()
+    hidden = torch.randn(4, 24, device=device)
+    for layer in range(3):
+        out = mk.tol_gather_add(hidden, ids, table, layer, backend=backend)
+        assert_matches_reference(out, hidden, ids.contiguous(), table.contiguous(), layer, backend)
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("bad", [2**31 - 1, -(2**31), 2**63 - 1, -(2**63)], ids=str)
+def test_ids_at_the_integer_limits_raise(backend, device, bad):
+    hidden, ids, table = make_case(3, 8, None, torch.float32, torch.float32, torch.int64, device)
+    ids[1] = bad
+    before = hidden.clone()
+    with pytest.raises(IndexError, match=rf"id {bad} .*V={VOCAB}"):
+        mk.tol_gather_add_(hidden, ids, table, backend=backend)
+    assert torch.equal(hidden, before)
+    if -(2**31) <= bad < 2**31:  # as int32 too
+        with pytest.raises(IndexError, match=rf"id {bad} "):
+            mk.tol_gather_add(hidden, ids.int(), table, backend=backend)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_huge_vocab_ids(backend, device):
     """The 1b preset's vocabulary: ids near 128,255 address rows far into the table."""
@@ -137,9 +166,6 @@ def test_offsets_beyond_int32(backend, device):
     assert (V - 1) * L * d + d > 2**31
     assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 1, backend=backend), hidden, ids, table, 1, backend)
     del table
-
-
-WITH_REFERENCE = BACKEND_DEVICES + [pytest.param("reference", "cpu", id="reference")]
 
 
 @pytest.mark.parametrize("backend,device", WITH_REFERENCE)
