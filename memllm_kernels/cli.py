@@ -32,47 +32,46 @@ def _dtype(name: str):
     return getattr(torch, _DTYPES[name])
 
 
-def _number(kind, positive: bool):
-    """An argparse type: a `kind` (int or float) > 0 (positive) or >= 0, so a count of 0 or -3 is refused at
-    once instead of training on nothing or failing after minutes."""
-    what = f"{'a positive' if positive else 'a non-negative'} {'integer' if kind is int else 'number'}"
+def _number(kind=int, low=0, strict: bool = False):
+    """An argparse type: a `kind` (int or float) >= low (> low if strict), so a count of 0 or -3 is refused at
+    once instead of training on nothing or failing after minutes. `memllm inspect` uses it too."""
+    noun = "integer" if kind is int else "number"
+    if low == 0 or (kind is int and low == 1 and not strict):
+        what = f"a {'positive' if strict or low == 1 else 'non-negative'} {noun}"
+    else:
+        what = f"{'an' if kind is int else 'a'} {noun} {'>' if strict else '>='} {low}"
 
     def parse(s: str):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if v < 0 or (positive and v == 0) or v != v:  # v != v: nan
+        if not (v > low if strict else v >= low):  # nan fails both
             raise argparse.ArgumentTypeError(f"expected {what}, got {s}")
         return v
     return parse
 
 
-_POS_INT, _NONNEG_INT, _POS_FLOAT, _NONNEG_FLOAT = (_number(int, True), _number(int, False), _number(float, True),
-                                                    _number(float, False))
-
-
-def _device(s: str) -> str:
-    """cpu, cuda or cuda:N, checked against what this torch can use."""
-    import torch
-
-    try:
-        dev = torch.device(s)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {s!r}; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"device {s!r}: memllm runs on cpu or cuda")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise argparse.ArgumentTypeError(f"device {s!r}: {why}")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"device {s!r}: only {torch.cuda.device_count()} GPU(s) are visible")
-    return s
+_POS_INT, _NONNEG_INT = _number(int, 1), _number(int, 0)
+_POS_FLOAT, _NONNEG_FLOAT = _number(float, 0, strict=True), _number(float, 0)
 
 
 def _device_or_auto(s: str) -> str:
-    return s if s == "auto" else _device(s)
+    """cpu, cuda, cuda:N or auto, checked against what this torch can use (model.train.pick_device)."""
+    from .model.train import pick_device
+
+    try:
+        pick_device(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s
+
+
+def _device(s: str) -> str:
+    """cpu, cuda or cuda:N (where a command has no use for auto)."""
+    if s == "auto":
+        raise argparse.ArgumentTypeError("unknown device 'auto'; use cpu, cuda or cuda:N")
+    return _device_or_auto(s)
 
 
 def _layers(s: str) -> list[int]:

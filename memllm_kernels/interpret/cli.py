@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import _POS_FLOAT, _POS_INT, _device, _number  # memllm's own parser types
 from ._common import refuse_overwrite
 from .clusters import MIN_TSNE_SAMPLE
 from .report import SECTIONS
@@ -46,24 +47,6 @@ def _skip(s: str) -> list[str]:
     return vals
 
 
-def _at_least(lo: int):
-    """An argparse type: an integer >= lo."""
-    want = "a positive integer" if lo == 1 else f"an integer >= {lo}"
-
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {v}")
-        return v
-    return parse
-
-
-_positive = _at_least(1)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `inspect` to an argparse subparsers object (the `memllm` command's) and return its parser."""
     p = subparsers.add_parser("inspect", help="interpretability report of a run's FFN memory (keys, clusters, "
@@ -80,18 +63,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "unquoted # starts a shell comment)")
     p.add_argument("--dense", type=Path, help="a dense run for the layer sweep's comparison (paper Fig. 4)")
     p.add_argument("--seed", type=int, default=0, help="seeds K-means, t-SNE and the token samples (default 0)")
-    p.add_argument("--clusters", type=_at_least(2), default=16, help="K-means clusters per layer, from 2 to the "
+    p.add_argument("--clusters", type=_number(int, 2), default=16, help="K-means clusters per layer, from 2 to the "
                    "number of distinct tokens in the training split (default 16)")
-    p.add_argument("--tsne-sample", type=_at_least(MIN_TSNE_SAMPLE), default=2000,
+    p.add_argument("--tsne-sample", type=_number(int, MIN_TSNE_SAMPLE), default=2000,
                    help=f"seen tokens sampled for t-SNE and the clustering coefficient, at least {MIN_TSNE_SAMPLE} "
                    "(t-SNE's minimum; default 2000)")
-    p.add_argument("--knn", type=_positive, default=10, help="neighbours in the clustering coefficient's graph (default 10)")
-    from ..cli import _POS_FLOAT, _device  # memllm's own parser types (that module is loaded: it calls us)
-
+    p.add_argument("--knn", type=_POS_INT, default=10, help="neighbours in the clustering coefficient's graph (default 10)")
     p.add_argument("--outlier-tau", type=_POS_FLOAT, default=6.0,
                    help="outlier key: contribution > tau x the token's RMS contribution (default 6)")
-    p.add_argument("--top-k", type=_positive, default=8, help="keys per token in access maps / promoted tokens (default 8)")
-    p.add_argument("--eval-tokens", type=_positive, default=16384,
+    p.add_argument("--top-k", type=_POS_INT, default=8, help="keys per token in access maps / promoted tokens (default 8)")
+    p.add_argument("--eval-tokens", type=_POS_INT, default=16384,
                    help="validation tokens per sweep point and for the edit measurements (default 16384)")
     p.add_argument("--alphas", type=_alphas, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
                    help="memory scales for the alpha sweep (default 1.0,0.9,0.8,0.7,0.6,0.5)")
@@ -103,7 +84,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--skip", type=_skip, default=[],
                    help=f"comma-separated sections to leave out: {', '.join(SECTIONS)} (default: none)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N")
-    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_POS_INT, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
