@@ -133,9 +133,8 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
             fn()
             samples.append(time.perf_counter() - t)
 
-        # pedantic's warm-up rounds run `run` too: their samples are dropped
-        benchmark.pedantic(run, rounds=int(min(200, max(5, target_s / est))), iterations=1, warmup_rounds=2)
-        return {"s": statistics.median(samples[2:]), "s_launch": None, "s_synced": None, "s_host": None}
+        _pedantic(benchmark, run, int(min(200, max(5, target_s / est))), 2, samples)
+        return {"s": statistics.median(samples), "s_launch": None, "s_synced": None, "s_host": None}
 
     inner = max(min_inner, int(min(100, max(1, 1e-3 / est))))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -170,9 +169,8 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
             end.synchronize()
             samples.append(start.elapsed_time(end) / 1e3 / inner)
 
-        benchmark.pedantic(run, rounds=int(min(100, max(5, target_s / (statistics.median(launch) * inner)))),
-                           iterations=1, warmup_rounds=1)
-        samples, host = samples[1:], host[1:]  # pedantic's warm-up round ran `run` too
+        _pedantic(benchmark, run, int(min(100, max(5, target_s / (statistics.median(launch) * inner)))), 1,
+                  samples, host)
         return {"s": statistics.median(samples), "s_launch": statistics.median(samples),
                 "s_synced": statistics.median(synced), "s_host": statistics.median(host)}
     side = torch.cuda.Stream()
@@ -194,8 +192,16 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
         samples.append(start.elapsed_time(end) / 1e3 / inner)
 
     rounds = int(min(100, max(5, target_s / (statistics.median(launch) * inner))))
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
-    return {"s": statistics.median(samples[2:]), "s_launch": statistics.median(launch), "s_synced": None, "s_host": None}
+    _pedantic(benchmark, run, rounds, 2, samples)
+    return {"s": statistics.median(samples), "s_launch": statistics.median(launch), "s_synced": None, "s_host": None}
+
+
+def _pedantic(benchmark, run, rounds: int, warmup: int, *collected: list) -> None:
+    """benchmark.pedantic of `run` (one call per round), then drop what `run` appended to the `collected`
+    lists during pedantic's `warmup` rounds, which call it too: warm-up is never counted."""
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    for values in collected:
+        del values[:warmup]
 
 
 def reset_peak_memory(device: str) -> None:

@@ -208,3 +208,27 @@ def test_decode_linear_benchmark_covers_the_dense_step(tmp_path):
     assert row["copies"] == 24 and row["bytes"] == (2048 * 2048 + 2 * 2048) * 2
     assert row["ms_per_step"] == pytest.approx(24 * row["ms"]) and row["gbps"] > 0
     assert "| wo | bfloat16 | 1b | 2048 | 2048 |" in open(report.write_report(str(folder))).read()
+
+
+def test_warm_up_rounds_are_not_counted():
+    """bench/conftest.py's _pedantic: what `run` records during pytest-benchmark's warm-up rounds is dropped."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", os.path.join(ROOT, "bench", "conftest.py"))
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+
+    class Benchmark:  # calls `run` as pytest-benchmark's pedantic does: warm-up rounds first
+        def pedantic(self, run, rounds, iterations, warmup_rounds):
+            for _ in range(warmup_rounds + rounds * iterations):
+                run()
+
+    samples, host = [], []
+    calls = iter(range(100))
+
+    def run():
+        i = next(calls)
+        samples.append(i)
+        host.append(-i)
+    harness._pedantic(Benchmark(), run, 5, 2, samples, host)
+    assert samples == [2, 3, 4, 5, 6] and host == [-2, -3, -4, -5, -6]
