@@ -76,6 +76,7 @@ def slot_setup(vocab, cache_rows, table, device, seed=0):
         slot_map[tok] = s
         cache[s] = table[tok].cpu()
     slot_map[perm[cache_rows]] = cache_rows + 5  # outside [0, C): must read as a miss, never out of bounds
+    slot_map[perm[cache_rows + 1]] = -3  # likewise below -1
     return slot_map.to(device), cache.to(device)
 
 
@@ -337,6 +338,8 @@ def test_cache_prefetch_matches_reference(backend, device, dtype, n):
     ids = torch.randint(0, VOCAB, (n,), device=device)
     if n >= 2:
         ids[1] = ids[0]  # a repeat
+    if n >= 6:  # the tokens whose slots lie outside [0, C): misses with slot -1
+        ids[2:4] = ((slot_map < -1) | (slot_map >= CACHE)).nonzero().flatten()
     out = torch.zeros(max(n, 1), 4, 24, dtype=dtype, device=device)
     first = torch.full((n,), -7, dtype=torch.int32, device=device)
     slots = torch.full((n,), -7, dtype=torch.int32, device=device)

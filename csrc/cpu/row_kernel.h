@@ -64,6 +64,9 @@ inline Isa cpu_isa() {
 // o[0:d] = round(h[0:d] + row[0:d]): the sum in acc_type_t (float32, float64 if an input is float64), rounded
 // once to hidden's dtype. The loop every row kernel runs per token; g++ -O3 vectorizes it for the
 // instruction set of the function it is inlined into.
+// In the in-place ops o == h, against __restrict__'s letter: kept because each element is read once, by the
+// thread that then writes it, before its write, so no reordering the promise allows can change a result, and
+// it lets the compiler batch the loads of several vectors ahead of the stores.
 template <typename hidden_t, typename table_t>
 __attribute__((always_inline)) inline void add_row(hidden_t* __restrict__ o, const hidden_t* __restrict__ h,
                                                    const table_t* __restrict__ row, int64_t d) {

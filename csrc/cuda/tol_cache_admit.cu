@@ -16,7 +16,8 @@
 namespace memllm {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 512;  // the launch's block size: the reduction's second level reads kThreads / 32 warps
+static_assert(kThreads % 32 == 0 && kThreads / 32 <= 32, "one warp must reduce the per-warp minima");
 
 // (key, slot) pairs ordered by key, then by slot: the least recently used slot, the lowest on ties.
 __device__ __forceinline__ void keep_min(int64_t& key, int64_t& slot, int64_t k2, int64_t s2) {

@@ -39,7 +39,7 @@ __global__ void cache_prefetch_kernel(const index_t* __restrict__ ids, const int
     const int f = first_s;
     const bool ok = id >= 0 && static_cast<int64_t>(id) < num_rows;
     int32_t slot = ok ? slot_map[id] : -1;
-    if (slot >= num_slots) slot = -1;  // a slot outside the cache reads as a miss
+    if (slot < 0 || slot >= num_slots) slot = -1;  // a slot outside the cache reads as a miss
     if (blockIdx.y == 0 && threadIdx.x == 0) {
       first[b] = f;
       slots[b] = slot;

@@ -35,6 +35,9 @@ inline RowLaunch row_launch(int64_t T, int64_t d, int vec) {
 #ifdef __CUDACC__
 // o = round(h + r) over one row of d elements (d % VEC == 0, every pointer aligned for Vec<., VEC>: the
 // launcher picks VEC so), summed in acc_type_t; the threads along x split the row's vectors.
+// In the in-place ops o == h, against __restrict__'s letter: kept because each element is read once, by the
+// thread that then writes it, before its write, so no reordering the promise allows can change a result, and
+// it lets the compiler batch the loads of several vectors ahead of the stores.
 template <typename hidden_t, typename table_t, int VEC>
 __device__ __forceinline__ void add_row(hidden_t* __restrict__ o, const hidden_t* __restrict__ h,
                                         const table_t* __restrict__ r, int64_t d) {
