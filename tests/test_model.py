@@ -448,6 +448,28 @@ def test_decode_graph_replays_the_eager_step(kind, compile):
         model.clear_caches()
 
 
+@pytest.mark.requires_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs a second GPU: a model on a device that is not the current one")
+def test_decode_graph_on_a_gpu_that_is_not_current():
+    """A model on cuda:1 while cuda:0 is current: the graph is captured on the model's device (captured on the
+    current one it would be empty and its replays would do nothing)."""
+    from memllm_kernels.model import DecodeGraph
+
+    torch.manual_seed(0)
+    model = Transformer(tiny("memoryllm")).to("cuda:1").eval()
+    assert torch.cuda.current_device() == 0
+    with torch.no_grad():
+        model.setup_caches(1, 8)
+        model(torch.tensor([[1, 2, 3]], device="cuda:1"), input_pos=torch.arange(3, device="cuda:1"))
+        step = DecodeGraph(model, 1)
+        for t in range(3, 6):
+            nxt = torch.randint(0, 300, (1, 1), device="cuda:1")
+            eager = model(nxt, input_pos=torch.tensor([t], device="cuda:1"))
+            torch.testing.assert_close(step(nxt, t), eager, atol=CACHE_ATOL, rtol=0)
+    assert torch.cuda.current_device() == 0
+
+
 # ================================================================ ToL precompute and file format
 def _tol_file(tmp_path, model, name="tol.safetensors", **kw):
     path = tmp_path / name

@@ -1453,6 +1453,75 @@ def test_decode_graph_with_device_bookkeeping_decides_like_the_host(tmp_path, co
 
 
 @pytest.mark.requires_cuda
+def test_decode_graph_with_reference_ops_prefetches_eagerly(tmp_path):
+    """bookkeeping='device' with backend='reference': the reference ops synchronise with the host, which a
+    capture forbids, so the engine's step is not captured (graph_step is False) and DecodeGraph prefetches
+    before each replay instead; the logits are those of the CUDA-kernel engine's captured step."""
+    import copy
+
+    from memllm_kernels.model import DecodeGraph
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    model, path = _tiny_model_and_file(tmp_path)
+    model.cuda()
+    models, engines = {}, {}
+    for backend in ("auto", "reference"):
+        models[backend] = copy.deepcopy(model)
+        engines[backend] = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15,
+                                         policy="lru", bookkeeping="device", backend=backend)
+        swap_ffn_for_engine(models[backend], engines[backend])
+    assert engines["auto"].graph_step and not engines["reference"].graph_step
+    toks = torch.randint(0, 300, (12, 1, 1), device="cuda")
+    with torch.no_grad():
+        steps = {}
+        for b, m in models.items():
+            m.setup_caches(1, 20)
+            m(torch.tensor([[1, 2, 3]], device="cuda"), input_pos=torch.arange(3, device="cuda"))
+            steps[b] = DecodeGraph(m, 1)
+        for t in range(12):
+            got = {b: steps[b](toks[t], 3 + t).clone() for b in steps}
+            torch.testing.assert_close(got["reference"], got["auto"], atol=0, rtol=0)
+    for engine in engines.values():
+        engine.check_consistency()
+
+
+@pytest.mark.requires_cuda
+def test_decode_graph_capture_error_is_the_forwards_own(tmp_path):
+    """A forward that raises while the engine's step is captured: the error is the forward's (the forked
+    stream is joined, so the capture's end does not fail first), and the engine then runs eager steps that
+    equal the in-memory ToL's."""
+    import copy
+
+    from memllm_kernels.model import DecodeGraph, load_tol, swap_ffn_for_tol
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    class Broken(DecodeGraph):
+        def _forward(self):
+            if torch.cuda.is_current_stream_capturing():
+                raise ArithmeticError("forward failed under capture")
+            return super()._forward()
+
+    model, path = _tiny_model_and_file(tmp_path)
+    reference = copy.deepcopy(model)
+    swap_ffn_for_tol(reference, load_tol(path, reference))
+    reference.cuda()
+    model.cuda()
+    engine = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15, policy="lru",
+                           bookkeeping="device")
+    swap_ffn_for_engine(model, engine)
+    assert engine.graph_step
+    with torch.no_grad():
+        for m in (model, reference):
+            m.setup_caches(1, 20)
+            m(torch.tensor([[1, 2, 3]], device="cuda"), input_pos=torch.arange(3, device="cuda"))
+        with pytest.raises(ArithmeticError, match="forward failed under capture"):
+            Broken(model, 1)
+        nxt, pos = torch.tensor([[7]], device="cuda"), torch.tensor([3], device="cuda")
+        torch.testing.assert_close(model(nxt, input_pos=pos), reference(nxt, input_pos=pos), atol=1e-5, rtol=0)
+    engine.check_consistency()
+
+
+@pytest.mark.requires_cuda
 def test_host_table_is_pinned_exactly_on_gpu(tmp_path):
     path, table = _tol_file(tmp_path, V=1000, L=3, d=100)
     host = HostTable.from_file(path)

@@ -101,38 +101,44 @@ class DecodeGraph:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        self.tokens.zero_()
-        self.pad.zero_()
-        self._pad_zero = True
-        self.pos.fill_(self.max_len - 1)  # scratch slot: see the class docstring
-        main = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._forward()
-        main.wait_stream(side)
-        whole = self.engine is not None and self.engine.graph_step
-        if whole:
-            self.engine.reserve(self.tokens.numel())  # capture_step allocates nothing
-            self.engine.captured_layers = []
-        elif self.engine is not None:
-            # The capture's reads of the step buffer are recorded, not run: prefetch once so that the buffer
-            # exists at its final address and the reads match this step (the model's hook is off while capturing).
-            self.engine.prefetch(self.tokens, check_ids=False, inline=True)
-            self.engine.wait_step([])
-            self.engine.captured_layers = []
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            if whole:  # the engine's transfer and bookkeeping are part of the graph
-                self.engine.capture_step(self.tokens)
-            self.logits = self._forward()
+        # On the model's device throughout: torch.cuda.graph captures the current device's stream, and a model
+        # on another GPU would run eagerly beside an empty graph (replays doing nothing).
+        with torch.cuda.device(self.device):
+            self.tokens.zero_()
+            self.pad.zero_()
+            self._pad_zero = True
+            self.pos.fill_(self.max_len - 1)  # scratch slot: see the class docstring
+            main = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._forward()
+            main.wait_stream(side)
+            whole = self.engine is not None and self.engine.graph_step
             if whole:
-                self.engine.end_capture()
-        if self.engine is not None:
-            self._layers = list(self.engine.captured_layers)
-            self._buffers = self.engine.step_buffers()
-        self.captures += 1
+                self.engine.reserve(self.tokens.numel())  # capture_step allocates nothing
+                self.engine.captured_layers = []
+            elif self.engine is not None:
+                # The capture's reads of the step buffer are recorded, not run: prefetch once so that the buffer
+                # exists at its final address and the reads match this step (the model's hook is off while
+                # capturing).
+                self.engine.prefetch(self.tokens, check_ids=False, inline=True)
+                self.engine.wait_step([])
+                self.engine.captured_layers = []
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
+                if whole:  # the engine's transfer and bookkeeping are part of the graph
+                    self.engine.capture_step(self.tokens)
+                try:
+                    self.logits = self._forward()
+                finally:  # joined even if the forward raised, or the capture's end would hide its error
+                    if whole:
+                        self.engine.end_capture()
+            if self.engine is not None:
+                self._layers = list(self.engine.captured_layers)
+                self._buffers = self.engine.step_buffers()
+            self.captures += 1
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, pos: int, pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,29 +152,32 @@ class DecodeGraph:
         if not 0 <= int(pos) < self.max_len - 1:
             raise ValueError(f"pos={pos} is outside [0, {self.max_len - 1}) (slot {self.max_len - 1} is the "
                              f"graph's scratch slot: set up the cache one slot longer)")
+        with torch.cuda.device(self.device):
+            return self._replay(tokens, pos, pad)
+
+    def _replay(self, tokens, pos, pad) -> torch.Tensor:
+        engine = self.engine
+        if engine is not None and not engine.graph_step:
+            # The engine's host copies of the last step's ids read self.tokens on its side stream: they go
+            # before the tokens are rewritten (by _set_inputs, or a capture's scratch step).
+            engine.wait_side()
+        if engine is not None and any(a is not b for a, b in zip(engine.step_buffers(), self._buffers)):
+            # A longer step (a prompt) grew the engine's buffers since the capture: the graph reads stale ones.
+            self._capture()
         self._set_inputs(tokens, pos, pad)
-        if self.engine is not None and self.engine.graph_step:
+        if engine is not None and engine.graph_step:
             # The graph runs the engine's step too (bookkeeping on the device): no engine work on the host.
-            if any(a is not b for a, b in zip(self.engine.step_buffers(), self._buffers)):
-                self._capture()
-                self._set_inputs(tokens, pos, pad)
-            self.engine.before_replay()
+            engine.before_replay()
             self.graph.replay()
             return self.logits
-        if self.engine is not None:
+        if engine is not None:
             # Inline (one group, on this stream): the replay waits for every layer's rows anyway. The engine's
             # host work (bookkeeping, admissions) after the replay's launch: the replay reads only the step buffer.
-            self.engine.prefetch(self.tokens, check_ids=False, inline=True, finish_later=True)
-            if any(a is not b for a, b in zip(self.engine.step_buffers(), self._buffers)):
-                # A longer step grew the engine's buffers since the capture: capture again (its scratch step
-                # overwrites the inputs), then set and prefetch this call's inputs once more.
-                self._capture()
-                self._set_inputs(tokens, pos, pad)
-                self.engine.prefetch(self.tokens, check_ids=False, inline=True, finish_later=True)
-            self.engine.wait_step(self._layers)
+            engine.prefetch(self.tokens, check_ids=False, inline=True, finish_later=True)
+            engine.wait_step(self._layers)
         self.graph.replay()
-        if self.engine is not None:
-            self.engine.finish_step()
+        if engine is not None:
+            engine.finish_step()
         return self.logits
 
     def _set_inputs(self, tokens, pos, pad) -> None:

@@ -720,8 +720,10 @@ class OffloadEngine:
     def graph_step(self) -> bool:
         """Whether a CUDA graph can capture this engine's whole step, transfer and bookkeeping (bookkeeping=
         'device' on the mapped miss path of a CUDA device): DecodeGraph then replays it with the forward, and a
-        decode step costs the host no engine work at all."""
-        return self._cuda and self.bookkeeping == "device" and self.miss_path == "mapped"
+        decode step costs the host no engine work at all. Needs the CUDA kernels: the reference ops synchronise
+        with the host, which a capture forbids (without them DecodeGraph prefetches eagerly before each replay)."""
+        return (self._cuda and self.bookkeeping == "device" and self.miss_path == "mapped"
+                and self._prefetch_backend == "cuda")
 
     def capture_step(self, ids: torch.Tensor) -> None:
         """Under CUDA-graph capture, for a graph_step engine: the step's transfer (tol_cache_prefetch) and then
@@ -755,8 +757,17 @@ class OffloadEngine:
         self._ensure_buffers(max(1, int(n)))
 
     def end_capture(self) -> None:
-        """Join capture_step's forked stream into the capturing stream (before the capture ends)."""
+        """Join capture_step's forked stream into the capturing stream (before the capture ends). The captured
+        step is dropped: its event belongs to the graph, and an eager read may not wait on it (it prefetches)."""
         torch.cuda.current_stream(self.device).wait_stream(self._fork)
+        self._step = None
+
+    def wait_side(self) -> None:
+        """Make the current stream wait for the engine's queued side-stream work. Among it are the host copies of
+        the last step's ids, which read the caller's ids tensor after the step's transfer: a caller that rewrites
+        that tensor in place (DecodeGraph's static input) calls this first. No-op on the CPU."""
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
 
     def before_replay(self) -> None:
         """Before each replay of a graph with a captured step: what eager steps left (an admission still to queue,
