@@ -85,6 +85,18 @@ def test_matches_reference(backend, device, dtype, shape):
     check_against_reference(make_case(B, H, Hkv, hd, S, pos, dtype, device), H, backend)
 
 
+TWO_GPUS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                              reason="needs a second GPU: tensors on a device that is not the current one")
+
+
+@pytest.mark.requires_triton_gpu
+@TWO_GPUS
+def test_on_a_gpu_that_is_not_current():
+    """Triton launches on the current device: the op must switch to its tensors' (cuda:1 here)."""
+    assert torch.cuda.current_device() == 0
+    check_against_reference(make_case(2, 4, 2, 16, 70, 33, torch.float32, "cuda:1"), 4, "triton")
+
+
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_padding(backend, device):
     """Rows with no padding, some, all slots before the token, and more padding than the token's slot (a padding

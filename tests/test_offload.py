@@ -328,6 +328,27 @@ def test_row_ops_check_their_inputs_in_cpp_too(device):
     assert not out.any() and not first.any() and not slots.any()
 
 
+@pytest.mark.requires_triton_gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs a second GPU: tensors on a device that is not the current one")
+def test_triton_row_ops_on_a_gpu_that_is_not_current():
+    """Triton launches on the current device: each op must switch to its tensors' (cuda:1 here; the host table
+    is pinned for every device)."""
+    assert torch.cuda.current_device() == 0
+    dev = "cuda:1"
+    table = host_table((VOCAB, 3, 24), torch.float32, dev)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, dev)
+    ids = torch.tensor([0, 5, 5, VOCAB - 1], device=dev)
+    out = torch.zeros(4, 3, 24, device=dev)
+    mk.tol_host_gather(table, ids, out, backend="triton")
+    assert torch.equal(out.cpu(), table[ids.cpu()])
+    hidden = torch.randn(4, 24, device=dev)
+    want = hidden.cpu() + table[ids.cpu(), 1]
+    assert torch.equal(mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, 1, backend="triton").cpu(), want)
+    assert torch.equal(mk.tol_gather_add(hidden, ids, table.to(dev), 1, backend="triton").cpu(), want)
+    torch.cuda.synchronize(dev)
+
+
 # ================================================================ tol_cache_prefetch
 @pytest.mark.parametrize("backend,device", NO_TRITON)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

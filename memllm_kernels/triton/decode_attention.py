@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .tol_gather_add import _INTERPRET, _fake_run
+from .tol_gather_add import _INTERPRET, _fake_run, _on
 
 _BLOCK_S = 256 if _INTERPRET else 64  # keys per loop step (the interpreter pays per step, not per element)
 
@@ -184,18 +184,19 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     ml = torch.empty(B * n_head * splits * 2 if splits > 1 else 0, dtype=acc, device=qkv.device)
     part = torch.empty(B * n_head * splits * hd if splits > 1 else 0, dtype=acc, device=qkv.device)
     block_half = triton.next_power_of_2(hd // 2)
-    wrap_triton(decode_attention_kernel)[(B, n_head, splits)](
-        y, ml, part, qkv, k_cache, v_cache, cos, sin, pos, pad,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), k_cache.shape[2],
-        cos.shape[0],
-        H=n_head, HKV=int(k_cache.shape[1]), HALF=hd // 2, BLOCK_HALF=block_half, BLOCK_S=_BLOCK_S,
-        SPLITS=splits, FP64=acc == torch.float64, num_warps=4,
-    )
-    if splits > 1:
-        wrap_triton(decode_attention_combine_kernel)[(B, n_head)](
-            y, ml, part, y.stride(0), H=n_head, HALF=hd // 2, BLOCK_HALF=block_half, SPLITS=splits,
-            BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=1,
+    with _on(y):
+        wrap_triton(decode_attention_kernel)[(B, n_head, splits)](
+            y, ml, part, qkv, k_cache, v_cache, cos, sin, pos, pad,
+            qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), y.stride(0), k_cache.shape[2],
+            cos.shape[0],
+            H=n_head, HKV=int(k_cache.shape[1]), HALF=hd // 2, BLOCK_HALF=block_half, BLOCK_S=_BLOCK_S,
+            SPLITS=splits, FP64=acc == torch.float64, num_warps=4,
         )
+        if splits > 1:
+            wrap_triton(decode_attention_combine_kernel)[(B, n_head)](
+                y, ml, part, y.stride(0), H=n_head, HALF=hd // 2, BLOCK_HALF=block_half, SPLITS=splits,
+                BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=1,
+            )
     return y
 
 

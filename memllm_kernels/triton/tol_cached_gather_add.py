@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .tol_gather_add import _fake_run, _rows, _tiles
+from .tol_gather_add import _fake_run, _on, _rows, _tiles
 
 
 @triton.jit
@@ -51,13 +51,14 @@ def _launch(out, hidden, ids, slot_map, cache, host_table, layer):
     block_t, block_d, grid, warps = _tiles(T, d)
     coff = 0 if layer is None else layer * cache.stride(1)
     hoff = 0 if layer is None else layer * host_table.stride(1)
-    wrap_triton(tol_cached_gather_add_kernel)[grid](
-        out, hidden, ids, slot_map.contiguous(), cache, host_table,
-        T, d, out.stride(0), hidden.stride(0), cache.stride(0), host_table.stride(0), coff, hoff,
-        cache.shape[0], host_table.shape[0],
-        BLOCK_T=block_t, BLOCK_D=block_d, FP64=hidden.dtype == torch.float64 or cache.dtype == torch.float64,
-        num_warps=warps,
-    )
+    with _on(out):
+        wrap_triton(tol_cached_gather_add_kernel)[grid](
+            out, hidden, ids, slot_map.contiguous(), cache, host_table,
+            T, d, out.stride(0), hidden.stride(0), cache.stride(0), host_table.stride(0), coff, hoff,
+            cache.shape[0], host_table.shape[0],
+            BLOCK_T=block_t, BLOCK_D=block_d, FP64=hidden.dtype == torch.float64 or cache.dtype == torch.float64,
+            num_warps=warps,
+        )
 
 
 @triton_op("memllm::tol_cached_gather_add_triton", mutates_args=())

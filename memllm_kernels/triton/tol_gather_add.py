@@ -8,6 +8,7 @@ rows for out-of-range ids, so a launch that skipped the check cannot read out of
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -58,6 +59,12 @@ def _fake_run(out: torch.Tensor) -> bool:
     return _INTERPRET and (out.device.type == "meta" or is_fake(out))
 
 
+def _on(t: torch.Tensor):
+    """The device context of a launch over t: Triton launches on the current CUDA device, not on its
+    arguments' (a table on cuda:1 while cuda:0 is current would fail, or be read through the wrong context)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _launch(out: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
             layer: int | None) -> None:
     """out, hidden: [T, d] views with unit column stride; ids: [T] contiguous."""
@@ -66,13 +73,14 @@ def _launch(out: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, table: t
         return
     block_t, block_d, grid, warps = _tiles(T, d)
     layer_offset = 0 if layer is None else layer * table.stride(1)
-    wrap_triton(tol_gather_add_kernel)[grid](
-        out, hidden, ids, table,
-        T, d, out.stride(0), hidden.stride(0), table.stride(0), layer_offset, table.shape[0],
-        BLOCK_T=block_t, BLOCK_D=block_d,
-        FP64=hidden.dtype == torch.float64 or table.dtype == torch.float64,
-        num_warps=warps,
-    )
+    with _on(out):
+        wrap_triton(tol_gather_add_kernel)[grid](
+            out, hidden, ids, table,
+            T, d, out.stride(0), hidden.stride(0), table.stride(0), layer_offset, table.shape[0],
+            BLOCK_T=block_t, BLOCK_D=block_d,
+            FP64=hidden.dtype == torch.float64 or table.dtype == torch.float64,
+            num_warps=warps,
+        )
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .tol_gather_add import _fake_run, _tiles
+from .tol_gather_add import _fake_run, _on, _tiles
 
 
 @triton.jit
@@ -52,11 +52,12 @@ def tol_host_gather_triton(table: torch.Tensor, ids: torch.Tensor, out: torch.Te
     block_n, block_e, grid, warps = _tiles(N, row_elems)
     ids_c = ids.contiguous()
     rows_c = ids_c if rows is None else rows.contiguous()
-    wrap_triton(tol_host_gather_kernel)[grid](
-        out, table, ids_c, rows_c,
-        N, row_elems, out.stride(0), table.stride(0), table.shape[0], out.shape[0],
-        HAS_ROWS=rows is not None, BLOCK_N=block_n, BLOCK_E=block_e, num_warps=warps,
-    )
+    with _on(out):
+        wrap_triton(tol_host_gather_kernel)[grid](
+            out, table, ids_c, rows_c,
+            N, row_elems, out.stride(0), table.stride(0), table.shape[0], out.shape[0],
+            HAS_ROWS=rows is not None, BLOCK_N=block_n, BLOCK_E=block_e, num_warps=warps,
+        )
 
 
 def aot_specs():
