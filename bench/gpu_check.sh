@@ -96,7 +96,7 @@ if ls "$wheels"/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/memllm-site \
     "$wheels"/*.whl && export PYTHONPATH=/tmp/memllm-site${PYTHONPATH:+:$PYTHONPATH} && echo "installed $wheels/*.whl"
 fi
-$PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
+$PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 xdist=""
 $PY -c "import xdist" 2>/dev/null && xdist="-n ${XDIST:-12}"
 # the compiled-decode benchmarks (their own step: each compiles for tens of seconds)

@@ -1543,6 +1543,38 @@ def test_decode_graph_capture_error_is_the_forwards_own(tmp_path):
 
 
 @pytest.mark.requires_cuda
+@pytest.mark.parametrize("location", ["host", "disk"])
+def test_engine_hot_set_survives_a_busy_compute_stream(tmp_path, location):
+    """The engine fills its slot map on the compute stream and loads the hot set on its side stream: the
+    hot set's slots must come after the fill even when the compute stream is still busy (here ~0.5 s)."""
+    path, _ = _tol_file(tmp_path, V=1000, L=3, d=100)
+    source = HostTable.from_file(path) if location == "host" else DiskTable(path)
+    torch.cuda._sleep(10 ** 9)
+    engine = OffloadEngine(source, device="cuda", cache_rows=40, policy="hot+lru",
+                           token_counts=np.arange(1000)[::-1].copy())
+    engine.check_consistency()
+    assert int((engine.slot_map >= 0).sum()) == len(engine.directory.hot) > 0
+
+
+@pytest.mark.requires_cuda
+def test_engine_reads_without_prefetch_on_gpu(tmp_path):
+    """gather_add_ with ids that were not prefetched reads the cache and the host table directly: its misses'
+    bytes are counted as on the CPU, and ids outside [0, V) give NaN rows without a device-side assert."""
+    path, table = _tol_file(tmp_path, V=1000, L=3, d=100)
+    engine = OffloadEngine(HostTable.from_file(path), device="cuda", cache_rows=40, policy="lru")
+    hidden = torch.zeros(2, 100, device="cuda")
+    engine.gather_add_(hidden, torch.tensor([3, 7], device="cuda"), 1)
+    assert torch.equal(hidden.cpu(), table[[3, 7], 1])
+    s = engine.stats()
+    assert (s["lookups"], s["hits"], s["bytes_h2d"]) == (2, 0, 2 * 100 * 4)
+    hidden = torch.zeros(3, 100, device="cuda")
+    engine.gather_add_(hidden, torch.tensor([3, 1000, -2], device="cuda"), 0)
+    torch.cuda.synchronize()
+    assert torch.equal(hidden[0].cpu(), table[3, 0]) and hidden[1:].isnan().all()
+    assert engine.stats()["lookups"] == 5
+
+
+@pytest.mark.requires_cuda
 def test_host_table_is_pinned_exactly_on_gpu(tmp_path):
     path, table = _tol_file(tmp_path, V=1000, L=3, d=100)
     host = HostTable.from_file(path)
@@ -1551,9 +1583,18 @@ def test_host_table_is_pinned_exactly_on_gpu(tmp_path):
 
 
 @pytest.mark.parametrize("miss_path", ["mapped", "staged"])
-def test_engine_readmits_a_hit_evicted_by_its_own_step(miss_path):
+def test_engine_readmits_a_hit_evicted_by_its_own_step(miss_path, monkeypatch):
     """LRU over 3 slots: after [1, 2, 3], the step [4, 1] admits 4 into 1's slot (1 is least recently used),
-    then finds 1 missing and admits it again, evicting 2: 1's rows must come from where this step put them."""
+    then finds 1 missing and admits it again, evicting 2: 1's rows must come from where this step put them.
+    The slot map is written once per token (a repeated index in index_copy_ keeps an unspecified write on a
+    GPU: the CPU keeps the last, which hid it)."""
+    index_copy_ = torch.Tensor.index_copy_
+
+    def unique_index_copy_(self, dim, index, source):
+        assert index.unique().numel() == index.numel(), f"index_copy_ with a repeated index: {index.tolist()}"
+        return index_copy_(self, dim, index, source)
+
+    monkeypatch.setattr(torch.Tensor, "index_copy_", unique_index_copy_)
     table = torch.randn(VOCAB, 3, 8)
     engine = OffloadEngine(table, cache_rows=3, policy="lru", miss_path=miss_path)
     _check_step(engine, table, torch.tensor([1, 2, 3]))

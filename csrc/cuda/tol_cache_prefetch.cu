@@ -3,8 +3,9 @@
 //
 // Grid: x = positions b of ids, y = chunks of a row (a 96 KiB 1b row splits into 12 blocks of 8 KiB, so a
 // single decode token still has many PCIe loads in flight). Each block finds the first position holding
-// ids[b] (a block-wide scan of ids[0:b] with a shared atomicMin: O(N) per position, ~4M compares for a
-// 2048-token prompt, microseconds), looks up the slot, and if b is that first position copies its chunk
+// ids[b] (a block-wide scan of ids[0:b] with a shared atomicMin, in each chunk's block: O(N) per position
+// and chunk, ~25M compares for a 2048-token prompt of the 1b shape, small beside that prompt's forward;
+// quadratic, so a very long prompt pays more), looks up the slot, and if b is that first position copies its chunk
 // of layers [layer_begin, layer_end) from the cache slot (hit) or the host row (miss, mapped memory).
 // No host synchronisation: everything it decides stays on the device (usable in a CUDA graph).
 #include <ATen/Dispatch.h>

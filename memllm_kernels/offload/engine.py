@@ -292,6 +292,11 @@ class OffloadEngine:
         per step can set the pace (on the H200 machine a synced VRAM step spent 54 us on its 4 launches)."""
         if not admitted and not evicted:
             return
+        # A token that hit, was then evicted by an earlier admission of this step and came back (into another
+        # slot) is in both lists: its one write is the new slot. index_copy_ with a repeated index keeps an
+        # unspecified one of the writes on a GPU (slot -1 there: the disk tier then read zero rows for it).
+        readmitted = {t for t, _ in admitted}
+        evicted = [(t, s) for t, s in evicted if t not in readmitted]
         E, A = len(evicted), len(admitted)
         toks = [t for t, _ in evicted] + [t for t, _ in admitted]
         slots = [s for _, s in admitted]
@@ -308,8 +313,8 @@ class OffloadEngine:
                     if isinstance(self.source, DiskTable):
                         self.source.note_read(A)
                         self.rows_from_disk += A
-            # Evictions and admissions in one launch: no token is both (access() never evicts a token it admits,
-            # and each call sees a token once), so no index repeats.
+            # Evictions and admissions in one launch: no index repeats (see above; access() never evicts a token
+            # it admitted, and admits a token once per call).
             self.slot_map.index_copy_(0, longs[:E + A], values)
 
     def _gather_rows(self, table, ids, rows, out=None) -> None:
@@ -325,8 +330,11 @@ class OffloadEngine:
         """Rows of the hot set into their slots at start-up. A tier the device cannot read by address (the
         staged miss path: disk, or host memory that is not page-locked) is read on the host into pinned
         memory first, in chunks of about 64 MiB (not one staging buffer the size of a 2.5 GB cache)."""
+        # After the compute stream's queued work, which includes the slot map's fill with -1 (the side stream
+        # does not wait for it by itself: the fill could land after the hot set's slots and drop them).
+        fence = self._main_fence()
         if not (self._cuda and self.miss_path == "staged"):
-            self._apply(admitted, [], fence=None)
+            self._apply(admitted, [], fence=fence)
             return
         chunk = max(1, (64 << 20) // max(1, self.row_bytes))
         for i in range(0, len(admitted), chunk):
@@ -335,7 +343,7 @@ class OffloadEngine:
             self.source.read_rows(torch.tensor([t for t, _ in part], dtype=torch.int64), staging)
             self.rows_from_disk += len(part) if isinstance(self.source, DiskTable) else 0
             self.bytes_admitted += len(part) * self.row_bytes
-            self._apply(part, [], staging, list(range(len(part))), fence=None)
+            self._apply(part, [], staging, list(range(len(part))), fence=fence)
             self._side.synchronize()  # staging is reused by the allocator once freed: the copy must be done
 
     def evict(self, ids) -> int:
@@ -790,8 +798,10 @@ class OffloadEngine:
                                    backend=self.backend, check_ids=check)
         n = ids.numel()
         self._lookups[layer] += n
-        if self._cuda:
-            self._fused_hits[layer] += (self.slot_map[ids.reshape(-1).long()] >= 0).sum()
+        if self._cuda:  # ids were not checked here (the kernel gives a bad id a NaN row): count only valid ones
+            flat = ids.reshape(-1).long()
+            valid = (flat >= 0) & (flat < self.V)
+            self._fused_hits[layer] += (valid & (self.slot_map[flat.clamp(0, self.V - 1)] >= 0)).sum()
         else:
             h = int((self.slot_map[ids.reshape(-1).long()] >= 0).sum())
             self._hits[layer] += h
@@ -830,18 +840,20 @@ class OffloadEngine:
         hits = np.array(self._hits, dtype=np.int64) + w_hits
         misses = np.array(self._misses, dtype=np.int64) + w_misses
         lookups_arr = np.array(self._lookups, dtype=np.int64) + w_lookups
+        fused_bytes = np.zeros(self.L, dtype=np.int64)  # the CPU counts the fused path's bytes in _bytes
         if self._cuda:
             fh = self._fused_hits.cpu().numpy()
-            # fused-path lookups are counted at launch; their hits on the device
+            # fused-path lookups are counted at launch; their hits on the device; each miss reads its host row
             fused_lookups = lookups_arr - (hits + misses)
             hits += fh
             misses += fused_lookups - fh
+            fused_bytes = (fused_lookups - fh) * self._layer_bytes
         per_layer = []
         for l in range(self.L):
             lk = int(lookups_arr[l])
             per_layer.append({"layer": l, "lookups": lk, "hits": int(hits[l]), "misses": int(misses[l]),
                               "hit_rate": (int(hits[l]) / lk) if lk else None,
-                              "bytes_h2d": int(self._bytes[l]) + w_bytes + admitted_bytes})
+                              "bytes_h2d": int(self._bytes[l]) + int(fused_bytes[l]) + w_bytes + admitted_bytes})
         lookups = int(lookups_arr.sum())
         total_hits = int(hits.sum())
         return {
