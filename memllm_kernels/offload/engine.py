@@ -294,7 +294,7 @@ class OffloadEngine:
             return
         # A token that hit, was then evicted by an earlier admission of this step and came back (into another
         # slot) is in both lists: its one write is the new slot. index_copy_ with a repeated index keeps an
-        # unspecified one of the writes on a GPU (slot -1 there: the disk tier then read zero rows for it).
+        # unspecified one of the writes on a GPU (where -1 won, the disk tier read zero rows for that token).
         readmitted = {t for t, _ in admitted}
         evicted = [(t, s) for t, s in evicted if t not in readmitted]
         E, A = len(evicted), len(admitted)
