@@ -198,11 +198,12 @@ def timed(benchmark, fn, device: str, target_s: float = 0.25, graph: bool = True
 
 
 def _pedantic(benchmark, run, rounds: int, warmup: int, *collected: list) -> None:
-    """benchmark.pedantic of `run` (one call per round), then drop what `run` appended to the `collected`
-    lists during pedantic's `warmup` rounds, which call it too: warm-up is never counted."""
+    """benchmark.pedantic of `run` (one call per round), then keep only what `run` appended to the `collected`
+    lists in the last `rounds` calls: pedantic's `warmup` rounds call it too, and are never counted (with
+    pytest-benchmark disabled, pedantic calls it once, and that one call is kept)."""
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
     for values in collected:
-        del values[:warmup]
+        del values[:max(0, len(values) - rounds)]
 
 
 def reset_peak_memory(device: str) -> None:

@@ -197,6 +197,9 @@ def main(argv=None) -> int:
                 print(f"    host (profiled) {r['host_ops_us']:.0f} us/step in top-level ops: " + ", ".join(
                     f"{t['name'][:40]} {t['per_step']:.1f}/{t['us_per_step']:.0f}us" for t in r["host_top"][:8]),
                       flush=True)
+        fn = None  # its graph or compiled step holds the model: free it before the next provider's is built
+        if engine is not None:
+            engine.close()
         del model, engine
     free_models()
     print(f"wrote {path}")
