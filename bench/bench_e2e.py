@@ -80,7 +80,7 @@ def test_e2e(benchmark, device, size, dtype, kind, phase, T, B):
         it = itertools.cycle(range(prompts.shape[0]))
 
         def fn():
-            return model(prompts[next(it)], input_pos=pos)
+            return model(prompts[next(it)], input_pos=pos, check=False)
         tokens = B * T
     else:
         # Fresh random tokens every step: a repeated token would be a cache hit for the host/disk providers.

@@ -118,7 +118,7 @@ def decode_step(model, prompt: torch.Tensor, tokens: torch.Tensor, graph: bool =
         return lambda: step(tokens[next(it)], T)
     pos = torch.tensor([T], device=prompt.device)
     fwd = compile_decode(model, compile if isinstance(compile, str) else None) if compile else model
-    return lambda: fwd(tokens[next(it)], input_pos=pos)
+    return lambda: fwd(tokens[next(it)], input_pos=pos, check=False)  # no host sync per step, as generate()
 
 
 def attention_kind(model, device: str) -> str:

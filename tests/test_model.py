@@ -317,11 +317,64 @@ def test_generate_stops_each_row_at_its_eos():
     assert generate(model, prompts, 0) == [[], [], []]
 
 
+def test_sampling_draws_what_multinomial_draws():
+    """_sample's sync-free draw gives torch.multinomial's ids from the same generator (its top-k mask too)."""
+    from memllm_kernels.model.model import _sample
+
+    logits = torch.randn(3, 300) * 3
+    for temperature, top_k in ((1.0, None), (0.7, 5)):
+        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        scaled = logits / temperature
+        if top_k:
+            scaled = scaled.masked_fill(scaled < torch.topk(scaled, top_k).values[:, -1:], float("-inf"))
+        probs = torch.softmax(scaled, -1)
+        for _ in range(20):
+            assert torch.equal(_sample(logits, temperature, top_k, g1), torch.multinomial(probs, 1, generator=g2)[:, 0])
+
+
+def test_forward_input_check_names_the_bad_value():
+    """Transformer._check_inputs (run by forward on a GPU, where a bad id or slot would be a device-side assert):
+    an IndexError naming the id or the slot; on the CPU, as torch's own lookups raise anyway."""
+    model = tiny_model("memoryllm")
+    model._check_inputs(torch.tensor([[0, 299]]), None)
+    with pytest.raises(IndexError, match=r"token id 300 is outside \[0, 300\) \(the model's vocabulary\)"):
+        model._check_inputs(torch.tensor([[0, 300]]), None)
+    with pytest.raises(IndexError, match=r"token id -1 is outside"):
+        model._check_inputs(torch.tensor([[-1, 3]]), None)
+    model.setup_caches(1, 8)
+    model._check_inputs(torch.tensor([[1]]), torch.tensor([7]))
+    with pytest.raises(IndexError, match=r"input_pos 8 is outside \[0, 8\) \(the KV cache's slots"):
+        model._check_inputs(torch.tensor([[1]]), torch.tensor([8]))
+    model._check_inputs(torch.zeros(0, 1, dtype=torch.long), None)  # nothing to check
+
+
+@pytest.mark.requires_cuda
+def test_forward_on_a_gpu_raises_for_bad_input():
+    """A bad token id or cache slot on a GPU is an IndexError (one host sync), not a device-side assert; with
+    check=False (generate, DecodeGraph) nothing is read on the host."""
+    model = Transformer(tiny("memoryllm")).cuda().eval()
+    with torch.no_grad():
+        with pytest.raises(IndexError, match="token id 300"):
+            model(torch.tensor([[1, 300]], device="cuda"))
+        model.setup_caches(1, 8)
+        with pytest.raises(IndexError, match="input_pos 8"):
+            model(torch.tensor([[1]], device="cuda"), input_pos=torch.tensor([8], device="cuda"))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(torch.tensor([[1]], device="cuda"), input_pos=torch.tensor([3], device="cuda"), check=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(model(torch.tensor([[1, 2]], device="cuda"))).all()  # the GPU still works
+
+
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
-def test_generate_does_not_wait_for_the_device_per_step(cuda_graph):
+@pytest.mark.parametrize("sampling", [{}, dict(temperature=0.8, top_k=50, seed=0)], ids=["greedy", "sampled"])
+def test_generate_does_not_wait_for_the_device_per_step(cuda_graph, sampling):
     """generate's host syncs do not grow with the number of decode steps (sampled ids are read once, at the
-    end): torch's sync debug mode warns at each synchronising call."""
+    end; torch.multinomial would check its probabilities on the host at every step): torch's sync debug mode
+    warns at each synchronising call."""
     import warnings
 
     model = Transformer(tiny("memoryllm")).cuda().eval()
@@ -331,7 +384,7 @@ def test_generate_does_not_wait_for_the_device_per_step(cuda_graph):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                generate(model, [[1, 2, 3]], n, cuda_graph=cuda_graph)
+                generate(model, [[1, 2, 3]], n, cuda_graph=cuda_graph, **sampling)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchronizing" in str(w.message) for w in seen)
@@ -843,6 +896,18 @@ def test_offload_embedding_on_the_gpu(mode):
     assert before - torch.cuda.memory_allocated() >= nbytes
     assert tol_host_mapped(model.tok_embeddings.weight)
     assert generate(model, prompts, 10, cuda_graph=mode != "eager", compile=mode == "compiled-graph") == want
+
+
+@pytest.mark.requires_cuda
+def test_host_embedding_takes_cuda_without_an_index():
+    """HostEmbedding(weight, "cuda") reads into the current GPU (tensors name it cuda:0, not cuda)."""
+    from memllm_kernels.model import HostEmbedding
+    from memllm_kernels.offload import tol_host_alloc
+
+    weight = tol_host_alloc([10, 4], torch.float32)
+    weight.copy_(torch.arange(40.0).view(10, 4))
+    emb = HostEmbedding(weight, "cuda")
+    assert torch.equal(emb(torch.tensor([3, 0], device="cuda")).cpu(), weight[[3, 0]])
 
 
 def test_offload_embedding_compiles():

@@ -1473,6 +1473,18 @@ def test_decode_graph_with_device_bookkeeping_decides_like_the_host(tmp_path, co
         engine.check_consistency()
 
 
+def test_compile_decode_with_an_engine_refuses_inductors_cuda_graphs(tmp_path):
+    """Inductor's own CUDA graphs would replay the engine's op without its Python (waits, bookkeeping)."""
+    from memllm_kernels.model import compile_decode
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    model, path = _tiny_model_and_file(tmp_path)
+    swap_ffn_for_engine(model, OffloadEngine(HostTable.from_file(path, model), cache_rows=15, policy="lru"))
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="cannot hold the offload engine's step"):
+            compile_decode(model, mode)
+
+
 @pytest.mark.requires_cuda
 def test_decode_graph_with_reference_ops_prefetches_eagerly(tmp_path):
     """bookkeeping='device' with backend='reference': the reference ops synchronise with the host, which a

@@ -48,15 +48,19 @@ def compile_decode(model: Transformer, mode: str | None = None):
     CUDA graph is being captured, like the hook).
     """
     engine = getattr(model, "tol_engine", None)
+    if engine is not None and mode in ("reduce-overhead", "max-autotune"):
+        # Inductor's own CUDA graphs would replay the engine's op without its Python (waits, bookkeeping).
+        raise ValueError(f"mode={mode!r} makes torch.compile capture CUDA graphs, which cannot hold the offload "
+                         f"engine's step; use 'max-autotune-no-cudagraphs', or DecodeGraph for a graph")
     fwd = torch.compile(model.forward, dynamic=False, fullgraph=True, mode=mode)
     if engine is None:
         return fwd
 
     from .tol import prefetch_for_forward
 
-    def step(ids, input_pos=None, pad=None):
+    def step(ids, input_pos=None, pad=None, check=True):
         prefetch_for_forward(engine, ids)
-        return fwd(ids, input_pos=input_pos, pad=pad)
+        return fwd(ids, input_pos=input_pos, pad=pad, check=check)
     return step
 
 
@@ -97,7 +101,7 @@ class DecodeGraph:
         self._capture()
 
     def _forward(self) -> torch.Tensor:
-        return self._step(self.tokens, input_pos=self.pos, pad=self.pad)
+        return self._step(self.tokens, input_pos=self.pos, pad=self.pad, check=False)  # replays cannot check
 
     @torch.inference_mode()
     def _capture(self) -> None:

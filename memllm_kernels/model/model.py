@@ -318,15 +318,22 @@ class Transformer(nn.Module):
         self._cache_len = 0
 
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                pad: torch.Tensor | None = None) -> torch.Tensor:
+                pad: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
         """Logits [B, T, V] for token ids [B, T].
 
         Training / scoring: input_pos None, plain causal attention over the T tokens (T <= block_size).
         Decoding with a cache (setup_caches first): input_pos [T] are the cache slots of these tokens, and
         pad [B] (optional) is each row's count of left-padding slots, which no token attends to and which
         RoPE positions skip, so a left-padded prompt behaves exactly like the unpadded one.
+        check: on a GPU, ids and input_pos are range-checked first (one host sync), or a bad one would be a
+        device-side assert, which ends the process's use of the GPU (on the CPU torch raises by itself).
+        generate() and DecodeGraph pass False (they check on the host, and a decode step must not wait for the
+        device); never inside torch.compile or a CUDA-graph capture, which cannot read values.
         """
         B, T = ids.shape
+        if (check and ids.device.type != "cpu" and not torch.compiler.is_compiling()
+                and not (ids.is_cuda and torch.cuda.is_current_stream_capturing())):
+            self._check_inputs(ids, input_pos)
         x0 = self.tok_embeddings(ids)
         decode = None  # (pad, backend) of a one-token step through decode_attention
         if input_pos is None:
@@ -352,6 +359,23 @@ class Transformer(nn.Module):
             h = block(h, x0, ids, cos, sin, mask, input_pos, decode, memory_rows)
         return self.output(self.norm(h))
 
+    def _check_inputs(self, ids: torch.Tensor, input_pos: torch.Tensor | None) -> None:
+        """IndexError for a token id outside the vocabulary or a cache slot outside the KV cache: the smallest
+        and largest of each read in one host sync."""
+        ends = [t.reshape(-1).aminmax() for t in (ids, input_pos) if t is not None and t.numel()]
+        if not ends:
+            return
+        vals = torch.stack([v.to(device=ids.device, dtype=torch.long) for e in ends for v in e]).tolist()
+        if ids.numel():
+            _range_error("token id", vals[0], vals[1], self.config.vocab_size, "the model's vocabulary")
+        if input_pos is not None and input_pos.numel() and self._cache_len:  # no cache: forward says so
+            _range_error("input_pos", vals[-2], vals[-1], self._cache_len, "the KV cache's slots (setup_caches)")
+
+
+def _range_error(what: str, lo: int, hi: int, limit: int, of: str) -> None:
+    if lo < 0 or hi >= limit:
+        raise IndexError(f"{what} {lo if lo < 0 else hi} is outside [0, {limit}) ({of})")
+
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy plus z_loss * mean(logsumexp^2) (PaLM's z-loss keeps the softmax normaliser near 1).
@@ -374,7 +398,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # What torch.multinomial(probs, 1) computes (the same ids from the same generator), without its two checks
+    # of probs that each wait for a GPU: the decode loop must not wait for the device at every step.
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
 
 
 EOS_CHECK_EVERY = 16  # decode steps between checks for all rows done on a GPU (each check waits for it)
@@ -423,12 +450,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     cache_len = min(model.config.block_size, -(-total // 64) * 64) if compile else total
     model.setup_caches(B, cache_len)
     graph = None  # DecodeGraph, made at the first decode step (cuda_graph)
-    decode = model  # the eager decode step otherwise
+    # The prompts were checked above and sampled ids are in range: the model's GPU check (a sync) is skipped.
+    decode = partial(model, check=False)  # the eager decode step otherwise
     if compile and not cuda_graph:
         from .graphs import compile_decode
         decode = compile_decode(model)
     try:
-        logits = model(ids, input_pos=torch.arange(T0, device=device), pad=pad)[:, -1]
+        logits = model(ids, input_pos=torch.arange(T0, device=device), pad=pad, check=False)[:, -1]
         # The loop never waits for the device: sampled ids stay there until the end (reading one per step
         # would be a host sync per step, which on a GPU leaves it idle while Python prepares the next step),
         # the position is written in place, and end-of-sequence is checked only every EOS_CHECK_EVERY steps on

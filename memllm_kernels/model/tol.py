@@ -349,9 +349,10 @@ class ToLMemory(nn.Module):
             return reference.tol_gather_add(h, ids, table, self.layer)
         if grad or h is x0:
             return ops.tol_gather_add(h, ids, table, self.layer, backend=self.backend, check_ids=False)
-        # check_ids=False: the embedding lookup at the top of this forward already rejected any id outside
-        # [0, V), and V is the table's row count (swap_ffn_for_tol checks), so the check would only add
-        # a pass over ids (and a device sync on CUDA) per layer.
+        # check_ids=False: the model's forward already rejected any id outside [0, V) (its embedding lookup on
+        # the CPU, its check on a GPU unless the caller checked: generate, DecodeGraph), and V is the table's row
+        # count (swap_ffn_for_tol checks), so the check would only add a pass over ids (and a device sync on
+        # CUDA) per layer.
         with torch.no_grad():
             return ops.tol_gather_add_(h, ids, table, self.layer, backend=self.backend, check_ids=False)
 
@@ -532,6 +533,8 @@ class HostEmbedding(nn.Module):
     def __init__(self, weight: torch.Tensor, device):
         super().__init__()
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # tensors name their GPU: cuda:0, not cuda
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
             raise ValueError(f"HostEmbedding needs a contiguous [V, d] CPU tensor, got {list(weight.shape)} on "
                              f"{weight.device}")
