@@ -136,7 +136,7 @@ def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
     """Raises IndexError naming the first id outside [0, V). One device sync on GPU tensors."""
     if ids.numel() == 0:
         return
-    lo, hi = (int(x) for x in torch.aminmax(ids))
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync on a GPU
     if lo >= 0 and hi < num_rows:
         return
     bad = lo if lo < 0 else hi
@@ -303,12 +303,14 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         raise RuntimeError(f"decode_attention: backend='triton' is not available: {reason}")
     if check:
         S, P = k_cache.shape[2], cos.shape[0]
-        p = int(pos.reshape(-1)[0])
+        ends = [pos.reshape(-1)[:1].long()] + ([pad.min().long().reshape(1), pad.max().long().reshape(1)]
+                                               if pad.numel() else [])
+        p, *pad_ends = torch.cat([e.to(pos.device) for e in ends]).tolist()  # one host sync on a GPU
         if not 0 <= p < S:
             raise IndexError(f"decode_attention: pos={p} is outside the cache's [0, {S}) slots")
-        if pad.numel() and not (0 <= int(pad.min()) and int(pad.max()) <= S):
+        if pad_ends and not (0 <= pad_ends[0] and pad_ends[1] <= S):
             raise IndexError(f"decode_attention: pad must be in [0, {S}], got {pad.tolist()}")
-        rope_pos = p - (int(pad.min()) if pad.numel() else 0)  # the furthest row's
+        rope_pos = p - (pad_ends[0] if pad_ends else 0)  # the furthest row's
         if rope_pos >= P:
             raise IndexError(f"decode_attention: RoPE position {rope_pos} is past the tables' {P} rows")
     if backend == "triton":

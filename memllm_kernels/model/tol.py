@@ -142,7 +142,7 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
                 if chunk.dtype != dtype or tuple(chunk.shape[1:]) != tuple(shape[1:]):
                     raise ValueError(f"chunk {tuple(chunk.shape)} {chunk.dtype} does not fit a {tuple(shape)} "
                                      f"{dtype} table")
-                buf = chunk.contiguous().view(-1).view(torch.uint8).numpy()
+                buf = chunk.cpu().contiguous().view(-1).view(torch.uint8).numpy()
                 f.write(buf)
                 written += buf.nbytes
                 rows += chunk.shape[0]

@@ -85,7 +85,7 @@ def _check_range(op, idx, bound, what="id"):
         return
     if idx.numel() == 0:
         return
-    lo, hi = (int(x) for x in torch.aminmax(idx))
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync on a GPU
     if lo >= 0 and hi < bound:
         return
     bad = lo if lo < 0 else hi
