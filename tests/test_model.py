@@ -359,10 +359,11 @@ def test_forward_on_a_gpu_raises_for_bad_input():
         model.setup_caches(1, 8)
         with pytest.raises(IndexError, match="input_pos 8"):
             model(torch.tensor([[1]], device="cuda"), input_pos=torch.tensor([8], device="cuda"))
+        ids, pos = torch.tensor([[1]], device="cuda"), torch.tensor([3], device="cuda")  # a copy from the host syncs
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            model(torch.tensor([[1]], device="cuda"), input_pos=torch.tensor([3], device="cuda"), check=False)
+            model(ids, input_pos=pos, check=False)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(model(torch.tensor([[1, 2]], device="cuda"))).all()  # the GPU still works
