@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Shakespeare with the gpt2 tokenizer: minutes on a 2-core CPU)")
     t.add_argument("--ckpt-every", type=_POS_INT, default=100, help="steps between checkpoints (default 100)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text (whole works) held out")
-    t.add_argument("--device", type=_device_or_auto, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    t.add_argument("--device", type=_device_or_auto, default=None,
+                   help="cpu, cuda, cuda:N or auto (default; with --resume, the run's saved device)")
     t.add_argument("--threads", type=_POS_INT, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     t.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
@@ -218,7 +219,7 @@ def _cmd_train(a) -> int:
     if a.resume:
         if a.preset:
             raise ValueError("--resume continues a run with its saved preset; drop --preset")
-        train(a.out, resume=True, steps=a.steps, progress=not a.no_progress)
+        train(a.out, resume=True, steps=a.steps, device=a.device, progress=not a.no_progress)
         return 0
     if not a.preset:
         raise ValueError("--preset is required for a new run (e.g. --preset tiny-memoryllm); see `memllm info`")
@@ -227,7 +228,7 @@ def _cmd_train(a) -> int:
                      lr=a.lr, warmup=a.warmup, seed=a.seed, eval_every=a.eval_every, eval_tokens=a.eval_tokens,
                      ckpt_every=a.ckpt_every, val_fraction=a.val_fraction, tokenizer=a.tokenizer,
                      final_eval_tokens=a.final_eval_tokens,
-                     text=str(Path(a.text).expanduser().resolve()) if a.text else None, device=a.device)
+                     text=str(Path(a.text).expanduser().resolve()) if a.text else None, device=a.device or "auto")
     train(a.out, cfg, tc, force=a.force, progress=not a.no_progress)
     return 0
 

@@ -154,6 +154,14 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
         rc, out, err = run(capsys, "train", "--out", str(runs), "--resume", "--no-progress", *extra)
         assert rc == 2 and "already at step 1 of 1; pass --steps above 1" in err
         assert (runs / "config.json").read_bytes() == config and (runs / "model.safetensors").read_bytes() == before
+    # a run saved with a device this machine lacks: refused before config.json is rewritten; --device replaces it
+    cfg = json.loads((runs / "config.json").read_text())
+    cfg["train"]["device"] = "cuda:7"
+    (runs / "config.json").write_text(json.dumps(cfg))
+    config = (runs / "config.json").read_bytes()
+    rc, _, err = run(capsys, "train", "--out", str(runs), "--resume", "--no-progress", "--steps", "2")
+    assert rc == 2 and "cuda:7" in err and (runs / "config.json").read_bytes() == config
+    assert run(capsys, "train", "--out", str(runs), "--resume", "--no-progress", "--steps", "2", "--device", "cpu")[0] == 0
     assert run(capsys, *args, "--force", "--seed", "1")[0] == 0
     assert (runs / "model.safetensors").read_bytes() != before
 

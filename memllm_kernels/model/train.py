@@ -292,12 +292,13 @@ def _load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) 
 
 # ---------------------------------------------------------------- training
 def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: TrainConfig | None = None, *,
-          resume: bool = False, steps: int | None = None, force: bool = False, progress: bool = True,
-          stop_at: int | None = None, log=print) -> dict:
+          resume: bool = False, steps: int | None = None, device: str | None = None, force: bool = False,
+          progress: bool = True, stop_at: int | None = None, log=print) -> dict:
     """Train a model into run directory `out` and return its summary (also written to summary.json).
 
     New run: model_cfg and tc required; `out` must be absent or empty unless force. resume=True continues
-    `out` from its last checkpoint with its saved configs (`steps` may extend it). stop_at: end this
+    `out` from its last checkpoint with its saved configs (`steps` may extend it; `device`, if given, replaces
+    the saved one for this call: a run trained on cuda:1 resumes on a machine with one GPU). stop_at: end this
     call after that many steps (a checkpoint is written), as an interruption would; for tests.
     """
     out = Path(out)
@@ -311,13 +312,17 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         if (tc.steps if steps is None else steps) <= done:
             raise ValueError(f"{out} is already at step {done} of {tc.steps}; pass --steps above {done} to "
                              "train it further")
+        if device is not None:
+            tc.device = device
+        # What can fail (the device, the text) fails before config.json is rewritten.
+        pick_device(tc.device)
+        tok = D.load_run_tokenizer(out, saved["tokenizer"])
+        train_ids, _ = run_tokens(saved, out, "train")
+        val_ids, _ = run_tokens(saved, out, "val")
         if steps is not None and steps != tc.steps:
             log(f"resume: steps {tc.steps} -> {steps} (the cosine schedule changes from here on)")
             tc.steps = saved["train"]["steps"] = steps
             D.save_json(out / "config.json", saved)  # a later --resume continues to the new end
-        tok = D.load_run_tokenizer(out, saved["tokenizer"])
-        train_ids, _ = run_tokens(saved, out, "train")
-        val_ids, _ = run_tokens(saved, out, "val")
         run_cfg = saved
     else:
         if model_cfg is None or tc is None:
