@@ -90,7 +90,7 @@ def _add_offload_args(p: argparse.ArgumentParser) -> None:
                    "memory (page-locked where CUDA allows) or read in place from disk, with a device row cache")
     p.add_argument("--cache-rows", type=_NONNEG_INT, help="device cache rows for --tol-location host/disk "
                    "(default 5%% of the vocabulary)")
-    p.add_argument("--cache-policy", choices=POLICIES, default="hot+lru",
+    p.add_argument("--cache-policy", choices=POLICIES, default=None,
                    help="cache policy (default hot+lru: a hot set from the run's training-split token counts "
                    "plus an LRU tail)")
     p.add_argument("--cache-bookkeeping", choices=("host", "device"), default="host",
@@ -313,7 +313,7 @@ def _cmd_precompute(a) -> int:
 
 
 def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | None = None,
-                        cache_rows: int | None = None, policy: str = "hot+lru", progress: bool = False,
+                        cache_rows: int | None = None, policy: str | None = None, progress: bool = False,
                         embedding: str = "device", bookkeeping: str = "host"):
     """(model, run config, offload engine or None). location 'host'/'disk' reads the ToL through an
     OffloadEngine (memllm_kernels/offload); 'device' or plain --tol puts the whole table on the device.
@@ -323,14 +323,27 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
     from .model.tol import load_tol, offload_embedding, swap_ffn_for_tol
     from .model.train import load_run
 
-    model, cfg = load_run(run, device)
-    if (use_tol or location) and not model.config.has_memory:
+    lookup = bool(use_tol or location)
+    model, cfg = load_run(run, "cpu" if lookup else device)
+    if lookup and not model.config.has_memory:
         raise ValueError(f"{run} is a dense model: it has no memory FFNs, so no ToL; drop --tol/--tol-location")
+    if lookup:
+        # To the device without the memory FFNs, which the lookup replaces below: their weights (3.2 GB of the 1b
+        # model in float32) never take device memory, nor count as used in the engine's free-memory check.
+        ffns = [block.memory for block in model.layers]
+        for block in model.layers:
+            block.memory = None
+        model.to(device)
+        for block, ffn in zip(model.layers, ffns):
+            block.memory = ffn
     engine = None
     if location in ("host", "disk"):
-        engine = _attach_engine(model, cfg, run, device, location, cache_rows, policy, progress, bookkeeping)
+        engine = _attach_engine(model, cfg, run, device, location, cache_rows, policy or "hot+lru", progress,
+                                bookkeeping)
     elif cache_rows is not None:
         raise ValueError("--cache-rows needs --tol-location host or disk")
+    elif policy is not None:
+        raise ValueError("--cache-policy needs --tol-location host or disk")
     elif bookkeeping != "host":
         raise ValueError("--cache-bookkeeping needs --tol-location host or disk")
     elif use_tol or location == "device":
@@ -338,9 +351,17 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
         tol = load_tol(path, model)  # refuses a ToL of another model / a damaged file
-        swap_ffn_for_tol(model, tol if torch.device(device).type == "cpu" else tol.to(device))
+        if torch.device(device).type == "cuda":
+            need, free = tol.numel() * tol.element_size(), torch.cuda.mem_get_info(torch.device(device))[0]
+            if need > free:
+                raise ValueError(f"the ToL ({need / 2**30:.1f} GiB) does not fit in {device}'s free memory "
+                                 f"({free / 2**30:.1f} GiB); read it from host memory: --tol-location host")
+            tol = tol.to(device)
+        swap_ffn_for_tol(model, tol)
     if embedding == "host":
         offload_embedding(model)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the embedding's device copy, back to the device for other users
     return model, cfg, engine
 
 

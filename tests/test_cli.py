@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from memllm_kernels.cli import build_parser, main
 
@@ -164,6 +165,41 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
     assert run(capsys, "train", "--out", str(runs), "--resume", "--no-progress", "--steps", "2", "--device", "cpu")[0] == 0
     assert run(capsys, *args, "--force", "--seed", "1")[0] == 0
     assert (runs / "model.safetensors").read_bytes() != before
+
+
+@pytest.mark.requires_cuda
+@needs_train_deps
+def test_generate_on_a_gpu_through_each_tier(tmp_path, text, capsys):
+    """On a GPU: the ToL in device memory, in pinned host memory through the engine (with the embedding there too,
+    replayed from CUDA graphs) write the same text, and the memory FFNs never reach the device."""
+    from memllm_kernels.cli import _load_for_inference
+    from memllm_kernels.model.model import MemoryFFN
+    from memllm_kernels.model.train import load_run
+
+    runs = tmp_path / "run"
+    assert run(capsys, "train", "--preset", "tiny-memoryllm", "--out", str(runs), "--text", str(text), "--steps", "2",
+               "--tokenizer", "bpe-320", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0",
+               "--final-eval-tokens", "300", "--no-progress", "--device", "cpu")[0] == 0
+    assert run(capsys, "precompute", str(runs), "--no-progress")[0] == 0
+    texts = []
+    for tier in (["--tol"], ["--tol-location", "host"],
+                 ["--tol-location", "host", "--embedding-location", "host", "--cuda-graph"]):
+        rc, out, err = run(capsys, "generate", str(runs), "--prompt", "the king", "--max-new-tokens", "6",
+                           "--temperature", "0", "--device", "cuda", *tier)
+        assert rc == 0, err
+        texts.append(out.splitlines()[0])
+    assert texts[0] == texts[1] == texts[2] and texts[0].startswith("the king")
+    full, _ = load_run(runs, "cpu")
+    ffn_bytes = sum(p.numel() * p.element_size() for m in full.modules() if isinstance(m, MemoryFFN)
+                    for p in m.parameters())
+    full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model, _, engine = _load_for_inference(runs, "cuda", False, "host", None, "lru", progress=False)
+    assert not any(isinstance(m, MemoryFFN) for m in model.modules()) and all(p.is_cuda for p in model.parameters())
+    assert torch.cuda.max_memory_allocated() - base < full_bytes - ffn_bytes / 2  # the FFNs never came over
+    engine.close()
 
 
 @needs_train_deps

@@ -1292,6 +1292,8 @@ def test_cli_generate_and_eval_with_tol_location(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "--cache-rows needs --tol-location" in capsys.readouterr().err
     rc = main([*ev, "--tol", "--cache-bookkeeping", "device"])
     assert rc == 2 and "--cache-bookkeeping needs --tol-location" in capsys.readouterr().err
+    rc = main([*ev, "--tol", "--cache-policy", "lru"])  # was silently ignored
+    assert rc == 2 and "--cache-policy needs --tol-location" in capsys.readouterr().err
     rc = main([*ev, "--tol-location", "host", "--cache-bookkeeping", "device", "--cache-policy", "lfu"])
     assert rc == 2 and "--cache-policy lfu needs the host's" in capsys.readouterr().err
     dev = json.loads(cli(*ev, "--tol-location", "disk", "--cache-bookkeeping", "device"))

@@ -574,7 +574,7 @@ def offload_embedding(model: Transformer, chunk_bytes: int = DEFAULT_CHUNK_BYTES
         raise ValueError("the token embedding is already in host memory")
     w = emb.weight.detach()
     if w.device.type == "cuda" and offload_ops.pin_unavailable_reason() is not None:
-        raise RuntimeError(f"cannot page-lock host memory for the embedding: {offload_ops.pin_unavailable_reason()}")
+        raise ValueError(f"cannot page-lock host memory for the embedding: {offload_ops.pin_unavailable_reason()}")
     host = offload_ops.tol_host_alloc(list(w.shape), w.dtype)
     rows = max(1, chunk_bytes // max(1, w.shape[1] * w.element_size()))
     for i in range(0, w.shape[0], rows):
