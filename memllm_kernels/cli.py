@@ -325,9 +325,9 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
 
     lookup = bool(use_tol or location)
     model, cfg = load_run(run, "cpu" if lookup else device)
-    if lookup and not model.config.has_memory:
-        raise ValueError(f"{run} is a dense model: it has no memory FFNs, so no ToL; drop --tol/--tol-location")
     if lookup:
+        if not model.config.has_memory:
+            raise ValueError(f"{run} is a dense model: it has no memory FFNs, so no ToL; drop --tol/--tol-location")
         # To the device without the memory FFNs, which the lookup replaces below: their weights (3.2 GB of the 1b
         # model in float32) never take device memory, nor count as used in the engine's free-memory check.
         ffns = [block.memory for block in model.layers]

@@ -1434,6 +1434,23 @@ def test_decode_graph_steady_state_has_no_host_sync(tmp_path, bookkeeping):
     engine.check_consistency()
 
 
+def _engine_models_on_gpu(tmp_path, variants: dict) -> tuple[dict, dict]:
+    """Copies of one tiny model on the GPU, each reading its ToL through its own engine (pinned host tier, 15
+    cache rows) built with the OffloadEngine arguments variants[name]: ({name: model}, {name: engine})."""
+    import copy
+
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    model, path = _tiny_model_and_file(tmp_path)
+    model.cuda()
+    models, engines = {}, {}
+    for name, kw in variants.items():
+        models[name] = copy.deepcopy(model)
+        engines[name] = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15, **kw)
+        swap_ffn_for_engine(models[name], engines[name])
+    return models, engines
+
+
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
 def test_decode_graph_with_device_bookkeeping_decides_like_the_host(tmp_path, compile):
@@ -1441,20 +1458,11 @@ def test_decode_graph_with_device_bookkeeping_decides_like_the_host(tmp_path, co
     host does no engine work per step, the logits equal those of an engine whose host directory decides, and
     after the run both caches hold the same tokens in the same slots (the host applies its decisions steps
     later, so the hits differ)."""
-    import copy
-
     from memllm_kernels.model import DecodeGraph
-    from memllm_kernels.model.tol import swap_ffn_for_engine
 
     torch._dynamo.reset()
-    model, path = _tiny_model_and_file(tmp_path)
-    model.cuda()
-    models, engines = {}, {}
-    for bk in ("host", "device"):
-        models[bk] = copy.deepcopy(model)
-        engines[bk] = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15,
-                                    policy="hot+lru", token_counts=np.arange(300), bookkeeping=bk)
-        swap_ffn_for_engine(models[bk], engines[bk])
+    models, engines = _engine_models_on_gpu(tmp_path, {bk: dict(policy="hot+lru", token_counts=np.arange(300),
+                                                                bookkeeping=bk) for bk in ("host", "device")})
     assert engines["device"].graph_step and not engines["host"].graph_step
     toks = torch.from_numpy(np.random.default_rng(5).zipf(1.3, 60) % 300).view(60, 1, 1).cuda()
     with torch.no_grad():
@@ -1492,19 +1500,10 @@ def test_decode_graph_with_reference_ops_prefetches_eagerly(tmp_path):
     """bookkeeping='device' with backend='reference': the reference ops synchronise with the host, which a
     capture forbids, so the engine's step is not captured (graph_step is False) and DecodeGraph prefetches
     before each replay instead; the logits are those of the CUDA-kernel engine's captured step."""
-    import copy
-
     from memllm_kernels.model import DecodeGraph
-    from memllm_kernels.model.tol import swap_ffn_for_engine
 
-    model, path = _tiny_model_and_file(tmp_path)
-    model.cuda()
-    models, engines = {}, {}
-    for backend in ("auto", "reference"):
-        models[backend] = copy.deepcopy(model)
-        engines[backend] = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15,
-                                         policy="lru", bookkeeping="device", backend=backend)
-        swap_ffn_for_engine(models[backend], engines[backend])
+    models, engines = _engine_models_on_gpu(
+        tmp_path, {b: dict(policy="lru", bookkeeping="device", backend=b) for b in ("auto", "reference")})
     assert engines["auto"].graph_step and not engines["reference"].graph_step
     toks = torch.randint(0, 300, (12, 1, 1), device="cuda")
     with torch.no_grad():

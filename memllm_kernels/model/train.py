@@ -315,7 +315,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         if device is not None:
             tc.device = device
         # What can fail (the device, the text) fails before config.json is rewritten.
-        pick_device(tc.device)
+        device = pick_device(tc.device)
         tok = D.load_run_tokenizer(out, saved["tokenizer"])
         train_ids, _ = run_tokens(saved, out, "train")
         val_ids, _ = run_tokens(saved, out, "val")
@@ -332,7 +332,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
             raise ValueError(f"seq_len={tc.seq_len} exceeds the model's block_size={model_cfg.block_size}")
         # Everything that can fail on the text or the device fails before the output folder is touched.
         works = D.load_works(tc.text)
-        pick_device(tc.device)
+        device = pick_device(tc.device)
         train_works, val_works = D.split_works(works, tc.val_fraction, tc.seed)
         tok = D.make_tokenizer(tc.tokenizer, train_works)
         model_cfg = model_cfg.replace(vocab_size=tok.n_vocab)
@@ -350,7 +350,6 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
                    "params": param_counts(model_cfg)}
         D.save_json(out / "config.json", run_cfg)
 
-    device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
     model = Transformer(model_cfg).to(device)
     opt = make_optimizer(model, tc)
