@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="perplexity and tokens/s of a run, with FFNs or ToLs",
-                       description="Score non-overlapping windows of text; prints perplexity and tokens/s.")
+                       description="Score non-overlapping windows of text; prints perplexity and tokens/s (forward passes "
+                                   "after the first batch, whose start-up is not the steady speed).")
     e.add_argument("run", type=Path)
     e.add_argument("--text", help="text file or folder to score (default: the run's validation split)")
     mode = e.add_mutually_exclusive_group()

@@ -1092,3 +1092,27 @@ def test_evaluate_counts_every_token():
     first = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(ids[1:17].astype(np.int64)))
     part = evaluate(model, ids[:17], seq_len=16)
     assert part["loss"] == pytest.approx(float(first), rel=1e-5)
+
+
+def test_evaluate_speed_leaves_out_the_first_batch(monkeypatch):
+    """tokens_per_s is the steady speed: a slow first batch (start-up) is in seconds but not in tokens_per_s."""
+    import memllm_kernels.model.train as train_mod
+
+    model = tiny_model("memoryllm")
+    clock, calls = [0.0], []
+    forward = model.forward
+
+    def timed_forward(*args, **kwargs):  # the first batch takes 100 fake seconds, every later one 1
+        clock[0] += 100.0 if not calls else 1.0
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", timed_forward)
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: clock[0])
+    ids = np.random.default_rng(0).integers(0, 300, size=16 * 4 + 1)
+    res = evaluate(model, ids, seq_len=16, batch_size=1)  # four batches of 16 tokens
+    assert len(calls) == 4 and res["seconds"] == 103.0
+    assert res["tokens_per_s"] == 16 * 3 / 3.0
+    calls.clear()
+    one = evaluate(model, ids[:17], seq_len=16)  # a single batch is all there is to time
+    assert one["tokens_per_s"] == 16 / 100.0

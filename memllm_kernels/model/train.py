@@ -145,7 +145,8 @@ def evaluate(model: Transformer, ids: np.ndarray, seq_len: int, batch_size: int 
     """Perplexity over non-overlapping windows of `seq_len` predicted tokens (the last one shorter).
 
     ids: 1-D token ids. Returns {loss, ppl, tokens, seconds, tokens_per_s}; seconds counts model forward
-    passes only (not the host-side batching).
+    passes only (not the host-side batching). tokens_per_s leaves out the first batch when there are more:
+    its start-up (kernel selection, first-touch allocations, a cold ToL cache) is not the steady speed.
     """
     if seq_len < 1 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError(f"seq_len, batch_size and max_tokens must be positive, got {seq_len}, {batch_size} and "
@@ -158,6 +159,7 @@ def evaluate(model: Transformer, ids: np.ndarray, seq_len: int, batch_size: int 
         raise ValueError(f"evaluation text has {len(ids)} tokens; at least 2 are needed")
     starts = list(range(0, n_pred, seq_len))
     total_loss, total_tok, secs = 0.0, 0, 0.0
+    warm_tok, warm_secs = 0, 0.0  # every batch after the first, for tokens_per_s
     bar = None
     if progress:
         from tqdm import tqdm
@@ -166,7 +168,7 @@ def evaluate(model: Transformer, ids: np.ndarray, seq_len: int, batch_size: int 
     full = [s for s in starts if s + seq_len <= n_pred]
     tail = [s for s in starts if s + seq_len > n_pred]
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
-    for group in groups:
+    for k, group in enumerate(groups):
         length = min(seq_len, n_pred - group[0])
         win = torch.from_numpy(np.stack([np.asarray(ids[s:s + length + 1], dtype=np.int64) for s in group]))
         x, y = win[:, :-1].to(device), win[:, 1:].to(device)
@@ -176,15 +178,18 @@ def evaluate(model: Transformer, ids: np.ndarray, seq_len: int, batch_size: int 
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                                  reduction="sum")
         total_loss += float(loss)  # also synchronises the device before the clock stops
-        secs += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        secs += dt
         total_tok += y.numel()
+        if k > 0:
+            warm_tok, warm_secs = warm_tok + y.numel(), warm_secs + dt
         if bar:
             bar.update(y.numel())
     if bar:
         bar.close()
     mean = total_loss / total_tok
     return {"loss": mean, "ppl": math.exp(mean), "tokens": total_tok, "seconds": secs,
-            "tokens_per_s": total_tok / secs if secs else float("nan")}
+            "tokens_per_s": warm_tok / warm_secs if warm_secs else total_tok / secs if secs else float("nan")}
 
 
 # ---------------------------------------------------------------- run directories
