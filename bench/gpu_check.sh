@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU validation in one command, for a machine with a GPU, torch, triton, pytest, pytest-benchmark and numpy
 # installed (no network needed): build the CUDA extension from source, run the GPU tests, the benchmarks and
-# the whole test suite, and write logs, results JSON (GPU name, torch/triton/CUDA versions, commit) and
-# report.md into RESULTS_DIR.
+# the whole test suite, and write logs into RESULTS_DIR, results JSON (GPU name, torch/triton/CUDA versions,
+# commit) and report.md into RESULTS_DIR/<machine>/ (e.g. nvidia-h200).
 #
 #   bash bench/gpu_check.sh [RESULTS_DIR] [STEP ...]     RESULTS_DIR default bench/results
 #
-# Steps, run in the order given (default: all, in this order, the most wanted results first):
+# Steps, run in the order given (default: build gpu-tests offload e2e linear compiled profile gather tests, the most
+# wanted results first; host and attention are short calls of their own and run only when named):
 #   build      the extension with CUDA kernels (skipped when memllm_kernels/_C*.so is newer than csrc/)
 #   gpu-tests  the tests that need a GPU (marked requires_cuda / requires_triton_gpu)
 #   offload    bench/bench_offload.py: host-row gather vs pinned memcpy, cached gather-add, prefetch, hit

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-tokens", type=_POS_INT, default=32768,
                    help="validation tokens per periodic evaluation (default 32768)")
     t.add_argument("--final-eval-tokens", type=_POS_INT,
-                   help="validation tokens scored at the end (default: the whole validation split, 178k tokens of "
+                   help="validation tokens scored at the end (default: the whole validation split, 174k tokens of "
                    "Shakespeare with the gpt2 tokenizer: minutes on a 2-core CPU)")
     t.add_argument("--ckpt-every", type=_POS_INT, default=100, help="steps between checkpoints (default 100)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text (whole works) held out")

@@ -62,7 +62,7 @@ ALL_KINDS = ["dense"] + MEMORY_KINDS
 TINY = dict(vocab_size=300, n_layer=2, d_model=32, n_head=4, block_size=64, name="test-tiny")
 # (alpha, dropped layers): the paper's memory scaling (Table 1) and layer dropping (Fig. 4).
 MEMORY_SCALES = [(1.0, ()), (0.5, ()), (1.0, (0,)), (0.25, (1,)), (0.0, ())]
-# The paper's table (DESIGN.md section 1), millions as printed, and the exact counts our shapes give.
+# The paper's table of sizes, millions as printed, and the exact counts our shapes give.
 PAPER_COUNTS = {  # size: (dense M, MemoryLLM active M, exact non-embedding, exact attention)
     "250m": (265, 88, 265_420_800, 88_473_600),
     "750m": (737, 245, 737_894_400, 245_760_000),

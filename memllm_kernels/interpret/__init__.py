@@ -1,4 +1,4 @@
-"""Interpretability toolkit for the FFN memory of MemoryLLM / Flex-MemoryLLM models (DESIGN.md section 3).
+"""Interpretability toolkit for the FFN memory of MemoryLLM / Flex-MemoryLLM models (paper sections 2.3.1 and 3).
 
 Every vocabulary token is a query, the up-projection rows are keys, the down-projection columns are values
 and the gate reweights keys: c_i(t) = (q.k_i) silu(q.g_i) with q = norm_m,l(E[t]), and FFN_l(q) = sum_i c_i v_i.

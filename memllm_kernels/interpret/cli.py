@@ -19,7 +19,7 @@ from .clusters import MIN_TSNE_SAMPLE
 from .report import SECTIONS
 
 DESCRIPTION = """\
-Read a MemoryLLM / Flex run's FFN memory as token-key-value memory (DESIGN.md section 3): coefficient
+Read a MemoryLLM / Flex run's FFN memory as token-key-value memory (paper sections 2.3.1 and 3): coefficient
 decomposition checked against the FFN, access maps (top keys per token, inverted index, dead keys),
 K-means + t-SNE clusters of coefficient vectors with a clustering coefficient and outlier keys per layer,
 a logit lens on every ToL row, perplexity sweeps (one layer's memory dropped; memory scaled by alpha) and

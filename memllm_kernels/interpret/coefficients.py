@@ -1,4 +1,4 @@
-"""The token-key-value view of a memory FFN (DESIGN.md section 3, paper section 2.3.1).
+"""The token-key-value view of a memory FFN (paper sections 2.3.1 and 3).
 
 For layer l's SwiGLU memory FFN with weights W_gate, W_up [K, d] and W_down [d, K], and a token t with
 query q = norm_m,l(E[t]) [d]:

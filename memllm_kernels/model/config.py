@@ -1,6 +1,6 @@
 """Model configuration: one dataclass and the named presets `<size>-<kind>`.
 
-Sizes: the paper's `250m`, `750m`, `1b` (24 layers, vocab 128,256, seq 2048, DESIGN.md section 1) and our
+Sizes: the paper's `250m`, `750m`, `1b` (24 layers, vocab 128,256, seq 2048, as the paper gives them) and our
 `tiny` (GPT-2 vocabulary, trains on two CPU cores in minutes) plus `tinyact`, a dense-only size with
 MemoryLLM-tiny's *active* parameter count (same width, one third of the layers: 12d^2 * L/3 = 4d^2 * L).
 Kinds: `dense`, `memoryllm`, `flex1`, `flex2`, `flex3` (Flex-MemoryLLM-beta*d^2, beta = 1, 2, 3).
@@ -124,7 +124,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Paper sizes (DESIGN.md section 1): d, K, heads; all 24 layers, vocab 128,256 (Llama-3), seq 2048.
+# Paper sizes: d, K, heads; all 24 layers, vocab 128,256 (Llama-3), seq 2048.
 _PAPER_SIZES = {
     "250m": dict(d_model=960, ffn_hidden=2560, n_head=16),
     "750m": dict(d_model=1600, ffn_hidden=4272, n_head=16),

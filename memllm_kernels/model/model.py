@@ -1,6 +1,6 @@
 """Dense, MemoryLLM and Flex-MemoryLLM transformers in one readable file (in the style of gpt-fast).
 
-Blocks (DESIGN.md section 1; x0 = E[ids] is the token embedding, h the residual stream):
+Blocks (paper section 2.2; x0 = E[ids] is the token embedding, h the residual stream):
     dense:      h' = h + Attn(norm_a(h));                          h_next = h' + FFN(norm_f(h'))
     memoryllm:  h_next = h + Attn(norm_a(h)) + a_l * FFN_l(norm_m,l(x0))
     flex-beta:  h' = h + Attn(norm_a(h)) + a_l * FFN_M,l(norm_m,l(x0));   h_next = h' + FFN_C,l(norm_c,l(h'))

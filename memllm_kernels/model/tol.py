@@ -1,6 +1,6 @@
 """Token-wise lookups (ToLs): precompute every memory FFN for the whole vocabulary, store, check, swap in.
 
-    ToL[v, l, :] = FFN_l(norm_m,l(E[v]))      token-major [V, L, d] (DESIGN.md section 2)
+    ToL[v, l, :] = FFN_l(norm_m,l(E[v]))      token-major [V, L, d] (paper section 2.3.2)
 
 For Flex models the table holds FFN-M only; FFN-C reads the residual stream and stays an FFN.
 

@@ -1,6 +1,6 @@
 """Training, checkpoints, resume and evaluation of the reference model.
 
-Recipe (paper section 4, DESIGN.md section 1): AdamW betas (0.9, 0.95), weight decay 0.1 on matrices
+Recipe (paper section 4): AdamW betas (0.9, 0.95), weight decay 0.1 on matrices
 (embeddings included, norms excluded), cosine schedule from `lr` to `lr * min_lr_ratio` after a linear
 warm-up, z-loss 1e-6, gradient clipping at 1.0, bf16 autocast on a GPU (float32 on the CPU). The paper's
 learning rate (1e-4 -> 1e-5) is for 250M-1B models over billions of tokens; the tiny presets default to
