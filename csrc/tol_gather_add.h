@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <initializer_list>
+#include <utility>
 #include <string>
 #include <type_traits>
 
@@ -130,9 +132,30 @@ at::Tensor run_out_of_place(const at::Tensor& hidden, const at::Tensor& ids, con
   return out;
 }
 
+// The first and last byte a tensor's elements span (torch strides are never negative).
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t i = 0; i < t.dim(); ++i) last += (t.size(i) - 1) * t.stride(i);
+  const auto p = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {p, p + static_cast<uintptr_t>((last + 1) * t.element_size()) - 1};
+}
+
+// `reads`: the tables the kernel reads rows from. hidden must not share memory with them or with ids: a hidden
+// that is a view of its own table would read rows it already overwrote (the reference reads before writing).
+// By byte span, not ATen's assert_no_overlap, which gives up on strided views such as table[:T, l].
 template <typename Launch>
-void run_in_place(const at::Tensor& hidden, const at::Tensor& ids, const Launch& launch) {
+void run_in_place(const at::Tensor& hidden, const at::Tensor& ids, std::initializer_list<at::Tensor> reads,
+                  const Launch& launch) {
   at::assert_no_internal_overlap(hidden);
+  const auto check_apart = [&](const at::Tensor& t) {
+    if (hidden.numel() == 0 || t.numel() == 0 || !t.storage().is_alias_of(hidden.storage())) return;
+    const auto [h0, h1] = byte_span(hidden);
+    const auto [t0, t1] = byte_span(t);
+    TORCH_CHECK(h1 < t0 || t1 < h0, "unsupported operation: hidden shares memory with ids or a table it reads "
+                "(a view of its own table?); pass hidden.clone()");
+  };
+  check_apart(ids);
+  for (const at::Tensor& t : reads) check_apart(t);
   const int64_t rs = row_stride(hidden);
   if (rs < 0) {
     hidden.copy_(run_out_of_place(hidden, ids, launch));

@@ -157,6 +157,13 @@ def _check_no_overlap(op: str, name: str, t: torch.Tensor) -> None:
                            f"{list(t.stride())}), so it cannot be written in place; pass {name}.clone()")
 
 
+def _check_not_aliased(op: str, hidden: torch.Tensor, *reads: torch.Tensor) -> None:
+    """hidden, written in place, must not share memory with what the kernel reads (a hidden that is a view of its
+    own table would read rows it already overwrote); the C++ kernels make the same check through ATen's."""
+    if not torch.compiler.is_compiling() and any(torch._C._overlaps(hidden, t) for t in reads):
+        raise RuntimeError(f"{op}: hidden shares memory with ids or the table it reads; pass hidden.clone()")
+
+
 def _run_compiled(op, *args, checks=None):
     """Calls a C++/CUDA op, which checks its arguments itself. On an error, `checks()` (the Python checks,
     run only then: they cost ~2.5 us per call, a third of a one-token call on CPU) raises the TypeError /
@@ -228,6 +235,7 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
         return hidden
     _check_args("tol_gather_add_", hidden, ids, table, layer)
     _check_no_overlap("tol_gather_add_", "hidden", hidden)
+    _check_not_aliased("tol_gather_add_", hidden, ids, table)
     if check_ids:
         _check_id_range("tol_gather_add_", ids, table.shape[0])
     if backend == "triton":

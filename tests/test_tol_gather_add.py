@@ -267,6 +267,27 @@ def test_available_backends_are_usable():
         torch.testing.assert_close(mk.tol_gather_add(h, ids, t, backend=b), h + t[ids], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_inplace_refuses_hidden_that_shares_memory_with_its_inputs(backend, device):
+    """hidden written in place as a view of its own table would read rows it already overwrote (the C++ kernel
+    gave another answer than the reference): refused on every backend, and by the compiled op itself."""
+    table = torch.randn(10, 8, device=device)
+    ids = torch.tensor([1, 0, 3, 2], device=device)
+    with pytest.raises(RuntimeError, match="memory"):
+        mk.tol_gather_add_(table[:4], ids, table, backend=backend)
+    lt = torch.randn(10, 2, 8, device=device)
+    with pytest.raises(RuntimeError, match="memory"):
+        mk.tol_gather_add_(lt[:4, 1], ids, lt, 0, backend=backend)
+    if backend != "reference":
+        with pytest.raises(RuntimeError, match="memory"):
+            torch.ops.memllm.tol_gather_add_(table[:4], ids, table, None)
+    before = table.clone()
+    h = table[4:8].clone()  # a copy is fine, and the table is left alone
+    mk.tol_gather_add_(h, ids, table, backend=backend)
+    torch.testing.assert_close(h, before[4:8] + before[ids], rtol=0, atol=0)
+    assert torch.equal(table, before)
+
+
 def test_inplace_refuses_autograd():
     h = torch.randn(2, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="no autograd"):

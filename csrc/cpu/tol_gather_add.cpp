@@ -99,7 +99,7 @@ at::Tensor tol_gather_add_cpu(const at::Tensor& hidden, const at::Tensor& ids, c
 void tol_gather_add_cpu_(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& table,
                          std::optional<int64_t> layer, bool check_ids) {
   const TolTableView v = check_tol_gather_add_args("tol_gather_add_", hidden, ids, table, layer);
-  run_in_place(hidden, ids, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
+  run_in_place(hidden, ids, {table}, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                 const at::Tensor& ids_flat) {
     launch(out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
   });
