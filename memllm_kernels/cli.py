@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,21 +33,27 @@ def _dtype(name: str):
     return getattr(torch, _DTYPES[name])
 
 
-def _number(kind=int, low=0, strict: bool = False):
-    """An argparse type: a `kind` (int or float) >= low (> low if strict), so a count of 0 or -3 is refused at
-    once instead of training on nothing or failing after minutes. `memllm inspect` uses it too."""
+def _number(kind=int, low=0, strict: bool = False, high=None):
+    """An argparse type: a finite `kind` (int or float) >= low (> low if strict) and <= high (if given), so a
+    count of 0 or -3, or a time of inf, is refused at once instead of training on nothing or failing after
+    minutes. `memllm inspect` uses it too."""
     noun = "integer" if kind is int else "number"
-    if low == 0 or (kind is int and low == 1 and not strict):
+    if low is None:
+        what = f"a finite {noun}"
+    elif low == 0 or (kind is int and low == 1 and not strict):
         what = f"a {'positive' if strict or low == 1 else 'non-negative'} {noun}"
     else:
         what = f"{'an' if kind is int else 'a'} {noun} {'>' if strict else '>='} {low}"
+    if high is not None:
+        what += f" up to {high:,}"
 
     def parse(s: str):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not (v > low if strict else v >= low):  # nan fails both
+        ok = math.isfinite(v) and (low is None or (v > low if strict else v >= low)) and (high is None or v <= high)
+        if not ok:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s}")
         return v
     return parse
@@ -54,6 +61,9 @@ def _number(kind=int, low=0, strict: bool = False):
 
 _POS_INT, _NONNEG_INT = _number(int, 1), _number(int, 0)
 _POS_FLOAT, _NONNEG_FLOAT = _number(float, 0, strict=True), _number(float, 0)
+_FLOAT = _number(float, None)
+_SEED = _number(int, 0, high=2**63 - 1)  # torch.manual_seed takes a 64-bit seed
+_THREADS = _number(int, 1, high=1024)  # libgomp fails to create 20,000 threads and 100,000 crashed the process
 
 
 def _device_or_auto(s: str) -> str:
@@ -125,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=_POS_INT, default=256, help="tokens per sequence (default 256)")
     t.add_argument("--lr", type=_POS_FLOAT, default=1e-3, help="peak learning rate (default 1e-3)")
     t.add_argument("--warmup", type=_NONNEG_INT, default=50, help="linear warm-up steps (default 50)")
-    t.add_argument("--seed", type=int, default=0, help="seeds the init, the batches and the split")
+    t.add_argument("--seed", type=_SEED, default=0, help="seeds the init, the batches and the split")
     t.add_argument("--eval-every", type=_NONNEG_INT, default=100,
                    help="steps between validation evaluations (default 100; 0: none before the final one)")
     t.add_argument("--eval-tokens", type=_POS_INT, default=32768,
@@ -137,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text (whole works) held out")
     t.add_argument("--device", type=_device_or_auto, default=None,
                    help="cpu, cuda, cuda:N or auto (default; with --resume, the run's saved device)")
-    t.add_argument("--threads", type=_POS_INT, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=_THREADS, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     t.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -147,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and stream it, token-major [V, L, d], to a safetensors file in vocabulary chunks.")
     c.add_argument("run", nargs="?", type=Path, help="run directory (or use --preset for random weights)")
     c.add_argument("--preset", help="precompute a randomly initialised preset instead of a run (benchmarks)")
-    c.add_argument("--seed", type=int, default=0, help="init seed with --preset")
+    c.add_argument("--seed", type=_SEED, default=0, help="init seed with --preset")
     c.add_argument("--out", type=Path, help="output file (default RUN/tol.safetensors; required with --preset)")
     c.add_argument("--dtype", type=_dtype, help="table dtype (default: the weights' dtype): float32/fp32, "
                    "bfloat16/bf16, float16/fp16")
@@ -166,13 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--tol", action="store_true", help="swap memory FFNs for RUN/tol.safetensors (checked first)")
     mode.add_argument("--ffn", action="store_true", help="run the memory FFNs (default)")
     _add_offload_args(e)
-    e.add_argument("--alpha", type=float, default=1.0, help="scale of the memory term (paper Table 1)")
+    e.add_argument("--alpha", type=_FLOAT, default=1.0, help="scale of the memory term (paper Table 1)")
     e.add_argument("--drop-layers", type=_layers, default=[], help="comma-separated layers whose memory is dropped")
     e.add_argument("--max-tokens", type=_POS_INT, help="score at most this many tokens")
     e.add_argument("--batch-size", type=_POS_INT, default=16, help="windows per forward pass (default 16)")
     e.add_argument("--seq-len", type=_POS_INT, help="window length (default: the run's training seq_len)")
     e.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
-    e.add_argument("--threads", type=_POS_INT, help="torch CPU threads")
+    e.add_argument("--threads", type=_THREADS, help="torch CPU threads")
     e.add_argument("--json", action="store_true", help="print the result as one JSON line")
     e.add_argument("--no-progress", action="store_true")
 
@@ -184,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_POS_INT, default=64, help="tokens to add to each prompt (default 64)")
     g.add_argument("--temperature", type=_NONNEG_FLOAT, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=_POS_INT, default=50, help="sample among the k most likely tokens (default 50)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--seed", type=_SEED, default=0, help="sampling seed (default 0)")
     g.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay each decode step from a CUDA graph (CUDA devices; same tokens, less launch overhead)")
@@ -276,6 +286,8 @@ def _cmd_precompute(a) -> int:
     if out is not None and not a.dry_run:
         if out.is_dir():
             raise IsADirectoryError(f"--out {out} is a directory; give the table's file name (e.g. {out / 'tol.safetensors'})")
+        if out.exists() and not out.is_file():
+            raise ValueError(f"--out {out} exists and is not a regular file")
         if out.exists() and not a.force:
             raise FileExistsError(f"{out} exists; pass --force to overwrite it")
         if not out.parent.is_dir():
@@ -421,6 +433,10 @@ def _cmd_eval(a) -> int:
     ids, _ = run_tokens(cfg, a.run, "val", a.text)
     seq_len = a.seq_len or cfg["train"]["seq_len"]
     res = evaluate(model, ids, seq_len, a.batch_size, a.max_tokens, progress=not a.no_progress)
+    if not math.isfinite(res["loss"]):  # a perplexity of nan is no result (and no valid JSON)
+        src = "its ToL (a corrupted tol.safetensors? rerun memllm precompute)" if (a.tol or a.tol_location) else \
+            "its weights (did training diverge?)"
+        raise ValueError(f"the loss is {res['loss']}: the model computes non-finite values; check {src}")
     res.update(run=str(a.run), mode="tol" if (a.tol or a.tol_location) else "ffn", text=a.text or "validation split",
                alpha=a.alpha, drop_layers=a.drop_layers, device=a.device)
     if a.tol_location:
@@ -507,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                "generate": _cmd_generate, "info": _cmd_info, "inspect": _cmd_inspect}[args.cmd]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing files, read-only folders, a full disk
         print(f"memllm {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,9 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
         (tiny_text / f"w{i}.txt").write_text("the king speaks. the queen hears.\n")
     rc, _, err = run(capsys, "train", "--preset", "tiny-dense", "--out", str(tmp_path / "short"), "--text",
                      str(tiny_text), "--steps", "1", "--tokenizer", "bpe-300", "--seq-len", "200")
+    assert rc == 2 and "yields only 279 ids; ask for bpe-279 or fewer" in err and not (tmp_path / "short").exists()
+    rc, _, err = run(capsys, "train", "--preset", "tiny-dense", "--out", str(tmp_path / "short"), "--text",
+                     str(tiny_text), "--steps", "1", "--tokenizer", "gpt2", "--seq-len", "200")
     assert rc == 2 and "too few for seq_len=200" in err and not (tmp_path / "short").exists()
     for cmd in (["eval", str(runs), "--tol"], ["generate", str(runs), "--prompt", "the", "--tol-location", "host"]):
         rc, _, err = run(capsys, *cmd)
@@ -241,6 +245,16 @@ BAD_NUMBERS = [
     (["generate", "RUN", "--prompt", "a", "--temperature", "-1"], "--temperature: expected a non-negative number"),
     (["generate", "RUN", "--prompt", "a", "--cache-rows", "-5"], "--cache-rows: expected a non-negative integer"),
     (["precompute", "RUN", "--chunk-mb", "0"], "--chunk-mb: expected a positive number"),
+    (["precompute", "RUN", "--chunk-mb", "inf"], "--chunk-mb: expected a positive number, got inf"),
+    (["train", "--preset", "tiny-memoryllm", "--minutes", "inf"], "--minutes: expected a positive number, got inf"),
+    (["train", "--preset", "tiny-memoryllm", "--lr", "inf"], "--lr: expected a positive number, got inf"),
+    (["train", "--preset", "tiny-memoryllm", "--lr", "nan"], "--lr: expected a positive number, got nan"),
+    (["train", "--preset", "tiny-memoryllm", "--threads", "100000"], "--threads: expected a positive integer up to 1,024"),
+    (["train", "--preset", "tiny-memoryllm", "--seed", str(2**64)], "--seed: expected a non-negative integer up to"),
+    (["train", "--preset", "tiny-memoryllm", "--device", "cpu:1"], "use cpu (the CPU has no device index)"),
+    (["eval", "RUN", "--alpha", "nan"], "--alpha: expected a finite number, got nan"),
+    (["eval", "RUN", "--threads", "20000"], "--threads: expected a positive integer up to 1,024"),
+    (["generate", "RUN", "--prompt", "a", "--seed", "-1"], "--seed: expected a non-negative integer"),
 ]
 
 
@@ -282,7 +296,7 @@ def test_the_python_api_refuses_the_same_numbers():
     from memllm_kernels.model.train import TrainConfig, evaluate, pick_device
 
     for bad in (dict(steps=0), dict(ckpt_every=0), dict(seq_len=-1), dict(minutes=0.0), dict(val_fraction=1.0),
-                dict(final_eval_tokens=0)):
+                dict(final_eval_tokens=0), dict(lr=float("inf")), dict(minutes=float("inf"))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
     if not torch.cuda.is_available():
@@ -295,3 +309,88 @@ def test_the_python_api_refuses_the_same_numbers():
         with pytest.raises(ValueError, match="must be >= 0 and top_k positive"):
             generate(model, [[1, 2]], **kw)
     assert len(generate(model, [[1, 2]], 2)[0]) == 2 and torch.is_grad_enabled()
+
+
+@needs_train_deps
+def test_damaged_run_files_are_one_line_errors(tmp_path, text, capsys):
+    """A run folder whose files were damaged (edited, truncated, overwritten) gives exit 2 and one line naming the
+    file, never a traceback; a resume that cannot load its checkpoint leaves config.json as it was; a ToL whose
+    data turned into NaN is refused by eval instead of printing 'perplexity nan'."""
+    import shutil
+    import struct
+
+    good = tmp_path / "run"
+    assert run(capsys, "train", "--preset", "tiny-memoryllm", "--out", str(good), "--text", str(text), "--steps", "2",
+               "--tokenizer", "bpe-300", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0",
+               "--final-eval-tokens", "64", "--no-progress")[0] == 0
+    assert run(capsys, "precompute", str(good), "--no-progress")[0] == 0
+
+    def damaged(name, file, data):
+        r = tmp_path / name
+        shutil.copytree(good, r)
+        (r / file).write_bytes(data(((r / file).read_bytes())))
+        return r
+
+    config = json.loads((good / "config.json").read_text())
+    cases = [
+        (damaged("list", "config.json", lambda b: b"[1, 2]"), "is not a run's config"),
+        (damaged("empty", "config.json", lambda b: b""), "config.json is corrupted (not JSON"),
+        (damaged("nokey", "config.json", lambda b: b"{}"), "missing ['model', 'train', 'tokenizer', 'data']"),
+        (damaged("vocab", "config.json",
+                 lambda b: json.dumps({**config, "model": {**config["model"], "vocab_size": 9000}}).encode()),
+         "model.safetensors cannot be read into the run's model"),
+        (damaged("negvocab", "config.json",
+                 lambda b: json.dumps({**config, "model": {**config["model"], "vocab_size": -5}}).encode()),
+         "invalid model config"),
+        (damaged("model", "model.safetensors", lambda b: b[:len(b) // 2]), "model.safetensors cannot be read"),
+        (damaged("tok", "tokenizer.json", lambda b: b"garbage"), "tokenizer file is corrupted"),
+    ]
+    for r, message in cases:
+        rc, _, err = run(capsys, "eval", str(r), "--max-tokens", "64", "--no-progress")
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (r.name, err)
+
+    # resume: a truncated optimizer state is refused before config.json is rewritten for the new step count
+    r = damaged("resume", "optimizer.safetensors", lambda b: b[:len(b) // 2])
+    before = (r / "config.json").read_bytes()
+    rc, _, err = run(capsys, "train", "--out", str(r), "--resume", "--steps", "4", "--no-progress")
+    assert rc == 2 and "optimizer.safetensors cannot be read" in err
+    assert (r / "config.json").read_bytes() == before
+
+    # a ToL whose data bytes became 0xFF (NaN in float32); its header and weights checksum still fit the model
+    def nan_rows(b):
+        (n,) = struct.unpack("<Q", b[:8])
+        return b[:8 + n] + b"\xff" * (len(b) - 8 - n)
+    r = damaged("nan", "tol.safetensors", nan_rows)
+    for flags in (["--tol"], ["--tol-location", "host"], ["--tol-location", "disk"]):
+        rc, out, err = run(capsys, "eval", str(r), *flags, "--max-tokens", "64", "--no-progress", "--json")
+        assert rc == 2 and "non-finite values; check its ToL" in err and out == "", (flags, err)
+    assert run(capsys, "eval", str(good), "--tol", "--max-tokens", "64", "--no-progress")[0] == 0
+
+    # precompute refuses to rename over something that is not a regular file (a FIFO here; /dev/full as root)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    rc, _, err = run(capsys, "precompute", str(good), "--out", str(fifo), "--force", "--no-progress")
+    assert rc == 2 and "exists and is not a regular file" in err and fifo.is_fifo()
+
+
+@needs_train_deps
+def test_precompute_and_training_refuse_non_finite_values(tmp_path, text):
+    """A model whose memory FFNs give NaN writes no ToL (the file stays absent); a run whose loss turns NaN
+    stops with a ValueError and keeps its last finite checkpoint."""
+    from memllm_kernels.model import Transformer, get_preset
+    from memllm_kernels.model.tol import precompute_tol
+    from memllm_kernels.model.train import TrainConfig, train
+
+    model = Transformer(get_preset("tiny-memoryllm", n_layer=2, vocab_size=300)).eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight[123, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite outputs for tokens 0\.\.299"):
+        precompute_tol(model, tmp_path / "tol.safetensors", progress=False)
+    assert not (tmp_path / "tol.safetensors").exists() and not (tmp_path / "tol.safetensors.partial").exists()
+
+    tc = TrainConfig(steps=6, batch_size=4, seq_len=32, lr=1e30, warmup=0, eval_every=0, ckpt_every=1,
+                     tokenizer="bpe-300", text=str(text), final_eval_tokens=64)
+    with pytest.raises(ValueError, match="training diverged; the last checkpoint is kept"):
+        train(tmp_path / "run", get_preset("tiny-memoryllm", n_layer=1), tc, progress=False, log=lambda *a: None)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert 1 <= state["step"] < 6

@@ -659,6 +659,29 @@ def test_load_refuses_damaged_files(tmp_path):
         "bad json": (damaged("json.safetensors", raw[:8] + b"#" + raw[9:]), "not valid JSON"),
         "not utf8": (damaged("utf.safetensors", raw[:8] + b"\xff" * n + raw[8 + n:]), "not valid JSON"),
     }
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+
+    def edited(name, edit, pad=True):  # the file with its JSON header changed by edit(header)
+        h = json.loads(json.dumps(header))
+        edit(h)
+        hb = json.dumps(h).encode()
+        hb += b" " * ((-len(hb) if pad else 3 - len(hb)) % 8)  # unpadded: 3 bytes past a multiple of 8
+        return damaged(name, struct.pack("<Q", len(hb)) + hb + data)
+
+    entry = next(k for k in header if k != "__metadata__")
+    cases.update({
+        "dtype edited": (edited("dt.safetensors", lambda h: h[entry].update(dtype="BF16")),
+                         "the tensor is BF16 but the metadata says F32"),
+        "metadata string": (edited("ms.safetensors", lambda h: h.update(__metadata__="x")), "__metadata__ is a JSON str"),
+        "negative shape": (edited("neg.safetensors", lambda h: h[entry].update(shape=[-300, -2, 32])),
+                           "must be non-negative integers"),
+        "float shape": (edited("flt.safetensors", lambda h: h[entry].update(shape=[300.5, 2, 32])),
+                        "must be non-negative integers"),
+        "unaligned": (edited("al.safetensors", lambda h: None, pad=False), "leaves the data unaligned"),
+        "config not an object": (edited("cfg.safetensors", lambda h: h["__metadata__"].update(config="[1]")),
+                                 "'config' is not a JSON object"),
+    })
     for what, (p, msg) in cases.items():
         with pytest.raises(ValueError, match=msg) as e:
             load_tol(p, model)

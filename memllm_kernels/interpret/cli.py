@@ -10,10 +10,11 @@ Files of an earlier report (or token.md) in the folder are not overwritten witho
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from ..cli import _POS_FLOAT, _POS_INT, _device, _number  # memllm's own parser types
+from ..cli import _POS_FLOAT, _POS_INT, _THREADS, _device, _number  # memllm's own parser types
 from ._common import refuse_overwrite
 from .clusters import MIN_TSNE_SAMPLE
 from .report import SECTIONS
@@ -36,6 +37,8 @@ def _alphas(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--alphas takes comma-separated numbers, got {s!r}") from None
     if not vals:
         raise argparse.ArgumentTypeError("--alphas needs at least one value")
+    if not all(math.isfinite(v) for v in vals):  # refused here, not after the report's first sections
+        raise argparse.ArgumentTypeError(f"--alphas takes finite numbers, got {s!r}")
     return vals
 
 
@@ -84,7 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--skip", type=_skip, default=[],
                    help=f"comma-separated sections to leave out: {', '.join(SECTIONS)} (default: none)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N")
-    p.add_argument("--threads", type=_POS_INT, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_THREADS, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -92,6 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     """Run `memllm inspect` with parsed arguments. Returns 0, or 2 after printing a one-line error."""
     try:
+        if args.out is not None and args.out.exists() and not args.out.is_dir():  # before minutes of analysis
+            raise FileExistsError(f"--out {args.out} exists and is not a folder")
         if args.threads:
             import torch
 
@@ -116,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
                      edit_source=args.edit_source, skip=args.skip, device=args.device, progress=not args.no_progress,
                      force=args.force)
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"memllm inspect: error: {e}", file=sys.stderr)
         return 2
 

@@ -172,6 +172,9 @@ class BPETokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer)
+        if tok.get_vocab_size() != vocab_size:  # the text has fewer distinct merges than asked for
+            raise ValueError(f"bpe-{vocab_size}: the training text yields only {tok.get_vocab_size()} ids; ask for "
+                             f"bpe-{tok.get_vocab_size()} or fewer, or give more text")
         return cls(tok)
 
     @classmethod
@@ -180,7 +183,10 @@ class BPETokenizer:
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: the run's BPE tokenizer file is missing")
-        return cls(Tokenizer.from_file(str(path)))
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception for a corrupted file
+            raise ValueError(f"{path}: the run's BPE tokenizer file is corrupted ({e})") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -195,12 +201,18 @@ class BPETokenizer:
         self._tok.save(str(Path(run_dir) / "tokenizer.json"))
 
 
+MAX_BPE_VOCAB = 1 << 20  # far above any real vocabulary; `tokenizers` misbehaves near 1e8 (trained 304 ids)
+
+
 def parse_tokenizer_spec(spec: str) -> int | None:
     """'gpt2' -> None; 'bpe-N' -> N. Anything else raises ValueError."""
     if spec == "gpt2":
         return None
     if spec.startswith("bpe-") and spec[4:].isdigit():
-        return int(spec[4:])
+        n = int(spec[4:])
+        if n > MAX_BPE_VOCAB:
+            raise ValueError(f"tokenizer {spec}: at most bpe-{MAX_BPE_VOCAB} (GPT-2 has 50,257 ids, Llama-3 128,256)")
+        return n
     raise ValueError(f"unknown tokenizer {spec!r}; use 'gpt2' or 'bpe-N' (e.g. bpe-8192)")
 
 

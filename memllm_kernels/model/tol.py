@@ -106,6 +106,9 @@ def iter_tol_chunks(model: Transformer, chunk_tokens: int, dtype: torch.dtype | 
         out = torch.empty(x0.shape[0], L, d, dtype=dtype, device=emb.device)
         for l, m in enumerate(mems):
             out[:, l] = m.lookup(x0)  # the unscaled value: alpha and dropped layers apply at run time
+        if not bool(torch.isfinite(out).all()):  # one sync per chunk (~190 at 1b): a NaN table is no ToL
+            raise ValueError(f"the memory FFNs give non-finite outputs for tokens {start}..{start + len(x0) - 1} "
+                             f"(in {dtype}): the model's weights hold NaN/inf, or its outputs overflow {dtype}")
         yield out.cpu()
 
 
@@ -131,6 +134,8 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
     if dtype not in _ST_DTYPE:
         raise ValueError(f"ToL dtype must be one of {list(_ST_DTYPE)}, got {dtype}")
     path = Path(path)
+    if path.exists() and not path.is_file():  # the rename would replace a folder's entry or a device node
+        raise ValueError(f"{path} exists and is not a regular file; write the ToL somewhere else")
     head = _header_bytes(shape, dtype, metadata)
     expected = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
     tmp = Path(f"{path}.partial")
@@ -155,7 +160,10 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
             os.fsync(f.fileno())  # on storage before the rename: a crash leaves the old file or the whole new one
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder refuses the unlink too: the first error is the one to report
+            pass
         raise
     return len(head) + written
 
@@ -242,16 +250,26 @@ def read_tol_header(path: str | os.PathLike) -> tuple[dict[str, str], dict, int]
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupted safetensors header (a JSON {type(header).__name__}, not an object)")
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: corrupted safetensors header (__metadata__ is a JSON {type(meta).__name__})")
     if meta.get("format") != TOL_FORMAT:
         raise ValueError(f"{path}: not a memllm ToL file (metadata format={meta.get('format')!r}, expected "
                          f"{TOL_FORMAT!r}); write one with `memllm precompute`")
     entry = header.get(TENSOR)
     try:
         dtype = _TORCH_DTYPE[entry["dtype"]]
-        shape = [int(s) for s in entry["shape"]]
-        begin, end = (int(o) for o in entry["data_offsets"])
+        shape, offsets = list(entry["shape"]), list(entry["data_offsets"])
+        if not all(type(v) is int and v >= 0 for v in shape + offsets) or len(offsets) != 2:  # JSON ints only
+            raise ValueError(f"shape {shape} and data_offsets {offsets} must be non-negative integers")
+        begin, end = offsets
     except (TypeError, KeyError, ValueError) as e:
-        raise ValueError(f"{path}: corrupted header: bad or missing entry for tensor {TENSOR!r} ({e!r})") from None
+        raise ValueError(f"{path}: corrupted header: bad or missing entry for tensor {TENSOR!r} ({e})") from None
+    if meta.get("dtype", entry["dtype"]) != entry["dtype"]:  # precompute writes both: one was edited
+        raise ValueError(f"{path}: corrupted header: the tensor is {entry['dtype']} but the metadata says "
+                         f"{meta['dtype']}")
+    if (8 + n) % 8:  # every safetensors writer pads to 8; unaligned data cannot be viewed as the table in place
+        raise ValueError(f"{path}: corrupted header: its length {n} leaves the data unaligned (safetensors pads "
+                         "headers to a multiple of 8 bytes)")
     if len(shape) != 3:
         raise ValueError(f"{path}: corrupted header: ToL shape {shape} is not [V, L, d]")
     nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
@@ -276,8 +294,10 @@ def check_tol_matches(path, meta: dict[str, str], shape, model: Transformer) -> 
         raise ValueError(f"{path}: ToL shape {list(shape)} does not match the model's [V, L, d] = {want}")
     try:
         theirs = json.loads(meta.get("config", ""))
-    except json.JSONDecodeError:
-        raise ValueError(f"{path}: corrupted metadata: 'config' is not JSON") from None
+    except (json.JSONDecodeError, TypeError):
+        theirs = None
+    if not isinstance(theirs, dict):
+        raise ValueError(f"{path}: corrupted metadata: 'config' is not a JSON object")
     ours = cfg.to_dict()
     diff = sorted(k for k in set(ours) | set(theirs) if k != "name" and ours.get(k) != theirs.get(k))
     if diff:

@@ -78,10 +78,10 @@ class TrainConfig:
         for name in ("warmup", "eval_every"):  # eval_every 0: no periodic evaluation
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"minutes must be positive, got {self.minutes!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.minutes is not None and not 0 < self.minutes < math.inf:
+            raise ValueError(f"minutes must be positive and finite, got {self.minutes!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if self.final_eval_tokens is not None and self.final_eval_tokens < 1:
@@ -98,6 +98,8 @@ def pick_device(device: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r}: memllm runs on cpu or cuda")
+    if dev.type == "cpu" and dev.index is not None:  # torch has one CPU device; cpu:1 only mismatches later
+        raise ValueError(f"device {device!r}: use cpu (the CPU has no device index)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
@@ -214,7 +216,24 @@ def read_run_config(run: Path) -> dict:
     path = run / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no config.json); create one with memllm train")
-    return json.loads(path.read_text())
+    cfg = _read_json(path)
+    missing = [k for k in ("model", "train", "tokenizer", "data") if k not in cfg] if isinstance(cfg, dict) else None
+    if missing is None or missing or not isinstance(cfg["model"], dict) or not isinstance(cfg["train"], dict):
+        raise ValueError(f"{path} is not a run's config (an object with model, train, tokenizer and data"
+                         + (f"; missing {missing})" if missing else ")"))
+    return cfg
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())  # torch's load_state_dict lists its mismatches over several lines
+
+
+def _read_json(path: Path):
+    """A JSON file's contents; ValueError naming the file when it is not JSON (an interrupted write, say)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupted (not JSON: {e})") from None
 
 
 def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
@@ -225,8 +244,14 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
         raise FileNotFoundError(f"{run} has no model.safetensors (training never reached a checkpoint)")
     from safetensors.torch import load_model
 
-    model = Transformer(ModelConfig.from_dict(cfg["model"]))
-    missing, unexpected = load_model(model, run / "model.safetensors", strict=False)
+    try:
+        model = Transformer(ModelConfig.from_dict(cfg["model"]))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{run}/config.json holds an invalid model config: {e}") from None
+    try:
+        missing, unexpected = load_model(model, run / "model.safetensors", strict=False)
+    except Exception as e:  # safetensors' SafetensorError (truncated, corrupted), torch's size mismatch
+        raise ValueError(f"{run}/model.safetensors cannot be read into the run's model: {_one_line(e)}") from None
     if missing or unexpected:
         raise ValueError(f"{run}/model.safetensors does not fit the run's config: missing {missing}, "
                          f"unexpected {unexpected}")
@@ -269,15 +294,23 @@ def _load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) 
     from safetensors import safe_open
     from safetensors.torch import load_file, load_model
 
-    state = json.loads((run / "state.json").read_text())
+    state = _read_json(run / "state.json")
     for name in ("model.safetensors", "optimizer.safetensors"):
-        with safe_open(str(run / name), "pt") as f:
-            step = (f.metadata() or {}).get("step")
+        try:
+            with safe_open(str(run / name), "pt") as f:
+                step = (f.metadata() or {}).get("step")
+        except Exception as e:  # safetensors' SafetensorError: truncated or corrupted
+            raise ValueError(f"{run}/{name} cannot be read ({_one_line(e)}); the run cannot be resumed: retrain with "
+                             "--force") from None
         if step != str(state["step"]):
             raise ValueError(f"{run}/{name} is from step {step} but state.json from step {state['step']}: "
                              "the last checkpoint was interrupted; retrain with --force")
-    load_model(model, str(run / "model.safetensors"))
-    flat = load_file(str(run / "optimizer.safetensors"))
+    try:
+        load_model(model, str(run / "model.safetensors"))
+        flat = load_file(str(run / "optimizer.safetensors"))
+    except Exception as e:  # a header that parses over data that does not fit it
+        raise ValueError(f"{run}: its checkpoint cannot be read ({_one_line(e)}); the run cannot be resumed: retrain with "
+                         "--force") from None
     osd = opt.state_dict()
     per: dict[int, dict] = {}
     for key, v in flat.items():
@@ -313,21 +346,21 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
             raise FileNotFoundError(f"{out} has no checkpoint (state.json) to resume from")
         model_cfg = ModelConfig.from_dict(saved["model"])
         tc = TrainConfig(**saved["train"])
-        done = json.loads((out / "state.json").read_text())["step"]
+        done = _read_json(out / "state.json")["step"]
         if (tc.steps if steps is None else steps) <= done:
             raise ValueError(f"{out} is already at step {done} of {tc.steps}; pass --steps above {done} to "
                              "train it further")
         if device is not None:
             tc.device = device
-        # What can fail (the device, the text) fails before config.json is rewritten.
+        # What can fail (the device, the text, the checkpoint below) fails before config.json is rewritten.
         device = pick_device(tc.device)
         tok = D.load_run_tokenizer(out, saved["tokenizer"])
         train_ids, _ = run_tokens(saved, out, "train")
         val_ids, _ = run_tokens(saved, out, "val")
-        if steps is not None and steps != tc.steps:
+        new_steps = steps is not None and steps != tc.steps
+        if new_steps:
             log(f"resume: steps {tc.steps} -> {steps} (the cosine schedule changes from here on)")
             tc.steps = saved["train"]["steps"] = steps
-            D.save_json(out / "config.json", saved)  # a later --resume continues to the new end
         run_cfg = saved
     else:
         if model_cfg is None or tc is None:
@@ -362,6 +395,8 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
     if resume:
         st = _load_checkpoint(out, model, opt)
         start, tokens, elapsed = st["step"], st["tokens"], st["elapsed_s"]
+        if new_steps:
+            D.save_json(out / "config.json", saved)  # a later --resume continues to the new end
     log(describe_params(model_cfg) + f" | tokenizer {tok.spec} | device {device}")
     log(f"data: {len(train_ids):,} training tokens, {len(val_ids):,} validation tokens")
 
@@ -390,6 +425,9 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
             ce_val = float(ce.detach())  # syncs the device: the step time below is real
+            if not math.isfinite(ce_val):  # diverged: every later step and checkpoint would hold NaN weights
+                raise ValueError(f"the training loss became {ce_val} at step {step + 1} (learning rate {lr:.3g}): "
+                                 "training diverged; the last checkpoint is kept, retrain with a lower --lr")
             dt = time.perf_counter() - t0
             elapsed += dt
             step += 1
