@@ -621,6 +621,36 @@ def test_host_alloc_is_exact_size_and_honest_about_pinning():
     torch.library.opcheck(torch.ops.memllm.tol_host_alloc, ([3, 5], torch.float32, False))
 
 
+def test_host_alloc_refuses_dtypes_and_sizes_it_cannot_hold():
+    """The op wraps raw bytes in a tensor of any dtype: a quantized one (no quantizer) segfaulted when printed,
+    [0] x qint8 hit an internal assert, and a size 2.5 was truncated to 2. TypeError instead, before anything is
+    allocated; floating-point and integer dtypes (raw byte buffers) still pass. HostTable.from_tensor of a
+    quantized tensor (it allocates through tol_host_alloc) runs in a child process: it segfaulted."""
+    for dtype in (torch.qint8, torch.quint8, torch.qint32, torch.complex64, torch.bool, torch.bits8):
+        for shape in ([2, 3], [0]):
+            with pytest.raises(TypeError, match=f"floating-point or integer torch.dtype, got {dtype}"):
+                mk.tol_host_alloc(shape, dtype)
+    for size in ([2.5, 3], [2, 3.0], [True, 3], [torch.tensor(2.0)]):
+        with pytest.raises(TypeError, match="sizes must be integers"):
+            mk.tol_host_alloc(size, torch.float32)
+    for dtype in (torch.float32, torch.float64, torch.float8_e4m3fn, torch.uint8, torch.int8, torch.int64):
+        assert mk.tol_host_alloc([2, 3], dtype).dtype == dtype
+    assert mk.tol_host_alloc([np.int64(2), torch.tensor(3)], torch.float32).shape == (2, 3)
+    script = textwrap.dedent("""
+        import warnings, torch
+        from memllm_kernels.offload import HostTable
+        warnings.simplefilter("ignore")  # quantize_per_tensor is deprecated
+        q = torch.quantize_per_tensor(torch.randn(4, 2, 3), 0.1, 0, torch.qint8)
+        try:
+            print(HostTable.from_tensor(q).table)
+        except TypeError as e:
+            print("TypeError:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    assert "TypeError: tol_host_alloc: dtype must be" in out.stdout, out.stdout
+
+
 def test_host_alloc_op_raises_where_it_cannot_pin():
     """The op never hands out ordinary memory when asked to pin (the wrapper only asks where it can)."""
     if mk.offload.pin_unavailable_reason() is None:
@@ -1044,6 +1074,70 @@ def test_engine_errors(monkeypatch):
     assert after["lookups"] == before["lookups"] and after["admissions"] == before["admissions"]  # nothing moved
     with pytest.raises(IndexError, match="layer=2 is outside"):
         engine.gather_add_(torch.zeros(1, 4), torch.tensor([1]), 2)
+
+
+def test_engine_refuses_bad_arguments_at_construction_and_in_wait_step(monkeypatch):
+    """Each was accepted or failed later with an unrelated error (a numpy index error, 'cannot convert float NaN',
+    ZeroDivisionError in stats(), a failure at the first prefetch, 'list index out of range', an
+    AssertionError from torch): now a clear error at the call that was wrong."""
+    table = torch.randn(VOCAB, 2, 4)
+    hot = list(range(2 * CACHE))  # more hot tokens than slots: hot_fraction 5 would place them all
+    for fraction in (5, -1, 1.01, float("nan")):
+        with pytest.raises(ValueError, match=r"hot_fraction must be in \[0, 1\]"):
+            OffloadEngine(table, cache_rows=CACHE, policy="hot+lru", hot=hot, hot_fraction=fraction)
+    with pytest.raises(ValueError, match=r"hot_fraction must be in \[0, 1\]"):
+        simulate([1, 2], VOCAB, CACHE, "hot+lru", hot, hot_fraction=2)
+    with pytest.raises(TypeError, match="hot-set token ids must be integers, got 1.5"):
+        OffloadEngine(table, cache_rows=CACHE, policy="hot+lru", hot=[1.5, 2.7])
+    with pytest.raises(TypeError, match="hot-set token ids must be integers"):
+        OffloadEngine(table, cache_rows=CACHE, policy="static", hot=np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"no rows \(shape \[0, 2, 4\]\)"):
+        OffloadEngine(torch.randn(0, 2, 4), cache_rows=0, policy="lru")
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64, got torch.int64"):
+        OffloadEngine(torch.zeros(VOCAB, 2, 4, dtype=torch.int64), cache_rows=CACHE, policy="lru")
+    with monkeypatch.context() as m:  # as on a machine without CUDA, wherever this runs
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(RuntimeError, match="device='cuda', but CUDA is not available"):
+            OffloadEngine(table, device="cuda", cache_rows=CACHE, policy="lru")
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="lru", hot=[np.int64(3)], hot_fraction=0)
+    engine.prefetch(torch.tensor([1, 2]))
+    engine.wait_step([0, 1, 1])
+    before = engine.stats()
+    for layers in ([7], [0, 2], [-1], range(3)):
+        with pytest.raises(IndexError, match=r"wait_step: layer (7|2|-1) is outside the table's \[0, 2\) layers"):
+            engine.wait_step(layers)
+    assert engine.stats()["per_layer"] == before["per_layer"]  # nothing counted by a refused call
+
+
+@pytest.mark.parametrize("miss_path", ["mapped", "staged"])
+@pytest.mark.parametrize("write", ["copy_", "inference_mode", "numpy"])
+def test_engine_never_reads_the_old_rows_of_ids_rewritten_after_prefetch(miss_path, write, monkeypatch):
+    """prefetch(ids), ids rewritten in place, then gather_add_(h, ids) / step_rows(ids): the new ids' rows, not the
+    step buffer's rows of the old ones. The same tensor short-circuited the version check, and an inference
+    tensor (no version counter) or a numpy write (bypasses it) left nothing to notice; CPU ids are now compared
+    with a copy taken at the prefetch. Ids left as they were still read the step buffer."""
+    table = torch.randn(VOCAB, 3, 8)
+    engine = OffloadEngine(table, cache_rows=5, policy="lru", miss_path=miss_path)
+    old, new = torch.tensor([1, 2, 3, 4]), torch.tensor([30, 31, 32, 33])
+    with torch.inference_mode(write == "inference_mode"):
+        ids = old.clone()
+        assert ids.is_inference() == (write == "inference_mode")
+        engine.prefetch(ids)
+        with monkeypatch.context() as m:  # unchanged ids: the step buffer, no second prefetch, no fused read
+            m.setattr(engine, "_fused", lambda *a: pytest.fail("unchanged ids did not read the step buffer"))
+            h = torch.zeros(4, 8)
+            engine.gather_add_(h, ids, 0)
+            assert torch.equal(h, table[old, 0]) and torch.equal(engine.step_rows(ids), table[old])
+            assert engine.prefetches == 1
+        if write == "numpy":
+            ids.numpy()[:] = new.numpy()
+        else:
+            ids.copy_(new)
+        h = torch.zeros(4, 8)
+        engine.gather_add_(h, ids, 1)
+        assert torch.equal(h, table[new, 1]), "gather_add_ read the rows of the ids prefetched before the write"
+        assert torch.equal(engine.step_rows(ids), table[new]), "step_rows read the old ids' rows"
+    engine.check_consistency()
 
 
 def test_engine_stress_100k_steps_against_a_dictionary():

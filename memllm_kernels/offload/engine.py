@@ -90,15 +90,27 @@ class _Step:
     counted: bool = False
     hits: int = 0
     unique_misses: int = 0
-    version: int | None = None  # _version(ids) at the prefetch
     inline: bool = False  # the transfer ran on the compute stream (events[0] recorded there after it)
     captured: bool = False  # recorded into a CUDA graph (capture_step): its reads wait on its events in the graph
+    version: int | None = field(init=False)  # _version(ids) at the prefetch
+    snapshot: torch.Tensor | None = field(init=False)  # a copy of CPU ids at the prefetch (see reads)
+
+    def __post_init__(self):
+        self.version = _version(self.ids)
+        # The version misses writes that bypass it (inference tensors have none; numpy shares the memory without
+        # it): CPU ids are compared by value too, a memcmp of N ids (~0.6 us a read). Copying or comparing CUDA
+        # ids would cost a host sync per step or per layer, which the decode path must not have.
+        self.snapshot = self.ids.clone() if self.ids.device.type == "cpu" else None
 
     def reads(self, ids: torch.Tensor) -> bool:
-        """Whether `ids` are this step's ids: the same tensor, or the same memory, shape and version (a compiled
-        forward may hand an op another Python object for the same tensor)."""
-        return ids is self.ids or (ids.data_ptr() == self.ids.data_ptr() and ids.shape == self.ids.shape
-                                   and ids.device == self.ids.device and _version(ids) == self.version)
+        """Whether `ids` still hold this step's ids: the same tensor, or the same memory and shape (a compiled
+        forward may hand an op another Python object for the same tensor), at the prefetch's version, and for
+        CPU ids with the same values. CUDA ids rewritten in place without a version bump (inference tensors)
+        are not detected: see OffloadEngine.gather_add_."""
+        if ids is not self.ids and not (ids.data_ptr() == self.ids.data_ptr() and ids.shape == self.ids.shape
+                                        and ids.device == self.ids.device):
+            return False
+        return _version(ids) == self.version and (self.snapshot is None or torch.equal(ids, self.snapshot))
 
 
 class OffloadEngine:
@@ -135,8 +147,15 @@ class OffloadEngine:
         if table.dim() != 3:
             raise ValueError(f"the ToL table must be token-major [V, L, d], got shape {list(table.shape)}")
         self.V, self.L, self.d = (int(s) for s in table.shape)
+        if self.V == 0:  # no id could be looked up (and every hit rate would divide by V)
+            raise ValueError(f"the ToL table has no rows (shape {list(table.shape)}): V must be at least 1")
+        if table.dtype not in ops._FLOAT:  # else only the first prefetch would refuse it
+            raise TypeError(f"the ToL table must be float32, float16, bfloat16 or float64, got {table.dtype}")
         self.dtype = table.dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={str(device)!r}, but CUDA is not available here (torch {torch.__version__}, "
+                               f"{torch.cuda.device_count()} GPUs visible); use device='cpu'")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.backend = backend
@@ -456,7 +475,7 @@ class OffloadEngine:
                 host = flat.numpy()
                 self.source.willneed(host[self.slot_map.numpy()[np.clip(host, 0, self.V - 1)] < 0])
             self._prefetch_op(flat, buf, first, slots, 0, None)
-            step = _Step(ids, n, first.view(ids.shape), buf, [], version=_version(ids))
+            step = _Step(ids, n, first.view(ids.shape), buf, [])
             if self.bookkeeping == "device":
                 self._admit(flat, first, slots, buf)
             else:
@@ -480,7 +499,7 @@ class OffloadEngine:
                     ev = torch.cuda.Event()
                     ev.record(self._side)
                     events.append(ev)
-        step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids), inline=inline)
+        step = _Step(ids, n, first.view(ids.shape), buf, events, inline=inline)
         self._unfinished = (step, flat, self._first[:2 * n])
         return step
 
@@ -566,7 +585,7 @@ class OffloadEngine:
                 ev.record(stream)
                 self._staging_event = ev
                 events = [ev]
-        step = _Step(ids, n, first.view(ids.shape), buf, events, version=_version(ids), inline=inline)
+        step = _Step(ids, n, first.view(ids.shape), buf, events, inline=inline)
         self._count(step, hits, nm)
         admitted, evicted = self.directory.access(tokens)
         if admitted or evicted:
@@ -646,9 +665,13 @@ class OffloadEngine:
     def gather_add_(self, hidden: torch.Tensor, ids: torch.Tensor, layer: int) -> torch.Tensor:
         """hidden += ToL[ids, layer], in place; returns hidden. hidden [..., d] on the engine's device, ids [...].
 
-        If `ids` is the tensor last passed to prefetch, this reads that step's buffer (waiting only for the
-        layer's group); otherwise it reads the cache and the host table directly (tol_cached_gather_add_:
-        hit or miss per token), without changing the cache.
+        If `ids` is the tensor last passed to prefetch, still holding the ids it held then, this reads that step's
+        buffer (waiting only for the layer's group); otherwise it reads the cache and the host table directly
+        (tol_cached_gather_add_: hit or miss per token), without changing the cache.
+        Rewriting the prefetched ids in place is noticed through the tensor's version counter, and for CPU ids
+        also by value (numpy writes, inference tensors). CUDA ids are not compared by value (a host sync per
+        layer): an inference tensor on a GPU (under torch.inference_mode it has no version counter) rewritten
+        in place after prefetch() would read the old ids' rows, so prefetch it again after writing it.
         """
         if not 0 <= layer < self.L:
             raise IndexError(f"layer={layer} is outside the table's [0, {self.L}) layers")
@@ -707,13 +730,19 @@ class OffloadEngine:
         step = self._step
         if step is None:
             raise RuntimeError("wait_step needs a prefetched step: call prefetch(ids) first")
+        whole = isinstance(layers, (list, range)) and len(layers) == self.L and list(layers) == self._all_layers
+        if not whole:  # checked before anything waits or counts
+            layers = list(layers)
+            bad = [layer for layer in layers if not 0 <= layer < self.L]
+            if bad:
+                raise IndexError(f"wait_step: layer {bad[0]} is outside the table's [0, {self.L}) layers")
         if self._cuda:
             main = torch.cuda.current_stream(self.device)
             for g, ev in enumerate(step.events):
                 if g not in step.waited:
                     main.wait_event(ev)
                     step.waited.add(g)
-        if isinstance(layers, (list, range)) and len(layers) == self.L and list(layers) == self._all_layers:
+        if whole:
             step.whole += 1
             if step.counted:
                 self._count_whole(step, 1)
@@ -757,8 +786,7 @@ class OffloadEngine:
             rows = torch.cuda.Event()
             rows.record(self._fork)
             self._admit(flat, first, slots, buf)
-        self._step = _Step(ids, n, first.view(ids.shape), buf, [rows], version=_version(ids), inline=True,
-                           captured=True)
+        self._step = _Step(ids, n, first.view(ids.shape), buf, [rows], inline=True, captured=True)
 
     def reserve(self, n: int) -> None:
         """Make the step buffers hold steps of n tokens (they grow, never shrink)."""

@@ -19,6 +19,8 @@ raises IndexError naming the id and V on every backend.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import ops as _ops
@@ -26,6 +28,7 @@ from . import reference
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX = (torch.int32, torch.int64)
+_HOST_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # tol_host_alloc's integer dtypes
 
 
 def _tensor(op, name, t, dtypes=None, what=None):
@@ -361,9 +364,25 @@ def tol_host_alloc(shape, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
     mmap. pin=True page-locks and maps it for the GPU (cudaHostRegister) when the extension was built with
     CUDA and a GPU is visible (pin_unavailable_reason() is None); then tol_host_mapped(tensor) is True, and
     a failure to pin raises. Where pinning is unavailable it is ordinary memory (the op itself,
-    torch.ops.memllm.tol_host_alloc, raises for pin=True there)."""
+    torch.ops.memllm.tol_host_alloc, raises for pin=True there). dtype: floating point (the tables) or an
+    integer dtype (raw byte buffers); sizes: integers. TypeError otherwise."""
+    # The op wraps raw bytes in a tensor of any dtype: a quantized one (it has no quantizer) segfaults when read,
+    # and complex or bool buffers are no ToL either.
+    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype in _HOST_INTS):
+        raise TypeError(f"tol_host_alloc: dtype must be a floating-point or integer torch.dtype, got {dtype}")
+    shape = list(shape)
     pin = bool(pin) and pin_unavailable_reason() is None
-    return torch.ops.memllm.tol_host_alloc([int(s) for s in shape], dtype, pin)
+    return torch.ops.memllm.tol_host_alloc([_size(s, shape) for s in shape], dtype, pin)
+
+
+def _size(s, shape) -> int:
+    """A size as an int (int(2.5) would silently allocate 2): ints, numpy ints, integer 0-dim tensors."""
+    try:
+        if not isinstance(s, bool):
+            return operator.index(s)
+    except TypeError:
+        pass
+    raise TypeError(f"tol_host_alloc: sizes must be integers, got {s!r} in {shape}")
 
 
 @torch.library.register_fake("memllm::tol_host_alloc")

@@ -17,6 +17,7 @@ and never evicted: token frequencies follow Zipf's law, so a few thousand tokens
 from __future__ import annotations
 
 import heapq
+import operator
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
@@ -141,6 +142,16 @@ def hot_set_from_counts(counts: np.ndarray, n: int) -> np.ndarray:
     return order[:n].astype(np.int64)
 
 
+def _token(t) -> int:
+    """A hot-set token id as an int: int(1.5) would silently make token 1 hot."""
+    try:
+        if not isinstance(t, bool):
+            return operator.index(t)
+    except TypeError:
+        pass
+    raise TypeError(f"hot-set token ids must be integers, got {t!r}")
+
+
 class CacheDirectory:
     """Slot bookkeeping of a row cache of `capacity` slots over a vocabulary of `vocab` tokens.
 
@@ -156,8 +167,10 @@ class CacheDirectory:
             raise ValueError(f"unknown cache policy {policy!r}; choose one of {POLICIES}")
         if not 0 <= capacity <= vocab:
             raise ValueError(f"cache of {capacity} rows for a vocabulary of {vocab}: it must be in [0, {vocab}]")
+        if not 0.0 <= hot_fraction <= 1.0:  # also NaN; above 1 the hot set would outgrow the cache
+            raise ValueError(f"hot_fraction must be in [0, 1] (the hot set's share of the cache), got {hot_fraction}")
         self.vocab, self.capacity, self.policy_name = int(vocab), int(capacity), policy
-        hot = [int(t) for t in hot]
+        hot = [_token(t) for t in hot]
         if policy in ("lru", "lfu"):
             hot = []
         elif policy == "static":
