@@ -562,7 +562,7 @@ def test_inspect_help_matches_the_docs():
     (["--tsne-sample", "1"], "--tsne-sample: expected an integer >= 5, got 1"),
     (["--tsne-sample", "4"], "--tsne-sample: expected an integer >= 5, got 4"),
     (["--clusters", "1"], "--clusters: expected an integer >= 2, got 1"),
-    (["--threads", "-1"], "--threads: expected a positive integer, got -1"),
+    (["--threads", "-1"], "--threads: expected a positive integer up to 1,024, got -1"),
     (["--outlier-tau", "0"], "--outlier-tau: expected a positive number, got 0"),
     (["--device", "bogus"], "unknown device 'bogus'"),
 ])
