@@ -123,6 +123,8 @@ def _check_args(op: str, hidden, ids, table, layer) -> None:
     if table.shape[-1] > 1 and table.stride(-1) != 1:
         raise ValueError(f"{op}: table's last dim must be contiguous (stride 1), got strides {table.stride()}; "
                          "pass table.contiguous() if a copy of the table is acceptable")
+    if _bad_layer(layer):
+        raise TypeError(f"{op}: layer must be an int or None, got {type(layer).__name__} {layer!r}")
     if table.dim() == 3:
         if layer is None:
             raise ValueError(f"{op}: a token-major [V, L, d] table needs layer=, with L={table.shape[1]}")
@@ -130,6 +132,12 @@ def _check_args(op: str, hidden, ids, table, layer) -> None:
             raise IndexError(f"{op}: layer={layer} is outside the table's [0, {table.shape[1]}) layers")
     elif layer is not None:
         raise ValueError(f"{op}: layer={layer} was given for a [V, d] table; pass a [V, L, d] table or layer=None")
+
+
+def _bad_layer(layer) -> bool:
+    """Not None nor an integer (an index: int, SymInt, a numpy int). The C++ ops take True as layer 1 and fail
+    on 1.5 with a pybind cast error, so the compiled paths check this before calling them too."""
+    return layer is not None and (isinstance(layer, bool) or not hasattr(type(layer), "__index__"))
 
 
 def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
@@ -203,6 +211,8 @@ def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     if backend in ("cpu", "cuda"):
         args = (hidden, ids, table, layer, check_ids)
         checks = lambda: _check_args("tol_gather_add", hidden, ids, table, layer)  # noqa: E731
+        if _bad_layer(layer):
+            checks()
         if not torch.compiler.is_compiling() and isinstance(table, torch.Tensor) and not (
                 torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad)):
             # The op's autograd kernel is Python (register_autograd) and costs about 4 us per call even
@@ -230,6 +240,8 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
         raise RuntimeError("tol_gather_add_ works in place and has no autograd; use tol_gather_add "
                            "(out of place) when gradients are needed, or run under torch.no_grad()")
     if backend in ("cpu", "cuda"):
+        if _bad_layer(layer):
+            _check_args("tol_gather_add_", hidden, ids, table, layer)
         _run_compiled(torch.ops.memllm.tol_gather_add_, hidden, ids, table, layer, check_ids,
                       checks=lambda: _check_args("tol_gather_add_", hidden, ids, table, layer))
         return hidden

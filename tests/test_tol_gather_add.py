@@ -202,6 +202,8 @@ def _bad_cases(device):
         "layer-negative": ((h, ids, t3, -1), IndexError, r"layer=-1 is outside"),
         "layer-missing": ((h, ids, t3, None), ValueError, "needs layer="),
         "layer-for-2d-table": ((h, ids, t2, 0), ValueError, r"\[V, d\] table"),
+        "layer-float": ((h, ids, t3, 1.5), TypeError, "layer must be an int or None, got float"),
+        "layer-bool": ((h, ids, t3, True), TypeError, "layer must be an int or None, got bool"),
         "table-1d": ((h, ids, torch.randn(8, device=device), None), ValueError, r"\[V, d\] or"),
         "int-hidden": ((h.long(), ids, t3, 0), TypeError, "hidden must be float"),
         "int-table": ((h, ids, t3.long(), 0), TypeError, "table must be float"),
