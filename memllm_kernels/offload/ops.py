@@ -372,17 +372,18 @@ def tol_host_alloc(shape, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
         raise TypeError(f"tol_host_alloc: dtype must be a floating-point or integer torch.dtype, got {dtype}")
     shape = list(shape)
     pin = bool(pin) and pin_unavailable_reason() is None
-    return torch.ops.memllm.tol_host_alloc([_size(s, shape) for s in shape], dtype, pin)
+    return torch.ops.memllm.tol_host_alloc([as_integer(s, "tol_host_alloc: sizes") for s in shape], dtype, pin)
 
 
-def _size(s, shape) -> int:
-    """A size as an int (int(2.5) would silently allocate 2): ints, numpy ints, integer 0-dim tensors."""
+def as_integer(v, what: str) -> int:
+    """v as an int where int(v) would truncate silently (2.5 -> 2): ints, numpy ints and integer 0-dim tensors
+    pass, floats and bools raise TypeError ("{what} must be integers")."""
     try:
-        if not isinstance(s, bool):
-            return operator.index(s)
+        if not isinstance(v, bool):
+            return operator.index(v)
     except TypeError:
         pass
-    raise TypeError(f"tol_host_alloc: sizes must be integers, got {s!r} in {shape}")
+    raise TypeError(f"{what} must be integers, got {v!r}")
 
 
 @torch.library.register_fake("memllm::tol_host_alloc")

@@ -17,11 +17,12 @@ and never evicted: token frequencies follow Zipf's law, so a few thousand tokens
 from __future__ import annotations
 
 import heapq
-import operator
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from .ops import as_integer
 
 POLICIES = ("lru", "lfu", "static", "hot+lru", "hot+lfu")
 
@@ -142,16 +143,6 @@ def hot_set_from_counts(counts: np.ndarray, n: int) -> np.ndarray:
     return order[:n].astype(np.int64)
 
 
-def _token(t) -> int:
-    """A hot-set token id as an int: int(1.5) would silently make token 1 hot."""
-    try:
-        if not isinstance(t, bool):
-            return operator.index(t)
-    except TypeError:
-        pass
-    raise TypeError(f"hot-set token ids must be integers, got {t!r}")
-
-
 class CacheDirectory:
     """Slot bookkeeping of a row cache of `capacity` slots over a vocabulary of `vocab` tokens.
 
@@ -170,7 +161,7 @@ class CacheDirectory:
         if not 0.0 <= hot_fraction <= 1.0:  # also NaN; above 1 the hot set would outgrow the cache
             raise ValueError(f"hot_fraction must be in [0, 1] (the hot set's share of the cache), got {hot_fraction}")
         self.vocab, self.capacity, self.policy_name = int(vocab), int(capacity), policy
-        hot = [_token(t) for t in hot]
+        hot = [as_integer(t, "hot-set token ids") for t in hot]  # int(1.5) would silently make token 1 hot
         if policy in ("lru", "lfu"):
             hot = []
         elif policy == "static":
