@@ -2,7 +2,13 @@
 // kernels in their own files (csrc/cpu/*.cpp, csrc/cuda/*.cu); the Triton kernels register
 // separate ops from Python (memllm_kernels/triton/), and fake kernels and autograd live in
 // memllm_kernels/ops.py.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
+
+#include <string>
+#include <vector>
 
 TORCH_LIBRARY(memllm, m) {
   // out = hidden + table[ids] ([V, d] table) or hidden + table[ids, layer] ([V, L, d] table).
@@ -57,4 +63,58 @@ TORCH_LIBRARY(memllm, m) {
   // Whether GPU kernels can read this CPU tensor by address (registered or pinned memory: the mapping the
   // offload kernels use). Not torch's is_pinned(), which can answer False for registered memory.
   m.def("tol_host_mapped(Tensor t) -> bool");
+}
+
+// ---- autograd and version counters of the ops that write in place ----
+// A C++ op without kernels for these keys falls through them: a leaf that requires grad was written with no
+// error (its gradient silently wrong) and the written tensors kept their version, so autograd could not see
+// that a tensor it saved had changed. These two boxed kernels do what torch's own in-place ops do.
+namespace {
+
+const char* const kWritesInPlace[] = {"tol_gather_add_", "tol_cached_gather_add_", "tol_host_gather",
+                                      "tol_cache_prefetch", "tol_cache_admit"};
+
+// The op's tensor arguments, in schema order, with their names and whether the op writes them.
+template <typename Visit>
+void for_each_tensor(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Visit& visit) {
+  const auto& args = op.schema().arguments();
+  const auto inputs = torch::jit::last(*stack, args.size());
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (!inputs[i].isTensor()) continue;
+    const bool written = args[i].alias_info() != nullptr && args[i].alias_info()->isWrite();
+    visit(args[i].name(), inputs[i].toTensor(), written);
+  }
+}
+
+// Autograd: none of these ops has a derivative, so no argument may require grad while grad mode is on.
+void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    for_each_tensor(op, stack, [&](const std::string& name, const at::Tensor& t, bool) {
+      TORCH_CHECK(!t.requires_grad(), op.schema().name(), ": ", name,
+                  " requires grad, but this op writes in place and has no autograd; run it under torch.no_grad(), "
+                  "or use the out-of-place op where there is one");
+    });
+  }
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+// ADInplaceOrView: bump the version of each tensor written. An inference tensor has no version counter and is
+// skipped, as torch.library custom ops skip it (the engine writes its inference-mode buffers under no_grad).
+void bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  std::vector<at::Tensor> written;
+  for_each_tensor(op, stack, [&](const std::string&, const at::Tensor& t, bool writes) {
+    if (writes && !t.is_inference()) written.push_back(t);
+  });
+  op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memllm, Autograd, m) {
+  for (const char* name : kWritesInPlace) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+}
+
+TORCH_LIBRARY_IMPL(memllm, ADInplaceOrView, m) {
+  for (const char* name : kWritesInPlace) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_versions>());
 }

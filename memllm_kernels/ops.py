@@ -13,12 +13,11 @@ import importlib.util
 
 import torch
 
-from . import _ext, reference
+from . import _checks, _ext, reference
 
 _ext.load()
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Read once: a dispatcher query that torch.compile cannot trace.
@@ -96,50 +95,6 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _check_args(op: str, hidden, ids, table, layer) -> None:
-    """The checks the C++ kernels make, made in Python first so that every backend raises the same
-    TypeError / ValueError / IndexError (the C++ ops raise RuntimeError, TypeError for dtypes)."""
-    for name, t in (("hidden", hidden), ("ids", ids), ("table", table)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
-    if table.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: table must be float32, float16, bfloat16 or float64, got {table.dtype}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: ids must be int32 or int64, got {ids.dtype}")
-    if hidden.dim() < 1:
-        raise ValueError(f"{op}: hidden must have shape [..., d], got a 0-d tensor")
-    if ids.shape != hidden.shape[:-1]:
-        raise ValueError(f"{op}: ids must have hidden's leading shape {list(hidden.shape[:-1])}, "
-                         f"got {list(ids.shape)}")
-    if table.dim() not in (2, 3):
-        raise ValueError(f"{op}: table must be [V, d] or token-major [V, L, d], got shape {list(table.shape)}")
-    if table.shape[-1] != hidden.shape[-1]:
-        raise ValueError(f"{op}: table rows have d={table.shape[-1]} but hidden has d={hidden.shape[-1]}")
-    if not (hidden.device == ids.device == table.device):
-        raise RuntimeError(f"{op}: hidden, ids and table must be on one device, got {hidden.device}, "
-                           f"{ids.device} and {table.device}")
-    if table.shape[-1] > 1 and table.stride(-1) != 1:
-        raise ValueError(f"{op}: table's last dim must be contiguous (stride 1), got strides {table.stride()}; "
-                         "pass table.contiguous() if a copy of the table is acceptable")
-    if _bad_layer(layer):
-        raise TypeError(f"{op}: layer must be an int or None, got {type(layer).__name__} {layer!r}")
-    if table.dim() == 3:
-        if layer is None:
-            raise ValueError(f"{op}: a token-major [V, L, d] table needs layer=, with L={table.shape[1]}")
-        if not 0 <= layer < table.shape[1]:
-            raise IndexError(f"{op}: layer={layer} is outside the table's [0, {table.shape[1]}) layers")
-    elif layer is not None:
-        raise ValueError(f"{op}: layer={layer} was given for a [V, d] table; pass a [V, L, d] table or layer=None")
-
-
-def _bad_layer(layer) -> bool:
-    """Not None nor an integer (an index: int, SymInt, a numpy int). The C++ ops take True as layer 1 and fail
-    on 1.5 with a pybind cast error, so the compiled paths check this before calling them too."""
-    return layer is not None and (isinstance(layer, bool) or not hasattr(type(layer), "__index__"))
-
-
 def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
     """Raises IndexError naming the first id outside [0, V). One device sync on GPU tensors."""
     if ids.numel() == 0:
@@ -154,22 +109,6 @@ def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
 
 
 _BAD_ID = "is outside [0, V)"
-
-
-def _check_no_overlap(op: str, name: str, t: torch.Tensor) -> None:
-    """An output written in place must not have elements sharing memory (an expand()ed tensor): the C++
-    kernels refuse it through ATen's check, the Triton ones would race. The same test as ATen's
-    has_internal_overlap: a dimension of size > 1 with stride 0."""
-    if any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
-        raise RuntimeError(f"{op}: {name} has elements that share memory (shape {list(t.shape)}, strides "
-                           f"{list(t.stride())}), so it cannot be written in place; pass {name}.clone()")
-
-
-def _check_not_aliased(op: str, hidden: torch.Tensor, *reads: torch.Tensor) -> None:
-    """hidden, written in place, must not share memory with what the kernel reads (a hidden that is a view of its
-    own table would read rows it already overwrote); the C++ kernels make the same check through ATen's."""
-    if not torch.compiler.is_compiling() and any(torch._C._overlaps(hidden, t) for t in reads):
-        raise RuntimeError(f"{op}: hidden shares memory with ids or the table it reads; pass hidden.clone()")
 
 
 def _run_compiled(op, *args, checks=None):
@@ -188,8 +127,7 @@ def _run_compiled(op, *args, checks=None):
 
 
 def _device_of(op: str, hidden) -> torch.device:
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"{op}: hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    _checks.tensor(op, "hidden", hidden)
     return hidden.device
 
 
@@ -210,8 +148,8 @@ def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     backend = _pick_backend(backend, _device_of("tol_gather_add", hidden))
     if backend in ("cpu", "cuda"):
         args = (hidden, ids, table, layer, check_ids)
-        checks = lambda: _check_args("tol_gather_add", hidden, ids, table, layer)  # noqa: E731
-        if _bad_layer(layer):
+        checks = lambda: _checks.gather_add("tol_gather_add", hidden, ids, table, layer)  # noqa: E731
+        if layer is not None and _checks.bad_integer(layer):
             checks()
         if not torch.compiler.is_compiling() and isinstance(table, torch.Tensor) and not (
                 torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad)):
@@ -220,7 +158,7 @@ def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
             with torch._C._AutoDispatchBelowAutograd():
                 return _run_compiled(torch.ops.memllm.tol_gather_add, *args, checks=checks)
         return _run_compiled(torch.ops.memllm.tol_gather_add, *args, checks=checks)
-    _check_args("tol_gather_add", hidden, ids, table, layer)
+    _checks.gather_add("tol_gather_add", hidden, ids, table, layer)
     if check_ids:
         _check_id_range("tol_gather_add", ids, table.shape[0])
     if backend == "triton":
@@ -236,18 +174,17 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
     A bad id raises before anything is written (with check_ids=True).
     """
     backend = _pick_backend(backend, _device_of("tol_gather_add_", hidden))
-    if torch.is_grad_enabled() and (hidden.requires_grad or getattr(table, "requires_grad", False)):
-        raise RuntimeError("tol_gather_add_ works in place and has no autograd; use tol_gather_add "
-                           "(out of place) when gradients are needed, or run under torch.no_grad()")
+    _checks.no_grad("tol_gather_add_", "use tol_gather_add (out of place) when gradients are needed, or run under "
+                    "torch.no_grad()", hidden=hidden, table=table)
     if backend in ("cpu", "cuda"):
-        if _bad_layer(layer):
-            _check_args("tol_gather_add_", hidden, ids, table, layer)
+        if layer is not None and _checks.bad_integer(layer):
+            _checks.gather_add("tol_gather_add_", hidden, ids, table, layer)
         _run_compiled(torch.ops.memllm.tol_gather_add_, hidden, ids, table, layer, check_ids,
-                      checks=lambda: _check_args("tol_gather_add_", hidden, ids, table, layer))
+                      checks=lambda: _checks.gather_add("tol_gather_add_", hidden, ids, table, layer))
         return hidden
-    _check_args("tol_gather_add_", hidden, ids, table, layer)
-    _check_no_overlap("tol_gather_add_", "hidden", hidden)
-    _check_not_aliased("tol_gather_add_", hidden, ids, table)
+    _checks.gather_add("tol_gather_add_", hidden, ids, table, layer)
+    _checks.no_overlap("tol_gather_add_", "hidden", hidden)
+    _checks.not_aliased("tol_gather_add_", hidden, ids, table)
     if check_ids:
         _check_id_range("tol_gather_add_", ids, table.shape[0])
     if backend == "triton":
@@ -255,46 +192,6 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
     else:
         hidden.copy_(reference.tol_gather_add(hidden, ids, table, layer))
     return hidden
-
-
-def _check_decode_attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_head) -> None:
-    """decode_attention's argument checks that need no device sync."""
-    op = "decode_attention"
-    for name, t in (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache), ("cos", cos), ("sin", sin),
-                    ("pos", pos), ("pad", pad)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if qkv.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: qkv must be float32, float16, bfloat16 or float64, got {qkv.dtype}")
-    if k_cache.dtype not in _FLOAT_DTYPES or v_cache.dtype != k_cache.dtype:  # qkv's, or not (autocast)
-        raise TypeError(f"{op}: k_cache and v_cache must share one float dtype, got {k_cache.dtype}, {v_cache.dtype}")
-    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
-        raise TypeError(f"{op}: cos and sin must be float32 tables, got {cos.dtype}, {sin.dtype}")
-    if pos.dtype not in (torch.int32, torch.int64) or pad.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: pos and pad must be int32 or int64, got {pos.dtype}, {pad.dtype}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"{op}: k_cache and v_cache must both be [B, Hkv, S, hd], got {list(k_cache.shape)} "
-                         f"and {list(v_cache.shape)}")
-    B, Hkv, S, hd = k_cache.shape
-    if hd % 2:
-        raise ValueError(f"{op}: RoPE needs an even head_dim, got {hd}")
-    if not isinstance(n_head, int) or n_head < 1 or n_head % Hkv:
-        raise ValueError(f"{op}: n_head={n_head} must be a positive multiple of the caches' {Hkv} key/value heads")
-    if qkv.shape != (B, (n_head + 2 * Hkv) * hd):
-        raise ValueError(f"{op}: qkv must be [B, (n_head + 2 Hkv) hd] = [{B}, {(n_head + 2 * Hkv) * hd}], got "
-                         f"{list(qkv.shape)}")
-    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != hd // 2:
-        raise ValueError(f"{op}: cos and sin must be [P, hd/2] = [P, {hd // 2}], got {list(cos.shape)}, "
-                         f"{list(sin.shape)}")
-    if pos.numel() != 1 or pad.shape != (B,):
-        raise ValueError(f"{op}: pos must hold one slot and pad be [B] = [{B}], got {list(pos.shape)}, "
-                         f"{list(pad.shape)}")
-    if len({t.device for t in (qkv, k_cache, v_cache, cos, sin, pos, pad)}) != 1:
-        raise RuntimeError(f"{op}: every tensor must be on one device")
-    if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() \
-            or not (cos.is_contiguous() and sin.is_contiguous() and pad.is_contiguous()):
-        raise ValueError(f"{op}: qkv's rows, the caches (alike) and cos, sin, pad must be contiguous in their "
-                         "last dim")
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
@@ -310,7 +207,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     check: raise IndexError for pos outside [0, S) or pad outside [0, S] (one device sync on a GPU; pass False
     under CUDA graphs: the kernel then writes nothing for a bad slot and returns NaN).
     """
-    _check_decode_attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_head)
+    _checks.decode_attention("decode_attention", qkv, k_cache, v_cache, cos, sin, pos, pad, n_head)
     reason = backend_unavailable_reason("triton", qkv.device)
     if reason is None and _triton_interpret() and torch.compiler.is_compiling():
         # torch.compile cannot trace an interpreted kernel (wrap_triton hands back the eager one)

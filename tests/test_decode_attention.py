@@ -186,6 +186,10 @@ def test_bad_heads_and_backend():
     qkv, k, v, cos, sin, pos, pad = _good()
     with pytest.raises(ValueError, match="multiple"):
         mk.decode_attention(qkv, k, v, cos, sin, pos, pad, 3)
+    with pytest.raises(ValueError, match="multiple of the caches' 0 key/value heads"):  # was a ZeroDivisionError
+        mk.decode_attention(qkv, k[:, :0], v[:, :0], cos, sin, pos, pad, 4)
+    with pytest.raises(ValueError, match="n_head=True"):  # a bool is no head count (True would read as 1)
+        mk.decode_attention(qkv, k, v, cos, sin, pos, pad, True)
     with pytest.raises(ValueError, match="backend must be"):
         mk.decode_attention(qkv, k, v, cos, sin, pos, pad, 4, backend="cuda")
     with pytest.raises(TypeError, match="must be a torch.Tensor"):

@@ -216,6 +216,45 @@ def test_cached_gather_add_refuses_a_hidden_whose_elements_share_memory(backend,
     assert not base.any()
 
 
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_cached_gather_add_refuses_a_hidden_that_shares_memory_with_its_inputs(backend, device):
+    """hidden written in place as a view of the cache it reads would read rows it already overwrote: refused on
+    every backend (the reference included, as tol_gather_add_), and the cache is left alone."""
+    table = host_table((VOCAB, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    before = cache.clone()
+    with pytest.raises(RuntimeError, match="shares memory"):
+        mk.tol_cached_gather_add_(cache[:4], torch.tensor([1, 2, 3, 4], device=device), slot_map, cache, table,
+                                  backend=backend)
+    assert torch.equal(cache, before)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_raw_writing_ops_refuse_grad_and_bump_versions(backend, device):
+    """Called raw, the ops that write in place refuse a tensor that requires grad before writing (the C++ ones wrote
+    it with no error) and move the written tensor's version counter (the C++ ones left it unchanged)."""
+    suffix = "_triton" if backend == "triton" else ""
+    host_gather, cached_ = (getattr(torch.ops.memllm, f"tol_host_gather{suffix}"),
+                            getattr(torch.ops.memllm, f"tol_cached_gather_add{suffix}_"))
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([3, 1], device=device)
+    out = torch.zeros(2, 2, 8, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="out requires grad, but this op writes in place and has no autograd"):
+        host_gather(table, ids, out)
+    assert not out.detach().any()
+    hidden = torch.zeros(2, 8, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="hidden requires grad"):
+        cached_(hidden, ids, slot_map, cache, table, 1)
+    assert not hidden.detach().any()
+    out, hidden = out.detach(), hidden.detach()
+    versions = out._version, hidden._version
+    host_gather(table, ids, out)
+    cached_(hidden, ids, slot_map, cache, table, 1)
+    assert out._version > versions[0] and hidden._version > versions[1]
+    assert torch.equal(out, table.to(device)[ids]) and torch.equal(hidden, table.to(device)[ids, 1])
+
+
 def test_offload_fake_kernels_refuse_meta_tensors_mixed_with_real_ones():
     """A call mixing a meta tensor with real ones reaches the fake kernel (the Meta key): it raises instead of
     returning an uninitialised tensor or doing nothing."""
@@ -624,12 +663,17 @@ def test_host_alloc_is_exact_size_and_honest_about_pinning():
 def test_host_alloc_refuses_dtypes_and_sizes_it_cannot_hold():
     """The op wraps raw bytes in a tensor of any dtype: a quantized one (no quantizer) segfaulted when printed,
     [0] x qint8 hit an internal assert, and a size 2.5 was truncated to 2. TypeError instead, before anything is
-    allocated; floating-point and integer dtypes (raw byte buffers) still pass. HostTable.from_tensor of a
-    quantized tensor (it allocates through tol_host_alloc) runs in a child process: it segfaulted."""
+    allocated (the dtype by the op itself, so the raw op refuses it too); floating-point and integer dtypes (raw
+    byte buffers) still pass. HostTable.from_tensor of a quantized tensor (it allocates through tol_host_alloc)
+    runs in a child process: it segfaulted."""
     for dtype in (torch.qint8, torch.quint8, torch.qint32, torch.complex64, torch.bool, torch.bits8):
         for shape in ([2, 3], [0]):
-            with pytest.raises(TypeError, match=f"floating-point or integer torch.dtype, got {dtype}"):
+            with pytest.raises(TypeError, match="tol_host_alloc: dtype must be a floating-point or integer dtype"):
                 mk.tol_host_alloc(shape, dtype)
+            with pytest.raises(TypeError, match="tol_host_alloc: dtype must be a floating-point or integer dtype"):
+                torch.ops.memllm.tol_host_alloc(shape, dtype, False)  # the raw op too
+    with pytest.raises(TypeError, match="must be a floating-point or integer torch.dtype, got 'float32'"):
+        mk.tol_host_alloc([2], "float32")
     for size in ([2.5, 3], [2, 3.0], [True, 3], [torch.tensor(2.0)]):
         with pytest.raises(TypeError, match="sizes must be integers"):
             mk.tol_host_alloc(size, torch.float32)

@@ -296,6 +296,53 @@ def test_inplace_refuses_autograd():
         mk.tol_gather_add_(h, torch.tensor([0, 1]), torch.randn(4, 8))
 
 
+def _raw_inplace(backend):
+    return torch.ops.memllm.tol_gather_add_triton_ if backend == "triton" else torch.ops.memllm.tol_gather_add_
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_raw_inplace_op_refuses_grad_and_bumps_the_version(backend, device):
+    """The raw in-place ops, without the wrapper: a tensor that requires grad is refused before anything is written
+    (the C++ op wrote a leaf that requires grad with no error, its gradient silently wrong), and the written hidden's
+    version counter moves, as after torch's own in-place ops (the C++ op left it unchanged, so autograd could not
+    see that a tensor it saved had changed)."""
+    op = _raw_inplace(backend)
+    ids, table = torch.tensor([0, 2], device=device), torch.randn(3, 8, device=device)
+    hidden = torch.randn(2, 8, device=device, requires_grad=True)
+    before = hidden.detach().clone()
+    with pytest.raises(RuntimeError, match="hidden requires grad, but this op writes in place and has no autograd"):
+        op(hidden, ids, table, None)
+    assert torch.equal(hidden.detach(), before)
+    with pytest.raises(RuntimeError, match="table requires grad"):
+        op(before.clone(), ids, table.clone().requires_grad_(), None)
+    with torch.no_grad():  # allowed: no gradient is recorded
+        op(hidden, ids, table, None)
+    torch.testing.assert_close(hidden.detach(), reference.tol_gather_add(before, ids, table), rtol=0, atol=1e-6)
+    plain = before.clone()
+    version = plain._version
+    op(plain, ids, table, None)
+    assert plain._version > version
+    saved = before.clone().requires_grad_()
+    x = saved * 1
+    y = x * x  # saves x for its backward
+    with torch.no_grad():
+        op(x, ids, table, None)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()  # autograd sees the write (it computed a wrong gradient before)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] in ("cpu", "cuda")])
+@pytest.mark.parametrize("op", ["tol_gather_add", "tol_gather_add_", "tol_cached_gather_add",
+                                "tol_cached_gather_add_"])
+def test_raw_ops_name_themselves_in_bad_id_errors(backend, device, op):
+    """The C++ ops' bad-id error names the op called (the in-place ones named their out-of-place twin)."""
+    hidden, ids, table = torch.randn(2, 8, device=device), torch.tensor([0, 5], device=device), torch.randn(3, 8)
+    args = (table.to(device),) if "cached" not in op else (
+        torch.full((3,), -1, dtype=torch.int32, device=device), table[:0].to(device), table.to(device))
+    with pytest.raises(RuntimeError, match=f"^{op}: id 5 \\(at flat position 1 of ids\\) is outside \\[0, V\\)"):
+        getattr(torch.ops.memllm, op)(hidden, ids, *args, None)
+
+
 # ---- torch.library integration: opcheck, gradcheck, meta, torch.compile ----
 def _opcheck_samples(device):
     yield torch.randn(5, 8, device=device), torch.tensor([0, 3, 3, 1, 2], device=device), torch.randn(4, 8, device=device), None

@@ -125,14 +125,14 @@ CACHED_BAD = {
                     lambda dv: cached_args(dv, slot_map=torch.zeros(10, 1, dtype=torch.int32, device=dv))),
     "slot-map-int64": (TypeError, r"slot_map must be int32, got torch.int64",
                        lambda dv: cached_args(dv, slot_map=torch.zeros(10, dtype=torch.int64, device=dv))),
-    "slot-map-device": (RuntimeError, r"slot_map must be on hidden's device",
+    "slot-map-device": (RuntimeError, r"slot_map must be on the op's device",
                         lambda dv: cached_args(dv, slot_map=torch.zeros(10, dtype=torch.int32, device="meta"))),
     "host-table-dtype": (TypeError, r"host_table must have cache's dtype torch.float32, got torch.float16",
                          lambda dv: cached_args(dv, host_table=rand(10, 3, 8, dtype=torch.float16, device=dv))),
-    "host-table-row-shape": (RuntimeError, r"host_table rows must have cache's row shape \[3, 8\], got host_table "
+    "host-table-row-shape": (RuntimeError, r"the rows of host_table must have cache's row shape \[3, 8\], got host_table "
                                            r"\[10, 2, 8\]",
                              lambda dv: cached_args(dv, host_table=rand(10, 2, 8, device=dv))),
-    "host-table-rank": (RuntimeError, r"host_table rows must have cache's row shape \[3, 8\]",
+    "host-table-rank": (RuntimeError, r"the rows of host_table must have cache's row shape \[3, 8\]",
                         lambda dv: cached_args(dv, host_table=rand(10, 24, device=dv))),
     "host-table-not-dense": (RuntimeError, r"host_table's token rows must be dense",
                              lambda dv: cached_args(dv, host_table=rand(10, 3, 16, device=dv)[..., :8])),
@@ -197,12 +197,12 @@ def host_args(dv, table=None, ids=None, out=None, rows=None):
 
 HOST_GATHER_BAD = {
     "out-row-shape-of-a-huge-table": (  # was SIGSEGV
-        RuntimeError, r"out rows must have table's row shape \[1000, 1000\], got out \[2, 1\]",
+        RuntimeError, r"the rows of out must have table's row shape \[1000, 1000\], got out \[2, 1\]",
         lambda dv: host_args(dv, table=torch.zeros(4, 1000, 1000, device=dv), out=torch.zeros(2, 1, device=dv))),
     "out-row-shape": (  # was a corrupt heap
-        RuntimeError, r"out rows must have table's row shape \[3, 8\], got out \[2, 1\]",
+        RuntimeError, r"the rows of out must have table's row shape \[3, 8\], got out \[2, 1\]",
         lambda dv: host_args(dv, table=torch.ones(4, 3, 8, device=dv), out=torch.zeros(2, 1, device=dv))),
-    "out-rank": (RuntimeError, r"out rows must have table's row shape \[3, 8\], got out \[4, 24\]",
+    "out-rank": (RuntimeError, r"the rows of out must have table's row shape \[3, 8\], got out \[4, 24\]",
                  lambda dv: host_args(dv, out=torch.zeros(4, 24, device=dv))),
     "out-too-few-rows": (RuntimeError, r"out has 1 rows for 2 ids; pass rows= or a bigger out",
                          lambda dv: host_args(dv, out=torch.zeros(1, 3, 8, device=dv))),
@@ -368,7 +368,7 @@ def test_checks_trace_symbolically(backend, device):
         trace(lambda *a: ops.tol_cached_gather_add_triton(*a[:5], 1),
               *cached_args(device, slot_map=torch.zeros(1, dtype=torch.int32, device=device))[:5])
     trace(lambda t, i, o: ops.tol_host_gather_triton(t, i, o), *host_args(device)[:3])
-    with pytest.raises(RuntimeError, match=r"^tol_host_gather_triton: out rows must have table's row shape"):
+    with pytest.raises(RuntimeError, match=r"^tol_host_gather_triton: the rows of out must have table's row shape"):
         trace(lambda t, i, o: ops.tol_host_gather_triton(t, i, o),
               *host_args(device, out=torch.zeros(4, 2, 8, device=device))[:3])
     trace(lambda *a: ops.decode_attention(*a, H), *attn_args(device)[:7])

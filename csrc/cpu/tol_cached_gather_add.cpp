@@ -48,7 +48,7 @@ __attribute__((always_inline)) inline void add_rows(const Args<hidden_t, table_t
   }
 }
 
-void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
+void launch(const char* op, const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
             const at::Tensor& ids_flat, const at::Tensor& slot_map, const at::Tensor& cache,
             const at::Tensor& host_table, const CachedViews& v, bool check_ids) {
   const int64_t T = ids_flat.numel();
@@ -57,7 +57,7 @@ void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int
   const at::Tensor sm = slot_map.contiguous();
   AT_DISPATCH_INDEX_TYPES(ids_flat.scalar_type(), "tol_cached_gather_add_cpu_ids", [&] {
     const index_t* ids = ids_flat.const_data_ptr<index_t>();
-    if (check_ids) check_id_range("tol_cached_gather_add", ids, T, v.host.num_rows);
+    if (check_ids) check_id_range(op, ids, T, v.host.num_rows);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "tol_cached_gather_add_cpu", [&] {
       using hidden_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cache.scalar_type(), "tol_cached_gather_add_cpu_t", [&] {
@@ -78,7 +78,7 @@ at::Tensor cached_gather_add_cpu(const at::Tensor& hidden, const at::Tensor& ids
   const CachedViews v = check_cached_gather_add_args("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table, layer);
   return run_out_of_place(hidden, ids, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                            const at::Tensor& ids_flat) {
-    launch(out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
+    launch("tol_cached_gather_add", out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
   });
 }
 
@@ -88,7 +88,7 @@ void cached_gather_add_cpu_(const at::Tensor& hidden, const at::Tensor& ids, con
   const CachedViews v = check_cached_gather_add_args("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table, layer);
   run_in_place(hidden, ids, {cache, host_table}, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                 const at::Tensor& ids_flat) {
-    launch(out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
+    launch("tol_cached_gather_add_", out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
   });
 }
 

@@ -54,14 +54,14 @@ bool all_ids_in_range(const index_t* ids, int64_t T, int64_t num_rows) {
 }
 
 // out and hidden are [T, d] row-strided views (out may alias hidden for the in-place op).
-void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
+void launch(const char* op, const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
             const at::Tensor& ids_flat, const at::Tensor& table, const TolTableView& tv, bool check_ids) {
   const int64_t T = ids_flat.numel();
   const int64_t d = hidden.size(-1);
   if (T == 0) return;
   AT_DISPATCH_INDEX_TYPES(ids_flat.scalar_type(), "tol_gather_add_cpu_ids", [&] {
     const index_t* ids = ids_flat.const_data_ptr<index_t>();
-    if (check_ids) check_id_range("tol_gather_add", ids, T, tv.num_rows);
+    if (check_ids) check_id_range(op, ids, T, tv.num_rows);
     const bool ids_ok = check_ids || all_ids_in_range(ids, T, tv.num_rows);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "tol_gather_add_cpu", [&] {
       using hidden_t = scalar_t;
@@ -92,7 +92,7 @@ at::Tensor tol_gather_add_cpu(const at::Tensor& hidden, const at::Tensor& ids, c
   const TolTableView v = check_tol_gather_add_args("tol_gather_add", hidden, ids, table, layer);
   return run_out_of_place(hidden, ids, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                            const at::Tensor& ids_flat) {
-    launch(out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
+    launch("tol_gather_add", out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
   });
 }
 
@@ -101,7 +101,7 @@ void tol_gather_add_cpu_(const at::Tensor& hidden, const at::Tensor& ids, const 
   const TolTableView v = check_tol_gather_add_args("tol_gather_add_", hidden, ids, table, layer);
   run_in_place(hidden, ids, {table}, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                 const at::Tensor& ids_flat) {
-    launch(out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
+    launch("tol_gather_add_", out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
   });
 }
 

@@ -28,6 +28,10 @@ namespace {
 at::Tensor tol_host_alloc(c10::IntArrayRef size, at::ScalarType dtype, bool pin) {
   // Checked products: a wrapped size would map a few bytes under a tensor of the full shape (a crash on
   // first use). Any size a mapping could serve stays far below INT64_MAX bytes.
+  // Raw bytes under a tensor of any dtype: a quantized one (it has no quantizer) segfaults when read, and a
+  // complex or bool buffer is no ToL either. Floating point (the tables) and integers (raw byte buffers) only.
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype) || at::isIntegralType(dtype, /*includeBool=*/false),
+                   "tol_host_alloc: dtype must be a floating-point or integer dtype, got ", dtype);
   const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
   for (size_t i = 0; i < size.size(); ++i) TORCH_CHECK(size[i] >= 0, "tol_host_alloc: negative size " + to_str(size));
   for (size_t i = 0; i < size.size(); ++i)

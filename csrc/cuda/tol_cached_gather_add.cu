@@ -40,13 +40,13 @@ __global__ void cached_gather_add_kernel(hidden_t* __restrict__ out, int64_t out
   }
 }
 
-void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
+void launch(const char* op, const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
             const at::Tensor& ids_flat, const at::Tensor& slot_map, const at::Tensor& cache,
             const at::Tensor& host_table, const CachedViews& v, bool check_ids) {
   const int64_t T = ids_flat.numel();
   const int64_t d = hidden.size(-1);
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
-  if (check_ids) check_range_cuda("tol_cached_gather_add", ids_flat, v.host.num_rows, false);
+  if (check_ids) check_range_cuda(op, ids_flat, v.host.num_rows, false);
   if (T == 0 || d == 0) return;
   const at::Tensor sm = slot_map.contiguous();
   const char* host_addr = device_address(host_table, hidden.device(), "tol_cached_gather_add", "host_table");
@@ -88,7 +88,7 @@ at::Tensor cached_gather_add_cuda(const at::Tensor& hidden, const at::Tensor& id
   const CachedViews v = check_cached_gather_add_args("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table, layer);
   return run_out_of_place(hidden, ids, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                            const at::Tensor& ids_flat) {
-    launch(out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
+    launch("tol_cached_gather_add", out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
   });
 }
 
@@ -98,7 +98,7 @@ void cached_gather_add_cuda_(const at::Tensor& hidden, const at::Tensor& ids, co
   const CachedViews v = check_cached_gather_add_args("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table, layer);
   run_in_place(hidden, ids, {cache, host_table}, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                 const at::Tensor& ids_flat) {
-    launch(out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
+    launch("tol_cached_gather_add_", out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
   });
 }
 

@@ -41,12 +41,12 @@ __global__ void tol_gather_add_kernel(hidden_t* __restrict__ out, int64_t out_rs
   }
 }
 
-void launch(const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
+void launch(const char* op, const at::Tensor& out, int64_t out_rs, const at::Tensor& hidden, int64_t hidden_rs,
             const at::Tensor& ids_flat, const at::Tensor& table, const TolTableView& tv, bool check_ids) {
   const int64_t T = ids_flat.numel();
   const int64_t d = hidden.size(-1);
   // One small reduction and one device sync; check_ids=false skips it (CUDA graphs, ids validated once).
-  if (check_ids) check_range_cuda("tol_gather_add", ids_flat, tv.num_rows, false);
+  if (check_ids) check_range_cuda(op, ids_flat, tv.num_rows, false);
   if (T == 0 || d == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -82,7 +82,7 @@ at::Tensor tol_gather_add_cuda(const at::Tensor& hidden, const at::Tensor& ids, 
   const TolTableView v = check_tol_gather_add_args("tol_gather_add", hidden, ids, table, layer);
   return run_out_of_place(hidden, ids, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                            const at::Tensor& ids_flat) {
-    launch(out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
+    launch("tol_gather_add", out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
   });
 }
 
@@ -91,7 +91,7 @@ void tol_gather_add_cuda_(const at::Tensor& hidden, const at::Tensor& ids, const
   const TolTableView v = check_tol_gather_add_args("tol_gather_add_", hidden, ids, table, layer);
   run_in_place(hidden, ids, {table}, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                 const at::Tensor& ids_flat) {
-    launch(out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
+    launch("tol_gather_add_", out, out_rs, h, h_rs, ids_flat, table, v, check_ids);
   });
 }
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import _checks
 from .. import ops as _ops
 from . import ops
 from . import reference as _ref
@@ -149,7 +150,7 @@ class OffloadEngine:
         self.V, self.L, self.d = (int(s) for s in table.shape)
         if self.V == 0:  # no id could be looked up (and every hit rate would divide by V)
             raise ValueError(f"the ToL table has no rows (shape {list(table.shape)}): V must be at least 1")
-        if table.dtype not in ops._FLOAT:  # else only the first prefetch would refuse it
+        if table.dtype not in _checks.FLOATS:  # else only the first prefetch would refuse it
             raise TypeError(f"the ToL table must be float32, float16, bfloat16 or float64, got {table.dtype}")
         self.dtype = table.dtype
         self.device = torch.device(device)

@@ -23,64 +23,9 @@ import operator
 
 import torch
 
+from .. import _checks
 from .. import ops as _ops
 from . import reference
-
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_INDEX = (torch.int32, torch.int64)
-_HOST_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # tol_host_alloc's integer dtypes
-
-
-def _tensor(op, name, t, dtypes=None, what=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{op}: {name} must be {what}, got {t.dtype}")
-
-
-def _check_token_table(op, name, t):
-    _tensor(op, name, t, _FLOAT, "float32, float16, bfloat16 or float64")
-    if t.dim() not in (2, 3):
-        raise ValueError(f"{op}: {name} must be [V, d] or token-major [V, L, d], got shape {list(t.shape)}")
-    dense = (t.shape[-1] <= 1 or t.stride(-1) == 1) and (t.dim() == 2 or t.shape[1] <= 1 or t.stride(1) == t.shape[2])
-    if not dense:
-        raise ValueError(f"{op}: {name}'s token rows must be dense ([L, d] contiguous), got strides {t.stride()}; "
-                         "pass a .contiguous() table")
-
-
-def _same_rows(op, names, tables):
-    ref_name, ref = names[0], tables[0]
-    for name, t in zip(names[1:], tables[1:]):
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{op}: {name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
-        if t.shape[1:] != ref.shape[1:]:
-            raise ValueError(f"{op}: the rows of {name} must have {ref_name}'s row shape {list(ref.shape[1:])}, "
-                             f"got {name} {list(t.shape)}")
-
-
-def _check_rows_and_ids(op, src_name, src, dst_name, dst, ids):
-    """A source and a destination token-row table with the same dtype and row shape, and 1-D int ids [N]."""
-    _check_token_table(op, src_name, src)
-    _tensor(op, dst_name, dst)
-    _same_rows(op, [src_name, dst_name], [src, dst])
-    _check_token_table(op, dst_name, dst)
-    _tensor(op, "ids", ids, _INDEX, "int32 or int64")
-    if ids.dim() != 1:
-        raise ValueError(f"{op}: ids must be 1-D [N], got shape {list(ids.shape)}")
-
-
-def _check_slot_map(op, slot_map, num_rows, device):
-    _tensor(op, "slot_map", slot_map, (torch.int32,), "int32")
-    if slot_map.dim() != 1 or slot_map.shape[0] != num_rows:
-        raise ValueError(f"{op}: slot_map must be [V] with V={num_rows}, got shape {list(slot_map.shape)}")
-    if slot_map.device != device:
-        raise RuntimeError(f"{op}: slot_map must be on {device}, got {slot_map.device}")
-
-
-def _host_or(op, name, t, device):
-    if t.device != device and t.device.type != "cpu":
-        raise RuntimeError(f"{op}: {name} must be on {device} or in host memory, got {t.device}")
-
 
 def _check_range(op, idx, bound, what="id"):
     if what == "id":
@@ -134,17 +79,8 @@ def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, r
     a bad destination row is skipped; nothing outside table or out is touched.
     """
     op = "tol_host_gather"
-    _check_rows_and_ids(op, "table", table, "out", out, ids)
-    if ids.device != out.device:
-        raise RuntimeError(f"{op}: ids must be on out's device {out.device}, got {ids.device}")
-    _host_or(op, "table", table, out.device)
-    if rows is not None:
-        _tensor(op, "rows", rows, _INDEX, "int32 or int64")
-        if rows.shape != ids.shape or rows.device != out.device:
-            raise ValueError(f"{op}: rows must be [N] like ids ({ids.shape[0]}) on {out.device}, got shape "
-                             f"{list(rows.shape)} on {rows.device}")
-    elif out.shape[0] < ids.shape[0]:
-        raise ValueError(f"{op}: out has {out.shape[0]} rows for {ids.shape[0]} ids; pass rows= or a bigger out")
+    _checks.host_gather(op, table, ids, out, rows)
+    _checks.no_grad(op, table=table, out=out)
     if check_ids:
         _check_range(op, ids, table.shape[0])
         if rows is not None:
@@ -166,16 +102,8 @@ def _tol_host_gather_fake(table, ids, out, rows=None, check_ids=True):
 
 
 # ---------------------------------------------------------------- tol_cached_gather_add
-def _check_cached(op, hidden, ids, slot_map, cache, host_table, layer):
-    _ops._check_args(op, hidden, ids, cache, layer)
-    _check_token_table(op, "host_table", host_table)
-    _same_rows(op, ["cache", "host_table"], [cache, host_table])
-    _host_or(op, "host_table", host_table, hidden.device)
-    _check_slot_map(op, slot_map, host_table.shape[0], hidden.device)
-
-
-def _checks(op, hidden, ids, slot_map, cache, host_table, layer, check_ids):
-    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer)
+def _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids):
+    _checks.cached_gather_add(op, hidden, ids, slot_map, cache, host_table, layer)
     if check_ids:
         _check_range(op, ids, host_table.shape[0])
 
@@ -197,9 +125,9 @@ def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: tor
     b = _backend(backend, _ops._device_of(op, hidden), triton_ok=True)
     if b in ("cpu", "cuda"):  # the kernels check everything themselves; the Python checks only name an error
         return _ops._run_compiled(torch.ops.memllm.tol_cached_gather_add, hidden, ids, slot_map, cache, host_table,
-                                  layer, check_ids, checks=lambda: _checks(op, hidden, ids, slot_map, cache,
-                                                                          host_table, layer, check_ids))
-    _checks(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
+                                  layer, check_ids, checks=lambda: _check_cached(op, hidden, ids, slot_map, cache,
+                                                                                host_table, layer, check_ids))
+    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
     if b == "triton":
         return torch.ops.memllm.tol_cached_gather_add_triton(hidden, ids, slot_map, cache, host_table, layer)
     return reference.tol_cached_gather_add(hidden, ids, slot_map, cache, host_table, layer)
@@ -211,16 +139,16 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
     """In-place tol_cached_gather_add: hidden += row(ids, layer); returns hidden. No autograd."""
     op = "tol_cached_gather_add_"
     b = _backend(backend, _ops._device_of(op, hidden), triton_ok=True)
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        raise RuntimeError("tol_cached_gather_add_ works in place and has no autograd; use tol_cached_gather_add "
-                           "or run under torch.no_grad()")
+    _checks.no_grad(op, "use tol_cached_gather_add (out of place) when gradients are needed, or run under "
+                    "torch.no_grad()", hidden=hidden, slot_map=slot_map, cache=cache, host_table=host_table)
     if b in ("cpu", "cuda"):
         _ops._run_compiled(torch.ops.memllm.tol_cached_gather_add_, hidden, ids, slot_map, cache, host_table, layer,
-                           check_ids, checks=lambda: _checks(op, hidden, ids, slot_map, cache, host_table, layer,
-                                                             check_ids))
+                           check_ids, checks=lambda: _check_cached(op, hidden, ids, slot_map, cache, host_table,
+                                                                   layer, check_ids))
         return hidden
-    _checks(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
-    _ops._check_no_overlap(op, "hidden", hidden)
+    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
+    _checks.no_overlap(op, "hidden", hidden)
+    _checks.not_aliased(op, hidden, ids, cache, host_table)
     if b == "triton":
         torch.ops.memllm.tol_cached_gather_add_triton_(hidden, ids, slot_map, cache, host_table, layer)
     else:
@@ -268,27 +196,23 @@ def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.T
            row are written to out[b], from the cache on a hit, from host_table on a miss.
     """
     op = "tol_cache_prefetch"
-    for name, t in (("cache", cache), ("host_table", host_table)):
-        _check_token_table(op, name, t)
-    _tensor(op, "out", out)
-    _same_rows(op, ["cache", "host_table", "out"], [cache, host_table, out])
-    _check_token_table(op, "out", out)
-    _tensor(op, "ids", ids, _INDEX, "int32 or int64")
-    if ids.dim() != 1:
-        raise ValueError(f"{op}: ids must be 1-D [N], got shape {list(ids.shape)}")
+    _checks.token_table(op, "cache", cache)
+    _checks.rows_and_ids(op, "host_table", host_table, "out", out, ids)
+    _checks.same_rows(op, ["cache", "host_table"], [cache, host_table])
     dev = out.device
     for name, t in (("ids", ids), ("cache", cache), ("first", first), ("slots", slots)):
         if t.device != dev:
             raise RuntimeError(f"{op}: {name} must be on out's device {dev}, got {t.device}")
-    _host_or(op, "host_table", host_table, dev)
-    _check_slot_map(op, slot_map, host_table.shape[0], dev)
+    _checks.host_or(op, "host_table", host_table, dev)
+    _checks.slot_map(op, slot_map, host_table.shape[0], dev)
     N = ids.shape[0]
     for name, t in (("first", first), ("slots", slots)):
-        _tensor(op, name, t, (torch.int32,), "int32")
+        _checks.tensor(op, name, t, (torch.int32,), "int32")
         if t.shape != (N,) or not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be a contiguous [N] tensor with N={N}, got shape {list(t.shape)}")
     if out.shape[0] < N:
         raise ValueError(f"{op}: out has {out.shape[0]} rows for {N} ids")
+    _checks.no_grad(op, cache=cache, host_table=host_table, out=out)
     L = cache.shape[1] if cache.dim() == 3 else 1
     end = L if layer_end is None else layer_end
     if not 0 <= layer_begin <= end <= L:
@@ -325,7 +249,7 @@ def tol_cache_admit(ids: torch.Tensor, first: torch.Tensor, slots: torch.Tensor,
     no host synchronisation (usable under CUDA graphs). Ids outside [0, V) are skipped.
     """
     op = "tol_cache_admit"
-    _check_rows_and_ids(op, "cache", cache, "rows", rows, ids)
+    _checks.rows_and_ids(op, "cache", cache, "rows", rows, ids)
     N, C, dev = ids.shape[0], cache.shape[0], cache.device
     if rows.shape[0] < N:
         raise ValueError(f"{op}: rows has {rows.shape[0]} rows for {N} ids")
@@ -335,7 +259,7 @@ def tol_cache_admit(ids: torch.Tensor, first: torch.Tensor, slots: torch.Tensor,
                                  ("slot_map", slot_map, torch.int32, None), ("owner", owner, torch.int32, C),
                                  ("last_use", last_use, torch.int64, C), ("admitted_at", admitted_at, torch.int64, C),
                                  ("counters", counters, torch.int64, len(reference.ADMIT_COUNTERS))):
-        _tensor(op, name, t, (dtype,), str(dtype).removeprefix("torch."))
+        _checks.tensor(op, name, t, (dtype,), str(dtype).removeprefix("torch."))
         if t.dim() != 1 or (size is not None and t.shape[0] != size) or not t.is_contiguous():
             want = "" if size is None else f" of {size}"
             raise ValueError(f"{op}: {name} must be a contiguous 1-D tensor{want}, got shape {list(t.shape)}")
@@ -343,6 +267,7 @@ def tol_cache_admit(ids: torch.Tensor, first: torch.Tensor, slots: torch.Tensor,
                     ("owner", owner), ("last_use", last_use), ("admitted_at", admitted_at), ("counters", counters)):
         if t.device != dev:
             raise RuntimeError(f"{op}: {name} must be on cache's device {dev}, got {t.device}")
+    _checks.no_grad(op, rows=rows, cache=cache)
     b = _backend(backend, dev, triton_ok=False)
     if b in ("cpu", "cuda"):
         torch.ops.memllm.tol_cache_admit(ids, first, slots, rows, slot_map, owner, last_use, admitted_at, cache,
@@ -366,10 +291,8 @@ def tol_host_alloc(shape, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
     a failure to pin raises. Where pinning is unavailable it is ordinary memory (the op itself,
     torch.ops.memllm.tol_host_alloc, raises for pin=True there). dtype: floating point (the tables) or an
     integer dtype (raw byte buffers); sizes: integers. TypeError otherwise."""
-    # The op wraps raw bytes in a tensor of any dtype: a quantized one (it has no quantizer) segfaults when read,
-    # and complex or bool buffers are no ToL either.
-    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype in _HOST_INTS):
-        raise TypeError(f"tol_host_alloc: dtype must be a floating-point or integer torch.dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype):  # the op refuses quantized, complex and bool dtypes itself
+        raise TypeError(f"tol_host_alloc: dtype must be a floating-point or integer torch.dtype, got {dtype!r}")
     shape = list(shape)
     pin = bool(pin) and pin_unavailable_reason() is None
     return torch.ops.memllm.tol_host_alloc([as_integer(s, "tol_host_alloc: sizes") for s in shape], dtype, pin)
@@ -396,8 +319,7 @@ def tol_host_mapped(t: torch.Tensor) -> bool:
     torch's pinned memory (a device mapping exists). False for pageable memory, empty tensors, tensors off
     the CPU and builds without CUDA. Use this, not `t.is_pinned()`: with torch 2.11 that answered False for
     registered memory before the process had initialised CUDA (seen on an H200)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"tol_host_mapped: t must be a torch.Tensor, got {type(t).__name__}")
+    _checks.tensor("tol_host_mapped", "t", t)
     return bool(torch.ops.memllm.tol_host_mapped(t))
 
 

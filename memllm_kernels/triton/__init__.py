@@ -4,6 +4,9 @@ Importing this package needs triton; memllm_kernels imports it only when triton 
 On CPU tensors the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set before import).
 """
 
+import torch
+
+from .. import _checks
 from . import decode_attention as _decode_attention
 from . import tol_cached_gather_add as _tol_cached_gather_add
 from . import tol_gather_add as _tol_gather_add
@@ -16,6 +19,28 @@ from .tol_cached_gather_add import (  # noqa: F401
 )
 from .tol_gather_add import tol_gather_add_kernel, tol_gather_add_triton, tol_gather_add_triton_  # noqa: F401
 from .tol_host_gather import tol_host_gather_kernel, tol_host_gather_triton  # noqa: F401
+
+
+# The ops that write a ToL row in place have no derivative. triton_op gives them an Autograd kernel that runs the
+# op with grad mode off (so a check in the op's body never sees it on) and lets a leaf that requires grad be
+# written: kernels on the backends' Autograd keys, which take precedence over that one, refuse it first, as the
+# C++ ops do (csrc/ops.cpp). torch.library.register_autograd refuses mutating ops.
+_LIB = torch.library.Library("memllm", "IMPL")
+
+
+def _refuse_grad(name: str) -> None:
+    op = getattr(torch.ops.memllm, name).default
+
+    def autograd(keyset, *args):
+        _checks.no_grad(name, **{a.name: v for a, v in zip(op._schema.arguments, args)})
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    for key in ("AutogradCPU", "AutogradCUDA"):
+        _LIB.impl(name, autograd, key, with_keyset=True)
+
+
+for _name in ("tol_gather_add_triton_", "tol_cached_gather_add_triton_", "tol_host_gather_triton"):
+    _refuse_grad(_name)
 
 
 def aot_specs():

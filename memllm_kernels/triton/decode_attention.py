@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import _checks
+from .. import _checks
 from .tol_gather_add import _INTERPRET, _fake_run, _on
 
 _BLOCK_S = 256 if _INTERPRET else 64  # keys per loop step (the interpreter pays per step, not per element)
@@ -176,7 +176,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """One decode step's attention; shapes and meaning in reference.decode_attention. The shapes are checked here
     (the kernel indexes by them); pos and pad are data, range-checked by the caller (memllm_kernels.ops.
     decode_attention, check=True): a bad slot reaching the kernel makes it write nothing and return NaN."""
-    _checks.decode_attention("decode_attention", qkv, k_cache, v_cache, cos, sin, pos, pad, n_head)
+    _checks.decode_attention("decode_attention", qkv, k_cache, v_cache, cos, sin, pos, pad, n_head, _checks.RAW)
     B = qkv.shape[0]
     hd = int(k_cache.shape[-1])  # head sizes are constexprs: concrete ints even where torch traces symbolic shapes
     y = torch.empty(B, n_head * hd, dtype=qkv.dtype, device=qkv.device)

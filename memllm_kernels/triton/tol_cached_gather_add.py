@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import _checks
+from .. import _checks
 from .tol_gather_add import _fake_run, _on, _rows, _tiles
 
 
@@ -67,7 +67,8 @@ def tol_cached_gather_add_triton(hidden: torch.Tensor, ids: torch.Tensor, slot_m
                                  cache: torch.Tensor, host_table: torch.Tensor,
                                  layer: int | None = None) -> torch.Tensor:
     """hidden [..., d], ids [...], slot_map [V] int32, cache [C, (L,) d], host_table [V, (L,) d] -> [..., d]."""
-    _checks.cached_gather_add("tol_cached_gather_add_triton", hidden, ids, slot_map, cache, host_table, layer)
+    _checks.cached_gather_add("tol_cached_gather_add_triton", hidden, ids, slot_map, cache, host_table, layer,
+                              _checks.RAW)
     d = hidden.shape[-1]
     out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     if out.numel() == 0:
@@ -83,7 +84,8 @@ def tol_cached_gather_add_triton(hidden: torch.Tensor, ids: torch.Tensor, slot_m
 def tol_cached_gather_add_triton_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor,
                                   cache: torch.Tensor, host_table: torch.Tensor, layer: int | None = None) -> None:
     """In place on hidden [..., d]; see tol_cached_gather_add_triton."""
-    _checks.cached_gather_add("tol_cached_gather_add_triton_", hidden, ids, slot_map, cache, host_table, layer)
+    _checks.cached_gather_add("tol_cached_gather_add_triton_", hidden, ids, slot_map, cache, host_table, layer,
+                              _checks.RAW)
     _checks.no_overlap("tol_cached_gather_add_triton_", "hidden", hidden)
     _checks.not_aliased("tol_cached_gather_add_triton_", hidden, ids, cache, host_table)
     if hidden.numel() == 0:

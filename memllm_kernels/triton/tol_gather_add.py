@@ -2,8 +2,8 @@
 
 Registered as memllm::tol_gather_add_triton (functional) and memllm::tol_gather_add_triton_ (in place)
 with torch.library.triton_op, so torch.compile sees the kernel. The op checks its arguments' shapes, dtypes
-and devices before launch (_checks.py, as the C++ ops do). The id range is data, checked by the caller
-(memllm_kernels.ops); the kernel itself never reads a row outside [0, V) and writes NaN rows for
+and devices before launch (memllm_kernels/_checks.py, as the C++ ops do). The id range is data, checked by the
+caller (memllm_kernels.ops); the kernel itself never reads a row outside [0, V) and writes NaN rows for
 out-of-range ids, so a launch that skipped that check cannot read out of bounds.
 """
 
@@ -18,7 +18,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from . import _checks
+from .. import _checks
 
 # The interpreter costs about 2 ms per program instance and runs each tile as NumPy arrays, so
 # under it we launch 8x bigger tiles: T=4097, d=2048 becomes 129 programs (~0.3 s), not 1025.
@@ -100,7 +100,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
 def tol_gather_add_triton(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
                           layer: int | None = None) -> torch.Tensor:
     """hidden [..., d], ids [...] int32/int64, table [V, d] or [V, L, d] -> [..., d] like hidden."""
-    _checks.gather_add("tol_gather_add_triton", hidden, ids, table, layer)
+    _checks.gather_add("tol_gather_add_triton", hidden, ids, table, layer, _checks.RAW)
     d = hidden.shape[-1]
     out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     if out.numel() == 0:
@@ -116,7 +116,7 @@ def tol_gather_add_triton(hidden: torch.Tensor, ids: torch.Tensor, table: torch.
 def tol_gather_add_triton_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
                            layer: int | None = None) -> None:
     """In place on hidden [..., d]; see tol_gather_add_triton."""
-    _checks.gather_add("tol_gather_add_triton_", hidden, ids, table, layer)
+    _checks.gather_add("tol_gather_add_triton_", hidden, ids, table, layer, _checks.RAW)
     _checks.no_overlap("tol_gather_add_triton_", "hidden", hidden)
     _checks.not_aliased("tol_gather_add_triton_", hidden, ids, table)
     if hidden.numel() == 0:

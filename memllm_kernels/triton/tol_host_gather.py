@@ -3,8 +3,8 @@
 Registered as memllm::tol_host_gather_triton (mutates out) with torch.library.triton_op. On a GPU, table
 may be host memory registered for the device (the pinned host tier): its address is valid on the device
 (UVA), so the kernel reads rows over PCIe directly. Under the interpreter everything is on the CPU.
-The shapes are checked before launch (_checks.py); the ids and rows are data, range-checked by the caller
-(memllm_kernels.offload.ops), and the kernel still never reads outside the table (bad ids write NaN rows) nor
+The shapes are checked before launch (memllm_kernels/_checks.py); the ids and rows are data, range-checked by
+the caller (memllm_kernels.offload.ops), and the kernel still never reads outside the table (bad ids write NaN rows) nor
 writes outside out (bad rows are skipped).
 """
 
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import _checks
+from .. import _checks
 from .tol_gather_add import _fake_run, _on, _tiles
 
 
@@ -45,7 +45,7 @@ def tol_host_gather_kernel(
 def tol_host_gather_triton(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
                            rows: torch.Tensor | None = None) -> None:
     """table [V, ...] (rows dense), ids [N], out [M, ...] like table's rows, rows [N] or None."""
-    _checks.host_gather("tol_host_gather_triton", table, ids, out, rows)
+    _checks.host_gather("tol_host_gather_triton", table, ids, out, rows, _checks.RAW)
     N = ids.shape[0]
     row_elems = 1
     for s in table.shape[1:]:
