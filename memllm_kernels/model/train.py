@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..offload.tiers import mem_available
 from . import data as D
 from .config import ModelConfig, describe_params, param_counts
 from .model import Transformer, lm_loss
@@ -107,6 +108,21 @@ def pick_device(device: str = "auto") -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
     return dev
+
+
+def check_step_fits(tc: TrainConfig, vocab_size: int, device: torch.device) -> None:
+    """ValueError if one training step cannot fit in memory: lm_loss's float32 logits [batch_size, seq_len, V]
+    alone (the backward pass needs as much again) against the GPU's total memory or the host's available memory.
+    A floor, so no step that fits is refused; a huge --batch-size otherwise swapped for minutes before it died."""
+    need = 4 * tc.batch_size * tc.seq_len * vocab_size
+    if device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[1], f"the {device} GPU has"
+    else:
+        have, where = mem_available(), "the host has available"
+    if have is not None and need > have:
+        raise ValueError(f"a step of batch_size={tc.batch_size} x seq_len={tc.seq_len} tokens needs at least "
+                         f"{need / 2**30:,.1f} GiB for its float32 logits over {vocab_size:,} ids alone, and {where} "
+                         f"{have / 2**30:,.1f} GiB; lower --batch-size or --seq-len")
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -379,6 +395,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         if len(train_ids) < tc.seq_len + 2 or len(val_ids) < 2:
             raise ValueError(f"the text gives {len(train_ids)} training and {len(val_ids)} validation tokens: too few "
                              f"for seq_len={tc.seq_len} (at least {tc.seq_len + 2} and 2)")
+        check_step_fits(tc, tok.n_vocab, device)
         prepare_out_dir(out, force)
         tok.save(out)
         run_cfg = {"model": model_cfg.to_dict(), "train": asdict(tc), "tokenizer": tok.spec,
