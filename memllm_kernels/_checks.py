@@ -111,9 +111,16 @@ def same_rows(op: str, names, tables, err: Raise = PUBLIC) -> None:
 
 
 def host_or(op: str, name: str, t, device: torch.device) -> None:
-    """A host table: on the kernel's device, or in (mapped) host memory."""
+    """A host table: on the kernel's device, or in host memory a GPU kernel can read (page-locked and mapped: the
+    pinned host tier; the C++ kernels make the same check). A GPU kernel handed pageable memory would read it by
+    an address that is invalid on the device: an illegal memory access. Not while a CUDA graph is captured (the
+    lookup is a CUDA call that capture may refuse; the warm-up call before a capture made the check)."""
     if t.device != device and t.device.type != "cpu":
         raise RuntimeError(f"{op}: {name} must be on {device} or in host memory, got {t.device}")
+    if (device.type == "cuda" and t.device.type == "cpu" and t.numel() and not is_fake(t)
+            and not torch.cuda.is_current_stream_capturing() and not torch.ops.memllm.tol_host_mapped(t)):
+        raise RuntimeError(f"{op}: {name} is in pageable host memory, which a GPU kernel cannot read; use the "
+                           f"pinned host tier (memllm_kernels.offload.HostTable) or pass a tensor on {device}")
 
 
 def slot_map(op: str, t, num_rows, device: torch.device, err: Raise = PUBLIC) -> None:

@@ -142,12 +142,24 @@ def test_host_gather_bad_input_raises_before_writing(backend, device):
         assert not out.any(), f"a failed call ({match}) wrote into out"
 
 
-@pytest.mark.requires_cuda
-def test_host_gather_refuses_pageable_host_memory_on_gpu():
-    table = torch.randn(VOCAB, 2, 8)  # ordinary (pageable) memory: a GPU kernel cannot read it
-    out = torch.zeros(2, 2, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="pageable host memory"):
-        mk.tol_host_gather(table, torch.tensor([1, 2], device="cuda"), out, backend="cuda")
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[1] == "cuda"])
+def test_host_ops_refuse_pageable_host_memory_on_gpu(backend, device):
+    """Ordinary (pageable) host memory has no device address: refused by every GPU backend, the raw Triton ops
+    included (they would have read it by its host address: an illegal memory access)."""
+    table = torch.randn(VOCAB, 2, 8)
+    out = torch.zeros(2, 2, 8, device=device)
+    ids = torch.tensor([1, 2], device=device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    hidden = torch.zeros(2, 8, device=device)
+    calls = [lambda: mk.tol_host_gather(table, ids, out, backend=backend),
+             lambda: mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, 1, backend=backend)]
+    if backend == "triton":
+        calls += [lambda: torch.ops.memllm.tol_host_gather_triton(table, ids, out),
+                  lambda: torch.ops.memllm.tol_cached_gather_add_triton_(hidden, ids, slot_map, cache, table, 1)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="pageable host memory"):
+            call()
+    assert not out.any() and not hidden.any()
 
 
 # ================================================================ tol_cached_gather_add
