@@ -154,7 +154,8 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
     rc, _, err = run(capsys, "train", "--preset", "tiny-dense", "--out", str(tmp_path / "short"), "--text",
                      str(tiny_text), "--steps", "1", "--tokenizer", "gpt2", "--seq-len", "8", "--batch-size",
                      "100000000")  # ran out of memory after minutes of swapping
-    assert rc == 2 and "needs at least 149,777.5 GiB for its float32 logits over 50,257 ids alone" in err
+    assert rc == 2 and "a batch of 100000000 x 8 tokens needs at least 149,777.5 GiB for its float32 logits over " \
+        "50,257 ids alone" in err
     assert "lower --batch-size or --seq-len" in err and not (tmp_path / "short").exists()
     for cmd in (["eval", str(runs), "--tol"], ["generate", str(runs), "--prompt", "the", "--tol-location", "host"]):
         rc, _, err = run(capsys, *cmd)

@@ -1117,6 +1117,20 @@ def test_evaluate_counts_every_token():
     assert part["loss"] == pytest.approx(float(first), rel=1e-5)
 
 
+def test_evaluate_refuses_a_batch_that_cannot_fit(monkeypatch):
+    """The batch it would run, not the --batch-size asked: 6 windows of 16 tokens over V=300 need 115,200 bytes
+    of float32 logits; with less memory available than that it refuses before any forward pass."""
+    import memllm_kernels.model.train as train_mod
+
+    model = tiny_model("memoryllm")
+    ids = np.random.default_rng(0).integers(0, 300, size=16 * 6 + 1)
+    monkeypatch.setattr(train_mod, "mem_available", lambda: 115_200)
+    assert evaluate(model, ids, seq_len=16, batch_size=10**9)["tokens"] == 96  # 6 x 16 x 300 x 4 bytes: fits
+    monkeypatch.setattr(train_mod, "mem_available", lambda: 115_199)
+    with pytest.raises(ValueError, match=r"a batch of 6 x 16 tokens needs at least 0.0 GiB .* over 300 ids"):
+        evaluate(model, ids, seq_len=16, batch_size=10**9)
+
+
 def test_evaluate_speed_leaves_out_the_first_batch(monkeypatch):
     """tokens_per_s is the steady speed: a slow first batch (start-up) is in seconds but not in tokens_per_s."""
     import memllm_kernels.model.train as train_mod

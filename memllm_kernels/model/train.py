@@ -110,19 +110,20 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def check_step_fits(tc: TrainConfig, vocab_size: int, device: torch.device) -> None:
-    """ValueError if one training step cannot fit in memory: lm_loss's float32 logits [batch_size, seq_len, V]
-    alone (the backward pass needs as much again) against the GPU's total memory or the host's available memory.
-    A floor, so no step that fits is refused; a huge --batch-size otherwise swapped for minutes before it died."""
-    need = 4 * tc.batch_size * tc.seq_len * vocab_size
+def check_batch_fits(batch_size: int, seq_len: int, vocab_size: int, device: torch.device) -> None:
+    """ValueError if one forward pass of batch_size x seq_len tokens cannot fit in memory: its float32 logits
+    [batch_size, seq_len, V] alone (the cross-entropy makes them; training's backward pass needs as much again)
+    against the GPU's total memory or the host's available memory. A floor, so no batch that fits is refused; a
+    huge --batch-size otherwise swapped for minutes before it died."""
+    need = 4 * batch_size * seq_len * vocab_size
     if device.type == "cuda":
         have, where = torch.cuda.mem_get_info(device)[1], f"the {device} GPU has"
     else:
         have, where = mem_available(), "the host has available"
     if have is not None and need > have:
-        raise ValueError(f"a step of batch_size={tc.batch_size} x seq_len={tc.seq_len} tokens needs at least "
-                         f"{need / 2**30:,.1f} GiB for its float32 logits over {vocab_size:,} ids alone, and {where} "
-                         f"{have / 2**30:,.1f} GiB; lower --batch-size or --seq-len")
+        raise ValueError(f"a batch of {batch_size} x {seq_len} tokens needs at least {need / 2**30:,.1f} GiB for its "
+                         f"float32 logits over {vocab_size:,} ids alone, and {where} {have / 2**30:,.1f} GiB; lower "
+                         "--batch-size or --seq-len")
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -186,6 +187,7 @@ def evaluate(model: Transformer, ids: np.ndarray, seq_len: int, batch_size: int 
     full = [s for s in starts if s + seq_len <= n_pred]
     tail = [s for s in starts if s + seq_len > n_pred]
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in tail]
+    check_batch_fits(min(batch_size, max(len(full), 1)), min(seq_len, n_pred), model.output.weight.shape[0], device)
     for k, group in enumerate(groups):
         length = min(seq_len, n_pred - group[0])
         win = torch.from_numpy(np.stack([np.asarray(ids[s:s + length + 1], dtype=np.int64) for s in group]))
@@ -395,7 +397,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         if len(train_ids) < tc.seq_len + 2 or len(val_ids) < 2:
             raise ValueError(f"the text gives {len(train_ids)} training and {len(val_ids)} validation tokens: too few "
                              f"for seq_len={tc.seq_len} (at least {tc.seq_len + 2} and 2)")
-        check_step_fits(tc, tok.n_vocab, device)
+        check_batch_fits(tc.batch_size, tc.seq_len, tok.n_vocab, device)
         prepare_out_dir(out, force)
         tok.save(out)
         run_cfg = {"model": model_cfg.to_dict(), "train": asdict(tc), "tokenizer": tok.spec,
