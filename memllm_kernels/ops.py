@@ -95,17 +95,24 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
-    """Raises IndexError naming the first id outside [0, V). One device sync on GPU tensors."""
-    if ids.numel() == 0:
-        return
-    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync on a GPU
-    if lo >= 0 and hi < num_rows:
-        return
+def _first_outside(idx: torch.Tensor, bound: int) -> tuple[int, int] | None:
+    """(value, flat position) of the first of idx's extreme values outside [0, bound), or None. One device sync on
+    GPU tensors."""
+    if idx.numel() == 0:
+        return None
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync on a GPU
+    if lo >= 0 and hi < bound:
+        return None
     bad = lo if lo < 0 else hi
-    pos = int((ids.reshape(-1) == bad).nonzero()[0, 0])
-    raise IndexError(f"{op}: id {bad} (at flat position {pos} of ids) is outside [0, V) for a table of "
-                     f"V={num_rows} rows")
+    return bad, int((idx.reshape(-1) == bad).nonzero()[0, 0])
+
+
+def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
+    """Raises IndexError naming the first id outside [0, V)."""
+    found = _first_outside(ids, num_rows)
+    if found is not None:
+        raise IndexError(f"{op}: id {found[0]} (at flat position {found[1]} of ids) is outside [0, V) for a table "
+                         f"of V={num_rows} rows")
 
 
 _BAD_ID = "is outside [0, V)"

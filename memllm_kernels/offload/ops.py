@@ -27,18 +27,15 @@ from .. import _checks
 from .. import ops as _ops
 from . import reference
 
+
 def _check_range(op, idx, bound, what="id"):
     if what == "id":
         _ops._check_id_range(op, idx, bound)
         return
-    if idx.numel() == 0:
-        return
-    lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync on a GPU
-    if lo >= 0 and hi < bound:
-        return
-    bad = lo if lo < 0 else hi
-    pos = int((idx.reshape(-1) == bad).nonzero()[0, 0])
-    raise IndexError(f"{op}: destination row {bad} (at position {pos} of rows) is outside [0, {bound}) rows of out")
+    found = _ops._first_outside(idx, bound)
+    if found is not None:
+        raise IndexError(f"{op}: destination row {found[0]} (at position {found[1]} of rows) is outside [0, {bound}) "
+                         "rows of out")
 
 
 _PICKED: dict = {}
