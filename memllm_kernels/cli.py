@@ -112,9 +112,27 @@ def _add_offload_args(p: argparse.ArgumentParser) -> None:
                    "one row per token, freeing [vocab x d] of device memory (models with untied embeddings)")
 
 
+class _Version(argparse.Action):
+    """--version: the package's, torch's and the backends this install can run (imports torch only when asked)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version, torch's and the backends usable "
+                         "here, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        import memllm_kernels as mk
+
+        print(f"memllm-kernels {mk.__version__} (torch {torch.__version__}; backends here: "
+              f"{', '.join(mk.available_backends())})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memllm", description="Train MemoryLLM / Flex-MemoryLLM / dense reference "
                                 "models, precompute their token-wise lookups (ToLs) and run them with the ToL op.")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{train,precompute,eval,generate,info,inspect}")
 
     t = sub.add_parser("train", help="train a model into a run directory",

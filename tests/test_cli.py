@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import memllm_kernels as mk
 from memllm_kernels.cli import build_parser, main
 
 SUBCOMMANDS = ["train", "precompute", "eval", "generate", "info"]
@@ -61,6 +62,18 @@ def test_top_level_help_and_entry_point():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["memllm"] == "memllm_kernels.cli:main"
     assert callable(main) and build_parser().prog == "memllm"
+
+
+def test_version(capsys):
+    """--version names the package's version (pyproject.toml's), torch's and the backends usable here."""
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    out = capsys.readouterr().out
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert e.value.code == 0
+    assert out == (f"memllm-kernels {version} (torch {torch.__version__}; backends here: "
+                   f"{', '.join(mk.available_backends())})\n")
 
 
 @needs_train_deps
