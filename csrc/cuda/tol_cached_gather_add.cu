@@ -49,7 +49,7 @@ void launch(const char* op, const at::Tensor& out, int64_t out_rs, const at::Ten
   if (check_ids) check_range_cuda(op, ids_flat, v.host.num_rows, false);
   if (T == 0 || d == 0) return;
   const at::Tensor sm = slot_map.contiguous();
-  const char* host_addr = device_address(host_table, hidden.device(), "tol_cached_gather_add", "host_table");
+  const char* host_addr = device_address(host_table, hidden.device(), op, "host_table");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(ids_flat.scalar_type(), "tol_cached_gather_add_cuda_ids", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "tol_cached_gather_add_cuda", [&] {
