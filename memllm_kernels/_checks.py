@@ -222,6 +222,8 @@ def no_overlap(op: str, name: str, t: torch.Tensor) -> None:
 
 
 NO_GRAD_HINT = "run it under torch.no_grad(), or use the out-of-place op where there is one"
+DECODE_NO_GRAD_HINT = ("it is for inference: run it under torch.no_grad() or torch.inference_mode() (a model "
+                       "with decode_attention='auto' attends through SDPA while grad mode is on)")
 
 
 def no_grad(op: str, hint: str = NO_GRAD_HINT, **tensors) -> None:

@@ -215,6 +215,9 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     under CUDA graphs: the kernel then writes nothing for a bad slot and returns NaN).
     """
     _checks.decode_attention("decode_attention", qkv, k_cache, v_cache, cos, sin, pos, pad, n_head)
+    # Every backend alike (the reference would record a gradient the kernel has not got).
+    _checks.no_grad("decode_attention", _checks.DECODE_NO_GRAD_HINT, qkv=qkv, k_cache=k_cache, v_cache=v_cache,
+                    cos=cos, sin=sin)
     reason = backend_unavailable_reason("triton", qkv.device)
     if reason is None and _triton_interpret() and torch.compiler.is_compiling():
         # torch.compile cannot trace an interpreted kernel (wrap_triton hands back the eager one)

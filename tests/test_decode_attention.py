@@ -330,3 +330,47 @@ def test_gpu_generate_matches_sdpa(cuda_graph, compile):
     model.decode_attention = "auto"  # the kernel, on a GPU
     assert model.decode_attention_backend(torch.device("cuda")) == "triton"
     assert generate(model, prompts, 6, cuda_graph=cuda_graph, compile=compile) == want
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("raw", [False, True], ids=["public", "raw"])
+@pytest.mark.parametrize("which", ["qkv", "k_cache", "v_cache"])
+def test_refuses_grad(backend, device, raw, which):
+    """The op writes the caches in place and has no derivative: while grad mode is on, an input that requires grad is
+    refused before anything is written, by every backend and by the raw Triton op (which wrote a cache that requires
+    grad without a word, and gave y a grad_fn that failed only in backward). Under no_grad it runs."""
+    if raw and backend == "reference":
+        pytest.skip("the reference has no raw op")
+    qkv, k, v, cos, sin, pos, pad = make_case(2, 2, 1, 8, 6, 3, torch.float32, device)
+    args = dict(qkv=qkv, k_cache=k, v_cache=v)
+    args[which] = args[which].clone().requires_grad_()
+    before = [t.detach().clone() for t in (k, v)] if which == "qkv" else None
+
+    def call():
+        if raw:
+            return torch.ops.memllm.decode_attention(args["qkv"], args["k_cache"], args["v_cache"], cos, sin, pos, pad,
+                                                     2)
+        return mk.decode_attention(args["qkv"], args["k_cache"], args["v_cache"], cos, sin, pos, pad, 2,
+                                   backend=backend)
+
+    with pytest.raises(RuntimeError, match=f"decode_attention: {which} requires grad, .*torch.inference_mode"):
+        call()
+    if before is not None:  # nothing written
+        assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+    with torch.no_grad():
+        y = call()
+    assert not y.requires_grad and torch.isfinite(y).all()
+
+
+def test_model_auto_decodes_through_sdpa_while_grad_is_on(monkeypatch):
+    """decode_attention='auto' picks the kernel on a GPU, but not while grad mode is on with weights that require grad
+    (the op has no autograd): the step then goes through SDPA."""
+    model = tiny_model()
+    monkeypatch.setattr(mk.ops, "backend_unavailable_reason", lambda backend, device: None)
+    monkeypatch.setattr(mk.ops, "_triton_interpret", lambda: False)
+    gpu = torch.device("cuda")
+    assert model.decode_attention_backend(gpu) is None  # grad mode on, weights require grad
+    with torch.no_grad():
+        assert model.decode_attention_backend(gpu) == "triton"
+    model.requires_grad_(False)
+    assert model.decode_attention_backend(gpu) == "triton"

@@ -232,7 +232,8 @@ class Transformer(nn.Module):
         # How a one-token decode step with a KV cache attends: "sdpa" (torch's SDPA over the whole cache with an
         # additive mask, RoPE and cache writes as separate kernels), "memllm" (memllm::decode_attention: one
         # kernel per layer reading only the slots up to the token's, Triton where it can run, else its PyTorch
-        # reference), "auto" (memllm on a GPU with Triton, sdpa elsewhere). Same tokens up to rounding.
+        # reference), "auto" (memllm on a GPU with Triton, sdpa elsewhere and while grad mode is on with weights that
+        # require grad: the op has no autograd). Same tokens up to rounding.
         self.decode_attention = "auto"
         self.reset_parameters()
 
@@ -296,6 +297,8 @@ class Transformer(nn.Module):
         """The decode_attention backend of a one-token cached step on `device`, or None for SDPA."""
         mode = self.decode_attention
         if mode == "auto":  # the compiled kernel on a GPU (not the interpreter, which torch.compile cannot trace)
+            if torch.is_grad_enabled() and self.output.weight.requires_grad:
+                return None  # the op has no autograd (inference only); SDPA's step has
             usable = device.type == "cuda" and ops.backend_unavailable_reason("triton", device) is None
             return "triton" if usable and not ops._triton_interpret() else None
         if mode not in DECODE_ATTENTION:

@@ -28,11 +28,11 @@ from .tol_host_gather import tol_host_gather_kernel, tol_host_gather_triton  # n
 _LIB = torch.library.Library("memllm", "IMPL")
 
 
-def _refuse_grad(name: str) -> None:
+def _refuse_grad(name: str, hint: str = _checks.NO_GRAD_HINT) -> None:
     op = getattr(torch.ops.memllm, name).default
 
     def autograd(keyset, *args):
-        _checks.no_grad(name, **{a.name: v for a, v in zip(op._schema.arguments, args)})
+        _checks.no_grad(name, hint, **{a.name: v for a, v in zip(op._schema.arguments, args)})
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     for key in ("AutogradCPU", "AutogradCUDA"):
@@ -41,6 +41,9 @@ def _refuse_grad(name: str) -> None:
 
 for _name in ("tol_gather_add_triton_", "tol_cached_gather_add_triton_", "tol_host_gather_triton"):
     _refuse_grad(_name)
+# decode_attention writes the KV caches in place and has no derivative for its output either: triton_op's own
+# Autograd kernel let a cache that requires grad be written, and gave y a grad_fn that failed only in backward.
+_refuse_grad("decode_attention", _checks.DECODE_NO_GRAD_HINT)
 
 
 def aot_specs():
