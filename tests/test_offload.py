@@ -850,6 +850,54 @@ def test_tiers_refuse_missing_truncated_and_mismatched_files(tmp_path):
             cls(tmp_path / "m.safetensors", Transformer(cfg.replace(n_layer=3)))
 
 
+def test_disk_tier_refuses_a_file_truncated_under_it(tmp_path):
+    """A ToL file truncated in place while a disk-tier engine maps it: the next step raises an OSError naming the
+    file (a read of a vanished page was SIGBUS, which killed the process). In a subprocess, so that a regression
+    fails this test instead of killing the test run. Replacing the file (a rename over it) is harmless."""
+    path, table = _tol_file(tmp_path, V=2000, L=2, d=1024)  # 8 KiB rows: 4 pages each
+    script = textwrap.dedent(f"""
+        import os, torch
+        from memllm_kernels.offload import DiskTable, OffloadEngine
+        path = {str(path)!r}
+        disk = DiskTable(path)
+        engine = OffloadEngine(disk, cache_rows=4, policy="lru")
+        h = torch.zeros(2, 1024)
+        ids = torch.tensor([5, 1990])
+        engine.prefetch(ids)
+        engine.gather_add_(h, ids, 1)
+        for ids in (torch.tensor([6, 1991]), torch.tensor([1992]), torch.tensor([7])):
+            os.truncate(path, os.path.getsize(path) // 2)
+            try:
+                engine.prefetch(ids)
+            except OSError as e:
+                print("refused:", e)
+            try:
+                disk.read_rows(ids, torch.empty(len(ids), 2, 1024))
+            except OSError as e:
+                print("refused:", e)
+        print("alive")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"rc {out.returncode}: {out.stderr[-2000:]}"
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "alive" and len(lines) == 7, out.stdout
+    assert all(f"ToL file {path} shrank to" in line and "replace it" in line for line in lines[:-1]), out.stdout
+
+
+def test_disk_tier_keeps_reading_a_file_replaced_under_it(tmp_path):
+    """memllm precompute --force renames a new file over the old one: a disk tier that maps the old one keeps reading
+    its rows (the old inode lives until the mapping goes), with no error."""
+    path, table = _tol_file(tmp_path)
+    disk = DiskTable(path)
+    other, _ = _tol_file(tmp_path, name="new.safetensors")
+    other.replace(path)
+    out = torch.empty(2, 3, 16)
+    disk.read_rows(torch.tensor([3, 40]), out)
+    assert torch.equal(out, table[[3, 40]])
+    disk.close()
+    assert disk.table is None
+
+
 def test_host_tier_larger_than_memory_is_refused(tmp_path, monkeypatch):
     path, _ = _tol_file(tmp_path)
     monkeypatch.setattr(tiers, "mem_available", lambda: 1000)
