@@ -898,6 +898,22 @@ def test_disk_tier_keeps_reading_a_file_replaced_under_it(tmp_path):
     assert disk.table is None
 
 
+def test_disk_table_refuses_bad_options_before_opening_the_file(tmp_path):
+    """page_cache_bytes -1 or 1.5 was taken (a drop after every read), 'x' failed at the first read with an unrelated
+    TypeError; a bad advice on an empty file passed. Each is refused at construction, before the file is opened."""
+    path, table = _tol_file(tmp_path)
+    for bound, err in ((-1, ValueError), (1.5, TypeError), ("x", TypeError), (True, TypeError)):
+        with pytest.raises(err, match="page_cache_bytes must be"):
+            DiskTable(path, page_cache_bytes=bound)
+    with pytest.raises(ValueError, match="advice must be one of"):
+        DiskTable(tmp_path / "absent.safetensors", advice="bogus")  # the option first, not the missing file
+    disk = DiskTable(path, page_cache_bytes=0)  # 0: release the pages after every read
+    out = torch.empty(1, 3, 16)
+    disk.read_rows(torch.tensor([5]), out)
+    assert torch.equal(out[0], table[5]) and disk.drops == 1
+    disk.close()
+
+
 def test_host_tier_larger_than_memory_is_refused(tmp_path, monkeypatch):
     path, _ = _tol_file(tmp_path)
     monkeypatch.setattr(tiers, "mem_available", lambda: 1000)
@@ -1203,8 +1219,15 @@ def test_engine_refuses_bad_arguments_at_construction_and_in_wait_step(monkeypat
         m.setattr(torch.cuda, "is_available", lambda: False)
         with pytest.raises(RuntimeError, match="device='cuda', but CUDA is not available"):
             OffloadEngine(table, device="cuda", cache_rows=CACHE, policy="lru")
-    engine = OffloadEngine(table, cache_rows=CACHE, policy="lru", hot=[np.int64(3)], hot_fraction=0)
-    engine.prefetch(torch.tensor([1, 2]))
+    for groups, err in ((0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="layer_groups must be"):
+            OffloadEngine(table, cache_rows=CACHE, policy="lru", layer_groups=groups)
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="lru", hot=[np.int64(3)], hot_fraction=0, layer_groups=9)
+    assert engine.layer_groups == 2  # at most L
+    for groups, err in ((0, ValueError), ("2", TypeError)):
+        with pytest.raises(err, match="layer_groups must be"):
+            engine.prefetch(torch.tensor([1, 2]), layer_groups=groups)
+    engine.prefetch(torch.tensor([1, 2]), layer_groups=np.int64(5))
     engine.wait_step([0, 1, 1])
     before = engine.stats()
     for layers in ([7], [0, 2], [-1], range(3)):

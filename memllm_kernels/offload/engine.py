@@ -125,7 +125,7 @@ class OffloadEngine:
     hot_fraction: share of C given to the hot set by the hot+lru / hot+lfu policies (0.75 measured best on
         held-out Shakespeare, bench/results: 91.0% hits at 5% of GPT-2's vocabulary).
     layer_groups: how many groups of layers the prefetch is split into (each with its own event; default
-        4 on a GPU, 1 on the CPU). miss_path: 'mapped' (the device reads host rows by address: pinned host
+        4 on a GPU, 1 on the CPU; at most L). miss_path: 'mapped' (the device reads host rows by address: pinned host
         tier, or the CPU), 'staged' (via the host: the disk tier on a GPU), 'auto' picks.
     check_memory: refuse a cache larger than the device's free memory (a clear error instead of an OOM).
     bookkeeping: where the policy runs. 'host' (default): CacheDirectory on the host learns each step's hit
@@ -217,7 +217,7 @@ class OffloadEngine:
         self.cache = torch.empty((cache_rows, self.L, self.d), dtype=self.dtype, device=self.device)
         self.slot_map = torch.full((self.V,), -1, dtype=torch.int32, device=self.device)
         self._cuda = self.device.type == "cuda"
-        self.layer_groups = max(1, min(self.L, layer_groups or (4 if self._cuda else 1)))
+        self.layer_groups = min(self.L, _layer_groups(layer_groups, 4 if self._cuda else 1))
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
         self._buf = self._first = None
         self._staging = None
@@ -440,7 +440,7 @@ class OffloadEngine:
         if self.miss_path == "staged":
             self._step = self._prefetch_staged(ids, flat, inline)
         else:
-            groups = self.layer_groups if layer_groups is None else max(1, min(self.L, int(layer_groups)))
+            groups = min(self.L, _layer_groups(layer_groups, self.layer_groups))
             self._step = self._prefetch_mapped(ids, flat, groups, inline)
         self.prefetches += 1
         if not (finish_later and inline):
@@ -920,6 +920,17 @@ class OffloadEngine:
         self.synchronize()
         self._step = None
         self._pending.clear()
+
+
+def _layer_groups(groups, default: int) -> int:
+    """A layer_groups argument: None for `default`, else an int >= 1 (more than L groups means L)."""
+    if groups is None:
+        return default
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
+        raise TypeError(f"layer_groups must be an int or None, got {type(groups).__name__}")
+    if groups < 1:
+        raise ValueError(f"layer_groups must be >= 1, got {groups}")
+    return int(groups)
 
 
 def _plan_step(ids: np.ndarray, slot_of: np.ndarray) -> tuple[list, list, list, list, int]:

@@ -135,13 +135,23 @@ class DiskTable:
     advice: 'random' (default: no read-ahead around a row), 'normal' or 'sequential'.
     page_cache_bytes: if set, after that many bytes of rows were read the mapping's pages are released
     (MADV_DONTNEED) and the file's page cache dropped (POSIX_FADV_DONTNEED), bounding RSS and page cache to
-    about that much plus one step's rows. None: the kernel keeps what it likes (fastest re-reads).
+    about that much plus one step's rows (0: after every read). None: the kernel keeps what it likes (fastest
+    re-reads).
     """
 
     location = "disk"
     pinned = False
 
     def __init__(self, path, model=None, *, advice: str = "random", page_cache_bytes: int | None = None):
+        flag = {"random": mmap.MADV_RANDOM, "normal": mmap.MADV_NORMAL, "sequential": mmap.MADV_SEQUENTIAL}
+        if advice not in flag:
+            raise ValueError(f"advice must be one of {sorted(flag)}, got {advice!r}")
+        if page_cache_bytes is not None:
+            if isinstance(page_cache_bytes, bool) or not isinstance(page_cache_bytes, (int, np.integer)):
+                raise TypeError(f"page_cache_bytes must be an int or None, got {type(page_cache_bytes).__name__}")
+            if page_cache_bytes < 0:
+                raise ValueError(f"page_cache_bytes must be >= 0 (0: release the pages after every read), got "
+                                 f"{page_cache_bytes}")
         _, entry, offset, shape, dtype = _open_tol(path, model)
         self.path = str(path)
         self.nbytes = entry["data_offsets"][1]
@@ -153,9 +163,6 @@ class DiskTable:
         self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
         self.advice = advice
         if self._map is not None:
-            flag = {"random": mmap.MADV_RANDOM, "normal": mmap.MADV_NORMAL, "sequential": mmap.MADV_SEQUENTIAL}
-            if advice not in flag:
-                raise ValueError(f"advice must be one of {sorted(flag)}, got {advice!r}")
             self._map.madvise(flag[advice])
         n = int(np.prod(shape))
         if self._map is not None and n:
