@@ -160,7 +160,8 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
         (tiny_text / f"w{i}.txt").write_text("the king speaks. the queen hears.\n")
     rc, _, err = run(capsys, "train", "--preset", "tiny-dense", "--out", str(tmp_path / "short"), "--text",
                      str(tiny_text), "--steps", "1", "--tokenizer", "bpe-300", "--seq-len", "200")
-    assert rc == 2 and "yields only 279 ids; ask for bpe-279 or fewer" in err and not (tmp_path / "short").exists()
+    assert rc == 2 and "yields only 279 ids; fewer than any bpe-N takes (N >= 300): give more text, or use " \
+        "--tokenizer gpt2" in err and not (tmp_path / "short").exists()  # bpe-279 would be refused as too small
     rc, _, err = run(capsys, "train", "--preset", "tiny-dense", "--out", str(tmp_path / "short"), "--text",
                      str(tiny_text), "--steps", "1", "--tokenizer", "gpt2", "--seq-len", "200")
     assert rc == 2 and "too few for seq_len=200" in err and not (tmp_path / "short").exists()

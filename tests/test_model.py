@@ -1023,6 +1023,11 @@ def test_bpe_tokenizer_and_token_cache(tmp_path, monkeypatch):
     assert D.load_run_tokenizer(tmp_path, "bpe-320").fingerprint == tok.fingerprint
     with pytest.raises(ValueError, match="unknown tokenizer"):
         D.make_tokenizer("sentencepiece", works)
+    with pytest.raises(ValueError, match=r"bpe-1000: the training text yields only (\d+) ids; ask for bpe-\1 or fewer") \
+            as e:
+        D.make_tokenizer("bpe-1000", works)
+    got = int(e.value.args[0].split("yields only ")[1].split()[0])
+    assert 300 <= got < 1000 and D.make_tokenizer(f"bpe-{got}", works).n_vocab == got  # the advice taken works
 
 
 # ================================================================ training

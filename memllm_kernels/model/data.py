@@ -150,6 +150,9 @@ class GPT2Tokenizer:
         pass  # nothing to save: "gpt2" in the run's config.json names it
 
 
+MIN_BPE = 300  # the 256 byte tokens, EOT and some merges
+
+
 class BPETokenizer:
     """A byte-level BPE trained with `tokenizers` (same pre-tokenisation family as GPT-2)."""
 
@@ -164,17 +167,19 @@ class BPETokenizer:
     def train(cls, texts: list[str], vocab_size: int) -> "BPETokenizer":
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        if vocab_size < 300:
-            raise ValueError(f"bpe vocabulary of {vocab_size} is too small: 256 bytes + {EOT} need >= 300")
+        if vocab_size < MIN_BPE:
+            raise ValueError(f"bpe vocabulary of {vocab_size} is too small: 256 bytes + {EOT} need >= {MIN_BPE}")
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer)
-        if tok.get_vocab_size() != vocab_size:  # the text has fewer distinct merges than asked for
-            raise ValueError(f"bpe-{vocab_size}: the training text yields only {tok.get_vocab_size()} ids; ask for "
-                             f"bpe-{tok.get_vocab_size()} or fewer, or give more text")
+        got = tok.get_vocab_size()
+        if got != vocab_size:  # the text has fewer distinct merges than asked for
+            fix = (f"ask for bpe-{got} or fewer, or give more text" if got >= MIN_BPE else
+                   f"fewer than any bpe-N takes (N >= {MIN_BPE}): give more text, or use --tokenizer gpt2")
+            raise ValueError(f"bpe-{vocab_size}: the training text yields only {got} ids; {fix}")
         return cls(tok)
 
     @classmethod
