@@ -57,6 +57,16 @@ def bad_integer(v) -> bool:
     return isinstance(v, bool) or not hasattr(type(v), "__index__")
 
 
+def int_at_least(name: str, v, minimum: int, note: str = "") -> int:
+    """An integer option of the Python API (an int or numpy integer, not bool) >= minimum, as an int: TypeError or
+    ValueError naming it (a float or a negative size otherwise failed later, or read as a truncated file)."""
+    if bad_integer(v):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{note}, got {v}")
+    return int(v)
+
+
 def gather_add(op: str, hidden, ids, table, layer, err: Raise = PUBLIC) -> None:
     """hidden [..., d], ids hidden's leading shape, table [V, d] (layer None) or [V, L, d] (0 <= layer < L, an
     int), all on one device, table's rows contiguous: check_tol_gather_add_args."""

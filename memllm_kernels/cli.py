@@ -310,7 +310,7 @@ def _cmd_precompute(a) -> int:
             raise FileExistsError(f"{out} exists; pass --force to overwrite it")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"the folder of --out {out} does not exist ({out.parent})")
-    chunk_bytes = int(a.chunk_mb * (1 << 20))
+    chunk_bytes = max(1, int(a.chunk_mb * (1 << 20)))  # at least a byte: one row per chunk
 
     if a.dry_run:
         model = _random_memory_model(cfg, a.seed, a.device, n_layer=1) if a.preset else load_run(a.run, a.device)[0]

@@ -569,6 +569,10 @@ def test_chunked_writer_equals_one_shot(tmp_path):
     one, info_1 = _tol_file(tmp_path, model, "b.safetensors", chunk_bytes=1 << 30)
     assert info_c["chunks"] == 43 and info_1["chunks"] == 1
     torch.testing.assert_close(load_tol(chunked, model), load_tol(one, model), atol=1e-6, rtol=1e-5)
+    for chunk, err in ((0, ValueError), (1.5e3, TypeError)):  # 0 became one row per chunk; a float failed in range()
+        with pytest.raises(err, match="chunk_bytes must be"):
+            precompute_tol(model, tmp_path / "z.safetensors", chunk_bytes=chunk)
+    assert not (tmp_path / "z.safetensors").exists()
 
 
 def test_writer_rejects_wrong_chunks(tmp_path):

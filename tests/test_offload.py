@@ -898,15 +898,20 @@ def test_disk_tier_keeps_reading_a_file_replaced_under_it(tmp_path):
     assert disk.table is None
 
 
-def test_disk_table_refuses_bad_options_before_opening_the_file(tmp_path):
-    """page_cache_bytes -1 or 1.5 was taken (a drop after every read), 'x' failed at the first read with an unrelated
-    TypeError; a bad advice on an empty file passed. Each is refused at construction, before the file is opened."""
+def test_tiers_refuse_bad_options_before_opening_the_file(tmp_path):
+    """DiskTable: page_cache_bytes -1 or 1.5 was taken (a drop after every read), 'x' failed at the first read with
+    an unrelated TypeError; a bad advice on an empty file passed. HostTable.from_file: a chunk_bytes of 0 or less
+    said the file was truncated. Each is refused before the file is opened."""
     path, table = _tol_file(tmp_path)
     for bound, err in ((-1, ValueError), (1.5, TypeError), ("x", TypeError), (True, TypeError)):
         with pytest.raises(err, match="page_cache_bytes must be"):
             DiskTable(path, page_cache_bytes=bound)
     with pytest.raises(ValueError, match="advice must be one of"):
         DiskTable(tmp_path / "absent.safetensors", advice="bogus")  # the option first, not the missing file
+    for chunk, err in ((0, ValueError), (-5, ValueError), (1.5, TypeError)):  # 0 and -5 blamed the file: "truncated"
+        with pytest.raises(err, match="chunk_bytes must be"):
+            HostTable.from_file(path, chunk_bytes=chunk)
+    assert torch.equal(HostTable.from_file(path, chunk_bytes=np.int64(7)).table, table)
     disk = DiskTable(path, page_cache_bytes=0)  # 0: release the pages after every read
     out = torch.empty(1, 3, 16)
     disk.read_rows(torch.tensor([5]), out)

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .. import ops, reference
+from .. import _checks, ops, reference
 from ..offload import ops as offload_ops
 from .config import ModelConfig
 from .model import MemoryFFN, Transformer
@@ -83,6 +83,7 @@ def weights_checksum(model: Transformer) -> str:
 # ---------------------------------------------------------------- precompute
 def chunk_tokens_for(cfg: ModelConfig, dtype: torch.dtype, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Vocabulary rows per chunk so one [C, L, d] chunk takes about chunk_bytes (at least 1 row)."""
+    chunk_bytes = _checks.int_at_least("chunk_bytes", chunk_bytes, 1)
     row = cfg.n_layer * cfg.d_model * torch.empty(0, dtype=dtype).element_size()
     return max(1, min(cfg.vocab_size, chunk_bytes // row))
 

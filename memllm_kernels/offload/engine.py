@@ -924,13 +924,7 @@ class OffloadEngine:
 
 def _layer_groups(groups, default: int) -> int:
     """A layer_groups argument: None for `default`, else an int >= 1 (more than L groups means L)."""
-    if groups is None:
-        return default
-    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
-        raise TypeError(f"layer_groups must be an int or None, got {type(groups).__name__}")
-    if groups < 1:
-        raise ValueError(f"layer_groups must be >= 1, got {groups}")
-    return int(groups)
+    return default if groups is None else _checks.int_at_least("layer_groups", groups, 1)
 
 
 def _plan_step(ids: np.ndarray, slot_of: np.ndarray) -> tuple[list, list, list, list, int]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import _checks
 from . import ops
 
 CHUNK_BYTES = 64 << 20
@@ -84,6 +85,7 @@ class HostTable:
                   progress: bool = False) -> "HostTable":
         """Read a ToL file into the host tier, checked against `model` (if given) first. progress: a tqdm bar
         in bytes (12.6 GB at the 1b preset: tens of seconds from disk)."""
+        chunk_bytes = _checks.int_at_least("chunk_bytes", chunk_bytes, 1)  # 0 read as a truncated file
         _, entry, offset, shape, dtype = _open_tol(path, model)
         nbytes = entry["data_offsets"][1]
         _check_fits_in_ram(f"the host tier for {path}", nbytes)
@@ -147,11 +149,8 @@ class DiskTable:
         if advice not in flag:
             raise ValueError(f"advice must be one of {sorted(flag)}, got {advice!r}")
         if page_cache_bytes is not None:
-            if isinstance(page_cache_bytes, bool) or not isinstance(page_cache_bytes, (int, np.integer)):
-                raise TypeError(f"page_cache_bytes must be an int or None, got {type(page_cache_bytes).__name__}")
-            if page_cache_bytes < 0:
-                raise ValueError(f"page_cache_bytes must be >= 0 (0: release the pages after every read), got "
-                                 f"{page_cache_bytes}")
+            page_cache_bytes = _checks.int_at_least("page_cache_bytes", page_cache_bytes, 0,
+                                             " (0: release the pages after every read)")
         _, entry, offset, shape, dtype = _open_tol(path, model)
         self.path = str(path)
         self.nbytes = entry["data_offsets"][1]
