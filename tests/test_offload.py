@@ -1176,8 +1176,12 @@ def test_engine_errors(monkeypatch):
     table = torch.randn(VOCAB, 2, 4)
     with pytest.raises(ValueError, match=f"larger than the vocabulary \\(V={VOCAB}\\)"):
         OffloadEngine(table, cache_rows=VOCAB + 1)
-    with pytest.raises(ValueError, match="must be >= 0"):
+    with pytest.raises(ValueError, match="cache_rows must be >= 0"):
         OffloadEngine(table, cache_rows=-1)
+    for rows in (2.5, True, "4"):
+        with pytest.raises(TypeError, match="cache_rows must be an int"):
+            OffloadEngine(table, cache_rows=rows)
+    assert OffloadEngine(table, cache_rows=np.int32(3)).capacity == 3
     monkeypatch.setattr("memllm_kernels.offload.engine.mem_available", lambda: 10)
     with pytest.raises(ValueError, match="needs .* GiB .* use fewer --cache-rows"):
         OffloadEngine(table, cache_rows=CACHE)

@@ -168,11 +168,7 @@ class OffloadEngine:
         self._rows_backend = ops._backend(backend, self.device, triton_ok=True)  # tol_host_gather's
         self.row_bytes = self.L * self.d * table.element_size()
         self._layer_bytes = self.d * table.element_size()
-        if isinstance(cache_rows, bool) or not isinstance(cache_rows, (int, np.integer)):
-            raise TypeError(f"cache_rows must be an int, got {type(cache_rows).__name__}")
-        cache_rows = int(cache_rows)
-        if cache_rows < 0:
-            raise ValueError(f"cache_rows must be >= 0, got {cache_rows}")
+        cache_rows = _checks.int_at_least("cache_rows", cache_rows, 0)
         if cache_rows > self.V:
             raise ValueError(f"a cache of {cache_rows} rows is larger than the vocabulary (V={self.V}); "
                              f"use at most {self.V} (all of it: then --tol-location device is simpler)")
