@@ -44,7 +44,8 @@ def tol_gather_add(
 
     hidden: [..., d] float32/float16/bfloat16; ids: [...] int32/int64 (hidden's leading shape);
     returns a new tensor shaped and typed like hidden.
-    The sum is taken in float32 (float64 if an input is float64) and rounded once to hidden's dtype. For two 16-bit operands this
+    The sum is taken in float32 (float64 if an input is float64; rounded to a 16-bit hidden through float32,
+    as torch converts float64) and rounded once to hidden's dtype. For two 16-bit operands this
     equals PyTorch's own same-dtype `hidden + rows` (which also upcasts to float32), and since
     float32 carries more than 2p+2 mantissa bits for p = 8 (bf16) and 11 (fp16), the single
     rounding equals the correctly rounded sum: every backend can match it bit for bit.

@@ -186,6 +186,20 @@ def test_cached_gather_add_matches_full_table(backend, device, hidden_dtype, tab
     assert_matches_reference(hidden, before, ids, full, layer, backend)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("hidden_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cached_gather_add_float64_table(backend, device, hidden_dtype):
+    """A float64 table (hits and misses) sums in float64 and reaches a 16-bit hidden through float32, as
+    tol_gather_add does (see test_float64_operands there: 2^-8 + 2^-30 over 1 tells the roundings apart)."""
+    table = host_table((VOCAB, 3, 16), torch.float64, device)
+    table[:, 2, :2] = torch.tensor([2**-8 + 2**-30, 2**-11 + 2**-40], dtype=torch.float64)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    hidden = torch.ones(VOCAB, 16, device=device).to(hidden_dtype)
+    ids = torch.arange(VOCAB, device=device)  # every token: the cached ones hit, the rest miss
+    out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, 2, backend=backend)
+    assert_matches_reference(out, hidden, ids, table.to(device), 2, backend)
+
+
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 @pytest.mark.parametrize("inplace", [False, True], ids=["functional", "inplace"])
 def test_cached_gather_add_unchecked_bad_ids_give_nan_rows(backend, device, inplace):

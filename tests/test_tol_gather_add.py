@@ -73,6 +73,21 @@ def test_matches_reference(backend, device, hidden_dtype, table_dtype, T, d, lay
     assert_matches_reference(hidden, before, ids, table, layer, backend)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("hidden_dtype,table_dtype", [(h, torch.float64) for h in FLOAT_DTYPES + [torch.float64]]
+                         + [(torch.float64, t) for t in FLOAT_DTYPES], ids=str)
+def test_float64_operands(backend, device, hidden_dtype, table_dtype):
+    """A float64 operand makes the sum float64; a 16-bit hidden gets it rounded through float32, as torch
+    rounds float64 to bfloat16/float16 (the reference's bits). Row 0 tells the two apart: over a hidden of
+    1, 2^-8 + 2^-30 and 2^-11 + 2^-40 round up to 1 + 2^-7 (bf16) and 1 + 2^-10 (fp16) when rounded once,
+    to 1 through float32 (and the interpreter's direct float64 -> bfloat16 cast gave NaN and garbage)."""
+    hidden, ids, table = make_case(9, 24, 2, hidden_dtype, table_dtype, torch.int64, device)
+    ids[2] = 0
+    table[0, 2, :2] = torch.tensor([2**-8 + 2**-30, 2**-11 + 2**-40], dtype=torch.float64).to(table_dtype)
+    hidden[2] = 1
+    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 2, backend=backend), hidden, ids, table, 2, backend)
+
+
 def strided(kind, T, d, dtype, device):
     if kind == "padded-rows":  # viewable as [T, d] with row stride d + 3 (also breaks 16-byte alignment)
         return torch.randn(T, d + 3, device=device).to(dtype)[:, 1:d + 1]

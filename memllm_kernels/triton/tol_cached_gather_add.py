@@ -14,7 +14,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
-from .tol_gather_add import _fake_run, _on, _rows, _tiles
+from .tol_gather_add import _fake_run, _on, _rows, _tiles, to_out_dtype
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def tol_cached_gather_add_kernel(
                  mask=mask & miss[:, None], other=0.0).to(acc)
     r = tl.where(hit[:, None], rc, rh)
     r = tl.where(id_ok[:, None], r, float("nan"))
-    out = (h + r).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    out = to_out_dtype(h + r, out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * out_rs + cols[None, :], out, mask=mask)
 
 

@@ -27,6 +27,16 @@ _TILE_ELEMS = 1 << 16 if _INTERPRET else 1 << 13
 
 
 @triton.jit
+def to_out_dtype(x, dtype: tl.constexpr):
+    """x (float32 or float64) rounded to nearest even into dtype. A float64 sum goes to a 16-bit dtype
+    through float32, as torch's own float64 -> bfloat16/float16 conversion does (the reference's bits;
+    the interpreter's direct float64 -> bfloat16 cast is an integer cast: garbage)."""
+    if x.dtype == tl.float64 and dtype.primitive_bitwidth < 32:
+        x = x.to(tl.float32)
+    return x.to(dtype, fp_downcast_rounding="rtne")
+
+
+@triton.jit
 def tol_gather_add_kernel(
     out_ptr, hidden_ptr, ids_ptr, table_ptr,
     T, d, out_rs, hidden_rs, table_rs, layer_offset, num_rows,
@@ -43,7 +53,7 @@ def tol_gather_add_kernel(
                 mask=mask & id_ok[:, None], other=float("nan"))
     # Sum in float32 (float64 if an input is float64), round once to hidden's dtype.
     acc = tl.float64 if FP64 else tl.float32
-    out = (h.to(acc) + r.to(acc)).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    out = to_out_dtype(h.to(acc) + r.to(acc), out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * out_rs + cols[None, :], out, mask=mask)
 
 
@@ -130,15 +140,17 @@ def tol_gather_add_triton_(hidden: torch.Tensor, ids: torch.Tensor, table: torch
 
 def aot_specs():
     """Specializations compiled ahead of time for a GPU target in CI, where no GPU is present
-    (tests/test_triton_aot.py): every hidden/table dtype pair, both id dtypes, the tile of the 1b shape.
+    (tests/test_triton_aot.py): every hidden/table dtype pair, both id dtypes, the tile of the 1b shape, and
+    a float64 table under a bf16 hidden (the sum's rounding through float32).
     Yields (name, kernel, signature, constexprs, args known to be 16-byte aligned / divisible by 16)."""
-    ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
     ints = {"T": "i32", "d": "i32", "out_rs": "i32", "hidden_rs": "i32", "table_rs": "i64",
             "layer_offset": "i64", "num_rows": "i32"}
     aligned = ("out_ptr", "hidden_ptr", "ids_ptr", "table_ptr", "d", "out_rs", "hidden_rs", "table_rs", "layer_offset")
-    for h, t in [(h, t) for h in ty for t in ty]:
+    pairs = [(h, t) for h in ty for t in ty if torch.float64 not in (h, t)] + [(torch.bfloat16, torch.float64)]
+    for h, t in pairs:
         for ids in ("i32", "i64") if (h, t) == (torch.bfloat16, torch.bfloat16) else ("i64",):
             sig = {"out_ptr": f"*{ty[h]}", "hidden_ptr": f"*{ty[h]}", "ids_ptr": f"*{ids}", "table_ptr": f"*{ty[t]}",
                    **ints, "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "FP64": "constexpr"}
             yield (f"tol_gather_add_kernel[{ty[h]},{ty[t]},{ids}]", tol_gather_add_kernel, sig,
-                   {"BLOCK_T": 4, "BLOCK_D": 2048, "FP64": False}, aligned)
+                   {"BLOCK_T": 4, "BLOCK_D": 2048, "FP64": t == torch.float64}, aligned)
