@@ -52,9 +52,10 @@ def index_tensor(op: str, name: str, t) -> None:
 
 
 def bad_integer(v) -> bool:
-    """Not an integer (an index: int, SymInt, a numpy int; not bool). The C++ ops take True as 1 and fail on 1.5
-    with a pybind cast error, so the compiled paths check this before calling them too."""
-    return isinstance(v, bool) or not hasattr(type(v), "__index__")
+    """Not an integer (an index: int, SymInt, a numpy int; not bool, and not a tensor, whose __index__ made
+    torch.tensor(1.9) read as layer 1). The C++ ops take True as 1 and fail on 1.5 with a pybind cast error, so
+    the compiled paths check this before calling them too."""
+    return isinstance(v, (bool, torch.Tensor)) or not hasattr(type(v), "__index__")
 
 
 def int_at_least(name: str, v, minimum: int, note: str = "") -> int:

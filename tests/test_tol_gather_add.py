@@ -219,6 +219,7 @@ def _bad_cases(device):
         "layer-for-2d-table": ((h, ids, t2, 0), ValueError, r"\[V, d\] table"),
         "layer-float": ((h, ids, t3, 1.5), TypeError, "layer must be an int or None, got float"),
         "layer-bool": ((h, ids, t3, True), TypeError, "layer must be an int or None, got bool"),
+        "layer-tensor": ((h, ids, t3, torch.tensor(1.9)), TypeError, "layer must be an int or None, got Tensor"),
         "table-1d": ((h, ids, torch.randn(8, device=device), None), ValueError, r"\[V, d\] or"),
         "int-hidden": ((h.long(), ids, t3, 0), TypeError, "hidden must be float"),
         "int-table": ((h, ids, t3.long(), 0), TypeError, "table must be float"),
