@@ -60,12 +60,17 @@ def tol_gather_add_backward_table(grad: torch.Tensor, ids: torch.Tensor, table_s
     """Gradient of tol_gather_add with respect to the table: grad rows scatter-added onto their ids.
 
     grad: [..., d]; ids: [...]; returns a dense tensor of table_shape ([V, d] or [V, L, d]) and
-    table_dtype, zero except at the ids' rows (of `layer`). Repeated ids accumulate, in float32.
+    table_dtype, zero except at the ids' rows (of `layer`). Repeated ids accumulate, in float32. An id outside
+    [0, V) (a forward with check_ids=False, which gave it a NaN row) adds nothing: index_add_ raised on it on
+    the CPU and would hit a device-side assert on the GPU.
     """
     acc = torch.promote_types(torch.promote_types(grad.dtype, table_dtype), torch.float32)
     out = torch.zeros(table_shape, dtype=acc, device=grad.device)
     target = out if layer is None else out[:, layer]
-    target.index_add_(0, ids.reshape(-1).long(), grad.reshape(-1, grad.shape[-1]).to(acc))
+    flat, ok = valid_ids(ids, table_shape[0])
+    if table_shape[0]:
+        src = grad.reshape(-1, grad.shape[-1]).to(acc)
+        target.index_add_(0, flat, torch.where(ok[:, None], src, torch.zeros((), dtype=acc, device=src.device)))
     return out.to(table_dtype)
 
 

@@ -200,6 +200,21 @@ def test_unchecked_bad_ids_never_read_out_of_bounds(backend, device, inplace):
     assert_matches_reference(out[good], before[good], ids[good], table, 3, backend)
 
 
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_unchecked_bad_ids_get_no_table_gradient(backend, device):
+    """Backward after a check_ids=False forward: a bad id's NaN row came from no table row, so its gradient goes
+    nowhere (index_add_ raised on it on the CPU, a device-side assert on a GPU); the good ids' rows get theirs."""
+    hidden, ids, table = make_case(6, 16, 3, torch.float32, torch.float32, torch.int64, device)
+    ids[2], ids[4] = VOCAB, -1
+    table.requires_grad_(True)
+    out = mk.tol_gather_add(hidden, ids, table, 3, backend=backend, check_ids=False)
+    out.backward(torch.ones_like(out))
+    expected = torch.zeros_like(table)
+    for t in (0, 1, 3, 5):
+        expected[ids[t], 3] += 1
+    assert torch.equal(table.grad, expected)
+
+
 # ---- bad input: a clear Python exception on every backend, before anything is written ----
 def _bad_cases(device):
     h = torch.randn(4, 8, device=device)
