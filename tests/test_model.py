@@ -40,7 +40,7 @@ from memllm_kernels.model import (
     weights_checksum,
 )
 from memllm_kernels.model import data as D
-from memllm_kernels.model.tol import iter_tol_chunks, write_tol_file
+from memllm_kernels.model.tol import estimate_tol, iter_tol_chunks, write_tol_file
 from memllm_kernels.model.train import TrainConfig, evaluate, lr_at, train
 
 # Optional packages (the model's runtime dependencies; a bare GPU test machine may lack them): the tests
@@ -849,6 +849,15 @@ def test_swap_errors(tmp_path):
     model = tiny_model("memoryllm")
     with pytest.raises(ValueError, match=r"ToL shape \(300, 3, 32\)"):
         swap_ffn_for_tol(model, torch.zeros(300, 3, 32))
+    with pytest.raises(TypeError, match="tol must be a float tensor .* got ndarray"):
+        swap_ffn_for_tol(model, np.zeros((300, 2, 32), np.float32))  # its .device is 'cpu' too
+    with pytest.raises(TypeError, match="tol must be a float tensor .* got a torch.int32 tensor"):
+        swap_ffn_for_tol(model, torch.zeros(300, 2, 32, dtype=torch.int32))
+    for call in (lambda: precompute_tol(model, tmp_path / "x.safetensors", dtype=torch.float64),
+                 lambda: estimate_tol(model.config, dtype=torch.float64)):
+        with pytest.raises(TypeError, match="ToL's dtype must be .* got torch.float64"):
+            call()
+    assert not (tmp_path / "x.safetensors").exists()
     swap_ffn_for_tol(model, torch.zeros(300, 2, 32))
     with pytest.raises(ValueError, match="already swapped"):
         swap_ffn_for_tol(model, torch.zeros(300, 2, 32))

@@ -38,6 +38,13 @@ TOL_VERSION = "1"
 TENSOR = "tol"
 DEFAULT_CHUNK_BYTES = 64 << 20
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _st_dtype(dtype) -> str:
+    """The safetensors name of a ToL file's dtype; TypeError for any other (float64 failed as a bare KeyError)."""
+    if dtype not in _ST_DTYPE:
+        raise TypeError(f"a ToL's dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    return _ST_DTYPE[dtype]
 _TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
@@ -119,7 +126,7 @@ def _header_bytes(shape, dtype: torch.dtype, metadata: dict[str, str]) -> bytes:
         nbytes *= s
     nbytes *= torch.empty(0, dtype=dtype).element_size()
     header = {"__metadata__": metadata,
-              TENSOR: {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
+              TENSOR: {"dtype": _st_dtype(dtype), "shape": list(shape), "data_offsets": [0, nbytes]}}
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # pad like safetensors does, so the data starts 8-byte aligned (mmap views)
     return struct.pack("<Q", len(hb)) + hb
@@ -132,8 +139,7 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
 
     progress: optional callable(rows_written) after each chunk. Returns the file size in bytes.
     """
-    if dtype not in _ST_DTYPE:
-        raise ValueError(f"ToL dtype must be one of {list(_ST_DTYPE)}, got {dtype}")
+    _st_dtype(dtype)
     path = Path(path)
     if path.exists() and not path.is_file():  # the rename would replace a folder's entry or a device node
         raise ValueError(f"{path} exists and is not a regular file; write the ToL somewhere else")
@@ -171,7 +177,7 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
 
 def tol_metadata(model: Transformer, dtype: torch.dtype) -> dict[str, str]:
     return {"format": TOL_FORMAT, "version": TOL_VERSION, "config": model.config.to_json(),
-            "dtype": _ST_DTYPE[dtype], "weights_sha256": weights_checksum(model),
+            "dtype": _st_dtype(dtype), "weights_sha256": weights_checksum(model),
             "layout": "token-major [V, L, d]: tol[v, l] = FFN_l(norm_m,l(E[v]))"
                       + (" (FFN-M of Flex)" if model.config.is_flex else "")}
 
@@ -210,6 +216,7 @@ def estimate_tol(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, chunk_by
     (one chunk in `dtype`, one [C, L, d] copy on the device, and the FFN's [C, K_M] activations)."""
     if not cfg.has_memory:
         raise ValueError(f"{cfg.name} is dense: no ToL")
+    _st_dtype(dtype)
     es = torch.empty(0, dtype=dtype).element_size()
     ws = torch.empty(0, dtype=weight_dtype).element_size()
     ct = chunk_tokens_for(cfg, dtype, chunk_bytes)
@@ -405,6 +412,9 @@ def swap_ffn_for_tol(model: Transformer, tol: torch.Tensor, *, backend: str = "a
     multi-GB table is the caller's decision. Use load_tol(path, model) first to check a file belongs to
     the model; this function checks shapes only.
     """
+    if not isinstance(tol, torch.Tensor) or not tol.is_floating_point():
+        what = f"a {tol.dtype} tensor" if isinstance(tol, torch.Tensor) else type(tol).__name__
+        raise TypeError(f"swap_ffn_for_tol: tol must be a float tensor [V, L, d], got {what}")
     _check_swap(model, tuple(tol.shape), tol.device, "ToL", "move one of them first")
     store = TokenLookupTable(tol)
     for i, block in enumerate(model.layers):
