@@ -348,7 +348,7 @@ def test_suppressing_a_key_removes_exactly_its_term():
     assert torch.equal(mem.ffn.w_down.weight, w_before)  # restored bit for bit
     with torch.no_grad():
         assert torch.equal(other, model.layers[0].memory.lookup(E))
-    with pytest.raises(ValueError, match="key 88 is out of range"):
+    with pytest.raises(IndexError, match=r"keys: key 88 is outside layer 1's keys \[0, 88\)"):
         with suppressed_keys(model, layer, [88]):
             pass
 
@@ -447,6 +447,78 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="swapped for a ToL"):
         coefficients(model, 0)
     assert memory_lens(model, [1], k=2).top_ids.shape == (1, 3, 2)  # the lens reads ToL rows directly
+
+
+def test_ids_are_checked_where_they_enter():
+    """Float ids were truncated (key 1.7 suppressed key 1, a float text scored as ids), out-of-range ids failed
+    deep inside torch ('Target 300 is out of bounds', 'index out of range in self') and an empty token list was
+    refused as a float64 dtype: now TypeError, or an IndexError (also a ValueError, as before) naming the
+    argument and the range, and the empty list reaches the 'no tokens' error."""
+    model = tiny_model()
+    edit = lambda: suppressed_keys(model, 1, [3])  # noqa: E731
+    with pytest.raises(ValueError, match="no tokens to analyse"):
+        coefficients(model, 1, [])
+    w = model.layers[1].memory.ffn.w_down.weight.clone()
+    for bad, err, msg in (([1.7], TypeError, "keys: keys must be integers, got dtype float64"),
+                          ([5, -1], IndexError, r"keys: key -1 is outside layer 1's keys \[0, 88\) \(at position 1\)")):
+        with pytest.raises(err, match=msg):
+            suppressed_keys(model, 1, bad).__enter__()
+    assert torch.equal(model.layers[1].memory.ffn.w_down.weight, w)  # nothing was scaled
+    floats, past = _ids().astype(float), np.r_[_ids(), 300]
+    past_msg = r"ids: token id 300 is outside the vocabulary \[0, 300\) \(at position 2000\)"
+    for call in (lambda t: layer_drop_sweep(model, t, 32, max_tokens=64),
+                 lambda t: alpha_sweep(model, t, 32, alphas=[0.5], max_tokens=64),
+                 lambda t: edit_effect(model, t, edit, seq_len=32, max_tokens=64),
+                 lambda t: bigram_agreement(model, t, min_count=5)):
+        with pytest.raises(TypeError, match="ids: token ids must be integers, got dtype float64"):
+            call(floats)
+        with pytest.raises(IndexError, match=past_msg):
+            call(past)
+    with pytest.raises(ValueError, match="ids must be a 1-D sequence"):
+        layer_drop_sweep(model, _ids().reshape(2, -1), 32)
+    for call, name in ((lambda t: memory_lens(model, t), "tokens"), (lambda t: nearest_tokens(model, 1, t[0]), "token"),
+                       (lambda t: suppress_token_rows(model, t[0]), "token"),
+                       (lambda t: copy_token_rows(model, 3, t[0]), "source"),
+                       (lambda t: edited_rows(model, {(t[0], 0): torch.zeros(32)}).__enter__(), "rows"),
+                       (lambda t: edit_effect(model, _ids(), edit, seq_len=32, focus=t), "focus")):
+        with pytest.raises(TypeError, match=f"{name}: token ids must be integers"):
+            call([1.7])
+        with pytest.raises(IndexError, match=rf"{name}: token id -1 is outside the vocabulary \[0, 300\)"):
+            call([-1])
+        with pytest.raises(ValueError, match=rf"{name}: token id 300 is outside"):  # a ValueError, as before
+            call([300])
+    # ints of any integer type still pass
+    assert suppress_token_rows(model, np.int16(7), [0]).keys() == {(7, 0)}
+    assert memory_lens(model, torch.tensor([1, 2], dtype=torch.int32), k=2).tokens.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: memory_lens(m, [1], chunk_tokens=0), "chunk_tokens must be >= 1, got 0"),
+    (lambda m: memory_lens(m, [1], k=2.5), "k must be an int"),
+    (lambda m: coefficients(m, 1, chunk_tokens=1.5), "chunk_tokens must be an int"),
+    (lambda m: access_map(m, 1, chunk_tokens=64.0), "chunk_tokens must be an int"),
+    (lambda m: access_map(m, 1, tokens_per_key=2.5), "tokens_per_key must be an int"),
+    (lambda m: access_map(m, 1, tokens_per_key=0), "tokens_per_key must be >= 1"),
+    (lambda m: access_map(m, 1, k=2.0), "k must be an int"),
+    (lambda m: edit_effect(m, _ids(), lambda: suppressed_keys(m, 1, [3]), seq_len=32, batch_size=0),
+     "batch_size must be >= 1, got 0"),
+    (lambda m: edit_effect(m, _ids(), lambda: suppressed_keys(m, 1, [3]), seq_len=32.0), "seq_len must be an int"),
+    (lambda m: layer_drop_sweep(m, _ids(), 32, batch_size=2.5), "batch_size must be an int"),
+    (lambda m: cluster_layer(m, 1, counts=np.ones(5), tsne=False), r"counts must be \[V\] = \[300\]"),
+    (lambda m: cluster_layer(m, 1, knn=2.5, tsne=False), "knn must be an int"),
+    (lambda m: cluster_layer(m, 1, n_clusters=2.5, tsne=False), "n_clusters must be an int"),
+    (lambda m: cluster_layer(m, 1, outlier_tau=float("nan"), tsne=False), "tau must be > 0 and finite, got nan"),
+    (lambda m: outlier_key_counts(np.ones((2, 3)), np.ones(3), float("inf")), "tau must be > 0 and finite"),
+    (lambda m: nearest_tokens(m, 1, 3, n=-1), "n must be >= 1, got -1"),
+    (lambda m: nearest_tokens(m, 1, 3, n=2.5), "n must be an int"),
+    (lambda m: knn_graph(np.ones((5, 3)), 2.0), "k must be an int"),
+    (lambda m: knn_graph(np.ones((5, 3)), 5), r"k must be in \[1, 4\] for 5 tokens, got 5"),
+])
+def test_options_are_checked_before_any_work(call, message):
+    """Each was accepted (tau NaN counted no outlier) or failed inside range(), topk, sklearn or numpy indexing
+    ('range() arg 3 must not be zero', 'selected index k out of range', a raw IndexError of counts)."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        call(tiny_model())
 
 
 class _Tok:

@@ -9,6 +9,7 @@ modules: `model.tok_embeddings` (E), `model.layers[l].memory` (a `MemoryFFN`: `.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import int_at_least
 from ..model.model import MemoryFFN, Transformer
 
 INTERPRET_EXTRA = "pip install 'memllm-kernels[interpret]'  (scikit-learn and matplotlib)"
@@ -91,6 +93,15 @@ def check_layers(model: Transformer, layers) -> list[int]:
     return [check_layer(model, l) for l in layers]
 
 
+def int_in(name: str, v, lo: int, hi: int, note: str = "") -> int:
+    """An int option in [lo, hi], as an int: int_at_least's TypeError for a float or a bool (a float k reached
+    topk, sklearn or range() and failed there), ValueError naming the range."""
+    int_at_least(name, v, -math.inf)  # the type check alone
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}]{note}, got {v}")
+    return int(v)
+
+
 def refuse_overwrite(paths, force: bool) -> None:
     """FileExistsError naming those of `paths` that exist, unless force: nothing a user saved is overwritten
     without asking (the `memllm train` / `precompute` rule)."""
@@ -121,21 +132,61 @@ def memory_ffn(model: Transformer, layer) -> MemoryFFN:
     return m
 
 
-def check_token_ids(model: Transformer, tokens) -> torch.Tensor:
+class IdOutOfRange(IndexError, ValueError):
+    """An id outside its range: an IndexError, as the model's forward and the ops raise for a bad token id, and a
+    ValueError, as the toolkit raised before (and `memllm inspect` reports in one line)."""
+
+
+def checked_ids(ids, limit: int, name: str, what: str = "token id", of: str = "the vocabulary") -> torch.Tensor:
+    """`ids` (ints, an array or a tensor, any shape) as a flat int64 tensor (on the tensor's device, else the CPU),
+    each in [0, limit). The one place the toolkit checks ids: TypeError for non-integers (int(1.7) read id 1),
+    IdOutOfRange naming the argument `name`, the first bad id, its position and the range (an out-of-range id
+    otherwise failed deep inside torch, or silently read from the end of a table). One min/max pass."""
+    if not torch.is_tensor(ids):
+        ids = np.asarray(ids)
+        if ids.size == 0:  # np.asarray([]) is float64: no ids is the caller's to refuse (or accept), not a dtype
+            ids = ids.astype(np.int64)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"{name}: {what}s must be integers, got dtype {ids.dtype}")
+        ids = torch.from_numpy(ids.astype(np.int64))
+    elif ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name}: {what}s must be integers, got dtype {ids.dtype}")
+    t = ids.reshape(-1).to(torch.int64)
+    if t.numel():
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync on a GPU
+        if lo < 0 or hi >= limit:
+            bad = lo if lo < 0 else hi
+            pos = int((t == bad).nonzero()[0, 0])
+            raise IdOutOfRange(f"{name}: {what} {bad} is outside {of} [0, {limit}) (at position {pos})")
+    return t
+
+
+def check_token_ids(model: Transformer, tokens, name: str = "tokens") -> torch.Tensor:
     """tokens (None = the whole vocabulary, or ints / an array / a tensor) -> 1-D int64 tensor on the model's
-    device, each checked to lie in [0, V)."""
+    device, each checked to lie in [0, V) (checked_ids; errors name the argument `name`)."""
     V = model.config.vocab_size
     device = model.output.weight.device  # (the embedding may be in host memory: offload_embedding)
     if tokens is None:
         return torch.arange(V, device=device)
-    t = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens).reshape(-1)
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise TypeError(f"token ids must be integers, got dtype {t.dtype}")
-    t = t.to(torch.int64)
-    bad = t[(t < 0) | (t >= V)]
-    if bad.numel():
-        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {V})")
-    return t.to(device)
+    return checked_ids(tokens, V, name).to(device)
+
+
+def check_token(model: Transformer, token, name: str = "token") -> int:
+    """One token id (an int, not 1.7) in [0, V), as an int."""
+    ids = check_token_ids(model, [token], name)
+    if ids.numel() != 1:
+        raise ValueError(f"{name} must be one token id, got {token!r}")
+    return int(ids[0])
+
+
+def check_id_stream(model: Transformer, ids, name: str = "ids") -> np.ndarray:
+    """A text of token ids (1-D: numpy, a list or a tensor) as int64 numpy, each in [0, V) (checked_ids): a float
+    text was truncated to ids, and an id past the vocabulary failed inside the loss ('Target 300 is out of
+    bounds')."""
+    ndim = ids.ndim if hasattr(ids, "ndim") else np.ndim(ids)
+    if ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of token ids, got {ndim} dimensions")
+    return checked_ids(ids, model.config.vocab_size, name).cpu().numpy()
 
 
 @torch.inference_mode()

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._checks import int_at_least
 from ..model.model import Transformer
-from ._common import check_layer, new_figure, save_figure
+from ._common import check_layer, int_in, new_figure, save_figure
 from .coefficients import DEFAULT_CHUNK_TOKENS, iter_coefficients, key_value_weights
 
 
@@ -91,10 +92,8 @@ def access_map(model: Transformer, layer: int, *, k: int = 8, tokens_per_key: in
     layer = check_layer(model, layer)
     kv = key_value_weights(model, layer)
     K = kv.keys.shape[0]
-    if not 1 <= k <= K:
-        raise ValueError(f"k must be in [1, {K}] (the layer's key count), got {k}")
-    if tokens_per_key < 1:
-        raise ValueError(f"tokens_per_key must be >= 1, got {tokens_per_key}")
+    k = int_in("k", k, 1, K, " (the layer's key count)")
+    tokens_per_key = int_at_least("tokens_per_key", tokens_per_key, 1)
     vnorm = kv.value_norms
     dev = vnorm.device
     utilization = torch.zeros(K, dtype=torch.int64, device=dev)

@@ -23,13 +23,15 @@ memory's overall scale. (At most K / tau^2 keys can pass it: 19 of the tiny pres
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .._checks import int_at_least
 from ..model.model import Transformer
-from ._common import check_layer, new_figure, require, save_figure
+from ._common import check_layer, check_token, int_in, new_figure, require, save_figure
 from .coefficients import DEFAULT_CHUNK_TOKENS, coefficients
 
 DEFAULT_TSNE_SAMPLE = 2000
@@ -60,11 +62,19 @@ def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
 
 def outlier_key_counts(coef: np.ndarray, value_norms: np.ndarray, tau: float = DEFAULT_OUTLIER_TAU) -> np.ndarray:
     """Outlier keys per token (module docstring): coef [N, K], value_norms [K] -> counts [N] int64."""
-    if tau <= 0:
-        raise ValueError(f"the outlier threshold tau must be > 0, got {tau}")
+    tau = check_tau(tau)
     a = np.abs(np.asarray(coef, dtype=np.float32)) * np.asarray(value_norms, dtype=np.float32)[None, :]
     rms = np.sqrt((a.astype(np.float64) ** 2).mean(axis=1, keepdims=True))
     return (a > tau * rms).sum(axis=1).astype(np.int64)
+
+
+def check_tau(tau) -> float:
+    """The outlier threshold as a float: finite and > 0 (NaN compared false with every contribution and counted
+    no outlier at all)."""
+    tau = float(tau)
+    if not 0 < tau < math.inf:
+        raise ValueError(f"the outlier threshold tau must be > 0 and finite, got {tau}")
+    return tau
 
 
 def knn_graph(x: np.ndarray, k: int = DEFAULT_KNN) -> np.ndarray:
@@ -73,8 +83,7 @@ def knn_graph(x: np.ndarray, k: int = DEFAULT_KNN) -> np.ndarray:
     Dense: S^2 booleans and one S x S similarity matrix (2,000 tokens: 16 MB), fine for the sampled sizes.
     """
     n = x.shape[0]
-    if not 1 <= k < n:
-        raise ValueError(f"k must be in [1, {n - 1}] for {n} tokens, got {k}")
+    k = int_in("k", k, 1, n - 1, f" for {n} tokens")
     u = torch.from_numpy(normalise_rows(x))
     sim = u @ u.t()
     sim.fill_diagonal_(-float("inf"))
@@ -118,8 +127,7 @@ def kmeans(x: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[np.ndarray, n
     """
     cluster = require("sklearn.cluster", "clustering")
     n = x.shape[0]
-    if not 2 <= n_clusters <= n:
-        raise ValueError(f"n_clusters must be in [2, {n}] for {n} tokens, got {n_clusters}")
+    n_clusters = int_in("n_clusters", n_clusters, 2, n, f" for {n} tokens")
     if n > MINIBATCH_ABOVE:
         km = cluster.MiniBatchKMeans(n_clusters=n_clusters, batch_size=2048, n_init=3, random_state=seed)
         method = "MiniBatchKMeans"
@@ -229,6 +237,14 @@ def cluster_layer(model: Transformer, layer: int, *, tokens=None, n_clusters: in
     Deterministic for a given seed.
     """
     layer = check_layer(model, layer)
+    # every option is checked before the coefficients and K-means, which can take minutes
+    for name, v, low in (("n_clusters", n_clusters, 2), ("sample", sample, 1), ("knn", knn, 1),
+                         ("n_examples", n_examples, 0)):
+        int_at_least(name, v, low)
+    outlier_tau = check_tau(outlier_tau)
+    V = model.config.vocab_size
+    if counts is not None and np.shape(counts) != (V,):
+        raise ValueError(f"counts must be [V] = [{V}] token frequencies, got shape {list(np.shape(counts))}")
     co = coefficients(model, layer, tokens, chunk_tokens=chunk_tokens, progress=progress)
     n = len(co.tokens)
     if n < 3:
@@ -282,6 +298,8 @@ def nearest_tokens(model: Transformer, layer: int, token: int, *, tokens=None, n
     from .coefficients import iter_coefficients
 
     layer = check_layer(model, layer)
+    token = check_token(model, token)
+    n = int_at_least("n", n, 1)
     (_, q), = list(iter_coefficients(model, layer, [token]))
     q = q[0] / q[0].norm().clamp(min=1e-30)
     best_s = torch.empty(0)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._checks import int_at_least
 from ..model.model import Transformer
 from ._common import check_layer, check_token_ids, memory_ffn, new_figure, progress_bar, save_figure
 
@@ -87,8 +88,7 @@ def iter_coefficients(model: Transformer, layer: int, tokens=None, *, chunk_toke
     ids = check_token_ids(model, tokens)
     if ids.numel() == 0:
         raise ValueError("no tokens to analyse (an empty token list)")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    chunk_tokens = int_at_least("chunk_tokens", chunk_tokens, 1)
     starts = range(0, ids.numel(), chunk_tokens)
     bar = progress_bar(total=ids.numel(), enabled=progress, unit="tok", leave=False,
                        desc=desc or f"coefficients L{layer}")

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import int_at_least
 from ..model.model import Transformer
-from ._common import (check_layer, check_layers, check_token_ids, memory_ffn, memory_rows, new_figure, progress_bar,
-                      require_memory, save_figure)
+from ._common import (check_id_stream, check_layer, check_layers, check_token, check_token_ids, checked_ids, int_in,
+                      memory_ffn, memory_rows, new_figure, progress_bar, require_memory, save_figure)
 
 
 # ---------------------------------------------------------------- key edits
@@ -41,12 +42,9 @@ def suppressed_keys(model: Transformer, layer: int, keys, scale: float = 0.0):
     m = memory_ffn(model, layer)
     w = m.ffn.w_down.weight  # [d, K]: value i is column i
     K = w.shape[1]
-    keys = torch.as_tensor(np.asarray(keys), dtype=torch.int64).reshape(-1)
+    keys = checked_ids(keys, K, "keys", "key", f"layer {layer}'s keys")
     if keys.numel() == 0:
         raise ValueError("no keys to edit")
-    bad = keys[(keys < 0) | (keys >= K)]
-    if bad.numel():
-        raise ValueError(f"key {int(bad[0])} is out of range: layer {layer} has {K} keys (0..{K - 1})")
     keys = keys.to(w.device)
     saved = w.detach()[:, keys].clone()
     with torch.no_grad():
@@ -103,7 +101,7 @@ def edited_rows(model: Transformer, rows: dict):
     by_layer: dict[int, dict[int, torch.Tensor]] = {}
     for (tok, layer), row in rows.items():
         layer = check_layer(model, layer)
-        tok = int(check_token_ids(model, [tok])[0])
+        tok = check_token(model, tok, "rows")
         row = torch.as_tensor(row, dtype=torch.float32)
         if row.shape != (d,):
             raise ValueError(f"a new row must have shape ({d},), got {tuple(row.shape)} for token {tok} layer {layer}")
@@ -127,13 +125,13 @@ def edited_rows(model: Transformer, rows: dict):
 
 def suppress_token_rows(model: Transformer, token: int, layers=None) -> dict:
     """{(token, l): zeros} for `layers` (None: all): the token's memory term removed."""
-    token = int(check_token_ids(model, [token])[0])
+    token = check_token(model, token)
     return {(token, l): torch.zeros(model.config.d_model) for l in check_layers(model, layers)}
 
 
 def copy_token_rows(model: Transformer, token: int, source: int, layers=None) -> dict:
     """{(token, l): source's row at l}: `token` reads `source`'s memory at `layers` (None: all)."""
-    token, source = (int(t) for t in check_token_ids(model, [token, source]))
+    token, source = check_token(model, token), check_token(model, source, "source")
     out = {}
     for l in check_layers(model, layers):
         out[(token, l)] = memory_rows(model, [source], l)[0].cpu()
@@ -225,13 +223,15 @@ def edit_effect(model: Transformer, ids: np.ndarray, edit, *, seq_len: int, focu
         whose inputs hold a focus token -- a row edit cannot change any other window, and a word like ' king'
         may not occur in the first 16k tokens of a validation split at all.
     """
-    ids = np.asarray(ids, dtype=np.int64)
+    ids = check_id_stream(model, ids)
     V = model.config.vocab_size
-    if seq_len < 1 or seq_len > model.config.block_size:
-        raise ValueError(f"seq_len must be in [1, {model.config.block_size}], got {seq_len}")
+    seq_len = int_in("seq_len", seq_len, 1, model.config.block_size)
+    batch_size = int_at_least("batch_size", batch_size, 1)
+    if max_tokens is not None:
+        max_tokens = int_at_least("max_tokens", max_tokens, 1)
     if windows not in ("first", "focus"):
         raise ValueError(f"windows must be 'first' or 'focus', got {windows!r}")
-    focus = [int(t) for t in check_token_ids(model, list(focus))] if len(focus) else []
+    focus = check_token_ids(model, focus, "focus").tolist()
     if windows == "focus" and not focus:
         raise ValueError("windows='focus' needs focus tokens")
     n_all = (len(ids) - 1) // seq_len  # every complete window of the text

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._checks import int_at_least
 from ..model.model import Transformer
-from ._common import check_layers, check_token_ids, memory_rows, new_figure, progress_bar, require_memory, save_figure
+from ._common import (check_id_stream, check_layers, check_token_ids, int_in, memory_rows, new_figure, progress_bar,
+                      require_memory, save_figure)
 
 SUM = "sum"
 
@@ -64,8 +66,8 @@ def memory_lens(model: Transformer, tokens=None, layers=None, *, k: int = 10, in
     ids = check_token_ids(model, tokens)
     layers = check_layers(model, layers)
     V = model.config.vocab_size
-    if not 1 <= k <= V:
-        raise ValueError(f"k must be in [1, {V}], got {k}")
+    k = int_in("k", k, 1, V)
+    chunk_tokens = int_at_least("chunk_tokens", chunk_tokens, 1)
     labels = list(layers) + ([SUM] if include_sum else [])
     all_l = check_layers(model, None)
     top_i = np.empty((ids.numel(), len(labels), k), dtype=np.int64)
@@ -137,13 +139,11 @@ def bigram_agreement(model: Transformer, ids: np.ndarray, layers=None, *, k: int
     """How often each layer's memory lens (and their sum) puts a token's most frequent successor in its
     top-k, over the tokens seen at least `min_count` times in the id stream `ids` (e.g. the training split)."""
     V = model.config.vocab_size
-    ids = np.asarray(ids)
-    if len(ids) and (ids.min() < 0 or ids.max() >= V):
-        raise ValueError(f"the id stream holds ids outside the vocabulary [0, {V})")
+    ids = check_id_stream(model, ids)
     toks, succ = top_successors(ids, V, min_count)
     if not len(toks):
         raise ValueError(f"no token occurs {min_count} times in the text; lower min_count")
     lens = memory_lens(model, toks, layers, k=k, progress=progress)
     hit = {l: float((lens.top_ids[:, j] == succ[:, None]).any(1).mean()) for j, l in enumerate(lens.layers)}
-    unigram_top = np.argsort(-np.bincount(ids.astype(np.int64), minlength=V), kind="stable")[:k]
+    unigram_top = np.argsort(-np.bincount(ids, minlength=V), kind="stable")[:k]
     return BigramAgreement(k, min_count, toks, succ, hit, float(np.isin(succ, unigram_top).mean()))

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._checks import int_at_least
 from ..model.model import Transformer
 from ..model.train import evaluate
-from ._common import check_layer, check_layers, new_figure, progress_bar, require_memory, save_figure
+from ._common import check_id_stream, check_layer, check_layers, new_figure, progress_bar, require_memory, save_figure
 
 DEFAULT_ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 DEFAULT_EVAL_TOKENS = 16384
@@ -80,11 +81,19 @@ def _eval(model, ids, seq_len, batch_size, max_tokens) -> tuple[float, float, in
     return r["loss"], r["ppl"], r["tokens"]
 
 
+def _eval_args(model, ids, seq_len, batch_size, max_tokens) -> tuple:
+    """The text and evaluate()'s options, checked once before the first evaluation: a float text was truncated
+    to ids and an id past the vocabulary failed inside the loss ('Target 300 is out of bounds')."""
+    return (check_id_stream(model, ids), int_at_least("seq_len", seq_len, 1), int_at_least("batch_size", batch_size, 1),
+            None if max_tokens is None else int_at_least("max_tokens", max_tokens, 1))
+
+
 def layer_drop_sweep(model: Transformer, ids: np.ndarray, seq_len: int, *, layers=None, batch_size: int = 16,
                      max_tokens: int | None = DEFAULT_EVAL_TOKENS, progress: bool = False) -> SweepResult:
     """Perplexity on `ids` with each layer in `layers` (None: all) dropped in turn: its memory term for a
     MemoryLLM/Flex model, its FFN for a dense model. One evaluation per layer plus the baseline."""
     layers = check_layers(model, layers)
+    ids, seq_len, batch_size, max_tokens = _eval_args(model, ids, seq_len, batch_size, max_tokens)
     what = "memory" if model.config.has_memory else "ffn"
     loss, ppl, n = _eval(model, ids, seq_len, batch_size, max_tokens)
     res = SweepResult(model.config.name, what, (loss, ppl), tokens=n)
@@ -100,6 +109,7 @@ def alpha_sweep(model: Transformer, ids: np.ndarray, seq_len: int, *, alphas=DEF
                 max_tokens: int | None = DEFAULT_EVAL_TOKENS, progress: bool = False) -> SweepResult:
     """Perplexity on `ids` with every layer's memory term scaled by each alpha (paper Table 1)."""
     require_memory(model)
+    ids, seq_len, batch_size, max_tokens = _eval_args(model, ids, seq_len, batch_size, max_tokens)
     alphas = [float(a) for a in alphas]
     if not alphas or any(not np.isfinite(a) for a in alphas):
         raise ValueError(f"alphas must be finite numbers, got {alphas}")
