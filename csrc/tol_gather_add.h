@@ -54,7 +54,8 @@ struct TolTableView {
 // machine, every TORCH_CHECK whose message streamed an integer through c10::str crashed the process
 // (SIGSEGV) while messages of strings, ScalarTypes and Devices raised fine. memllm_kernels.ops checks
 // the same conditions first and raises TypeError / ValueError / IndexError from Python; the C++ ops
-// raise TypeError for dtypes and RuntimeError for the rest.
+// raise TypeError for dtypes, IndexError for ids (and destination rows) out of range, as the wrappers and
+// the Python backends do (also under torch.compile, where no wrapper translates), and RuntimeError for the rest.
 inline std::string to_str(int64_t v) { return std::to_string(v); }
 inline std::string to_str(c10::IntArrayRef a) {
   std::string s = "[";
@@ -103,7 +104,7 @@ inline TolTableView check_tol_gather_add_args(
 
 // The error for an id outside [0, V): names the id, where it is, and V.
 [[noreturn]] inline void throw_bad_id(const char* op, int64_t position, int64_t id, int64_t num_rows) {
-  TORCH_CHECK(false, std::string(op) + ": id " + to_str(id) + " (at flat position " + to_str(position) +
+  TORCH_CHECK_INDEX(false, std::string(op) + ": id " + to_str(id) + " (at flat position " + to_str(position) +
                          " of ids) is outside [0, V) for a table of V=" + to_str(num_rows) + " rows");
   __builtin_unreachable();
 }

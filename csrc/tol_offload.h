@@ -46,7 +46,7 @@ inline void check_index_dtype(const std::string& op, const char* name, const at:
 
 // The error for a destination row outside [0, M).
 [[noreturn]] inline void throw_bad_row(const char* op, int64_t position, int64_t row, int64_t num_rows) {
-  TORCH_CHECK(false, std::string(op) + ": destination row " + to_str(row) + " (at position " + to_str(position) +
+  TORCH_CHECK_INDEX(false, std::string(op) + ": destination row " + to_str(row) + " (at position " + to_str(position) +
                          " of rows) is outside [0, " + to_str(num_rows) + ") rows of out");
   __builtin_unreachable();
 }

@@ -109,27 +109,55 @@ def _first_outside(idx: torch.Tensor, bound: int) -> tuple[int, int] | None:
 
 def _check_id_range(op: str, ids: torch.Tensor, num_rows: int) -> None:
     """Raises IndexError naming the first id outside [0, V)."""
-    found = _first_outside(ids, num_rows)
-    if found is not None:
+    _check_range(op, ids, num_rows)
+
+
+def _check_range(op: str, idx: torch.Tensor, bound: int, what: str = "id") -> None:
+    """IndexError naming the first of idx outside [0, bound): an id of a table of V=bound rows, or (what="row") a
+    destination row of an out of bound rows."""
+    found = _first_outside(idx, bound)
+    if found is None:
+        return
+    if what == "id":
         raise IndexError(f"{op}: id {found[0]} (at flat position {found[1]} of ids) is outside [0, V) for a table "
-                         f"of V={num_rows} rows")
+                         f"of V={bound} rows")
+    raise IndexError(f"{op}: destination row {found[0]} (at position {found[1]} of rows) is outside [0, {bound}) "
+                     "rows of out")
 
 
-_BAD_ID = "is outside [0, V)"
+@torch.library.custom_op("memllm::check_range", mutates_args=())
+def _check_range_op(idx: torch.Tensor, bound: int, op: str, what: str) -> torch.Tensor:
+    """A copy of idx [...] once all lie in [0, bound), else _check_range's IndexError (one host sync on a GPU).
+    The Python backends' range check as an op for torch.compile, whose tracing cannot read the values
+    (fullgraph=True failed on the Python check); the callers read the returned copy (an op's output may not
+    alias its input), so the graph keeps the check."""
+    _check_range(op, idx, bound, what)
+    return idx.clone()
+
+
+@_check_range_op.register_fake
+def _(idx, bound, op, what):
+    return torch.empty_like(idx)
+
+
+def _checked(op: str, idx: torch.Tensor, bound: int, what: str = "id") -> torch.Tensor:
+    """idx after _check_range: checked here, or in the compiled graph (memllm::check_range). Use the result."""
+    if torch.compiler.is_compiling():
+        return torch.ops.memllm.check_range(idx, bound, op, what)
+    _check_range(op, idx, bound, what)
+    return idx
 
 
 def _run_compiled(op, *args, checks=None):
-    """Calls a C++/CUDA op, which checks its arguments itself. On an error, `checks()` (the Python checks,
-    run only then: they cost ~2.5 us per call, a third of a one-token call on CPU) raises the TypeError /
-    ValueError / IndexError the Python backends raise; a bad-id RuntimeError becomes IndexError."""
+    """Calls a C++/CUDA op, which checks its arguments itself (an id out of range: IndexError already). On another
+    error, `checks()` (the Python checks, run only then: they cost ~2.5 us per call, a third of a one-token call
+    on CPU) raises the TypeError / ValueError the Python backends raise."""
     try:
         return op(*args)
     except (RuntimeError, TypeError) as e:
         error = e
     if checks is not None:
         checks()  # outside the except block, so a Python error does not chain onto the C++ one
-    if isinstance(error, RuntimeError) and _BAD_ID in str(error):
-        raise IndexError(str(error).split("\n")[0]) from None
     raise error
 
 
@@ -153,6 +181,8 @@ def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     Returns a new contiguous [..., d] tensor. Differentiable in hidden and table.
     """
     backend = _pick_backend(backend, _device_of("tol_gather_add", hidden))
+    if check_ids is not True and check_ids is not False:  # 'no' failed in pybind, None read as False
+        _checks.flag("tol_gather_add", "check_ids", check_ids)
     if backend in ("cpu", "cuda"):
         args = (hidden, ids, table, layer, check_ids)
         checks = lambda: _checks.gather_add("tol_gather_add", hidden, ids, table, layer)  # noqa: E731
@@ -167,7 +197,7 @@ def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
         return _run_compiled(torch.ops.memllm.tol_gather_add, *args, checks=checks)
     _checks.gather_add("tol_gather_add", hidden, ids, table, layer)
     if check_ids:
-        _check_id_range("tol_gather_add", ids, table.shape[0])
+        ids = _checked("tol_gather_add", ids, table.shape[0])
     if backend == "triton":
         return torch.ops.memllm.tol_gather_add_triton(hidden, ids, table, layer)
     return reference.tol_gather_add(hidden, ids, table, layer)
@@ -181,6 +211,8 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
     A bad id raises before anything is written (with check_ids=True).
     """
     backend = _pick_backend(backend, _device_of("tol_gather_add_", hidden))
+    if check_ids is not True and check_ids is not False:
+        _checks.flag("tol_gather_add_", "check_ids", check_ids)
     _checks.no_grad("tol_gather_add_", "use tol_gather_add (out of place) when gradients are needed, or run under "
                     "torch.no_grad()", hidden=hidden, table=table)
     if backend in ("cpu", "cuda"):
@@ -193,7 +225,7 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
     _checks.no_overlap("tol_gather_add_", "hidden", hidden)
     _checks.not_aliased("tol_gather_add_", hidden, ids, table)
     if check_ids:
-        _check_id_range("tol_gather_add_", ids, table.shape[0])
+        ids = _checked("tol_gather_add_", ids, table.shape[0])
     if backend == "triton":
         torch.ops.memllm.tol_gather_add_triton_(hidden, ids, table, layer)
     else:

@@ -142,6 +142,30 @@ def test_host_gather_bad_input_raises_before_writing(backend, device):
         assert not out.any(), f"a failed call ({match}) wrote into out"
 
 
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_host_gather_refuses_an_out_that_shares_memory(backend, device):
+    """out given as its own table gave a different result per backend (each read rows that another program had
+    overwritten, at another time); an expand()ed out, whose elements share memory, was written by racing programs
+    (the reference refused it with torch's own error). ValueError on every backend before anything is written; the
+    raw Triton op refuses them too (RuntimeError)."""
+    table = torch.arange(VOCAB * 2 * 8, dtype=torch.float32).view(VOCAB, 2, 8).to(device)
+    before, base = table.clone(), torch.zeros(1, 2, 8, device=device)
+    ids = torch.tensor([3, 1, 2], device=device)
+    cases = [((table, ids, table, torch.tensor([1, 2, 0], device=device)), "out shares memory with table"),
+             ((table, ids, table[2:5]), "out shares memory with table"),  # a view overlapping the rows it reads
+             ((table, ids, base.expand(3, 2, 8)), "out has elements that share memory")]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            mk.tol_host_gather(*args, backend=backend)
+        if backend == "triton":
+            with pytest.raises(RuntimeError, match=match):
+                torch.ops.memllm.tol_host_gather_triton(*args)
+    assert torch.equal(table, before) and not base.any()
+    out = torch.zeros(3, 2, 8, device=device)
+    assert mk.tol_host_gather(table[:3], ids - 1, out, backend=backend) is out  # apart: as before
+    assert torch.equal(out, table[ids - 1])
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[1] == "cuda"])
 def test_host_ops_refuse_pageable_host_memory_on_gpu(backend, device):
     """Ordinary (pageable) host memory has no device address: refused by every GPU backend, the raw Triton ops
@@ -356,13 +380,40 @@ def test_cached_gather_add_bad_input_raises(backend, device, inplace):
         assert torch.equal(h, before)
 
 
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_offload_ops_refuse_a_check_ids_that_is_not_a_bool_and_a_layer_that_is_not_an_int(backend, device):
+    """check_ids='no' failed in pybind on the compiled backends ("Expected a value of type 'bool'") and read as True
+    on the others; None read as False everywhere, silently skipping the range check. The CPU kernels of
+    tol_cached_gather_add(_) read a layer True or torch.tensor(1.9) as layer 1, where the other backends refused
+    it. TypeError naming the argument."""
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([1, VOCAB], device=device)  # a bad id, which None let through
+    out, hidden = torch.zeros(2, 2, 8, device=device), torch.zeros(2, 8, device=device)
+    calls = {"tol_host_gather": lambda v: mk.tol_host_gather(table, ids, out, backend=backend, check_ids=v),
+             "tol_cached_gather_add": lambda v: mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, 1,
+                                                                         backend=backend, check_ids=v),
+             "tol_cached_gather_add_": lambda v: mk.tol_cached_gather_add_(hidden, ids, slot_map, cache, table, 1,
+                                                                           backend=backend, check_ids=v)}
+    for op, call in calls.items():
+        for v in ("no", None, 1):
+            with pytest.raises(TypeError, match=f"{op}: check_ids must be True or False, got {type(v).__name__}"):
+                call(v)
+    for layer in (True, torch.tensor(1.9), 1.0):
+        got = type(layer).__name__
+        for f in (mk.tol_cached_gather_add, mk.tol_cached_gather_add_):
+            with pytest.raises(TypeError, match=f"{f.__name__}: layer must be an int or None, got {got}"):
+                f(hidden, ids[:1], slot_map, cache, table, layer, backend=backend)
+    assert not out.any() and not hidden.any()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_cached_gather_add_compiled_op_checks_its_inputs(device):
-    """torch.ops.memllm.tol_cached_gather_add checks in C++ too (RuntimeError, TypeError for dtypes)."""
+    """torch.ops.memllm.tol_cached_gather_add checks in C++ too (RuntimeError; TypeError for dtypes, IndexError for ids)."""
     table = host_table((VOCAB, 2, 8), torch.float32, device)
     slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
     h = torch.randn(2, 8, device=device)
-    with pytest.raises(RuntimeError, match=rf"id {VOCAB} .*V={VOCAB}"):
+    with pytest.raises(IndexError, match=rf"id {VOCAB} .*V={VOCAB}"):
         torch.ops.memllm.tol_cached_gather_add(h, torch.tensor([1, VOCAB], device=device), slot_map, cache, table, 0)
     with pytest.raises(TypeError, match="slot_map must be int32"):
         torch.ops.memllm.tol_cached_gather_add(h, torch.tensor([1, 2], device=device), slot_map.long(), cache, table, 0)
@@ -379,11 +430,11 @@ def test_row_ops_check_their_inputs_in_cpp_too(device):
     out = torch.zeros(3, 2, 8, device=device)
     first, slots = (torch.zeros(3, dtype=torch.int32, device=device) for _ in range(2))
     bad_ids = torch.tensor([0, VOCAB, 1], device=device)
-    with pytest.raises(RuntimeError, match=rf"id {VOCAB} .*V={VOCAB}"):
+    with pytest.raises(IndexError, match=rf"id {VOCAB} .*V={VOCAB}"):
         torch.ops.memllm.tol_host_gather(table, bad_ids, out, None, True)
-    with pytest.raises(RuntimeError, match=r"destination row 7"):
+    with pytest.raises(IndexError, match=r"destination row 7"):
         torch.ops.memllm.tol_host_gather(table, bad_ids[:1], out, torch.tensor([7], device=device), True)
-    with pytest.raises(RuntimeError, match=rf"id {VOCAB} .*V={VOCAB}"):
+    with pytest.raises(IndexError, match=rf"id {VOCAB} .*V={VOCAB}"):
         torch.ops.memllm.tol_cache_prefetch(bad_ids, slot_map, cache, table, out, first, slots, 0, None, True)
     with pytest.raises(TypeError, match="first and slots must be int32"):
         torch.ops.memllm.tol_cache_prefetch(bad_ids, slot_map, cache, table, out, first.long(), slots, 0, None, False)
@@ -479,6 +530,65 @@ def test_cache_prefetch_bad_input_raises(backend, device):
     with pytest.raises(RuntimeError, match="no Triton kernel"):
         mk.tol_cache_prefetch(torch.tensor([0, 2, 1], device=device), slot_map, cache, table, out, first, slots,
                               backend="triton")
+
+
+@pytest.mark.parametrize("backend,device", NO_TRITON)
+def test_cache_ops_refuse_outputs_that_share_memory(backend, device):
+    """tol_cache_prefetch took first given as slots, an expand()ed out and out given as a table it reads (the
+    results then depended on the order of the kernel's writes); tol_cache_admit likewise a state tensor that is also
+    an input. ValueError on every backend, before anything is written."""
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([4, 1, 4], device=device)
+    out = torch.zeros(3, 2, 8, device=device)
+    first, slots = (torch.zeros(3, dtype=torch.int32, device=device) for _ in range(2))
+    snapshot = [t.clone() for t in (slot_map, cache, table)]
+    cases = [(dict(slots=first), "first shares memory with slots"),
+             (dict(out=torch.zeros(1, 2, 8, device=device).expand(3, 2, 8)), "out has elements that share memory"),
+             (dict(out=cache[:3]), "out shares memory with cache"),
+             (dict(first=slot_map[:3]), "first shares memory with slot_map")]
+    for change, match in cases:
+        args = dict(ids=ids, slot_map=slot_map, cache=cache, host_table=table, out=out, first=first, slots=slots)
+        args.update(change)
+        with pytest.raises(ValueError, match=match):
+            mk.tol_cache_prefetch(**args, backend=backend)
+    assert not out.any() and not first.any() and not slots.any()
+    assert all(torch.equal(a, b) for a, b in zip((slot_map, cache, table), snapshot))
+    _, state = _admit_state(VOCAB, CACHE, "lru", table, device, seed=0)
+    before = [t.clone() for t in state]
+    names = ["ids", "first", "slots", "rows", "slot_map", "owner", "last_use", "admitted_at", "cache", "counters"]
+    for change, match in [(dict(first=state[1][:3]), "owner shares memory with first"),
+                          (dict(rows=state[4][:3]), "cache shares memory with rows"),
+                          (dict(counters=state[3][:7]), "admitted_at shares memory with counters")]:
+        args = dict(zip(names, [ids, first, slots, out] + state))
+        args.update(change)
+        with pytest.raises(ValueError, match=match):
+            mk.tol_cache_admit(**args, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
+
+
+@pytest.mark.parametrize("backend,device", NO_TRITON)
+def test_cache_prefetch_refuses_non_integer_layers_and_non_bool_check_ids(backend, device):
+    """layer_begin / layer_end 0.0 failed in pybind ("Expected a value of type 'int'") or, on the reference, as a
+    slice index; a tensor layer_end was read by its __index__ (torch.tensor(2.5) as 2). check_ids='no' was taken as
+    True and None as False. TypeError naming the argument, before anything is written."""
+    table = host_table((VOCAB, 3, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([4, 1], device=device)
+    out = torch.zeros(2, 3, 8, device=device)
+    first, slots = (torch.zeros(2, dtype=torch.int32, device=device) for _ in range(2))
+    for kwargs, match in [(dict(layer_begin=0.0), "layer_begin must be an int, got float"),
+                          (dict(layer_begin=torch.tensor(0)), "layer_begin must be an int, got Tensor"),
+                          (dict(layer_begin=True), "layer_begin must be an int, got bool"),
+                          (dict(layer_end=0.0), "layer_end must be an int or None, got float"),
+                          (dict(layer_end=torch.tensor(2.5)), "layer_end must be an int or None, got Tensor"),
+                          (dict(check_ids="no"), "check_ids must be True or False, got str"),
+                          (dict(check_ids=None), "check_ids must be True or False, got NoneType")]:
+        with pytest.raises(TypeError, match=f"tol_cache_prefetch: {match}"):
+            mk.tol_cache_prefetch(ids, slot_map, cache, table, out, first, slots, backend=backend, **kwargs)
+    assert not out.any() and not first.any() and not slots.any()
+    mk.tol_cache_prefetch(ids, slot_map, cache, table, out, first, slots, np.int64(1), np.int32(3), backend=backend)
+    assert torch.equal(out[:, 1:].cpu(), table.cpu()[[4, 1], 1:]) and not out[:, 0].any()
 
 
 def _admit_state(V, C, policy, table, device, seed):
@@ -657,6 +767,32 @@ def test_torch_compile_fullgraph(device):
     assert not torch.equal(compiled(h, ids), before)
 
 
+@pytest.mark.parametrize("backend,device", NO_TRITON)
+def test_torch_compile_fullgraph_checks_ids(backend, device):
+    """The row ops compiled with check_ids=True (the default) check ids and destination rows as in eager
+    (IndexError naming them): tracing failed on the Python range checks under fullgraph=True before."""
+    table, slot_map, cache, _ = _samples(device)
+    N = 3
+
+    def f(h, ids, rows):
+        out = torch.zeros(N + 1, *table.shape[1:], device=device)
+        first, slots = (torch.zeros(N, dtype=torch.int32, device=device) for _ in range(2))
+        if backend != "reference":  # (the reference prefetch, the spec, is eager only: torch.unique)
+            mk.tol_cache_prefetch(ids, slot_map, cache, table, out, first, slots, backend=backend)
+        mk.tol_host_gather(table, ids, out, rows, backend=backend)
+        return mk.tol_cached_gather_add(h, ids, slot_map, cache, table, 1, backend=backend) + out[:N, 1] + first[:, None]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    h, ids, rows = torch.randn(N, 8, device=device), torch.tensor([1, 2, 1], device=device), torch.tensor([3, 0, 2],
+                                                                                                         device=device)
+    torch.testing.assert_close(compiled(h, ids, rows), f(h, ids, rows), rtol=0, atol=0)
+    with pytest.raises(IndexError, match=rf"id {VOCAB} \(at flat position 1 of ids\) is outside \[0, V\)"):
+        compiled(h, torch.tensor([1, VOCAB, 1], device=device), rows)
+    with pytest.raises(IndexError, match=r"destination row 4 \(at position 2 of rows\) is outside \[0, 4\)"):
+        compiled(h, ids, torch.tensor([3, 0, 4], device=device))
+
+
 # ================================================================ host tiers
 def test_host_alloc_is_exact_size_and_honest_about_pinning():
     t = mk.tol_host_alloc([1000, 3, 7], torch.bfloat16)
@@ -677,8 +813,8 @@ def test_host_alloc_is_exact_size_and_honest_about_pinning():
         with pytest.raises(RuntimeError, match="pageable"):
             mk.tol_host_gather(t.clone(), torch.tensor([0], device="cuda"), out)
     assert mk.tol_host_alloc([0, 4], torch.float32).shape == (0, 4)
-    with pytest.raises(RuntimeError, match="negative size"):
-        mk.tol_host_alloc([-1], torch.float32)
+    with pytest.raises(RuntimeError, match="negative size"):  # the wrapper raises ValueError (test below)
+        torch.ops.memllm.tol_host_alloc([-1], torch.float32, False)
     for size in ([2**62 + 1], [2**32, 2**31], [2**61, 3, 1]):  # wrapped, the product would map a few bytes
         with pytest.raises(RuntimeError, match="more bytes than an int64 holds"):
             mk.tol_host_alloc(size, torch.float32)
@@ -719,6 +855,21 @@ def test_host_alloc_refuses_dtypes_and_sizes_it_cannot_hold():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
     assert "TypeError: tol_host_alloc: dtype must be" in out.stdout, out.stdout
+
+
+def test_host_alloc_takes_an_int_shape_and_refuses_negative_sizes_with_value_error():
+    """tol_host_alloc(5, dtype) said "'int' object is not iterable" (torch.empty(5) is 1-D), and a negative size
+    raised the op's RuntimeError where a bad value is a ValueError; a shape that is neither an int nor a sequence of
+    them is a TypeError naming the shape."""
+    assert mk.tol_host_alloc(5, torch.float32).shape == (5,)
+    assert mk.tol_host_alloc(np.int64(3), torch.float32).shape == (3,)
+    assert mk.tol_host_alloc(torch.Size([2, 3]), torch.float32).shape == (2, 3)
+    for shape in (-1, [-1], (2, -1)):
+        with pytest.raises(ValueError, match=r"tol_host_alloc: sizes must be >= 0, got \[(2, )?-1\]"):
+            mk.tol_host_alloc(shape, torch.float32)
+    for shape in (2.5, True, None, torch.tensor(5)):
+        with pytest.raises(TypeError, match="tol_host_alloc: shape must be an int or a sequence of ints"):
+            mk.tol_host_alloc(shape, torch.float32)
 
 
 def test_host_alloc_op_raises_where_it_cannot_pin():
@@ -909,7 +1060,25 @@ def test_disk_tier_keeps_reading_a_file_replaced_under_it(tmp_path):
     disk.read_rows(torch.tensor([3, 40]), out)
     assert torch.equal(out, table[[3, 40]])
     disk.close()
-    assert disk.table is None
+    assert disk.closed
+
+
+def test_disk_table_refuses_reads_after_close(tmp_path):
+    """read_rows, willneed and OffloadEngine(disk) on a closed DiskTable failed with "'NoneType' object has no
+    attribute 'shape'": a ValueError naming the file instead, as a closed file's reads. Closing twice is harmless."""
+    path, table = _tol_file(tmp_path)
+    disk = DiskTable(path)
+    assert not disk.closed
+    disk.close()
+    disk.close()
+    assert disk.closed
+    out = torch.zeros(1, 3, 16)
+    calls = [lambda: disk.table, lambda: disk.read_rows(torch.tensor([1]), out), lambda: disk.willneed([1]),
+             lambda: disk.drop_pages(), lambda: OffloadEngine(disk, cache_rows=2)]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"DiskTable {path} is closed"):
+            call()
+    assert not out.any() and disk.describe()["path"] == str(path)
 
 
 def test_tiers_refuse_bad_options_before_opening_the_file(tmp_path):
@@ -1002,6 +1171,63 @@ def test_simulate_lru_matches_a_naive_reference():
             cache.pop(0)
         cache.append(t)
     assert got["hits"] == hits and got["lookups"] == 5000
+
+
+def test_hot_set_ranks_float_frequencies_and_refuses_negative_or_nan_counts():
+    """Float counts were cast to int (frequencies in [0, 1) all 0), so the hot set was the lowest ids."""
+    freqs = np.array([.05, .6, .3, .05])
+    assert hot_set_from_counts(freqs, 2).tolist() == [1, 2]
+    assert hot_set_from_counts(freqs, 9).tolist() == [1, 2, 0, 3]  # ties: smaller id first; n at most V
+    assert hot_set_from_counts(np.array([3, 7, 7], dtype=np.uint8), 2).tolist() == [1, 2]
+    for bad, shown in ((np.array([.1, np.nan, .2]), "nan"), (np.array([4, -1, 2]), "-1")):
+        with pytest.raises(ValueError, match=f"token counts must be >= 0 and not NaN, got {shown}"):
+            hot_set_from_counts(bad, 1)
+    with pytest.raises(TypeError, match="n must be an int"):
+        hot_set_from_counts(freqs, 1.5)
+    # the engine's token_counts= goes through it
+    table = torch.randn(VOCAB, 2, 4)
+    freqs = np.random.default_rng(0).random(VOCAB) / VOCAB  # all below 1
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="static", token_counts=freqs)
+    assert engine.directory.hot == np.argsort(-freqs, kind="stable")[:CACHE].tolist()
+    freqs[4] = np.nan
+    with pytest.raises(ValueError, match="token counts must be >= 0 and not NaN"):
+        OffloadEngine(table, cache_rows=CACHE, policy="static", token_counts=freqs)
+
+
+def test_directory_refuses_bad_ids_before_changing_anything():
+    """-1 was read as token V - 1's slot (numpy wraps it: access([-1]) admitted it and set slot_of[9], and
+    simulate([-1, 9]) then failed with a KeyError inside the LRU); an id past V gave a raw numpy IndexError, a
+    float one was truncated by simulate. Now IndexError naming the id, its position and V; TypeError for
+    non-integers; the directory is left as it was."""
+    d = CacheDirectory(10, 2, "lru")
+    d.access([3])
+    before = (d.slot_of.copy(), d.owner.copy(), d.admissions)
+    for call in (d.access, d.evict):
+        for bad, pos in (([-1], 0), ([4, 10], 1), (np.array([5, 6, -3]), 2)):
+            with pytest.raises(IndexError, match=rf"id {bad[pos]} \(at position {pos} of tokens\) is outside \[0, V\) "
+                                                 r"for V=10"):
+                call(bad)
+        for bad in ([1.0], [2, 2.5], [True], np.array([1.5])):
+            with pytest.raises(TypeError, match="token ids must be integers, got (float|bool)"):
+                call(bad)
+    with pytest.raises(IndexError, match="id -1 "):
+        d.resident(-1)
+    assert np.array_equal(d.slot_of, before[0]) and np.array_equal(d.owner, before[1]) and d.admissions == before[2]
+    # integer ids of any type still pass: Python ints, numpy ints, arrays, tensors
+    assert d.access([np.int32(4), 5]) == ([(4, 1), (5, 0)], [(3, 0)])
+    assert d.access(np.array([6], dtype=np.uint16)) == ([(6, 1)], [(4, 1)])
+    assert d.access(torch.tensor([7])) == ([(7, 0)], [(5, 0)])
+    with pytest.raises(IndexError, match=r"simulate: id -1 \(at position 0 of tokens\) is outside \[0, V\) for V=10"):
+        simulate([-1, 9], 10, 2, "lru")
+    with pytest.raises(IndexError, match="simulate: id 10 "):
+        simulate(np.array([1, 10]), 10, 2, "lru")
+    with pytest.raises(TypeError, match="simulate: token ids must be integers, got float 1.5"):
+        simulate([1.5, 9], 10, 2, "lru")
+    for step, warmup, err, msg in ((0, 0, ValueError, "step must be >= 1, got 0"), (1.5, 0, TypeError, "step must be"),
+                                   (1, -1, ValueError, "warmup must be >= 0")):
+        with pytest.raises(err, match=msg):
+            simulate([1, 2], 10, 2, "lru", step=step, warmup=warmup)
+    assert simulate([], 10, 2, "lru")["lookups"] == 0
 
 
 # ================================================================ the engine
@@ -1217,6 +1443,52 @@ def test_engine_errors(monkeypatch):
     assert after["lookups"] == before["lookups"] and after["admissions"] == before["admissions"]  # nothing moved
     with pytest.raises(IndexError, match="layer=2 is outside"):
         engine.gather_add_(torch.zeros(1, 4), torch.tensor([1]), 2)
+
+
+def test_engine_checks_its_table_at_construction():
+    """A layer-major table (each token's rows strided), a table with d=0 or L=0 and one that requires grad were
+    accepted, each failing only at the first prefetch (d=0 with "rows must be dense"): refused at construction."""
+    layer_major = torch.randn(2, VOCAB, 4).transpose(0, 1)  # [V, L, d] with each token's rows L apart
+    with pytest.raises(ValueError, match=r"the ToL table's token rows must be dense .* got strides \(4, 164, 1\)"):
+        OffloadEngine(layer_major, cache_rows=CACHE)
+    for shape in ((VOCAB, 2, 0), (VOCAB, 0, 4)):
+        with pytest.raises(ValueError, match=r"the ToL table's rows are empty .* L and d must be at least 1"):
+            OffloadEngine(torch.randn(shape), cache_rows=CACHE)
+    table = torch.randn(VOCAB, 2, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"the ToL table requires grad.*table.detach\(\)"):
+        OffloadEngine(table, cache_rows=CACHE)
+    engine = OffloadEngine(layer_major.contiguous(), cache_rows=CACHE)  # as the messages advise
+    _check_step(engine, layer_major, torch.tensor([3, 1]))
+    _check_step(OffloadEngine(table.detach(), cache_rows=CACHE), table.detach(), torch.tensor([3, 1]))
+
+
+@pytest.mark.parametrize("bookkeeping", ["host", "device"])
+def test_engine_refuses_a_bad_layer_or_check_ids_and_evicts_an_empty_list(bookkeeping):
+    """gather_add_(h, ids, 1.0) failed in pybind ("Expected a value of type 'int'"), None with "'<=' not supported",
+    and a tensor layer was read by its __index__; prefetch(check_ids=None) skipped the check silently. TypeError
+    naming the argument, on the prefetched and the unprefetched path, before anything is written. evict([]) said
+    "got torch.float32" (torch.as_tensor([]) is float): an empty list is no ids."""
+    table = torch.randn(VOCAB, 2, 4)
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="lru", bookkeeping=bookkeeping)
+    ids = torch.tensor([3, 1])
+    engine.prefetch(ids)
+    h = torch.zeros(2, 4)
+    for layer_ids in (ids, torch.tensor([5, 6])):  # the prefetched step's buffer; the cache and host table
+        for layer in (1.0, None, torch.tensor(1), True, "1"):
+            with pytest.raises(TypeError, match=f"gather_add_: layer must be an int, got {type(layer).__name__}"):
+                engine.gather_add_(h, layer_ids, layer)
+    assert not h.any()
+    engine.gather_add_(h, ids, np.int64(1))
+    assert torch.equal(h, table[ids, 1])
+    for v in (None, "no", 0):
+        with pytest.raises(TypeError, match=f"prefetch: check_ids must be True or False, got {type(v).__name__}"):
+            engine.prefetch(torch.tensor([1, VOCAB]), check_ids=v)
+    resident = engine.stats()["resident"]
+    assert engine.evict([]) == 0 and engine.evict(()) == 0 and engine.evict(torch.tensor([], dtype=torch.int64)) == 0
+    assert engine.stats()["resident"] == resident
+    with pytest.raises(TypeError, match="int32 or int64 tensor, got torch.float32"):
+        engine.evict(torch.tensor([1.0]))  # a float id is still refused
+    assert engine.evict([3]) == 1
 
 
 def test_engine_refuses_bad_arguments_at_construction_and_in_wait_step(monkeypatch):

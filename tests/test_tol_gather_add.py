@@ -259,15 +259,25 @@ def test_bad_input_raises(backend, device, case, inplace):
     assert torch.equal(hidden, before), "a failed call modified hidden"
 
 
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("check_ids", ["no", None, 1], ids=repr)
+def test_check_ids_must_be_a_bool(backend, device, check_ids):
+    """'no' failed in pybind on the C++ backends and read as True on the others; None read as False."""
+    hidden, ids, table = make_case(3, 8, 1, torch.float32, torch.float32, torch.int64, device)
+    for fn in (mk.tol_gather_add, mk.tol_gather_add_):
+        with pytest.raises(TypeError, match="check_ids must be True or False"):
+            fn(hidden, ids, table, 1, backend=backend, check_ids=check_ids)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["id-too-large", "id-negative", "float-ids", "ids-shape", "d-mismatch",
                                   "layer-too-large", "layer-missing", "layer-for-2d-table", "int-hidden",
                                   "table-not-row-contiguous"])
 def test_bad_input_raises_in_compiled_op(device, case):
     """torch.ops.memllm.* check their own inputs too (the C++ TORCH_CHECKs), with the same messages:
-    TypeError for dtypes, RuntimeError for the rest (see csrc/tol_gather_add.h for why)."""
+    TypeError for dtypes, IndexError for ids, RuntimeError for the rest (see csrc/tol_gather_add.h for why)."""
     (hidden, ids, table, layer), exc, match = _bad_cases(device)[case]
-    exc = TypeError if exc is TypeError else RuntimeError
+    exc = exc if exc is TypeError or case.startswith("id-") else RuntimeError
     with pytest.raises(exc, match=match):
         torch.ops.memllm.tol_gather_add(hidden, ids, table, layer)
     with pytest.raises(exc, match=match):
@@ -370,7 +380,7 @@ def test_raw_ops_name_themselves_in_bad_id_errors(backend, device, op):
     hidden, ids, table = torch.randn(2, 8, device=device), torch.tensor([0, 5], device=device), torch.randn(3, 8)
     args = (table.to(device),) if "cached" not in op else (
         torch.full((3,), -1, dtype=torch.int32, device=device), table[:0].to(device), table.to(device))
-    with pytest.raises(RuntimeError, match=f"^{op}: id 5 \\(at flat position 1 of ids\\) is outside \\[0, V\\)"):
+    with pytest.raises(IndexError, match=f"^{op}: id 5 \\(at flat position 1 of ids\\) is outside \\[0, V\\)"):
         getattr(torch.ops.memllm, op)(hidden, ids, *args, None)
 
 
@@ -460,6 +470,28 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(compiled(h, ids), spec(h, ids), rtol=1e-5, atol=1e-5)
     table.add_(1.0)  # a graph holding a copy of the table (a constant) would not see this
     torch.testing.assert_close(compiled(h, ids), spec(h, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_torch_compile_fullgraph_checks_ids(backend, device):
+    """With check_ids=True (the default) a compiled call checks the ids as an eager one does: IndexError naming
+    the id. The Python backends read the ids' values through an op (memllm::check_range); tracing failed on them
+    under fullgraph=True before, and the C++ ops' RuntimeError is now IndexError itself."""
+    table = torch.randn(10, 2, 8, device=device)
+
+    def f(h, ids):
+        return mk.tol_gather_add_(mk.tol_gather_add(h, ids, table, 0, backend=backend), ids, table, 1, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    h, ids = torch.randn(3, 8, device=device), torch.tensor([1, 9, 0], device=device)
+    if _interpreted(backend):  # the compiled graph would not run the kernel: its output was uninitialized memory
+        with pytest.raises(Exception, match="cannot compile a Triton kernel run by the interpreter"):
+            compiled(h, ids)
+        return
+    assert_matches_reference(compiled(h, ids), reference.tol_gather_add(h, ids, table, 0), ids, table, 1, backend)
+    with pytest.raises(IndexError, match=r"id 10 \(at flat position 1 of ids\) is outside \[0, V\)"):
+        compiled(h, torch.tensor([1, 10, 0], device=device))
 
 
 @pytest.mark.requires_triton_gpu

@@ -144,14 +144,21 @@ class OffloadEngine:
         if isinstance(source, torch.Tensor):
             source = _TensorSource(source)
         self.source = source
-        table = source.table
+        table = source.table  # a closed DiskTable raises here
+        # The table is checked here, else only the first prefetch refused it, with a message about the op's arguments.
         if table.dim() != 3:
             raise ValueError(f"the ToL table must be token-major [V, L, d], got shape {list(table.shape)}")
         self.V, self.L, self.d = (int(s) for s in table.shape)
         if self.V == 0:  # no id could be looked up (and every hit rate would divide by V)
             raise ValueError(f"the ToL table has no rows (shape {list(table.shape)}): V must be at least 1")
-        if table.dtype not in _checks.FLOATS:  # else only the first prefetch would refuse it
+        if self.L == 0 or self.d == 0:  # nothing to look up ("rows must be dense" at the first prefetch, for d=0)
+            raise ValueError(f"the ToL table's rows are empty (shape {list(table.shape)}): L and d must be at least 1")
+        if table.dtype not in _checks.FLOATS:
             raise TypeError(f"the ToL table must be float32, float16, bfloat16 or float64, got {table.dtype}")
+        _checks.token_table("OffloadEngine", "the ToL table", table)  # each token's [L, d] rows dense: not layer-major
+        if table.requires_grad:  # the engine moves rows with in-place ops, which have no autograd
+            raise ValueError("the ToL table requires grad, but the engine's copies of its rows have no autograd (it "
+                             "is for inference); pass table.detach()")
         self.dtype = table.dtype
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -363,8 +370,11 @@ class OffloadEngine:
             self._side.synchronize()  # staging is reused by the allocator once freed: the copy must be done
 
     def evict(self, ids) -> int:
-        """Drop these tokens' rows from the cache (hot ones too). Returns how many were resident."""
+        """Drop these tokens' rows from the cache (hot ones too). ids: an int tensor or a list of ints (an empty one:
+        no ids). Returns how many were resident."""
         flat = torch.as_tensor(ids).reshape(-1)
+        if flat.numel() == 0 and not isinstance(ids, torch.Tensor):
+            flat = flat.long()  # torch.as_tensor([]) is float32: an empty list is no ids
         self._check_ids(flat)
         if self.bookkeeping == "device":
             return self._evict_on_device(flat)
@@ -422,6 +432,7 @@ class OffloadEngine:
         """
         if finish_later and not inline:
             raise ValueError("finish_later=True needs inline=True (the transfer on the current stream)")
+        _checks.flag("prefetch", "check_ids", check_ids)
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
         self._finish()  # a step prefetched with finish_later: its copies of first/slots precede this step's
@@ -584,7 +595,7 @@ class OffloadEngine:
                 events = [ev]
         step = _Step(ids, n, first.view(ids.shape), buf, events, inline=inline)
         self._count(step, hits, nm)
-        admitted, evicted = self.directory.access(tokens)
+        admitted, evicted = self.directory._access(tokens)  # (ids checked by _plan_step: not again, ~0.5 us)
         if admitted or evicted:
             # Admitted tokens' rows are already on the device, in buf (at the first position holding them). Not only
             # misses: a hit evicted by an earlier admission of this step is admitted again (into a new slot).
@@ -613,7 +624,7 @@ class OffloadEngine:
         hits = sum(1 for s in slots_l if s >= 0)
         unique_misses = sum(1 for b in range(n) if first_l[b] == b and slots_l[b] < 0)
         self._count(step, hits, unique_misses)
-        admitted, evicted = self.directory.access(tokens)
+        admitted, evicted = self.directory._access(tokens)  # (ids in [0, V): filtered above)
         if admitted or evicted:
             self._apply(admitted, evicted, fence=self._main_fence() if fence is None else fence)
         if unique_misses and isinstance(self.source, DiskTable):
@@ -670,6 +681,8 @@ class OffloadEngine:
         layer): an inference tensor on a GPU (under torch.inference_mode it has no version counter) rewritten
         in place after prefetch() would read the old ids' rows, so prefetch it again after writing it.
         """
+        if type(layer) is not int:  # an int skips the call (0.2 us per layer per step); 1.0 failed in pybind
+            _checks.int_arg("gather_add_", "layer", layer)
         if not 0 <= layer < self.L:
             raise IndexError(f"layer={layer} is outside the table's [0, {self.L}) layers")
         step = self._step

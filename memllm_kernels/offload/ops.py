@@ -14,7 +14,8 @@ after the op; Triton kernels in memllm_kernels/triton/):
     tol_host_mapped(Tensor t) -> bool
 Backends: 'reference' (memllm_kernels/offload/reference.py, any device), 'cpu', 'cuda', and 'triton' for
 tol_host_gather and tol_cached_gather_add. Every check below runs before anything moves, so a bad id
-raises IndexError naming the id and V on every backend.
+raises IndexError naming the id and V on every backend, and an output that shares memory with itself (expand()ed),
+another output or an input raises ValueError (_checks.outputs_apart).
 """
 
 from __future__ import annotations
@@ -28,14 +29,7 @@ from .. import ops as _ops
 from . import reference
 
 
-def _check_range(op, idx, bound, what="id"):
-    if what == "id":
-        _ops._check_id_range(op, idx, bound)
-        return
-    found = _ops._first_outside(idx, bound)
-    if found is not None:
-        raise IndexError(f"{op}: destination row {found[0]} (at position {found[1]} of rows) is outside [0, {bound}) "
-                         "rows of out")
+_checked = _ops._checked
 
 
 _PICKED: dict = {}
@@ -73,15 +67,18 @@ def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, r
     ids:   [N] int32/int64 on out's device (on the CPU for a CPU out), each in [0, V).
     out:   [M, ...] with table's row shape and dtype; rows: [N] int32/int64 in [0, M), or None (M >= N).
     Returns out. check_ids=False skips the range checks (no device sync): a bad id then writes a NaN row,
-    a bad destination row is skipped; nothing outside table or out is touched.
+    a bad destination row is skipped; nothing outside table or out is touched. out must share no memory with
+    table, ids or rows, nor have elements that share memory (ValueError).
     """
     op = "tol_host_gather"
     _checks.host_gather(op, table, ids, out, rows)
+    _checks.flag(op, "check_ids", check_ids)
+    _checks.outputs_apart(op, {"out": out}, {"table": table, "ids": ids, "rows": rows})
     _checks.no_grad(op, table=table, out=out)
     if check_ids:
-        _check_range(op, ids, table.shape[0])
+        ids = _checked(op, ids, table.shape[0])
         if rows is not None:
-            _check_range(op, rows, out.shape[0], "row")
+            rows = _checked(op, rows, out.shape[0], "row")
     b = _backend(backend, out.device, triton_ok=True)
     if b in ("cpu", "cuda"):
         torch.ops.memllm.tol_host_gather(table, ids, out, rows, False)
@@ -99,10 +96,10 @@ def _tol_host_gather_fake(table, ids, out, rows=None, check_ids=True):
 
 
 # ---------------------------------------------------------------- tol_cached_gather_add
-def _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids):
+def _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids) -> torch.Tensor:
+    """The ids to read, after the checks (see _checked)."""
     _checks.cached_gather_add(op, hidden, ids, slot_map, cache, host_table, layer)
-    if check_ids:
-        _check_range(op, ids, host_table.shape[0])
+    return _checked(op, ids, host_table.shape[0]) if check_ids else ids
 
 
 def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor,
@@ -120,11 +117,13 @@ def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: tor
     """
     op = "tol_cached_gather_add"
     b = _backend(backend, _ops._device_of(op, hidden), triton_ok=True)
+    _checks.flag(op, "check_ids", check_ids)
+    _checks.int_arg(op, "layer", layer, optional=True)  # the C++ ops read True and torch.tensor(1.9) as layer 1
     if b in ("cpu", "cuda"):  # the kernels check everything themselves; the Python checks only name an error
         return _ops._run_compiled(torch.ops.memllm.tol_cached_gather_add, hidden, ids, slot_map, cache, host_table,
                                   layer, check_ids, checks=lambda: _check_cached(op, hidden, ids, slot_map, cache,
                                                                                 host_table, layer, check_ids))
-    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
+    ids = _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
     if b == "triton":
         return torch.ops.memllm.tol_cached_gather_add_triton(hidden, ids, slot_map, cache, host_table, layer)
     return reference.tol_cached_gather_add(hidden, ids, slot_map, cache, host_table, layer)
@@ -136,6 +135,8 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
     """In-place tol_cached_gather_add: hidden += row(ids, layer); returns hidden. No autograd."""
     op = "tol_cached_gather_add_"
     b = _backend(backend, _ops._device_of(op, hidden), triton_ok=True)
+    _checks.flag(op, "check_ids", check_ids)
+    _checks.int_arg(op, "layer", layer, optional=True)  # the C++ ops read True and torch.tensor(1.9) as layer 1
     _checks.no_grad(op, "use tol_cached_gather_add (out of place) when gradients are needed, or run under "
                     "torch.no_grad()", hidden=hidden, slot_map=slot_map, cache=cache, host_table=host_table)
     if b in ("cpu", "cuda"):
@@ -143,7 +144,7 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
                            check_ids, checks=lambda: _check_cached(op, hidden, ids, slot_map, cache, host_table,
                                                                    layer, check_ids))
         return hidden
-    _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
+    ids = _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
     _checks.no_overlap(op, "hidden", hidden)
     _checks.not_aliased(op, hidden, ids, cache, host_table)
     if b == "triton":
@@ -191,6 +192,8 @@ def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.T
     first, slots: [N] int32 outputs: first[b] = the first position holding ids[b]; slots[b] = its cache
            slot or -1. At first occurrences, layers [layer_begin, layer_end) (default all) of the token's
            row are written to out[b], from the cache on a hit, from host_table on a miss.
+    out, first and slots must share no memory with each other or the inputs (ValueError); layer_begin and
+    layer_end are ints (TypeError).
     """
     op = "tol_cache_prefetch"
     _checks.token_table(op, "cache", cache)
@@ -209,13 +212,18 @@ def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.T
             raise ValueError(f"{op}: {name} must be a contiguous [N] tensor with N={N}, got shape {list(t.shape)}")
     if out.shape[0] < N:
         raise ValueError(f"{op}: out has {out.shape[0]} rows for {N} ids")
+    _checks.outputs_apart(op, {"out": out, "first": first, "slots": slots},
+                          {"ids": ids, "slot_map": slot_map, "cache": cache, "host_table": host_table})
     _checks.no_grad(op, cache=cache, host_table=host_table, out=out)
+    _checks.int_arg(op, "layer_begin", layer_begin)  # 0.0 failed in pybind; torch.tensor(2.5) read as 2
+    _checks.int_arg(op, "layer_end", layer_end, optional=True)
+    _checks.flag(op, "check_ids", check_ids)
     L = cache.shape[1] if cache.dim() == 3 else 1
     end = L if layer_end is None else layer_end
     if not 0 <= layer_begin <= end <= L:
         raise IndexError(f"{op}: layers [{layer_begin}, {end}) are not within [0, {L})")
     if check_ids:
-        _check_range(op, ids, host_table.shape[0])
+        ids = _checked(op, ids, host_table.shape[0])
     b = _backend(backend, dev, triton_ok=False)
     if b in ("cpu", "cuda"):
         torch.ops.memllm.tol_cache_prefetch(ids, slot_map, cache, host_table, out, first, slots, layer_begin,
@@ -264,6 +272,9 @@ def tol_cache_admit(ids: torch.Tensor, first: torch.Tensor, slots: torch.Tensor,
                     ("owner", owner), ("last_use", last_use), ("admitted_at", admitted_at), ("counters", counters)):
         if t.device != dev:
             raise RuntimeError(f"{op}: {name} must be on cache's device {dev}, got {t.device}")
+    _checks.outputs_apart(op, {"slot_map": slot_map, "owner": owner, "last_use": last_use,
+                               "admitted_at": admitted_at, "cache": cache, "counters": counters},
+                          {"ids": ids, "first": first, "slots": slots, "rows": rows})
     _checks.no_grad(op, rows=rows, cache=cache)
     b = _backend(backend, dev, triton_ok=False)
     if b in ("cpu", "cuda"):
@@ -287,12 +298,20 @@ def tol_host_alloc(shape, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
     CUDA and a GPU is visible (pin_unavailable_reason() is None); then tol_host_mapped(tensor) is True, and
     a failure to pin raises. Where pinning is unavailable it is ordinary memory (the op itself,
     torch.ops.memllm.tol_host_alloc, raises for pin=True there). dtype: floating point (the tables) or an
-    integer dtype (raw byte buffers); sizes: integers. TypeError otherwise."""
+    integer dtype (raw byte buffers); shape: a sequence of integers, or one integer (a 1-D shape, as
+    torch.empty(5)). TypeError otherwise; ValueError for a negative size."""
     if not isinstance(dtype, torch.dtype):  # the op refuses quantized, complex and bool dtypes itself
         raise TypeError(f"tol_host_alloc: dtype must be a floating-point or integer torch.dtype, got {dtype!r}")
-    shape = list(shape)
+    if not _checks.bad_integer(shape):  # one integer: a 1-D shape
+        shape = [shape]
+    elif not hasattr(shape, "__iter__") or isinstance(shape, torch.Tensor) and shape.dim() == 0:
+        raise TypeError(f"tol_host_alloc: shape must be an int or a sequence of ints, got {type(shape).__name__} "
+                        f"{shape!r}")
+    sizes = [as_integer(s, "tol_host_alloc: sizes") for s in shape]
+    if any(s < 0 for s in sizes):  # the op raises RuntimeError; a bad value is a ValueError, as in the other wrappers
+        raise ValueError(f"tol_host_alloc: sizes must be >= 0, got {sizes}")
     pin = bool(pin) and pin_unavailable_reason() is None
-    return torch.ops.memllm.tol_host_alloc([as_integer(s, "tol_host_alloc: sizes") for s in shape], dtype, pin)
+    return torch.ops.memllm.tol_host_alloc(sizes, dtype, pin)
 
 
 def as_integer(v, what: str) -> int:

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .. import _checks
 from .ops import as_integer
 
 POLICIES = ("lru", "lfu", "static", "hot+lru", "hot+lfu")
@@ -136,11 +137,39 @@ class NoAdmit(TailPolicy):
 
 
 def hot_set_from_counts(counts: np.ndarray, n: int) -> np.ndarray:
-    """The n most frequent token ids of a [V] count vector (ties: smaller id first), as int64 [n]."""
+    """The n most frequent token ids of a [V] vector of counts or frequencies (ints or floats >= 0, ranked by
+    value; ties: smaller id first), as int64 [n]."""
     counts = np.asarray(counts)
-    n = int(min(max(n, 0), counts.shape[0]))
-    order = np.lexsort((np.arange(counts.shape[0]), -counts.astype(np.int64)))
-    return order[:n].astype(np.int64)
+    if counts.ndim != 1:
+        raise ValueError(f"token counts must be a [V] vector, got shape {list(counts.shape)}")
+    if counts.dtype.kind not in "iuf":
+        raise TypeError(f"token counts must be integers or floats, got dtype {counts.dtype}")
+    if counts.size and not counts.min() >= 0:  # a NaN minimum fails the comparison too
+        raise ValueError(f"token counts must be >= 0 and not NaN, got {counts[~(counts >= 0)][0]}")
+    n = min(_checks.int_at_least("n", n, 0), counts.shape[0])
+    # Ranked by the values themselves: cast to int, frequencies in [0, 1) were all 0 and ranked by id alone.
+    # (Integer counts as int64: negating an unsigned array wraps around.)
+    key = counts if counts.dtype.kind == "f" else counts.astype(np.int64)
+    return np.argsort(-key, kind="stable")[:n].astype(np.int64)
+
+
+_PY_INT = frozenset((int,))
+
+
+def _check_ids(op: str, toks: list, vocab: int) -> None:
+    """TypeError for an id that is not an integer (a float was truncated, or failed as a numpy index halfway
+    through a step), IndexError naming the first id outside [0, V) (numpy read -1 as token V - 1's slot). This
+    runs every decode step, where access() itself takes ~0.3 us per token: builtins over the list (C loops: are
+    all ids Python ints, the engine's case, then min and max), no Python loop per id and no numpy array (~1.5 us
+    to build and reduce one; this check takes ~0.4 us for one id)."""
+    if not _PY_INT.issuperset(map(type, toks)):  # numpy ints pass too; bool and float do not
+        for t in set(map(type, toks)):
+            if t is bool or not issubclass(t, (int, np.integer)):
+                bad = next(v for v in toks if type(v) is t)
+                raise TypeError(f"{op}: token ids must be integers, got {type(bad).__name__} {bad!r}")
+    if toks and (min(toks) < 0 or max(toks) >= vocab):
+        pos, bad = next((p, v) for p, v in enumerate(toks) if not 0 <= v < vocab)
+        raise IndexError(f"{op}: id {bad} (at position {pos} of tokens) is outside [0, V) for V={vocab}")
 
 
 class CacheDirectory:
@@ -196,13 +225,24 @@ class CacheDirectory:
                 out.append((tok, s))
         return out
 
+    def _checked(self, op: str, tokens) -> list:
+        toks = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)  # an array or tensor: Python ints
+        _check_ids(op, toks, self.vocab)
+        return toks
+
     def resident(self, tok: int) -> bool:
+        self._checked("CacheDirectory.resident", [tok])
         return self.slot_of[tok] >= 0
 
     def access(self, tokens: Iterable[int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Record one step's distinct tokens, in order. Returns (admitted [(token, slot)], evicted
         [(token, slot)]): evictions free slots that admissions of this same step reuse. A step never
-        evicts a token it admitted itself, so it admits at most the tail's capacity."""
+        evicts a token it admitted itself, so it admits at most the tail's capacity. TypeError for a
+        non-integer id, IndexError for one outside [0, V), before anything changes."""
+        return self._access(self._checked("CacheDirectory.access", tokens))
+
+    def _access(self, tokens: Iterable[int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """access() of ids already checked."""
         admitted, evicted = [], []
         new: set[int] = set()
         slot_of, tail = self.slot_of, self.tail
@@ -236,7 +276,7 @@ class CacheDirectory:
     def evict(self, tokens: Iterable[int]) -> list[tuple[int, int]]:
         """Drop these tokens from the cache (hot ones too: they stop being hot). Returns [(token, slot)]."""
         out = []
-        for tok in tokens:
+        for tok in self._checked("CacheDirectory.evict", tokens):
             s = int(self.slot_of[tok])
             if s < 0:
                 continue
@@ -258,10 +298,11 @@ def simulate(tokens: Sequence[int] | np.ndarray, vocab: int, capacity: int, poli
              hot: Sequence[int] = (), hot_fraction: float = 0.5, step: int = 1, warmup: int = 0) -> dict:
     """Replay a token stream through a cache directory, `step` tokens per step (1: decode). Counts a lookup
     per token (after the first `warmup` tokens): a hit if its row was resident when its step began.
-    Returns {lookups, hits, hit_rate, evictions, admissions}."""
+    Returns {lookups, hits, hit_rate, evictions, admissions}. The stream's ids are checked once, up front."""
+    step, warmup = _checks.int_at_least("step", step, 1), _checks.int_at_least("warmup", warmup, 0)
     d = CacheDirectory(vocab, capacity, policy, hot, hot_fraction)
     d.preload()
-    toks = np.asarray(tokens, dtype=np.int64).tolist()
+    toks = d._checked("simulate", np.asarray(tokens))  # once here (a float stream was truncated), not per step
     hits = lookups = 0
     slot_of = d.slot_of
     for i in range(0, len(toks), step):
@@ -269,6 +310,6 @@ def simulate(tokens: Sequence[int] | np.ndarray, vocab: int, capacity: int, poli
         if i >= warmup:
             lookups += len(chunk)
             hits += sum(1 for t in chunk if slot_of[t] >= 0)
-        d.access(dict.fromkeys(chunk))  # distinct, in order
+        d._access(dict.fromkeys(chunk))  # distinct, in order
     return {"lookups": lookups, "hits": hits, "hit_rate": hits / max(lookups, 1), "evictions": d.evictions,
             "admissions": d.admissions}

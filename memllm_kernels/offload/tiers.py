@@ -175,12 +175,22 @@ class DiskTable:
         self.pin_note = "rows are read from a file mapping (not page-locked)"
 
     @property
-    def table(self) -> torch.Tensor | None:
-        """The tensor over the mapping (None once closed), after one fstat (0.8 us on a 2-core AMD EPYC VM) to
-        check that the file has not shrunk since it was opened: a read of a page past its new end would be
-        SIGBUS, which kills the process instead of raising. The engine reads it through here at every step; a
-        truncation during a read still kills it."""
-        if self._table is not None and self._map is not None:
+    def closed(self) -> bool:
+        """Whether close() was called (as a file's `closed`)."""
+        return self._table is None
+
+    def _check_open(self) -> None:
+        if self._table is None:  # else a use after close() failed on None ('NoneType' has no attribute 'shape')
+            raise ValueError(f"DiskTable {self.path} is closed")
+
+    @property
+    def table(self) -> torch.Tensor:
+        """The tensor over the mapping, after one fstat (0.8 us on a 2-core AMD EPYC VM) to check that the file has
+        not shrunk since it was opened: a read of a page past its new end would be SIGBUS, which kills the process
+        instead of raising. The engine reads it through here at every step; a truncation during a read still kills
+        it. ValueError once closed, as a closed file's reads."""
+        self._check_open()
+        if self._map is not None:
             now = os.fstat(self._file.fileno()).st_size
             if now < self._size:
                 raise OSError(f"ToL file {self.path} shrank to {now} bytes while mapped ({self._size} when opened): it "
@@ -192,7 +202,7 @@ class DiskTable:
         """out[:N] = table[ids] (ids a CPU int tensor [N]): the rows are read from storage (willneed), then
         gathered. One cold 1b row: 0.21-0.27 ms this way, 1.24-1.30 ms when its 24 pages fault in one by one
         (2-core AMD EPYC VM's virtual disk; bench_offload.py, disk_read_rows)."""
-        self.willneed(ids)  # checks the file's size (through self.table) before anything is read
+        self.willneed(ids)  # checks that the table is open and the file's size (self.table) before any read
         ops.tol_host_gather(self._table, ids, out, check_ids=False)
         self.note_read(ids.numel())
 
@@ -206,6 +216,7 @@ class DiskTable:
 
     def drop_pages(self) -> None:
         """Release every page of the mapping and the file's page cache (they are re-read on demand)."""
+        self._check_open()
         if self._map is not None:
             self._map.madvise(mmap.MADV_DONTNEED)
             if hasattr(os, "posix_fadvise"):
@@ -218,11 +229,11 @@ class DiskTable:
         ints, a tensor or an array; ids outside [0, V) are ignored). One madvise per run of consecutive tokens,
         each read as one request: under random advice a page fault reads only its own 4 KiB page. On rows
         already in the page cache it costs ~3 us per row."""
+        V, page = self.table.shape[0], mmap.PAGESIZE  # (checks that the table is open and the file's size)
         if self._map is None:
             return
         if isinstance(ids, (torch.Tensor, np.ndarray)):
             ids = ids.reshape(-1).tolist()
-        V, page = self.table.shape[0], mmap.PAGESIZE  # (checks the file size)
         toks = sorted({int(t) for t in ids if 0 <= t < V})
         i = 0
         while i < len(toks):
@@ -240,6 +251,7 @@ class DiskTable:
                 "page_drops": self.drops}
 
     def close(self) -> None:
+        """Unmap the file; the table's reads then raise ValueError. Closing twice is harmless."""
         self._table = None
         if self._map is not None:
             try:

@@ -68,7 +68,12 @@ def _tiles(rows: int, cols: int) -> tuple[int, int, tuple[int, int], int]:
 
 def _fake_run(out: torch.Tensor) -> bool:
     """True while torch traces an op's fake kernel under the interpreter: wrap_triton then hands back the
-    eager kernel, which must not run on fake tensors (on a GPU wrap_triton's own fake is a no-op)."""
+    eager kernel, which must not run on fake tensors (on a GPU wrap_triton's own fake is a no-op). Under
+    torch.compile the interpreter is refused: the compiled graph never ran the kernel (its output was whatever
+    the allocation held)."""
+    if _INTERPRET and torch.compiler.is_compiling():
+        raise RuntimeError("torch.compile cannot compile a Triton kernel run by the interpreter (TRITON_INTERPRET=1); "
+                           "call the op eagerly, or use backend='cpu' or 'reference' under torch.compile")
     return _INTERPRET and (out.device.type == "meta" or is_fake(out))
 
 

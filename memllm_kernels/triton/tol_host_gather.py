@@ -3,9 +3,10 @@
 Registered as memllm::tol_host_gather_triton (mutates out) with torch.library.triton_op. On a GPU, table
 may be host memory registered for the device (the pinned host tier): its address is valid on the device
 (UVA), so the kernel reads rows over PCIe directly. Under the interpreter everything is on the CPU.
-The shapes are checked before launch (memllm_kernels/_checks.py); the ids and rows are data, range-checked by
-the caller (memllm_kernels.offload.ops), and the kernel still never reads outside the table (bad ids write NaN rows) nor
-writes outside out (bad rows are skipped).
+The shapes, and that out shares no memory with itself or an input, are checked before launch
+(memllm_kernels/_checks.py); the ids and rows are data, range-checked by the caller (memllm_kernels.offload.ops),
+and the kernel still never reads outside the table (bad ids write NaN rows) nor writes outside out (bad rows are
+skipped).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def tol_host_gather_triton(table: torch.Tensor, ids: torch.Tensor, out: torch.Te
                            rows: torch.Tensor | None = None) -> None:
     """table [V, ...] (rows dense), ids [N], out [M, ...] like table's rows, rows [N] or None."""
     _checks.host_gather("tol_host_gather_triton", table, ids, out, rows, _checks.RAW)
+    _checks.outputs_apart("tol_host_gather_triton", {"out": out}, {"table": table, "ids": ids, "rows": rows},
+                          _checks.RAW)
     N = ids.shape[0]
     row_elems = 1
     for s in table.shape[1:]:
