@@ -288,15 +288,19 @@ def _no_meta_mix(op: str, *tensors) -> None:
         raise RuntimeError(f"{op}: tensors on the meta device cannot be mixed with real ones, got {devices}")
 
 
+# The fake kernels check shapes and dtypes as the C++ ops do (RAW errors): on meta tensors, and while torch.compile
+# traces, they are the only kernels that run (a d that did not match the table's gave a tensor back).
 @torch.library.register_fake("memllm::tol_gather_add")
 def _tol_gather_add_fake(hidden, ids, table, layer=None, check_ids=True):
     _no_meta_mix("tol_gather_add", hidden, ids, table)
+    _checks.gather_add("tol_gather_add", hidden, ids, table, layer, _checks.RAW)
     return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
 
 
 @torch.library.register_fake("memllm::tol_gather_add_")
 def _tol_gather_add__fake(hidden, ids, table, layer=None, check_ids=True):
     _no_meta_mix("tol_gather_add_", hidden, ids, table)
+    _checks.gather_add("tol_gather_add_", hidden, ids, table, layer, _checks.RAW)
     return None
 
 

@@ -447,6 +447,21 @@ def test_meta_device():
     assert out.shape == hidden.shape
 
 
+@pytest.mark.parametrize("case", ["float-ids", "int16-ids", "ids-shape", "d-mismatch", "layer-too-large",
+                                  "layer-negative", "layer-missing", "layer-for-2d-table", "table-1d", "int-hidden",
+                                  "int-table", "scalar-hidden"])
+def test_meta_device_checks_like_the_compiled_op(case):
+    """On meta tensors only the fake kernel runs: it refuses what the C++ op refuses (shapes, dtypes, layer), with
+    the same exception types. It handed back a tensor before. (Not the ids' values, which are data; a layer of
+    the wrong type fails in the op's schema before any kernel.)"""
+    (hidden, ids, table, layer), exc, match = _bad_cases("cpu")[case]
+    exc = TypeError if exc is TypeError else RuntimeError
+    meta = [t.to("meta") for t in (hidden, ids, table)]
+    for op in (torch.ops.memllm.tol_gather_add, torch.ops.memllm.tol_gather_add_):
+        with pytest.raises(exc, match=match):
+            op(*meta, layer)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     """Traced without graph breaks (fullgraph=True) and without copying the table into the graph."""

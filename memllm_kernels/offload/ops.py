@@ -92,6 +92,7 @@ def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, r
 @torch.library.register_fake("memllm::tol_host_gather")
 def _tol_host_gather_fake(table, ids, out, rows=None, check_ids=True):
     _ops._no_meta_mix("tol_host_gather", table, ids, out, rows)
+    _checks.host_gather("tol_host_gather", table, ids, out, rows, _checks.RAW)  # as memllm_kernels.ops' fakes
     return None
 
 
@@ -157,12 +158,14 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
 @torch.library.register_fake("memllm::tol_cached_gather_add")
 def _tol_cached_gather_add_fake(hidden, ids, slot_map, cache, host_table, layer=None, check_ids=True):
     _ops._no_meta_mix("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table)
+    _checks.cached_gather_add("tol_cached_gather_add", hidden, ids, slot_map, cache, host_table, layer, _checks.RAW)
     return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
 
 
 @torch.library.register_fake("memllm::tol_cached_gather_add_")
 def _tol_cached_gather_add__fake(hidden, ids, slot_map, cache, host_table, layer=None, check_ids=True):
     _ops._no_meta_mix("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table)
+    _checks.cached_gather_add("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table, layer, _checks.RAW)
     return None
 
 
