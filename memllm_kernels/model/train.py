@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,6 +231,8 @@ def prepare_out_dir(out: Path, force: bool) -> None:
 
 def read_run_config(run: Path) -> dict:
     run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise NotADirectoryError(f"{run} is not a run directory (a run is a folder, made by memllm train)")
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
     path = run / "config.json"
@@ -347,15 +351,58 @@ def _load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) 
 
 
 # ---------------------------------------------------------------- training
+class _StopOnInterrupt:
+    """Ctrl-C during training: the step it interrupts finishes and is checkpointed (the loop checks `hit`), rather
+    than a KeyboardInterrupt anywhere in a step, which lost every step since the last checkpoint; a second Ctrl-C
+    raises KeyboardInterrupt at once. Only in the main thread, where Python delivers signals."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`, the checkpoint a run resumes from: an interrupted run logged steps it then lost,
+    and the resumed run logs them again."""
+    if not path.is_file():
+        return
+    def past(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError):  # not a log record (a line cut by a crash): kept as it is
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if not past(ln)]
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
 def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: TrainConfig | None = None, *,
           resume: bool = False, steps: int | None = None, device: str | None = None, force: bool = False,
-          progress: bool = True, stop_at: int | None = None, log=print) -> dict:
+          progress: bool = True, stop_at: int | None = None, final_eval_tokens: int | None = None, log=print) -> dict:
     """Train a model into run directory `out` and return its summary (also written to summary.json).
 
     New run: model_cfg and tc required; `out` must be absent or empty unless force. resume=True continues
     `out` from its last checkpoint with its saved configs (`steps` may extend it; `device`, if given, replaces
-    the saved one for this call: a run trained on cuda:1 resumes on a machine with one GPU). stop_at: end this
-    call after that many steps (a checkpoint is written), as an interruption would; for tests.
+    the saved one for this call: a run trained on cuda:1 resumes on a machine with one GPU; final_eval_tokens,
+    if given, the final evaluation's). stop_at: end this call after that many steps (a checkpoint is written), as
+    an interruption would; for tests. Ctrl-C (SIGINT, in the main thread) ends the step it interrupts, writes a
+    checkpoint and returns {"step", "stopped": True, "interrupted": True}; a second one stops at once.
     """
     out = Path(out)
     if resume:
@@ -370,6 +417,8 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
                              "train it further")
         if device is not None:
             tc.device = device
+        if final_eval_tokens is not None:
+            tc.final_eval_tokens = final_eval_tokens
         # What can fail (the device, the text, the checkpoint below) fails before config.json is rewritten.
         device = pick_device(tc.device)
         tok = D.load_run_tokenizer(out, saved["tokenizer"])
@@ -414,6 +463,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
     if resume:
         st = _load_checkpoint(out, model, opt)
         start, tokens, elapsed = st["step"], st["tokens"], st["elapsed_s"]
+        _trim_log(out / "log.jsonl", start)
         if new_steps:
             D.save_json(out / "config.json", saved)  # a later --resume continues to the new end
     log(describe_params(model_cfg) + f" | tokenizer {tok.spec} | device {device}")
@@ -428,8 +478,9 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
     step_times: list[float] = []
     step, ce_val = start, None
     model.train()
+    interrupt = _StopOnInterrupt()
     try:
-        while step < tc.steps and (stop_at is None or step < stop_at):
+        while step < tc.steps and (stop_at is None or step < stop_at) and not interrupt.hit:
             t0 = time.perf_counter()
             x, y = get_batch(train_ids, step, tc)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -478,12 +529,17 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
                 logf.flush()
                 if bar:
                     bar.write(f"step {step}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f} ({ev['tokens']} tokens)")
-            if step % tc.ckpt_every == 0 or step == tc.steps or step == stop_at:
+            if step % tc.ckpt_every == 0 or step == tc.steps or step == stop_at or interrupt.hit:
                 _save_checkpoint(out, model, opt, step, tokens, elapsed)
     finally:
+        interrupt.restore()
         if bar:
             bar.close()
         logf.close()
+    if interrupt.hit and step < tc.steps:
+        log(f"interrupted: stopped at step {step} of {tc.steps} with a checkpoint; continue with "
+            f"`memllm train --out {out} --resume`")
+        return {"step": step, "stopped": True, "interrupted": True}
     if step < tc.steps:
         return {"step": step, "stopped": True}
     model.eval()
