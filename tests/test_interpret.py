@@ -749,6 +749,8 @@ def test_inspect_one_token(runs, capsys):
     (["--edit-source", "zzzqqq"], "unknown token 'zzzqqq'"),
     (["--clusters", "2000"], "--clusters 2000: K-means needs 2 to"),
     (["--top-k", "100000"], "--top-k 100000: the access maps rank the"),
+    (["--knn", "100000"], "--knn 100000: the clustering coefficient's graph links each of the"),
+    (["--edit-token", "king", "--edit-source", "king"], "--edit-source names the edit token itself"),
 ])
 def test_inspect_bad_arguments(runs, capsys, monkeypatch, argv, message):
     paths, _ = runs

@@ -76,6 +76,8 @@ def _pick_edit_tokens(h: RunHandle, counts: np.ndarray, edit_token, edit_source)
         t = defaults[0]
     if edit_source is None:
         s = next(d for d in defaults + [int(np.argmax(counts))] if d != t)
+    elif s == t:  # its rows copied onto themselves: the demo would report +0.000 everywhere
+        raise ValueError(f"--edit-source names the edit token itself (id {t}); give another token to copy from")
     return int(t), int(s), notes
 
 
@@ -131,6 +133,10 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
                              f"{len(seen):,} distinct tokens of the training split are what it groups)")
         if tsne_sample < MIN_TSNE_SAMPLE:
             raise ValueError(f"--tsne-sample {tsne_sample}: t-SNE needs at least {MIN_TSNE_SAMPLE} tokens")
+        sampled = min(tsne_sample, len(seen))
+        if knn >= sampled:  # (it was cut to sampled - 1 without a word)
+            raise ValueError(f"--knn {knn}: the clustering coefficient's graph links each of the {sampled:,} sampled "
+                             f"tokens to at most {sampled - 1:,} others; give 1 to {sampled - 1:,}")
     if "edits" not in skip:
         edit_tok, edit_src, edit_notes = _pick_edit_tokens(h, counts, edit_token, edit_source)
     if "access" not in skip and not 1 <= top_k <= cfg.ffn_memory_hidden:
