@@ -561,7 +561,11 @@ def _cmd_inspect(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, with its usage (argparse's own names the top level's)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     handler = {"train": _cmd_train, "precompute": _cmd_precompute, "eval": _cmd_eval,
                "generate": _cmd_generate, "info": _cmd_info, "inspect": _cmd_inspect}[args.cmd]
     try:

@@ -474,3 +474,12 @@ def test_resume_interrupts_and_misdirected_paths(tmp_path, text, capsys, monkeyp
         monkeypatch.setattr("memllm_kernels.cli._cmd_info", raising(exc))
         rc, _, err = run(capsys, "info")
         assert rc == code and ("interrupted" in err if code == 130 else err == "")
+
+
+def test_unknown_options_are_reported_by_the_subcommand(capsys):
+    """`memllm generate RUN --ffn` printed the top-level usage and 'memllm: error'; the subcommand's own now."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "run", "--prompt", "hi", "--ffn"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: memllm generate")
+    assert "memllm generate: error: unrecognized arguments: --ffn" in err
