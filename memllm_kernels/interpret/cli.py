@@ -71,7 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tsne-sample", type=_number(int, MIN_TSNE_SAMPLE), default=2000,
                    help=f"seen tokens sampled for t-SNE and the clustering coefficient, at least {MIN_TSNE_SAMPLE} "
                    "(t-SNE's minimum; default 2000)")
-    p.add_argument("--knn", type=_POS_INT, default=10, help="neighbours in the clustering coefficient's graph (default 10)")
+    p.add_argument("--knn", type=_POS_INT, default=None,
+                   help="neighbours in the clustering coefficient's graph (default 10, lowered to the t-SNE sample - 1)")
     p.add_argument("--outlier-tau", type=_POS_FLOAT, default=6.0,
                    help="outlier key: contribution > tau x the token's RMS contribution (default 6)")
     p.add_argument("--top-k", type=_POS_INT, default=8, help="keys per token in access maps / promoted tokens (default 8)")

@@ -91,14 +91,15 @@ def report_files(layers, skip=()) -> list[str]:
 
 
 def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: int = 0,
-                 n_clusters: int = DEFAULT_CLUSTERS, tsne_sample: int = DEFAULT_TSNE_SAMPLE, knn: int = DEFAULT_KNN,
+                 n_clusters: int = DEFAULT_CLUSTERS, tsne_sample: int = DEFAULT_TSNE_SAMPLE, knn: int | None = None,
                  outlier_tau: float = DEFAULT_OUTLIER_TAU, top_k: int = 8, eval_tokens: int = DEFAULT_EVAL_TOKENS,
                  alphas=DEFAULT_ALPHAS, edit_token: str | None = None, edit_source: str | None = None,
                  skip=(), device: str = "cpu", progress: bool = True, force: bool = False, log=print) -> dict:
     """Run every analysis on `run` (a `memllm train` directory, or an open RunHandle) and write
     out/report.md, out/report.json and the PNGs (out defaults to RUN/inspect). Returns the JSON dict.
 
-    layer: analyse only that layer (default: all); dense: a dense run (directory) for the layer sweep's
+    layer: analyse only that layer (default: all); knn: neighbours in the clustering coefficient's graph
+    (default 10, lowered to the t-SNE sample - 1; a larger explicit value is refused); dense: a dense run (directory) for the layer sweep's
     comparison; skip: section names from SECTIONS to leave out; force: overwrite files of an earlier report
     in `out` (otherwise FileExistsError). Arguments are checked before any analysis runs.
     """
@@ -134,7 +135,9 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
         if tsne_sample < MIN_TSNE_SAMPLE:
             raise ValueError(f"--tsne-sample {tsne_sample}: t-SNE needs at least {MIN_TSNE_SAMPLE} tokens")
         sampled = min(tsne_sample, len(seen))
-        if knn >= sampled:  # (it was cut to sampled - 1 without a word)
+        if knn is None:  # the default, lowered for tiny samples (the report names the k it used)
+            knn = min(DEFAULT_KNN, sampled - 1)
+        elif knn >= sampled:  # an explicit k the sample cannot give
             raise ValueError(f"--knn {knn}: the clustering coefficient's graph links each of the {sampled:,} sampled "
                              f"tokens to at most {sampled - 1:,} others; give 1 to {sampled - 1:,}")
     if "edits" not in skip:
@@ -211,7 +214,7 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
         md += ["## 3. Clusters, clustering coefficient, outlier keys", "",
                f"K-means ({n_clusters} clusters) over the L2-normalised coefficient vectors of the {len(seen):,} seen "
                f"tokens; t-SNE and the clustering coefficient (mean local clustering coefficient of the "
-               # the k actually used: cluster_layer lowers --knn to sample - 1 for tiny samples
+               # the k actually used (the default 10 is lowered to sample - 1 for tiny samples)
                f"{crs[0].knn}-NN cosine graph) on a seeded sample of {min(tsne_sample, len(seen))}; 'shuffled' is "
                f"the same coefficient after permuting every key's column across tokens. Outlier keys: contribution > "
                f"{outlier_tau:g} x the token's RMS contribution. [plot](layers_clusters_outliers.png)", ""]
