@@ -438,11 +438,19 @@ def test_resume_interrupts_and_misdirected_paths(tmp_path, text, capsys, monkeyp
         return orig_get_batch(ids, step, tc)
 
     monkeypatch.setattr(T, "get_batch", get_batch)
-    rc, out, err = run(capsys, *args, "--steps", "50")
+    # training takes over only Python's default handler: set it, as an interactive shell does (nohup ignores SIGINT)
+    handler_before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert T._StopOnInterrupt()._old is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # left alone
+        signal.signal(signal.SIGINT, ignored)
+        rc, out, err = run(capsys, *args, "--steps", "50")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, handler_before)
     assert rc == 130 and "interrupted: stopped at step 3 of 50 with a checkpoint" in out
     assert json.loads((run_dir / "state.json").read_text())["step"] == 3 and calls["n"] == 3
     monkeypatch.setattr(T, "get_batch", orig_get_batch)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
     with (run_dir / "log.jsonl").open("a") as f:  # lines a run logged past its last checkpoint, then lost
         f.write(json.dumps({"step": 40, "loss": 1.0}) + "\n")

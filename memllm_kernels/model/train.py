@@ -354,12 +354,14 @@ def _load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) 
 class _StopOnInterrupt:
     """Ctrl-C during training: the step it interrupts finishes and is checkpointed (the loop checks `hit`), rather
     than a KeyboardInterrupt anywhere in a step, which lost every step since the last checkpoint; a second Ctrl-C
-    raises KeyboardInterrupt at once. Only in the main thread, where Python delivers signals."""
+    raises KeyboardInterrupt at once. Only in the main thread, where Python delivers signals, and only over Python's
+    default handler: a run started under nohup (SIGINT ignored) or by a program with its own handler keeps that."""
 
     def __init__(self):
         self.hit = False
         self._old = None
-        if threading.current_thread() is threading.main_thread():
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
             self._old = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
