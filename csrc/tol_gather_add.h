@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -133,6 +134,15 @@ at::Tensor run_out_of_place(const at::Tensor& hidden, const at::Tensor& ids, con
   return out;
 }
 
+// A tensor made under torch.inference_mode() may be written only inside inference mode, as ATen's in-place ops
+// enforce (in their ADInplaceOrView kernel, which a custom op's kernels bypass): each op checks what it writes.
+// `what` names the tensor ("tol_host_gather: out").
+inline void check_writable(const std::string& what, const at::Tensor& t) {
+  TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(),
+              what + " is an inference tensor (made under torch.inference_mode()), which cannot be updated in place "
+              "outside inference mode; call this under torch.inference_mode(), or pass a clone");
+}
+
 // The first and last byte a tensor's elements span (torch strides are never negative).
 inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
   int64_t last = 0;
@@ -147,6 +157,7 @@ inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
 template <typename Launch>
 void run_in_place(const at::Tensor& hidden, const at::Tensor& ids, std::initializer_list<at::Tensor> reads,
                   const Launch& launch) {
+  check_writable("hidden", hidden);
   at::assert_no_internal_overlap(hidden);
   const auto check_apart = [&](const at::Tensor& t) {
     if (hidden.numel() == 0 || t.numel() == 0 || !t.storage().is_alias_of(hidden.storage())) return;

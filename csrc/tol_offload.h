@@ -91,6 +91,7 @@ inline void check_host_gather_args(const at::Tensor& table, const at::Tensor& id
   const std::string op = "tol_host_gather";
   check_token_table(op, "table", table);
   check_token_table(op, "out", out);
+  check_writable(op + ": out", out);
   check_index_dtype(op, "ids", ids);
   TORCH_CHECK_TYPE(out.scalar_type() == table.scalar_type(), op + ": out must have table's dtype " +
                                                                  c10::toString(table.scalar_type()) + ", got " +
@@ -143,6 +144,9 @@ inline LayerRange check_cache_prefetch_args(const at::Tensor& ids, const at::Ten
               op + ": first and slots must be [N] with N=" + to_str(N) + ", got " + to_str(first.sizes()) + " and " +
                   to_str(slots.sizes()));
   TORCH_CHECK(first.is_contiguous() && slots.is_contiguous(), op + ": first and slots must be contiguous");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"out", &out}, {"first", &first},
+                                {"slots", &slots}})
+    check_writable(op + ": " + name, *t);
   const int64_t L = cache.dim() == 3 ? cache.size(1) : 1;
   const int64_t end = layer_end.value_or(L);
   TORCH_CHECK(0 <= layer_begin && layer_begin <= end && end <= L,
@@ -192,7 +196,9 @@ inline void check_cache_admit_args(const at::Tensor& ids, const at::Tensor& firs
                     (a.size < 0 ? std::string() : " of " + to_str(a.size)) + ", got shape " + to_str(a.t->sizes()));
     TORCH_CHECK(a.t->device() == cache.device(),
                 op + ": " + a.name + " must be on cache's device " + cache.device().str() + ", got " + a.t->device().str());
+    if (a.t != &first && a.t != &slots) check_writable(op + ": " + a.name, *a.t);  // the op's state, written
   }
+  check_writable(op + ": cache", cache);
   TORCH_CHECK(ids.device() == cache.device() && rows.device() == cache.device(),
               op + ": ids and rows must be on cache's device " + cache.device().str());
 }

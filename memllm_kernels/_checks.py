@@ -248,6 +248,19 @@ def no_grad(op: str, hint: str = NO_GRAD_HINT, **tensors) -> None:
                                    f"{hint}")
 
 
+def writable(op: str, **tensors) -> None:
+    """A tensor made under torch.inference_mode() may be written only inside inference mode, as torch's own in-place
+    ops enforce; our kernels would write it anyway (the C++ ops make the same check: check_writable in
+    csrc/tol_gather_add.h). Not while torch.compile traces (its fake tensors)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_inference():
+            raise RuntimeError(f"{op}: {name} is an inference tensor (made under torch.inference_mode()), which "
+                               "cannot be updated in place outside inference mode; call this under "
+                               "torch.inference_mode(), or pass a clone")
+
+
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     """The first and last byte t's elements span (torch strides are never negative)."""
     last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
@@ -278,6 +291,7 @@ def outputs_apart(op: str, writes: dict, reads: dict, err: Raise = PUBLIC) -> No
     call traced by torch.compile gets the first check only. err.shape: ValueError from the public wrappers,
     RuntimeError from the raw ops. 1.5 us for 3 plain contiguous tensors, 3.5 for 7 (is_fake and a strided
     span, which they skip, cost 1 us each)."""
+    writable(op, **writes)
     for name, t in writes.items():
         if not t.is_contiguous() and any(n > 1 and s == 0 for n, s in zip(t.shape, t.stride())):
             raise err.shape(f"{op}: {name} has elements that share memory (shape {list(t.shape)}, strides "

@@ -215,6 +215,7 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
         _checks.flag("tol_gather_add_", "check_ids", check_ids)
     _checks.no_grad("tol_gather_add_", "use tol_gather_add (out of place) when gradients are needed, or run under "
                     "torch.no_grad()", hidden=hidden, table=table)
+    _checks.writable("tol_gather_add_", hidden=hidden)
     if backend in ("cpu", "cuda"):
         if layer is not None and _checks.bad_integer(layer):
             _checks.gather_add("tol_gather_add_", hidden, ids, table, layer)
@@ -250,6 +251,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     # Every backend alike (the reference would record a gradient the kernel has not got).
     _checks.no_grad("decode_attention", _checks.DECODE_NO_GRAD_HINT, qkv=qkv, k_cache=k_cache, v_cache=v_cache,
                     cos=cos, sin=sin)
+    _checks.writable("decode_attention", k_cache=k_cache, v_cache=v_cache)
     reason = backend_unavailable_reason("triton", qkv.device)
     if reason is None and _triton_interpret() and torch.compiler.is_compiling():
         # torch.compile cannot trace an interpreted kernel (wrap_triton hands back the eager one)

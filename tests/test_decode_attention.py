@@ -374,3 +374,28 @@ def test_model_auto_decodes_through_sdpa_while_grad_is_on(monkeypatch):
         assert model.decode_attention_backend(gpu) == "triton"
     model.requires_grad_(False)
     assert model.decode_attention_backend(gpu) == "triton"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("raw", [False, True], ids=["public", "raw"])
+def test_refuses_inference_caches_outside_inference_mode(backend, device, raw):
+    """KV caches made under torch.inference_mode() may be written only inside it, as torch's own in-place ops
+    enforce (the Triton kernel wrote them without a word, the reference raised torch's error): refused, nothing
+    written; inside inference mode the op runs."""
+    if raw and backend == "reference":
+        pytest.skip("the reference has no raw op")
+    qkv, k, v, cos, sin, pos, pad = make_case(2, 2, 1, 8, 6, 3, torch.float32, device)
+    with torch.inference_mode():
+        k, v = k.clone(), v.clone()
+    before = k.clone(), v.clone()
+
+    def call():
+        if raw:
+            return torch.ops.memllm.decode_attention(qkv, k, v, cos, sin, pos, pad, 2)
+        return mk.decode_attention(qkv, k, v, cos, sin, pos, pad, 2, backend=backend)
+
+    with pytest.raises(RuntimeError, match="decode_attention: k_cache is an inference tensor .* outside inference"):
+        call()
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+    with torch.inference_mode():
+        assert torch.isfinite(call()).all()

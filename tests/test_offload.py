@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import numpy as np
 import pytest
@@ -2186,3 +2187,74 @@ def test_staged_path_rejects_bad_ids_on_the_host(check_ids):
         engine.prefetch(torch.tensor([1.0]), check_ids=check_ids)
     s = engine.stats()
     assert s["lookups"] == 0 and s["prefetches"] == 0 and s["admissions"] == 0 and s["host_waits"] == 0
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["public", "raw"])
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_writing_ops_refuse_inference_tensors_outside_inference_mode(backend, device, raw):
+    """What the row ops write (hidden, out, first/slots, the cache state) may not be a tensor made under
+    torch.inference_mode() outside it, as torch's own in-place ops enforce (the C++ ops wrote it without a word):
+    refused by every backend and raw op, nothing written."""
+    if raw and backend == "reference":
+        pytest.skip("the reference has no raw ops")
+    suffix = "_triton" if backend == "triton" else ""
+    table = host_table((VOCAB, 2, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([3, 1], device=device)
+    with torch.inference_mode():
+        hidden, out = torch.zeros(2, 8, device=device), torch.zeros(2, 2, 8, device=device)
+    match = "inference tensor .* outside inference mode"
+    if raw:
+        calls = [lambda: getattr(torch.ops.memllm, f"tol_host_gather{suffix}")(table, ids, out),
+                 lambda: getattr(torch.ops.memllm, f"tol_cached_gather_add{suffix}_")(hidden, ids, slot_map, cache,
+                                                                                       table, 1)]
+    else:
+        calls = [lambda: mk.tol_host_gather(table, ids, out, backend=backend),
+                 lambda: mk.tol_cached_gather_add_(hidden, ids, slot_map, cache, table, 1, backend=backend)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    assert not hidden.any() and not out.any()
+    with torch.inference_mode():
+        for call in calls:
+            call()
+    assert torch.equal(out, table.to(device)[ids]) and torch.equal(hidden, table.to(device)[ids, 1])
+    if backend == "triton":
+        return  # tol_cache_prefetch and tol_cache_admit have CPU and CUDA kernels only
+    prefetch = torch.ops.memllm.tol_cache_prefetch if raw else partial(mk.tol_cache_prefetch, backend=backend)
+    admit = torch.ops.memllm.tol_cache_admit if raw else partial(mk.tol_cache_admit, backend=backend)
+    first, slots = (torch.zeros(2, dtype=torch.int32, device=device) for _ in range(2))
+    with torch.inference_mode():
+        out_i, first_i = torch.zeros(2, 2, 8, device=device), torch.zeros(2, dtype=torch.int32, device=device)
+    for args in ((out_i, first, slots), (out, first_i, slots)):
+        with pytest.raises(RuntimeError, match=match):
+            prefetch(ids, slot_map, cache, table, *args)
+    assert not out_i.any() and not first_i.any()
+    _, state = _admit_state(VOCAB, CACHE, "lru", table, device, seed=0)
+    with torch.inference_mode():
+        counters = state[-1].clone()
+    with pytest.raises(RuntimeError, match=match):
+        admit(ids, first, slots, out, *state[:-1], counters)
+    assert torch.equal(counters, state[-1])
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["mapped", "staged"])
+def test_engine_made_under_inference_mode_serves_outside_it(staged):
+    """The engine's state (cache, slot map, step buffers) outlives the call that made it: an engine built and first
+    used under torch.inference_mode() (as generate does) keeps working under torch.no_grad() afterwards (its state
+    were inference tensors, which the ops may write only inside inference mode)."""
+    table = torch.randn(VOCAB, 2, 8)
+    with torch.inference_mode():
+        engine = OffloadEngine(table, cache_rows=4, policy="lru", miss_path="staged" if staged else "auto")
+        h = torch.zeros(3, 8)
+        ids = torch.tensor([1, 2, 3])
+        engine.prefetch(ids)
+        engine.gather_add_(h, ids, 0)
+        assert torch.equal(h, table[ids, 0])
+    with torch.no_grad():
+        ids = torch.tensor([5, 1, 7, 9, 11, 2, 30, 40])  # more ids than before: the step buffers grow, outside
+        h = torch.zeros(8, 8)
+        engine.prefetch(ids)
+        engine.gather_add_(h, ids, 1)
+    assert torch.equal(h, table[ids, 1])
+    engine.check_consistency()

@@ -543,3 +543,28 @@ def test_meta_tensors_mixed_with_real_ones_raise():
         mk.tol_gather_add(hidden, meta_ids, table)
     out = torch.ops.memllm.tol_gather_add(hidden.to("meta"), meta_ids, table.to("meta"), None, True)
     assert out.device.type == "meta" and out.shape == (3, 8)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["public", "raw"])
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_inplace_refuses_an_inference_tensor_outside_inference_mode(backend, device, raw):
+    """A hidden made under torch.inference_mode() may be written only inside it, as torch's own in-place ops enforce
+    (the C++ op wrote it without a word, the reference raised): refused on every backend, nothing written; inside
+    inference mode the op runs."""
+    if raw and backend == "reference":
+        pytest.skip("the reference has no raw op")
+    ids, table = torch.tensor([0, 2], device=device), torch.randn(3, 8, device=device)
+    with torch.inference_mode():
+        hidden = torch.zeros(2, 8, device=device)
+
+    def call():
+        if raw:
+            return _raw_inplace(backend)(hidden, ids, table, None)
+        return mk.tol_gather_add_(hidden, ids, table, backend=backend)
+
+    with pytest.raises(RuntimeError, match="inference tensor .* outside inference mode"):
+        call()
+    assert not hidden.any()
+    with torch.inference_mode():
+        call()
+    assert torch.equal(hidden, table[ids])

@@ -137,6 +137,9 @@ class OffloadEngine:
         prefetched step once for every layer; explicit evict() frees slots that are refilled lowest first.
     """
 
+    # The engine's state outlives the call that made it: made under torch.inference_mode() (generate, a user's
+    # block), it would be inference tensors, which the ops refuse to write outside inference mode later.
+    @torch.inference_mode(False)
     def __init__(self, source, *, device="cpu", cache_rows: int, policy: str = "hot+lru", hot=None,
                  token_counts=None, hot_fraction: float = 0.75, layer_groups: int | None = None,
                  miss_path: str = "auto", backend: str = "auto", check_memory: bool = True,
@@ -272,14 +275,16 @@ class OffloadEngine:
         if self._buf is None or self._buf.shape[0] < n:
             cap = 1 << max(0, (n - 1).bit_length())
             old = self._buf
-            self._buf = torch.empty((cap, self.L, self.d), dtype=self.dtype, device=self.device)
+            with torch.inference_mode(False):  # state, as in __init__ (the three buffers below too)
+                self._buf = torch.empty((cap, self.L, self.d), dtype=self.dtype, device=self.device)
             if self._cuda:
                 self._buf.record_stream(self._side)  # used on the side stream; freed on main
                 if old is not None:
                     old.record_stream(self._side)
         if self._first is None or self._first.shape[0] < 2 * n:
             # first [n] and slots [n] of a step, back to back (_first_slots): the host copies both in one transfer
-            self._first = torch.empty(2 * max(n, 1), dtype=torch.int32, device=self.device)
+            with torch.inference_mode(False):
+                self._first = torch.empty(2 * max(n, 1), dtype=torch.int32, device=self.device)
             if self._cuda:
                 self._first.record_stream(self._side)
 
@@ -569,7 +574,8 @@ class OffloadEngine:
                 self._staging_event.synchronize()  # the last step's copy out of staging is done
             if self._staging is None or self._staging.shape[0] < nm:
                 cap = 1 << (nm - 1).bit_length()
-                self._staging = torch.empty((cap, self.L, self.d), dtype=self.dtype, pin_memory=self._cuda)
+                with torch.inference_mode(False):
+                    self._staging = torch.empty((cap, self.L, self.d), dtype=self.dtype, pin_memory=self._cuda)
             self.source.read_rows(torch.tensor(miss_toks, dtype=torch.int64), self._staging[:nm])
             self.rows_from_disk += nm if isinstance(self.source, DiskTable) else 0
         fence = None if inline else self._main_fence()

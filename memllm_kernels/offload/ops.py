@@ -140,6 +140,7 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
     _checks.int_arg(op, "layer", layer, optional=True)  # the C++ ops read True and torch.tensor(1.9) as layer 1
     _checks.no_grad(op, "use tol_cached_gather_add (out of place) when gradients are needed, or run under "
                     "torch.no_grad()", hidden=hidden, slot_map=slot_map, cache=cache, host_table=host_table)
+    _checks.writable(op, hidden=hidden)
     if b in ("cpu", "cuda"):
         _ops._run_compiled(torch.ops.memllm.tol_cached_gather_add_, hidden, ids, slot_map, cache, host_table, layer,
                            check_ids, checks=lambda: _check_cached(op, hidden, ids, slot_map, cache, host_table,

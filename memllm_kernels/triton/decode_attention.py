@@ -177,6 +177,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     (the kernel indexes by them); pos and pad are data, range-checked by the caller (memllm_kernels.ops.
     decode_attention, check=True): a bad slot reaching the kernel makes it write nothing and return NaN."""
     _checks.decode_attention("decode_attention", qkv, k_cache, v_cache, cos, sin, pos, pad, n_head, _checks.RAW)
+    _checks.writable("decode_attention", k_cache=k_cache, v_cache=v_cache)
     B = qkv.shape[0]
     hd = int(k_cache.shape[-1])  # head sizes are constexprs: concrete ints even where torch traces symbolic shapes
     y = torch.empty(B, n_head * hd, dtype=qkv.dtype, device=qkv.device)

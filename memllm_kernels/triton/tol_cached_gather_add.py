@@ -87,6 +87,7 @@ def tol_cached_gather_add_triton_(hidden: torch.Tensor, ids: torch.Tensor, slot_
     _checks.cached_gather_add("tol_cached_gather_add_triton_", hidden, ids, slot_map, cache, host_table, layer,
                               _checks.RAW)
     _checks.no_overlap("tol_cached_gather_add_triton_", "hidden", hidden)
+    _checks.writable("tol_cached_gather_add_triton_", hidden=hidden)
     _checks.not_aliased("tol_cached_gather_add_triton_", hidden, ids, cache, host_table)
     if hidden.numel() == 0:
         return

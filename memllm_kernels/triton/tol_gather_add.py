@@ -133,6 +133,7 @@ def tol_gather_add_triton_(hidden: torch.Tensor, ids: torch.Tensor, table: torch
     """In place on hidden [..., d]; see tol_gather_add_triton."""
     _checks.gather_add("tol_gather_add_triton_", hidden, ids, table, layer, _checks.RAW)
     _checks.no_overlap("tol_gather_add_triton_", "hidden", hidden)
+    _checks.writable("tol_gather_add_triton_", hidden=hidden)
     _checks.not_aliased("tol_gather_add_triton_", hidden, ids, table)
     if hidden.numel() == 0:
         return
