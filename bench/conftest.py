@@ -248,20 +248,44 @@ def record(**row) -> dict:
     return row
 
 
+def _continues(old, info: dict) -> bool:
+    """Whether results `old` (a loaded file) come from a session of the same commit (clean trees) on this machine."""
+    same = ("commit", "dirty", "device", "gpu", "cpu", "torch")
+    return (isinstance(old, dict) and isinstance(old.get("machine"), dict) and bool(info.get("commit"))
+            and not info.get("dirty") and all(old["machine"].get(k) == info.get(k) for k in same))
+
+
 def _merged(path: str, info: dict, rows: list[dict]) -> list[dict]:
     """rows, after the rows of an earlier session in `path` that this one did not rerun, if that session ran the
     same commit (clean trees) on this machine: runs of some benchmarks (bench/gpu_check.sh's steps, a -k
-    selection) add to a commit's results instead of replacing them. Any other file is replaced."""
+    selection) add to a commit's results instead of replacing them. Any other file is replaced (set_aside)."""
     try:
         with open(path) as f:
             old = json.load(f)
     except (OSError, ValueError):
         return rows
-    same = ("commit", "dirty", "device", "gpu", "cpu", "torch")
-    if not info.get("commit") or info.get("dirty") or any(old.get("machine", {}).get(k) != info.get(k) for k in same):
+    if not _continues(old, info):
         return rows
     rerun = {r["test"] for r in rows}
     return [r for r in old.get("results", []) if r.get("test") not in rerun] + rows
+
+
+def set_aside(path: str, info: dict) -> str | None:
+    """Moves `path` to previous/ beside it if this session replaces it rather than adds to it (_merged), and returns
+    where it went: a -k run on a changed tree, or a run of the next commit, overwrote a machine's whole results
+    without a word. previous/<op>.json is then the OLD of `python bench/report.py compare OLD NEW`."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            if _continues(json.load(f), info):
+                return None
+    except (OSError, ValueError):
+        pass  # unreadable or cut short: kept aside too, not overwritten
+    prev = os.path.join(os.path.dirname(path), "previous", os.path.basename(path))
+    os.makedirs(os.path.dirname(prev), exist_ok=True)
+    os.replace(path, prev)
+    return prev
 
 
 def _derive(rows: list[dict]) -> None:
@@ -321,6 +345,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _derive([r for rows in by_op.values() for r in rows])
     for op, rows in by_op.items():
         path = os.path.join(out_dir, f"{op}.json")
+        prev = set_aside(path, info)
+        if prev:
+            terminalreporter.write_line(f"moved the earlier {path} (another commit, a changed tree or another "
+                                        f"machine) to {prev}")
         with open(path, "w") as f:
             json.dump({"machine": info, "results": rows}, f, indent=1)
         terminalreporter.write_line(f"wrote {path}")

@@ -15,8 +15,8 @@ host adds: launches, or the disk tier's sync per step; host_ms is the host's own
 ms/step, the host sets the pace), and host_top its top-level torch ops and CUDA runtime calls (profiled, so
 inflated: blocking calls and allocations stand out). On the CPU it counts the top-level aten (and memllm) ops
 per step and their time. Writes decode_profile.json (with the machine and commit) to --out/<machine>/ and prints a
-table; `python bench/report.py report DIR` adds it to report.md (ops/step: kernels on a GPU, top-level ops on the
-CPU).
+table; a run of the commit that wrote that file (clean tree) adds its cases to the file's, as the benchmarks do.
+`python bench/report.py report DIR` adds it to report.md (ops/step: kernels on a GPU, top-level ops on the CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from conftest import machine_info, machine_tag  # bench/ is sys.path[0] when this runs as a script
+from conftest import _merged, machine_info, machine_tag, set_aside  # bench/ is sys.path[0] when this runs as a script
 from models import PROVIDERS, attention_kind, build_model, decode_step, free_models, memory_bytes
 
 # Kernel kinds by name, first match wins: ours; cuBLAS (nvjet_* on Hopper with CUDA 13), cuBLASLt and CUTLASS
@@ -178,14 +178,24 @@ def main(argv=None) -> int:
                 mode = f"compiled/{a.compile_mode}"
             row = {"op": "decode_profile", "provider": provider, "mode": mode, "attention": attention_kind(model, device),
                    "preset": size, "dtype": dtype, "batch": 1, "T": T, "weight_bytes_read": weights_read,
-                   "seconds": time.perf_counter() - t0, **r}
+                   "seconds": time.perf_counter() - t0, **r,
+                   # the case's identity for _merged: a later run of this commit replaces this row, not the file
+                   "test": f"decode_profile {provider} {mode} {attention}"}
             if engine is not None:  # how often the host ran 8 steps ahead of the engine's bookkeeping, in all
                 row["host_waits"] = engine.host_waits
             if device == "cuda" and mm and mm["us"]:
                 row["matmul_gbps"] = weights_read / (mm["us"] * 1e-6) / 1e9  # weights read / matmul time
             rows.append(row)
-            with open(path, "w") as f:  # after every case: a run stopped at a time limit keeps what it measured
-                json.dump({"machine": info, "results": rows}, f, indent=1)
+            # After every case: a run stopped at a time limit keeps what it measured. Merged as the benchmark
+            # sessions merge: gpu_check.sh's profile and host steps both run this, and the second replaced the
+            # first's cases.
+            if len(rows) == 1:  # the first case: an earlier file this run replaces goes to previous/ first
+                prev = set_aside(path, info)
+                if prev:
+                    print(f"moved the earlier {path} (another commit, a changed tree or another machine) to {prev}")
+            merged = _merged(path, info, rows)
+            with open(path, "w") as f:
+                json.dump({"machine": info, "results": merged}, f, indent=1)
             kinds = ", ".join(f"{k} {v['count']:.0f}/{v['us']:.0f}us" for k, v in sorted(r["by_kind"].items()))
             print(f"{provider:15} {mode:8} {row['attention']:6} {r['wall_ms']:8.3f} ms/step (host {r['host_ms']:.3f})"
                   f"  {r['ops_per_step']:6.0f} "

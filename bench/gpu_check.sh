@@ -46,12 +46,22 @@
 #      (when .git did not travel), WHEELS, XDIST (pytest-xdist workers for the tests, default 12 where installed),
 #      BENCH_DEVICE (default cuda; cpu tries the script's steps on a machine without a GPU).
 set -uo pipefail
+# --help printed mkdir's help and then ran every step into a folder named --help (the build step first, which deletes
+# the built extension): options are answered or refused, and step names checked, before anything runs.
+case ${1:-} in
+  -h|--help) sed -n '2,/^set -uo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+  -*) echo "$0: unknown option $1 (usage: bash $0 [RESULTS_DIR] [STEP ...]; --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build, for scripts run from bench/ (decode_profile)
 out=${1:-bench/results}
 shift || true
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build gpu-tests offload e2e linear compiled profile gather tests)
+known=" build gpu-tests offload e2e compiled profile host gather attention linear tests "
+for step in "${steps[@]}"; do  # a misspelt step is named now, not after the steps before it have run for minutes
+  [[ $known == *" $step "* ]] || { echo "unknown step $step (${known:1:-1})" >&2; exit 2; }
+done
 mkdir -p "$out"
 PY=${PYTHON:-python3}
 export MEMLLM_COMMIT=${MEMLLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}

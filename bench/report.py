@@ -19,15 +19,31 @@ KERNEL_PROVIDERS = ("cpu", "cpu_", "cuda", "cuda_", "triton", "triton_")
 
 
 def load(path: str) -> dict:
-    with open(path) as f:
-        data = json.load(f)
-    if "machine" not in data or "results" not in data:
+    """A results file; ValueError (one line, naming the file) for one that is not JSON or not a result."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    # A JSON list or string would pass an `in` test: check the shape the report and compare index into.
+    if not (isinstance(data, dict) and isinstance(data.get("machine"), dict) and isinstance(data.get("results"), list)
+            and all(isinstance(r, dict) for r in data["results"])):
         raise ValueError(f"{path} is not a memllm benchmark result (no 'machine'/'results')")
     return data
 
 
+# Parameters beside KEY_FIELDS that tell an op's rows apart: without them compare paired the hit fraction 0.9
+# engine step of one file with the 1.0 one of the other, and decode_profile's eager step with its compiled one.
+VARIANT_FIELDS = {"decode_profile": ("mode", "attention"), "offload_engine_step": ("hit_fraction",)}
+
+
 def _key(r: dict) -> tuple:
-    return tuple(r.get(k) for k in KEY_FIELDS)
+    return tuple(r.get(k) for k in KEY_FIELDS + VARIANT_FIELDS.get(r.get("op"), ()))
+
+
+def _ms(r: dict):
+    """A row's time: ms per call, or decode_profile's ms per step (wall_ms; it has no ms)."""
+    return r.get("ms", r.get("wall_ms"))
 
 
 def machine_label(m: dict) -> str:
@@ -209,7 +225,13 @@ def write_report(out_dir: str) -> str:
     for name in sorted(os.listdir(out_dir)):
         if not name.endswith(".json") or name.startswith("pytest-benchmark"):
             continue
-        data = load(os.path.join(out_dir, name))
+        try:
+            data = load(os.path.join(out_dir, name))
+        except (OSError, ValueError) as e:
+            # Another tool's JSON (or a file cut short) beside the results: the benchmark session that calls this
+            # at its end, and the other ops' tables, must not die on it.
+            print(f"report: skipped {e}", file=sys.stderr)
+            continue
         op = name[:-5]
         label = machine_label(data["machine"])
         try:
@@ -221,6 +243,8 @@ def write_report(out_dir: str) -> str:
         missed = targets_missed(data)
         if missed:
             parts.append("Targets missed:\n\n" + "\n".join(f"- {m}" for m in missed) + "\n")
+    if not parts:  # not a results folder (bench/results/model, say): say so rather than write an empty report
+        raise ValueError(f"no benchmark results (<op>.json with 'machine' and 'results') in {out_dir}")
     body = "# Benchmark report\n\n" + "\n".join(parts)
     body += "".join(f"\n![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in pngs)
     path = os.path.join(out_dir, "report.md")
@@ -233,7 +257,7 @@ def targets_missed(data: dict) -> list[str]:
     """The targets checked on these results (at the 1b shape, bf16 where a dtype applies); each miss says by
     how much and, where the memory-bandwidth bound of this machine caps it, what the bound allows. Targets
     that only apply on a GPU are checked only on GPU results."""
-    rows, device = data["results"], data["machine"]["device"]
+    rows, device = data["results"], data["machine"].get("device")
     out = []
     by = {(r["op"], r["provider"], r.get("dtype"), r.get("preset"), r.get("T"), r.get("batch")): r for r in rows}
     for r in rows:
@@ -296,8 +320,8 @@ def compare(old_path: str, new_path: str) -> list[tuple]:
     rows = []
     for r in new["results"]:
         o = old_by.get(_key(r))
-        if o is not None and o.get("ms") and r.get("ms"):
-            rows.append((_key(r), o["ms"], r["ms"], r["ms"] / o["ms"]))
+        if o is not None and _ms(o) and _ms(r):
+            rows.append((_key(r), _ms(o), _ms(r), _ms(r) / _ms(o)))
     return rows
 
 
@@ -307,25 +331,36 @@ def main(argv=None) -> int:
     r = sub.add_parser("report", help="write report.md and PNG plots for a results folder")
     r.add_argument("folder", help="a bench/results/<machine> folder holding <op>.json files")
     c = sub.add_parser("compare", help="time ratio new/old per benchmark present in both files")
-    c.add_argument("old")
-    c.add_argument("new")
+    c.add_argument("old", help="a results file, bench/results/<machine>/<op>.json (previous/<op>.json: the run before)")
+    c.add_argument("new", help="a results file of the same op")
     args = p.parse_args(argv)
     if args.cmd == "report":
         if not os.path.isdir(args.folder):
             p.error(f"{args.folder} is not a folder")
-        print(write_report(args.folder))
+        try:
+            print(write_report(args.folder))
+        except ValueError as e:
+            print(f"report.py report: error: {e}", file=sys.stderr)
+            return 2
         return 0
-    old, new = load(args.old), load(args.new)
+    try:  # a missing, unreadable or foreign file: one line naming it, not a traceback
+        old, new = load(args.old), load(args.new)
+        rows = compare(args.old, args.new)
+    except (OSError, ValueError) as e:
+        print(f"report.py compare: error: {e}", file=sys.stderr)
+        return 2
     print(f"old: {machine_label(old['machine'])}\nnew: {machine_label(new['machine'])}")
-    rows = compare(args.old, args.new)
     if not rows:
-        print("no benchmark in common")
+        print("no benchmark in common", file=sys.stderr)
         return 1
-    print(f"{'op':<20}{'provider':<16}{'dtype':<10}{'preset':<7}{'T':>6}{'batch':>6}{'old ms':>11}{'new ms':>11}"
+    # The provider column names a row's variant too: decode_profile's "dense eager sdpa", an engine step's "mapped 0.9".
+    provs = [" ".join(str(k if k is not None else "-") for k in (key[1],) + key[len(KEY_FIELDS):]) for key, *_ in rows]
+    w = max(16, *(len(x) + 1 for x in provs))
+    print(f"{'op':<20}{'provider':<{w}}{'dtype':<10}{'preset':<7}{'T':>6}{'batch':>6}{'old ms':>11}{'new ms':>11}"
           f"{'new/old':>9}")
-    for key, o, n, ratio in rows:
-        op, prov, dtype, preset, T, batch = (str(k if k is not None else "-") for k in key)
-        print(f"{op:<20}{prov:<16}{dtype:<10}{preset:<7}{T:>6}{batch:>6}{o:>11.4f}{n:>11.4f}{ratio:>9.2f}")
+    for (key, o, n, ratio), prov in zip(rows, provs):
+        op, _, dtype, preset, T, batch = (str(k if k is not None else "-") for k in key[:len(KEY_FIELDS)])
+        print(f"{op:<20}{prov:<{w}}{dtype:<10}{preset:<7}{T:>6}{batch:>6}{o:>11.4f}{n:>11.4f}{ratio:>9.2f}")
     return 0
 
 

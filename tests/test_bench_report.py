@@ -251,3 +251,135 @@ def test_warm_up_rounds_are_not_counted():
         host.append(-i)
     harness._pedantic(Benchmark(), run, 5, 2, samples, host)
     assert samples == [2, 3, 4, 5, 6] and host == [-2, -3, -4, -5, -6]
+
+
+def _results(path, rows, **machine):
+    path.write_text(json.dumps({"machine": {**CPU, **machine}, "results": rows}))
+    return str(path)
+
+
+def _compare(*paths):
+    return subprocess.run([sys.executable, "bench/report.py", "compare", *map(str, paths)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_compare_refuses_bad_inputs_in_one_line(tmp_path):
+    """A missing file, a directory, bytes that are not JSON, JSON that is not a results file (a list, a dict without
+    'machine'/'results'): one line on stderr naming the file and exit status 2, never a traceback; two result files
+    with no benchmark in common: said on stderr, exit status 1."""
+    good = _results(tmp_path / "good.json", [_row("cpu_", 1, 1.0)])
+    (tmp_path / "corrupt.json").write_text('{"machine": {')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "string.json").write_text('"machine results"')
+    (tmp_path / "foreign.json").write_text('{"results": {"a": 1}, "machine": {}}')
+    for bad in ("missing.json", "", "corrupt.json", "list.json", "string.json", "foreign.json"):
+        for pair in ((tmp_path / bad, good), (good, tmp_path / bad)):
+            proc = _compare(*pair)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, (bad, proc.stderr)
+            (line,) = proc.stderr.splitlines()
+            assert line.startswith("report.py compare: error: ") and str(tmp_path / bad).rstrip("/") in line, line
+    other = _results(tmp_path / "other.json", [_row("cpu_", 8, 1.0)])
+    proc = _compare(good, other)
+    assert proc.returncode == 1 and proc.stderr.strip() == "no benchmark in common", proc.stderr
+
+
+def test_compare_pairs_each_variant_with_its_own(tmp_path, capsys):
+    """Rows that differ only by a parameter outside op/provider/dtype/preset/T/batch (an engine step's hit fraction,
+    decode_profile's mode and attention) are compared with the same variant of the other file, and decode_profile,
+    whose rows have wall_ms and no ms, is compared at all: a file against itself gave ratios of 1.01 and 0.98, and
+    'no benchmark in common'."""
+    def step(hit, ms):
+        return dict(op="offload_engine_step", provider="mapped", dtype="bfloat16", preset="1b", T=1, hit_fraction=hit,
+                    ms=ms)
+
+    def prof(mode, attention, wall_ms):
+        return dict(op="decode_profile", provider="dense", mode=mode, attention=attention, dtype="float32",
+                    preset="tiny", T=128, batch=1, wall_ms=wall_ms)
+
+    old = _results(tmp_path / "old.json", [step(1.0, 1.0), step(0.9, 4.0), prof("eager", "sdpa", 10.0),
+                                           prof("compiled", "sdpa", 5.0)])
+    new = _results(tmp_path / "new.json", [step(1.0, 2.0), step(0.9, 4.0), prof("eager", "sdpa", 10.0),
+                                           prof("compiled", "sdpa", 2.5)])
+    assert report.main(["compare", old, new]) == 0
+    lines = capsys.readouterr().out.splitlines()[3:]
+    assert [(line.split()[1:-7], line.split()[-1]) for line in lines] == [
+        (["mapped", "1.0"], "2.00"), (["mapped", "0.9"], "1.00"),
+        (["dense", "eager", "sdpa"], "1.00"), (["dense", "compiled", "sdpa"], "0.50")], lines
+
+
+def test_report_skips_foreign_json_and_refuses_a_folder_without_results(tmp_path):
+    """report on a folder holding another tool's JSON beside the results (bench/results/model has two): that file is
+    named on stderr and left out, the others reported; a folder without any result: one line, exit status 2."""
+    _results(tmp_path / "tol_gather_add.json", [_row("cpu_", 1, 1.0)])
+    (tmp_path / "training_comparison.json").write_text('[{"model": "tiny"}]')
+    proc = subprocess.run([sys.executable, "bench/report.py", "report", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "skipped" in proc.stderr and "training_comparison.json" in proc.stderr, proc.stderr
+    assert "## tol_gather_add" in (tmp_path / "report.md").read_text()
+    (tmp_path / "tol_gather_add.json").unlink()
+    (tmp_path / "report.md").unlink()
+    proc = subprocess.run([sys.executable, "bench/report.py", "report", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("report.py report: error: no benchmark results")
+    assert not (tmp_path / "report.md").exists()
+    assert report.targets_missed({"machine": {}, "results": []}) == []  # a machine without "device"
+
+
+def test_replaced_results_are_set_aside(tmp_path):
+    """bench/conftest.py's set_aside: a session that replaces a results file (another commit, a changed tree, another
+    machine; or a file that is not JSON) moves it to previous/ first, where a -k run on a changed tree overwrote
+    the machine's whole results; a file that session adds to (_merged) stays."""
+    harness = _harness()
+    path = tmp_path / "op.json"
+    info = {**CPU, "dirty": False}
+    _results(path, [_row("cuda", 1, 1.0, test="a")], dirty=False)
+    assert harness.set_aside(str(path), info) is None and path.exists()
+    for other in ({"commit": "def"}, {"dirty": True}, {"cpu": "another cpu"}):
+        _results(path, [_row("cuda", 1, 1.0, test="a")], dirty=False)
+        prev = harness.set_aside(str(path), {**info, **other})
+        assert prev == str(tmp_path / "previous" / "op.json") and not path.exists()
+        assert report.load(prev)["results"][0]["test"] == "a"
+    path.write_text("[1")
+    assert harness.set_aside(str(path), info) and (tmp_path / "previous" / "op.json").read_text() == "[1"
+    assert harness.set_aside(str(tmp_path / "missing.json"), info) is None
+    # A results file that is a JSON list (not a dict): replaced, not a crash in the session's summary.
+    path.write_text("[1, 2]")
+    assert harness._merged(str(path), info, [_row("cuda", 1, 2.0, test="a")])[0]["ms"] == 2.0
+
+
+def test_decode_profile_runs_of_one_commit_add_to_its_results(tmp_path):
+    """bench/decode_profile.py writes through _merged as the benchmark sessions do: gpu_check.sh's profile and host
+    steps both run it, and the second run replaced the first's cases (here dense, then memoryllm; MEMLLM_COMMIT
+    names the tree's commit, so the tree counts as that commit's)."""
+    env = {**os.environ, "MEMLLM_COMMIT": "abc1234"}
+    for provider in ("dense", "memoryllm", "dense"):
+        proc = subprocess.run([sys.executable, "bench/decode_profile.py", "--device", "cpu", "--providers", provider,
+                               "--modes", "eager", "--steps", "1", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = report.load(str(folder / "decode_profile.json"))["results"]
+    assert sorted(r["provider"] for r in rows) == ["dense", "memoryllm"]
+
+
+def test_gpu_check_help_and_bad_arguments_run_nothing(tmp_path):
+    """bash bench/gpu_check.sh --help printed mkdir's help and ran every step into a folder named --help, the build
+    step first (which deletes the built extension); a misspelt step stopped the script only after the steps before
+    it had run. Run from a copy, so that the build step of an unfixed script deletes nothing here."""
+    (tmp_path / "bench").mkdir()
+    script = tmp_path / "bench" / "gpu_check.sh"
+    script.write_text(open(os.path.join(ROOT, "bench", "gpu_check.sh")).read())
+    env = {**os.environ, "PYTHON": "true", "BUDGET": "60"}
+
+    def run(*args):
+        return subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=60)
+    proc = run("--help")
+    assert proc.returncode == 0 and "bash bench/gpu_check.sh [RESULTS_DIR] [STEP ...]" in proc.stdout, proc.stdout
+    assert "== " not in proc.stdout and "mkdir" not in proc.stdout
+    proc = run("-n")
+    assert proc.returncode == 2 and "unknown option -n" in proc.stderr and "== " not in proc.stdout
+    proc = run(str(tmp_path / "out"), "gpu-tests", "ofload")
+    assert proc.returncode == 2 and "unknown step ofload" in proc.stderr and "== " not in proc.stdout, proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
