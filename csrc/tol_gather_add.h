@@ -151,6 +151,38 @@ inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
   return {p, p + static_cast<uintptr_t>((last + 1) * t.element_size()) - 1};
 }
 
+// An op with outputs besides hidden (the offload ops): what it writes ({name, tensor}; a null tensor is an
+// absent optional) must own its elements (an expand()ed out: threads writing one element race) and share no
+// bytes with another output or with anything it reads; out given as its own table gave each backend other
+// rows. The Python wrappers make the same check first (_checks.outputs_apart); this one guards the raw ops.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor* t;
+};
+inline void check_outputs_apart(const std::string& op, std::initializer_list<NamedTensor> writes,
+                                std::initializer_list<NamedTensor> reads) {
+  const auto overlap = [](const at::Tensor& a, const at::Tensor& b) {
+    if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
+    const auto [a0, a1] = byte_span(a);
+    const auto [b0, b1] = byte_span(b);
+    return a0 <= b1 && b0 <= a1;
+  };
+  for (auto w = writes.begin(); w != writes.end(); ++w) {
+    if (w->t == nullptr) continue;
+    TORCH_CHECK(at::has_internal_overlap(*w->t) != at::MemOverlap::Yes,
+                op + ": " + w->name + " has elements that share memory (shape " + to_str(w->t->sizes()) +
+                    ", strides " + to_str(w->t->strides()) + ": an expand()ed tensor?), so it cannot be written; "
+                    "pass a tensor whose elements are its own");
+    const auto refuse = [&](const NamedTensor& other, const char* what) {
+      TORCH_CHECK(other.t == nullptr || !overlap(*w->t, *other.t),
+                  op + ": " + w->name + " shares memory with " + other.name + " (" + what + "); an output must not "
+                  "overlap an input or another output: pass tensors of their own");
+    };
+    for (auto o = w + 1; o != writes.end(); ++o) refuse(*o, "another output");
+    for (const NamedTensor& r : reads) refuse(r, "an input");
+  }
+}
+
 // `reads`: the tables the kernel reads rows from. hidden must not share memory with them or with ids: a hidden
 // that is a view of its own table would read rows it already overwrote (the reference reads before writing).
 // By byte span, not ATen's assert_no_overlap, which gives up on strided views such as table[:T, l].

@@ -108,6 +108,8 @@ inline void check_host_gather_args(const at::Tensor& table, const at::Tensor& id
     TORCH_CHECK(out.size(0) >= ids.size(0), op + ": out has " + to_str(out.size(0)) + " rows for " +
                                                  to_str(ids.size(0)) + " ids; pass rows= or a bigger out");
   }
+  check_outputs_apart(op, {{"out", &out}},
+                      {{"table", &table}, {"ids", &ids}, {"rows", rows.has_value() ? &*rows : nullptr}});
 }
 
 struct LayerRange {
@@ -147,6 +149,8 @@ inline LayerRange check_cache_prefetch_args(const at::Tensor& ids, const at::Ten
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"out", &out}, {"first", &first},
                                 {"slots", &slots}})
     check_writable(op + ": " + name, *t);
+  check_outputs_apart(op, {{"out", &out}, {"first", &first}, {"slots", &slots}},
+                      {{"ids", &ids}, {"slot_map", &slot_map}, {"cache", &cache}, {"host_table", &host_table}});
   const int64_t L = cache.dim() == 3 ? cache.size(1) : 1;
   const int64_t end = layer_end.value_or(L);
   TORCH_CHECK(0 <= layer_begin && layer_begin <= end && end <= L,
@@ -201,6 +205,9 @@ inline void check_cache_admit_args(const at::Tensor& ids, const at::Tensor& firs
   check_writable(op + ": cache", cache);
   TORCH_CHECK(ids.device() == cache.device() && rows.device() == cache.device(),
               op + ": ids and rows must be on cache's device " + cache.device().str());
+  check_outputs_apart(op, {{"slot_map", &slot_map}, {"owner", &owner}, {"last_use", &last_use},
+                           {"admitted_at", &admitted_at}, {"cache", &cache}, {"counters", &counters}},
+                      {{"ids", &ids}, {"first", &first}, {"slots", &slots}, {"rows", &rows}});
 }
 
 // Page-locking host memory needs the CUDA runtime, which only the CUDA build links. The CPU file

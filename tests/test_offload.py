@@ -148,7 +148,7 @@ def test_host_gather_refuses_an_out_that_shares_memory(backend, device):
     """out given as its own table gave a different result per backend (each read rows that another program had
     overwritten, at another time); an expand()ed out, whose elements share memory, was written by racing programs
     (the reference refused it with torch's own error). ValueError on every backend before anything is written; the
-    raw Triton op refuses them too (RuntimeError)."""
+    raw Triton and C++ ops refuse them too (RuntimeError: the C++ ones wrote without a word)."""
     table = torch.arange(VOCAB * 2 * 8, dtype=torch.float32).view(VOCAB, 2, 8).to(device)
     before, base = table.clone(), torch.zeros(1, 2, 8, device=device)
     ids = torch.tensor([3, 1, 2], device=device)
@@ -158,9 +158,11 @@ def test_host_gather_refuses_an_out_that_shares_memory(backend, device):
     for args, match in cases:
         with pytest.raises(ValueError, match=match):
             mk.tol_host_gather(*args, backend=backend)
-        if backend == "triton":
+        raw = {"triton": torch.ops.memllm.tol_host_gather_triton, "cpu": torch.ops.memllm.tol_host_gather,
+               "cuda": torch.ops.memllm.tol_host_gather}.get(backend)
+        if raw is not None:
             with pytest.raises(RuntimeError, match=match):
-                torch.ops.memllm.tol_host_gather_triton(*args)
+                raw(*args)
     assert torch.equal(table, before) and not base.any()
     out = torch.zeros(3, 2, 8, device=device)
     assert mk.tol_host_gather(table[:3], ids - 1, out, backend=backend) is out  # apart: as before
@@ -537,7 +539,8 @@ def test_cache_prefetch_bad_input_raises(backend, device):
 def test_cache_ops_refuse_outputs_that_share_memory(backend, device):
     """tol_cache_prefetch took first given as slots, an expand()ed out and out given as a table it reads (the
     results then depended on the order of the kernel's writes); tol_cache_admit likewise a state tensor that is also
-    an input. ValueError on every backend, before anything is written."""
+    an input. ValueError on every backend, before anything is written; the raw C++ ops refuse them too
+    (RuntimeError: they wrote without a word)."""
     table = host_table((VOCAB, 2, 8), torch.float32, device)
     slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
     ids = torch.tensor([4, 1, 4], device=device)
@@ -553,6 +556,9 @@ def test_cache_ops_refuse_outputs_that_share_memory(backend, device):
         args.update(change)
         with pytest.raises(ValueError, match=match):
             mk.tol_cache_prefetch(**args, backend=backend)
+        if backend != "reference":
+            with pytest.raises(RuntimeError, match=match):
+                torch.ops.memllm.tol_cache_prefetch(**args)
     assert not out.any() and not first.any() and not slots.any()
     assert all(torch.equal(a, b) for a, b in zip((slot_map, cache, table), snapshot))
     _, state = _admit_state(VOCAB, CACHE, "lru", table, device, seed=0)
@@ -565,6 +571,9 @@ def test_cache_ops_refuse_outputs_that_share_memory(backend, device):
         args.update(change)
         with pytest.raises(ValueError, match=match):
             mk.tol_cache_admit(**args, backend=backend)
+        if backend != "reference":
+            with pytest.raises(RuntimeError, match=match):
+                torch.ops.memllm.tol_cache_admit(**args)
     assert all(torch.equal(a, b) for a, b in zip(state, before))
 
 
