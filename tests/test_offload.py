@@ -1689,6 +1689,34 @@ def test_model_through_the_engine_equals_the_in_memory_tol(tmp_path, location, k
         engine_model(ids).sum()
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_engine_moves_nothing_when_every_layer_is_dropped(tmp_path, compile):
+    """With every layer's memory dropped (set_memory_scale, `memllm eval --drop-layers` over all layers) no layer
+    reads a row: the forward's prefetch moved and admitted rows anyway, and the stats showed 0 lookups beside
+    admissions. Now nothing moves, eager or compiled, and the tokens are the in-memory model's."""
+    import copy
+
+    from memllm_kernels.model import generate, load_tol, swap_ffn_for_tol
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    torch._dynamo.reset()
+    model, path = _tiny_model_and_file(tmp_path)
+    model.set_memory_scale(1.0, range(3))
+    engine_model = copy.deepcopy(model)
+    swap_ffn_for_tol(model, load_tol(path, model))
+    engine = OffloadEngine(HostTable.from_file(path, engine_model), cache_rows=15, policy="lru")
+    swap_ffn_for_engine(engine_model, engine)
+    prompts = [[1, 2, 3, 250], [7]]
+    assert generate(engine_model, prompts, 5, compile=compile) == generate(model, prompts, 5)
+    s = engine.stats()
+    assert (s["lookups"], s["prefetches"], s["admissions"], s["bytes_h2d"]) == (0, 0, 0, 0)
+    engine_model.set_memory_scale(1.0, [0, 2])  # one layer reads again: its rows are prefetched again
+    with torch.no_grad():
+        engine_model(torch.tensor([[4, 5]]))
+    s = engine.stats()
+    assert s["prefetches"] == 1 and s["lookups"] == 2 and s["admissions"] == 2
+
+
 @pytest.mark.parametrize("location", ["host", "disk"])
 def test_compiled_decode_through_the_engine_equals_the_in_memory_tol(tmp_path, location):
     """generate(compile=True) with the engine: one compiled graph with one opaque engine op per step

@@ -59,7 +59,7 @@ def compile_decode(model: Transformer, mode: str | None = None):
     from .tol import prefetch_for_forward
 
     def step(ids, input_pos=None, pad=None, check=True):
-        prefetch_for_forward(engine, ids)
+        prefetch_for_forward(engine, ids, model)
         return fwd(ids, input_pos=input_pos, pad=pad, check=check)
     return step
 

@@ -354,7 +354,8 @@ class Transformer(nn.Module):
                 cos, sin, mask = self._cached_rope_and_mask(input_pos, pad, x0.dtype)
         h = x0
         memory_rows = None
-        if torch.compiler.is_compiling() and hasattr(self.layers[0].memory, "step_rows"):
+        if (torch.compiler.is_compiling() and hasattr(self.layers[0].memory, "step_rows")
+                and any(b.memory.scale != 0.0 for b in self.layers)):  # (not when every layer is dropped)
             # ToLs served by an offload engine (EngineMemory), compiled: every layer's rows in one op per step,
             # so that each layer's read fuses with its adds (an opaque op per layer would be a kernel each).
             memory_rows = self.layers[0].memory.step_rows(ids)
