@@ -263,6 +263,11 @@ class Transformer(nn.Module):
         """Each layer's memory module (MemoryFFN or ToLMemory), in layer order; [] for dense models."""
         return [b.memory for b in self.layers if b.memory is not None]
 
+    def reads_memory(self) -> bool:
+        """Whether a forward reads any layer's memory term (False for dense models and when set_memory_scale
+        dropped every layer or set alpha 0)."""
+        return any(m.scale != 0.0 for m in self.memory_modules())
+
     def set_memory_scale(self, alpha: float = 1.0, drop_layers=()) -> None:
         """Scale every layer's memory term by alpha and drop (scale 0) the layers in `drop_layers`.
 
@@ -355,7 +360,7 @@ class Transformer(nn.Module):
         h = x0
         memory_rows = None
         if (torch.compiler.is_compiling() and hasattr(self.layers[0].memory, "step_rows")
-                and any(b.memory.scale != 0.0 for b in self.layers)):  # (not when every layer is dropped)
+                and self.reads_memory()):
             # ToLs served by an offload engine (EngineMemory), compiled: every layer's rows in one op per step,
             # so that each layer's read fuses with its adds (an opaque op per layer would be a kernel each).
             memory_rows = self.layers[0].memory.step_rows(ids)

@@ -515,18 +515,13 @@ class EngineMemory(nn.Module):
         return f"layer={self.layer}, scale={self.scale}"
 
 
-def reads_memory(model: Transformer) -> bool:
-    """Whether a forward of `model` reads any layer's memory (False when set_memory_scale dropped every layer)."""
-    return any(b.memory is not None and b.memory.scale != 0.0 for b in model.layers)
-
-
 def prefetch_for_forward(engine, ids: torch.Tensor, model: Transformer) -> None:
     """What a forward of `model` through `engine` does first (the model's pre-hook; compile_decode before its
     compiled step): engine.prefetch(ids), except while a CUDA graph is captured or when no layer reads its
     memory (every layer dropped: the rows would move, and be admitted, for nothing)."""
     if ids.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # a DecodeGraph capture: it prefetches eagerly before each replay instead
-    if not reads_memory(model):
+    if not model.reads_memory():
         return
     # The step's ids are known before the embedding runs: start moving their rows now. On a GPU the range
     # check is left to the embedding lookup (a check here would cost a host sync per step).
