@@ -151,6 +151,15 @@ inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
   return {p, p + static_cast<uintptr_t>((last + 1) * t.element_size()) - 1};
 }
 
+// Whether a and b, both with elements, on one device, span common bytes (as _checks.py compares them: by
+// address, so two tensors over the same memory with different storages are caught too).
+inline bool bytes_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
+  const auto [a0, a1] = byte_span(a);
+  const auto [b0, b1] = byte_span(b);
+  return a0 <= b1 && b0 <= a1;
+}
+
 // An op with outputs besides hidden (the offload ops): what it writes ({name, tensor}; a null tensor is an
 // absent optional) must own its elements (an expand()ed out: threads writing one element race) and share no
 // bytes with another output or with anything it reads; out given as its own table gave each backend other
@@ -161,12 +170,6 @@ struct NamedTensor {
 };
 inline void check_outputs_apart(const std::string& op, std::initializer_list<NamedTensor> writes,
                                 std::initializer_list<NamedTensor> reads) {
-  const auto overlap = [](const at::Tensor& a, const at::Tensor& b) {
-    if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
-    const auto [a0, a1] = byte_span(a);
-    const auto [b0, b1] = byte_span(b);
-    return a0 <= b1 && b0 <= a1;
-  };
   for (auto w = writes.begin(); w != writes.end(); ++w) {
     if (w->t == nullptr) continue;
     TORCH_CHECK(at::has_internal_overlap(*w->t) != at::MemOverlap::Yes,
@@ -174,7 +177,7 @@ inline void check_outputs_apart(const std::string& op, std::initializer_list<Nam
                     ", strides " + to_str(w->t->strides()) + ": an expand()ed tensor?), so it cannot be written; "
                     "pass a tensor whose elements are its own");
     const auto refuse = [&](const NamedTensor& other, const char* what) {
-      TORCH_CHECK(other.t == nullptr || !overlap(*w->t, *other.t),
+      TORCH_CHECK(other.t == nullptr || !bytes_overlap(*w->t, *other.t),
                   op + ": " + w->name + " shares memory with " + other.name + " (" + what + "); an output must not "
                   "overlap an input or another output: pass tensors of their own");
     };
@@ -192,11 +195,8 @@ void run_in_place(const at::Tensor& hidden, const at::Tensor& ids, std::initiali
   check_writable("hidden", hidden);
   at::assert_no_internal_overlap(hidden);
   const auto check_apart = [&](const at::Tensor& t) {
-    if (hidden.numel() == 0 || t.numel() == 0 || !t.storage().is_alias_of(hidden.storage())) return;
-    const auto [h0, h1] = byte_span(hidden);
-    const auto [t0, t1] = byte_span(t);
-    TORCH_CHECK(h1 < t0 || t1 < h0, "unsupported operation: hidden shares memory with ids or a table it reads "
-                "(a view of its own table?); pass hidden.clone()");
+    TORCH_CHECK(!bytes_overlap(hidden, t), "unsupported operation: hidden shares memory with ids or a table it "
+                "reads (a view of its own table?); pass hidden.clone()");
   };
   check_apart(ids);
   for (const at::Tensor& t : reads) check_apart(t);

@@ -331,6 +331,22 @@ def test_inplace_refuses_hidden_that_shares_memory_with_its_inputs(backend, devi
     assert torch.equal(table, before)
 
 
+def test_raw_inplace_op_refuses_hidden_over_its_tables_memory_in_another_storage():
+    """Two tensors over one buffer (torch.from_numpy twice) have separate storages: the C++ op compared spans only
+    within one storage and wrote hidden over the rows it read; it compares addresses now, as the wrapper does."""
+    import numpy as np
+
+    buf = np.random.default_rng(0).standard_normal(80).astype(np.float32)
+    table, hidden = torch.from_numpy(buf).view(10, 8), torch.from_numpy(buf[:32]).view(4, 8)
+    assert hidden.untyped_storage()._cdata != table.untyped_storage()._cdata  # two storages (StorageImpls)
+    ids = torch.tensor([1, 0, 3, 2])
+    for call in (lambda: torch.ops.memllm.tol_gather_add_(hidden, ids, table, None),
+                 lambda: mk.tol_gather_add_(hidden, ids, table, backend="cpu")):
+        with pytest.raises(RuntimeError, match="shares memory"):
+            call()
+    assert np.array_equal(buf, np.random.default_rng(0).standard_normal(80).astype(np.float32))
+
+
 def test_inplace_refuses_autograd():
     h = torch.randn(2, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="no autograd"):
