@@ -1717,6 +1717,29 @@ def test_engine_moves_nothing_when_every_layer_is_dropped(tmp_path, compile):
     assert s["prefetches"] == 1 and s["lookups"] == 2 and s["admissions"] == 2
 
 
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("bookkeeping", ["host", "device"])
+def test_decode_graph_moves_nothing_when_every_layer_is_dropped(tmp_path, bookkeeping):
+    """The same through DecodeGraph: its replays prefetched (host bookkeeping) or captured the engine's step
+    (device bookkeeping) though no layer reads a row. Now the graph has no engine step."""
+    import copy
+
+    from memllm_kernels.model import generate, load_tol, swap_ffn_for_tol
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    model, path = _tiny_model_and_file(tmp_path)
+    model.set_memory_scale(1.0, range(3))
+    engine_model = copy.deepcopy(model).cuda()
+    swap_ffn_for_tol(model, load_tol(path, model))
+    engine = OffloadEngine(HostTable.from_file(path, engine_model), device="cuda", cache_rows=15, policy="lru",
+                           bookkeeping=bookkeeping)
+    swap_ffn_for_engine(engine_model, engine)
+    prompts = [[1, 2, 3, 250], [7]]
+    assert generate(engine_model, prompts, 8, cuda_graph=True) == generate(model.cuda(), prompts, 8)
+    s = engine.stats()
+    assert (s["lookups"], s["prefetches"], s["admissions"], s["bytes_h2d"]) == (0, 0, 0, 0)
+
+
 @pytest.mark.parametrize("location", ["host", "disk"])
 def test_compiled_decode_through_the_engine_equals_the_in_memory_tol(tmp_path, location):
     """generate(compile=True) with the engine: one compiled graph with one opaque engine op per step

@@ -17,6 +17,7 @@ engine's step buffer, so rows still come from the device cache or the host tier;
 longer prompt grew it) is recaptured. An engine with bookkeeping='device' (OffloadEngine.graph_step) has its
 whole step captured instead: transfer and bookkeeping run inside the graph, and a call costs the host one
 replay, as with the table in device memory.
+The memory scales (set_memory_scale) are captured as they are: change them, then make a new DecodeGraph.
 CUDA only: on other devices it raises ValueError rather than quietly running eagerly.
 
 A graph removes launch overhead but not the kernels' own latency: on an H200 the replayed 1b dense step took
@@ -92,7 +93,9 @@ class DecodeGraph:
         self.model, self.batch, self.device, self.warmup = model, batch, device, warmup
         self.max_len = model._cache_len
         self._kv = kv
-        self.engine = getattr(model, "tol_engine", None)
+        # The memory scales are plain floats, captured as they are (set_memory_scale afterwards needs a new
+        # DecodeGraph): a graph of a model with every layer dropped reads no row, so it has no engine step.
+        self.engine = getattr(model, "tol_engine", None) if model.reads_memory() else None
         self._step = compile_decode(model, compile if isinstance(compile, str) else None) if compile else model
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.full((1,), self.max_len - 1, dtype=torch.long, device=device)
