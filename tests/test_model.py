@@ -683,6 +683,12 @@ def test_load_refuses_damaged_files(tmp_path):
         "float shape": (edited("flt.safetensors", lambda h: h[entry].update(shape=[300.5, 2, 32])),
                         "must be non-negative integers"),
         "unaligned": (edited("al.safetensors", lambda h: None, pad=False), "leaves the data unaligned"),
+        # the element count wraps around int64 to 300 * 2 * 32 (the data's size): it passed, and the table's
+        # allocation failed later with a RuntimeError that named no file
+        "wrapping shape": (edited("wrap.safetensors", lambda h: h[entry].update(shape=[2**58 + 300, 2, 32])),
+                           "do not fit shape"),
+        "huge shape": (edited("huge.safetensors", lambda h: h[entry].update(shape=[2**64, 2, 32])),
+                       "do not fit shape"),
         "config not an object": (edited("cfg.safetensors", lambda h: h["__metadata__"].update(config="[1]")),
                                  "'config' is not a JSON object"),
     })

@@ -9,6 +9,7 @@ marked requires_cuda / requires_triton_gpu: they skip here, with the reason, and
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import subprocess
 import sys
@@ -1059,6 +1060,42 @@ def test_disk_tier_refuses_a_file_truncated_under_it(tmp_path):
     assert all(f"ToL file {path} shrank to" in line and "replace it" in line for line in lines[:-1]), out.stdout
 
 
+def test_disk_tier_refuses_a_file_rewritten_in_place_at_the_same_size(tmp_path):
+    """A same-size copy over the mapped file (shutil.copyfile truncates, then refills): the size check passed, and
+    the engine mixed the cache's old rows with the file's new ones. The file's modification time catches it."""
+    import shutil
+
+    path, table = _tol_file(tmp_path)
+    other, _ = _tol_file(tmp_path, name="other.safetensors")
+    os.utime(path, ns=(0, 0))  # so that the write below moves the time, however coarse the file system's clock
+    engine = OffloadEngine(DiskTable(path), cache_rows=4, policy="lru")
+    _check_step(engine, table, torch.tensor([1, 2]))
+    shutil.copyfile(other, path)
+    with pytest.raises(OSError, match=f"ToL file {path} was written while mapped"):
+        engine.prefetch(torch.tensor([1, 3]))
+    with pytest.raises(OSError, match="was written while mapped"):
+        engine.source.read_rows(torch.tensor([3]), torch.empty(1, 3, 16))
+
+
+def test_disk_table_close_leaves_a_taken_view_readable(tmp_path):
+    """close() unmapped the file under a tensor taken from `.table` (torch.frombuffer holds no buffer export, so
+    mmap.close() did not refuse), and the next read was SIGSEGV. In a subprocess, so that a regression fails
+    this test instead of killing the test run."""
+    path, table = _tol_file(tmp_path)
+    torch.save(table, tmp_path / "want.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from memllm_kernels.offload import DiskTable
+        disk = DiskTable({str(path)!r})
+        view = disk.table
+        disk.close()
+        print(torch.equal(view, torch.load({str(tmp_path / "want.pt")!r})), disk.closed)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"rc {out.returncode}: {out.stderr[-2000:]}"
+    assert out.stdout.split() == ["True", "True"]
+
+
 def test_disk_tier_keeps_reading_a_file_replaced_under_it(tmp_path):
     """memllm precompute --force renames a new file over the old one: a disk tier that maps the old one keeps reading
     its rows (the old inode lives until the mapping goes), with no error."""
@@ -1110,6 +1147,30 @@ def test_tiers_refuse_bad_options_before_opening_the_file(tmp_path):
     disk.read_rows(torch.tensor([5]), out)
     assert torch.equal(out[0], table[5]) and disk.drops == 1
     disk.close()
+
+
+def test_tiers_read_rows_refuse_ids_out_of_range(tmp_path):
+    """read_rows read a NaN row for an id outside [0, V), without a word; check_ids=False (the engine's call, its
+    ids checked once per step) still does that."""
+    path, table = _tol_file(tmp_path)
+    for tier in (HostTable.from_file(path), DiskTable(path)):
+        out = torch.zeros(2, 3, 16)
+        for bad in (VOCAB, -1):
+            with pytest.raises(IndexError, match=f"id {bad} .* outside \\[0, V\\)"):
+                tier.read_rows(torch.tensor([1, bad]), out)
+        assert not out.any()
+        tier.read_rows(torch.tensor([1, VOCAB]), out, check_ids=False)
+        assert torch.equal(out[0], table[1]) and out[1].isnan().all()
+
+
+def test_host_table_from_a_tensor_that_requires_grad():
+    """The copy recorded autograd history (CopySlices), and the engine then refused the host tier with advice
+    (table.detach()) that a HostTable user cannot follow."""
+    t = torch.randn(20, 2, 4, requires_grad=True)
+    host = HostTable.from_tensor(t)
+    assert not host.table.requires_grad and torch.equal(host.table, t.detach())
+    engine = OffloadEngine(host, cache_rows=3, policy="lru")
+    _check_step(engine, t.detach(), torch.tensor([3, 19]))
 
 
 def test_host_tier_larger_than_memory_is_refused(tmp_path, monkeypatch):
@@ -1181,6 +1242,24 @@ def test_simulate_lru_matches_a_naive_reference():
             cache.pop(0)
         cache.append(t)
     assert got["hits"] == hits and got["lookups"] == 5000
+
+
+def test_simulate_counts_every_token_after_the_warmup():
+    """A step straddling the warm-up's end was skipped whole: step=4, warmup=1 over 6 tokens counted 2 lookups."""
+    got = simulate([1, 2, 1, 2, 1, 2], 10, 2, "lru", step=4, warmup=1)
+    assert got["lookups"] == 5 and got["hits"] == 2  # the second step's two tokens, admitted by the first
+    assert simulate([1, 2, 1, 2, 1, 2], 10, 2, "lru", step=4, warmup=9)["lookups"] == 0
+
+
+def test_directory_preload_after_evicting_a_hot_token():
+    """An evicted hot token stops being hot: a later preload() put it back into its old slot, which a tail token
+    held by then (two tokens on one slot), and hot_rows still counted it."""
+    d = CacheDirectory(10, 3, "hot+lru", hot=[0, 1], hot_fraction=0.67)
+    assert d.preload() == [(0, 0), (1, 1)] and d.hot_rows == 2
+    assert d.evict([0]) == [(0, 0)] and d.hot_rows == 1
+    d.access([4, 3])  # 4 takes the old hot slot 0, 3 the tail slot 2
+    assert d.owner.tolist() == [4, 1, 3]
+    assert d.preload() == [] and d.slot_of[0] == -1 and d.owner.tolist() == [4, 1, 3]
 
 
 def test_hot_set_ranks_float_frequencies_and_refuses_negative_or_nan_counts():
@@ -1295,9 +1374,41 @@ def test_device_bookkeeping_equals_the_host_bookkeeping(tmp_path, policy, tier):
     assert [p["hits"] for p in host["per_layer"]] == [p["hits"] for p in dev["per_layer"]]
     row_bytes = table[0].numel() * table.element_size()
     assert host["bytes_h2d"] - dev["bytes_h2d"] == host["admissions"] * row_bytes
+    # rows read from the file: device bookkeeping reported only the hot set's (its steps' misses were not counted)
+    assert host["rows_from_disk"] - dev["rows_from_disk"] == (host["admissions"] if tier == "disk" else 0)
+    assert (dev["rows_from_disk"] > dev["hot_rows"]) == (tier == "disk")
     assert (dev["bookkeeping"], host["bookkeeping"]) == ("device", "host")
     assert "(run on the device)" in format_stats(dev) and "(run on the device)" not in format_stats(host)
     assert policy == "static" or dev["admissions"] > 0
+
+
+@pytest.mark.parametrize("bookkeeping", ["host", "device"])
+def test_static_policy_admits_nothing_after_an_eviction(bookkeeping):
+    """Device bookkeeping marked an evicted hot slot of the static policy as a free tail slot, and admitted the
+    next miss into it: 'static' never admits, as the host's directory decides."""
+    table = torch.randn(8, 2, 4)
+    engine = OffloadEngine(table, cache_rows=2, policy="static", hot=[0, 1], bookkeeping=bookkeeping)
+    assert engine.evict(torch.tensor([0])) == 1
+    for _ in range(3):
+        _check_step(engine, table, torch.tensor([5]))
+    s = engine.stats()
+    assert (s["admissions"], s["resident"], s["hot_rows"], int(engine.slot_map[5])) == (0, 1, 1, -1)
+    engine.check_consistency()
+
+
+@pytest.mark.parametrize("miss_path", ["mapped", "staged"])
+def test_stats_bytes_count_each_row_moved_once(miss_path):
+    """bytes_h2d counted every admission as a second read of the row from the tier, also on the staged path,
+    which admits from the step buffer (already on the device). Eight cold tokens, one per step, into 4 slots."""
+    table = torch.randn(16, 2, 8)
+    engine = OffloadEngine(table, cache_rows=4, policy="lru", miss_path=miss_path)
+    for t in range(8):
+        _check_step(engine, table, torch.tensor([t]))
+    s = engine.stats()
+    layer_row = 8 * 4
+    assert s["admissions"] == 8
+    # each layer reads its 8 misses once; the mapped path reads each admitted row (all its layers) again
+    assert s["bytes_h2d"] == 2 * 8 * layer_row * (2 if miss_path == "mapped" else 1)
 
 
 def test_device_bookkeeping_evicts_and_refuses_what_it_cannot_run():
@@ -2197,7 +2308,8 @@ def test_engine_readmits_a_hit_evicted_by_its_own_step(miss_path, monkeypatch):
 @pytest.mark.parametrize("n", [0, 1, 64, 65, 300])
 def test_staged_steps_of_every_length(n):
     """The staged path plans short steps in Python and long ones with numpy: both give the table's rows, with
-    repeated ids, hits and misses in one step, and the same statistics as the mapped path."""
+    repeated ids, hits and misses in one step, and the same statistics as the mapped path (bytes aside: the
+    mapped path reads each admitted row from the tier again, the staged one admits it from the step buffer)."""
     table = torch.randn(VOCAB, 3, 8)
     engines = [OffloadEngine(table, cache_rows=CACHE, policy="hot+lru", hot=[0, 1, 2], miss_path=m)
                for m in ("mapped", "staged")]
@@ -2210,8 +2322,9 @@ def test_staged_steps_of_every_length(n):
     for engine in engines:
         engine.check_consistency()
     mapped, staged = (e.stats() for e in engines)
-    for key in ("lookups", "hits", "misses", "bytes_h2d", "admissions", "evictions"):
+    for key in ("lookups", "hits", "misses", "admissions", "evictions"):
         assert mapped[key] == staged[key], key
+    assert mapped["bytes_h2d"] - staged["bytes_h2d"] == mapped["admissions"] * table[0].numel() * 4
 
 
 def test_finish_later_needs_inline_and_changes_nothing_on_the_cpu():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import time
@@ -280,7 +281,7 @@ def read_tol_header(path: str | os.PathLike) -> tuple[dict[str, str], dict, int]
                          "headers to a multiple of 8 bytes)")
     if len(shape) != 3:
         raise ValueError(f"{path}: corrupted header: ToL shape {shape} is not [V, L, d]")
-    nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: torch.Size's numel wraps past 2**63
     if begin != 0 or end != nbytes:
         raise ValueError(f"{path}: corrupted header: data_offsets [{begin}, {end}] do not fit shape {shape} "
                          f"{entry['dtype']} ({nbytes} bytes)")

@@ -64,8 +64,8 @@ class _TensorSource:
         self.pin_note = None if self.pinned else "a plain tensor"
         self.nbytes = table.numel() * table.element_size()
 
-    def read_rows(self, ids, out):
-        ops.tol_host_gather(self.table, ids, out, check_ids=False)
+    def read_rows(self, ids, out, *, check_ids=True):
+        ops.tol_host_gather(self.table, ids, out, check_ids=check_ids)
 
     def describe(self):
         return {"location": self.location, "bytes": self.nbytes, "pinned": self.pinned, "pin_note": self.pin_note}
@@ -247,6 +247,7 @@ class OffloadEngine:
         self.rows_from_disk = 0
         # The hot set goes in at start, before any step.
         self._preload(self.directory.preload())
+        self._preload_bytes = self.bytes_admitted  # stats' bytes_h2d counts admissions, not the hot set's load
         if bookkeeping == "device":
             # tol_cache_admit's state (reference.tol_cache_admit): the directory's placement at start; hot slots
             # (every slot under 'static') are never evicted; the directory is not consulted again.
@@ -368,7 +369,7 @@ class OffloadEngine:
         for i in range(0, len(admitted), chunk):
             part = admitted[i:i + chunk]
             staging = torch.empty((len(part), self.L, self.d), dtype=self.dtype, pin_memory=True)
-            self.source.read_rows(torch.tensor([t for t, _ in part], dtype=torch.int64), staging)
+            self.source.read_rows(torch.tensor([t for t, _ in part], dtype=torch.int64), staging, check_ids=False)
             self.rows_from_disk += len(part) if isinstance(self.source, DiskTable) else 0
             self.bytes_admitted += len(part) * self.row_bytes
             self._apply(part, [], staging, list(range(len(part))), fence=fence)
@@ -390,13 +391,14 @@ class OffloadEngine:
 
     def _evict_on_device(self, flat: torch.Tensor) -> int:
         """evict() with bookkeeping='device': after everything queued so far (a rare call: it synchronises), the
-        resident tokens' slots become free tail slots (a hot one joins the tail, as on the host)."""
+        resident tokens' slots become free tail slots (a hot one joins the tail, as on the host; under 'static',
+        which admits nothing, the slot stays empty)."""
         self.synchronize()
         toks = torch.tensor(list(dict.fromkeys(flat.tolist())), dtype=torch.int64, device=self.device)
         slots = self.slot_map[toks].long() if toks.numel() else toks
         toks, slots = toks[slots >= 0], slots[slots >= 0]
         self._owner[slots] = -1
-        self._last_use[slots] = -1
+        self._last_use[slots] = _ref.HOT_STAMP if self.directory.policy_name == "static" else -1
         self._admitted_at[slots] = -1
         self.slot_map[toks] = -1
         self._counters[_ref.ADMIT_COUNTERS.index("evictions")] += toks.numel()
@@ -576,7 +578,7 @@ class OffloadEngine:
                 cap = 1 << (nm - 1).bit_length()
                 with torch.inference_mode(False):
                     self._staging = torch.empty((cap, self.L, self.d), dtype=self.dtype, pin_memory=self._cuda)
-            self.source.read_rows(torch.tensor(miss_toks, dtype=torch.int64), self._staging[:nm])
+            self.source.read_rows(torch.tensor(miss_toks, dtype=torch.int64), self._staging[:nm], check_ids=False)
             self.rows_from_disk += nm if isinstance(self.source, DiskTable) else 0
         fence = None if inline else self._main_fence()
         stream = (torch.cuda.current_stream(self.device) if inline else self._side) if self._cuda else None
@@ -867,20 +869,27 @@ class OffloadEngine:
 
         lookups: token positions read (per layer that read them); hits: rows found in the cache at the
         step's prefetch; misses = lookups - hits; bytes_h2d: bytes of rows moved from the lower tier to the
-        device (step misses, counted once per distinct token, plus admissions into the cache); evictions and
+        device (step misses, counted once per distinct token, plus admitted rows the mapped path reads from the
+        tier again; the staged path admits rows already in the step buffer; not the hot set's load); evictions and
         admissions are token granular (all L layers of a row at once); host_waits: how often the host, more
         than 8 steps ahead of the device's bookkeeping copies, waited for it (CUDA).
         """
         self.synchronize()
         w_lookups, w_hits, w_misses, w_bytes = self._whole
         admissions, evictions = self.directory.admissions, self.directory.evictions
-        admitted_bytes = admissions * self._layer_bytes  # per layer: the host path reads each admitted row again
+        # Per layer: the mapped path reads each admitted row from the tier again; the staged path copies it
+        # from the step buffer, already on the device (nothing more moves).
+        admitted_bytes = (self.bytes_admitted - self._preload_bytes) // self.L
+        hot_rows, rows_from_disk = self.directory.hot_rows, self.rows_from_disk
         if self.bookkeeping == "device":
             # Every prefetched step, counted once for every layer; admissions copy rows already on the device.
             c = dict(zip(_ref.ADMIT_COUNTERS, self._counters.tolist()))
             w_lookups, w_hits, w_misses = c["lookups"], c["hits"], c["lookups"] - c["hits"]
             w_bytes = c["unique_misses"] * self._layer_bytes
             admissions, evictions, admitted_bytes = c["admissions"], c["evictions"], 0
+            hot_rows = int(((self._last_use == _ref.HOT_STAMP) & (self._owner >= 0)).sum())  # evict() un-hots
+            if isinstance(self.source, DiskTable):  # the steps' misses, read by the kernel from the mapping
+                rows_from_disk += c["unique_misses"]
         hits = np.array(self._hits, dtype=np.int64) + w_hits
         misses = np.array(self._misses, dtype=np.int64) + w_misses
         lookups_arr = np.array(self._lookups, dtype=np.int64) + w_lookups
@@ -902,14 +911,14 @@ class OffloadEngine:
         total_hits = int(hits.sum())
         return {
             "policy": self.directory.policy_name, "bookkeeping": self.bookkeeping, "cache_rows": self.capacity,
-            "vocab": self.V, "cache_fraction": self.capacity / self.V, "hot_rows": len(self.directory.hot),
+            "vocab": self.V, "cache_fraction": self.capacity / self.V, "hot_rows": hot_rows,
             "resident": int((self.slot_map >= 0).sum()), "device": str(self.device),
             "miss_path": self.miss_path, "tier": self.source.describe(), "pinned": bool(self.source.pinned),
             "lookups": lookups, "hits": total_hits, "misses": lookups - total_hits,
             "hit_rate": total_hits / lookups if lookups else None,
             "bytes_h2d": int(sum(p["bytes_h2d"] for p in per_layer)), "admissions": admissions,
             "evictions": evictions, "prefetches": self.prefetches, "host_waits": self.host_waits,
-            "rows_from_disk": self.rows_from_disk, "per_layer": per_layer,
+            "rows_from_disk": rows_from_disk, "per_layer": per_layer,
         }
 
     def check_consistency(self) -> None:

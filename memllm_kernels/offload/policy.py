@@ -215,11 +215,17 @@ class CacheDirectory:
         self.evictions = 0
         self.admissions = 0
 
+    @property
+    def hot_rows(self) -> int:
+        """How many tokens are hot now (the hot set less those evict() dropped)."""
+        return len(self._hot_set)
+
     def preload(self) -> list[tuple[int, int]]:
-        """Place the hot set in slots [0, H): returns [(token, slot)] to load."""
+        """Place the hot set in slots [0, H): returns [(token, slot)] to load. Again after evict(): a hot
+        token evicted is no longer hot (its slot may hold a tail token now) and stays out."""
         out = []
         for s, tok in enumerate(self.hot):
-            if self.slot_of[tok] < 0:
+            if tok in self._hot_set and self.slot_of[tok] < 0:
                 self.slot_of[tok] = s
                 self.owner[s] = tok
                 out.append((tok, s))
@@ -307,9 +313,9 @@ def simulate(tokens: Sequence[int] | np.ndarray, vocab: int, capacity: int, poli
     slot_of = d.slot_of
     for i in range(0, len(toks), step):
         chunk = toks[i:i + step]
-        if i >= warmup:
-            lookups += len(chunk)
-            hits += sum(1 for t in chunk if slot_of[t] >= 0)
+        counted = chunk[max(0, warmup - i):]  # a step may straddle the warm-up's end: count its later tokens
+        lookups += len(counted)
+        hits += sum(1 for t in counted if slot_of[t] >= 0)
         d._access(dict.fromkeys(chunk))  # distinct, in order
     return {"lookups": lookups, "hits": hits, "hit_rate": hits / max(lookups, 1), "evictions": d.evictions,
             "admissions": d.admissions}

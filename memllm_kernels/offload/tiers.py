@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import _checks
+from .. import ops as _ops
 from . import ops
 
 CHUNK_BYTES = 64 << 20
@@ -115,16 +116,19 @@ class HostTable:
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor, *, pin: bool = True) -> "HostTable":
-        """Copy an in-memory [V, L, d] table (any device) into the host tier, in chunks of rows."""
+        """Copy an in-memory [V, L, d] table (any device) into the host tier, in chunks of rows. A table that
+        requires grad is copied as data (the host tier serves inference)."""
         table = ops.tol_host_alloc(t.shape, t.dtype, pin)
         rows = max(1, CHUNK_BYTES // max(1, t[0].numel() * t.element_size())) if t.shape[0] else 1
-        for i in range(0, t.shape[0], rows):
-            table[i:i + rows].copy_(t[i:i + rows])
+        with torch.no_grad():
+            for i in range(0, t.shape[0], rows):
+                table[i:i + rows].copy_(t[i:i + rows])
         return cls(table)
 
-    def read_rows(self, ids: torch.Tensor, out: torch.Tensor) -> None:
-        """out[:N] = table[ids] on the CPU (ids a CPU int tensor [N])."""
-        ops.tol_host_gather(self.table, ids, out, check_ids=False)
+    def read_rows(self, ids: torch.Tensor, out: torch.Tensor, *, check_ids: bool = True) -> None:
+        """out[:N] = table[ids] on the CPU (ids a CPU int tensor [N]). IndexError for an id outside [0, V);
+        check_ids=False skips that (the engine checked the step's ids): a bad id then reads a NaN row."""
+        ops.tol_host_gather(self.table, ids, out, check_ids=check_ids)
 
     def describe(self) -> dict:
         return {"location": self.location, "bytes": self.nbytes, "pinned": self.pinned, "pin_note": self.pin_note,
@@ -157,6 +161,7 @@ class DiskTable:
         self._offset = offset
         self._file = open(path, "rb")
         size = self._size = offset + self.nbytes
+        self._mtime = os.fstat(self._file.fileno()).st_mtime_ns
         # ACCESS_COPY (MAP_PRIVATE): reads come straight from the page cache like a shared mapping, but the
         # buffer is writable for torch.frombuffer; nothing ever writes it, so no page is ever copied.
         self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
@@ -165,7 +170,11 @@ class DiskTable:
             self._map.madvise(flag[advice])
         n = int(np.prod(shape))
         if self._map is not None and n:
-            self._table = torch.frombuffer(self._map, dtype=dtype, count=n, offset=offset).view(shape)
+            # Through numpy, which holds the mapping's buffer while the tensor lives (torch.frombuffer does not:
+            # close() unmapped it under a live view, and the next read was SIGSEGV), so close() leaves the
+            # mapping to the last view.
+            raw = np.frombuffer(self._map, dtype=np.uint8, count=self.nbytes, offset=offset)
+            self._table = torch.from_numpy(raw).view(dtype).view(shape)
         else:
             self._table = torch.empty(shape, dtype=dtype)
         self.row_bytes = int(np.prod(shape[1:])) * self._table.element_size()
@@ -186,23 +195,31 @@ class DiskTable:
     @property
     def table(self) -> torch.Tensor:
         """The tensor over the mapping, after one fstat (0.8 us on a 2-core AMD EPYC VM) to check that the file has
-        not shrunk since it was opened: a read of a page past its new end would be SIGBUS, which kills the process
-        instead of raising. The engine reads it through here at every step; a truncation during a read still kills
-        it. ValueError once closed, as a closed file's reads."""
+        neither shrunk nor been written since it was opened: a read of a page past its new end would be SIGBUS,
+        which kills the process instead of raising, and rows written in place would mix with the old ones the
+        cache holds. The engine reads it through here at every step; a truncation during a read still kills it.
+        ValueError once closed, as a closed file's reads."""
         self._check_open()
         if self._map is not None:
-            now = os.fstat(self._file.fileno()).st_size
-            if now < self._size:
-                raise OSError(f"ToL file {self.path} shrank to {now} bytes while mapped ({self._size} when opened): it "
-                              "was truncated or overwritten in place, and its rows can no longer be read; replace it "
-                              "with a new file instead (memllm precompute --force renames one over it)")
+            st = os.fstat(self._file.fileno())
+            if st.st_size < self._size or st.st_mtime_ns != self._mtime:
+                what = (f"shrank to {st.st_size} bytes while mapped ({self._size} when opened)"
+                        if st.st_size < self._size else "was written while mapped")
+                raise OSError(f"ToL file {self.path} {what}: it was truncated or overwritten in place, and its rows "
+                              "can no longer be trusted; replace it with a new file instead (memllm precompute "
+                              "--force renames one over it)")
         return self._table
 
-    def read_rows(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+    def read_rows(self, ids: torch.Tensor, out: torch.Tensor, *, check_ids: bool = True) -> None:
         """out[:N] = table[ids] (ids a CPU int tensor [N]): the rows are read from storage (willneed), then
         gathered. One cold 1b row: 0.21-0.27 ms this way, 1.24-1.30 ms when its 24 pages fault in one by one
-        (2-core AMD EPYC VM's virtual disk; bench_offload.py, disk_read_rows)."""
-        self.willneed(ids)  # checks that the table is open and the file's size (self.table) before any read
+        (2-core AMD EPYC VM's virtual disk; bench_offload.py, disk_read_rows). IndexError for an id outside
+        [0, V); check_ids=False skips that (the engine checked the step's ids): a bad id then reads a NaN row."""
+        table = self.table  # checks that the table is open and the file unchanged before any read
+        if check_ids:  # before willneed, which skips bad ids: the gather below no longer checks
+            _checks.index_tensor("DiskTable.read_rows", "ids", ids)
+            _ops._check_id_range("DiskTable.read_rows", ids, table.shape[0])
+        self.willneed(ids)
         ops.tol_host_gather(self._table, ids, out, check_ids=False)
         self.note_read(ids.numel())
 
@@ -251,11 +268,12 @@ class DiskTable:
                 "page_drops": self.drops}
 
     def close(self) -> None:
-        """Unmap the file; the table's reads then raise ValueError. Closing twice is harmless."""
+        """Unmap the file; the table's reads then raise ValueError. Closing twice is harmless. A tensor taken
+        from `table` before stays valid: the mapping goes with the last such view."""
         self._table = None
         if self._map is not None:
             try:
                 self._map.close()
-            except BufferError:  # a tensor view still exists; the mapping goes when it does
+            except BufferError:  # a tensor view still exists (numpy holds the buffer): the mapping goes when it does
                 pass
         self._file.close()
