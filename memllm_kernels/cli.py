@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=_POS_INT, help="optimizer steps (default 500)")
     budget.add_argument("--minutes", type=_POS_FLOAT, help="time budget: the step count is fixed from the speed of "
-                        "the first steps and recorded in config.json")
+                        "the first 3 steps (inside the warm-up: --warmup 3 or more) and recorded in config.json")
     t.add_argument("--tokenizer", help="'gpt2' (50,257 ids, from openai-whisper's asset) or "
                    "'bpe-N', a byte-level BPE of N ids trained on the training split (default gpt2)")
     t.add_argument("--batch-size", type=_POS_INT, help="sequences per step (default 16)")
@@ -323,6 +323,12 @@ def _cmd_precompute(a) -> int:
             raise IsADirectoryError(f"--out {out} is a directory; give the table's file name (e.g. {out / 'tol.safetensors'})")
         if out.exists() and not out.is_file():
             raise ValueError(f"{what}{out} exists and is not a regular file; move it away first")
+        from .model.train import RUN_FILES
+
+        if out.name in RUN_FILES and out.name != "tol.safetensors" and (out.parent / "config.json").is_file():
+            # --force would replace a run's weights or config with the table (and break the run)
+            raise ValueError(f"{what}{out} is a file of the run in {out.parent}; give the table another name "
+                             f"(e.g. {out.parent / 'tol.safetensors'})")
         if out.exists() and not a.force:
             raise FileExistsError(f"{out} exists; pass --force to overwrite it")
         if not out.parent.is_dir():
@@ -334,12 +340,13 @@ def _cmd_precompute(a) -> int:
         full_cfg = cfg if a.preset else model.config
         dtype = a.dtype or model.tok_embeddings.weight.dtype
         est = estimate_tol(full_cfg, dtype, chunk_bytes)
-        # Time a sample of at most 512 tokens (after a warm-up one) and scale it by tokens and layers.
+        # Time the first chunk of at most 512 tokens (after a warm-up one) and scale it by tokens and layers.
+        # Twice the first chunk: a vocabulary of fewer than 2 x 512 tokens has no full second one (timing it
+        # gave an estimate near 0).
         n = min(512, est["chunk_tokens"], full_cfg.vocab_size)
-        it = iter_tol_chunks(model, n, dtype)
-        next(it)
+        next(iter_tol_chunks(model, n, dtype))
         t0 = time.perf_counter()
-        next(it, None)
+        next(iter_tol_chunks(model, n, dtype))
         per_token = (time.perf_counter() - t0) / n * full_cfg.n_layer / model.config.n_layer
         est["seconds_per_chunk"] = per_token * est["chunk_tokens"]
         est["estimated_seconds"] = per_token * full_cfg.vocab_size

@@ -241,6 +241,25 @@ def test_precompute_refuses_overwrite_and_dry_run(tmp_path, text, capsys):
     rc, _, err = run(capsys, "precompute", str(runs), "--out", str(tmp_path / "nodir" / "t.safetensors"))
     assert rc == 2 and "the folder of --out" in err and "does not exist" in err
     assert not (tmp_path / "nodir").exists()
+    for name in ("config.json", "model.safetensors"):  # --force replaced the run's own files with a table
+        rc, _, err = run(capsys, "precompute", str(runs), "--out", str(runs / name), "--force")
+        assert rc == 2 and f"{runs / name} is a file of the run" in err
+    json.loads((runs / "config.json").read_text())
+    # --dry-run of a vocabulary under 2 x 512 tokens timed an empty second chunk (an estimate of ~0 s): now the
+    # first chunk again, after a warm-up one
+    from memllm_kernels.model import tol as tol_mod
+
+    made, real = [], tol_mod.iter_tol_chunks
+
+    def counted(*args, **kwargs):
+        for chunk in real(*args, **kwargs):
+            made.append(chunk.shape[0])
+            yield chunk
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tol_mod, "iter_tol_chunks", counted)
+        rc, out, err = run(capsys, "precompute", str(runs), "--dry-run")
+    assert rc == 0, err
+    assert made == [300, 300] and "timed on 300 tokens" in out
     rc, out, err = run(capsys, "precompute", "--preset", "250m-memoryllm", "--dry-run", "--dtype", "bf16")
     assert rc == 0, err
     est = json.loads(out.splitlines()[-1])
@@ -384,6 +403,10 @@ def test_damaged_run_files_are_one_line_errors(tmp_path, text, capsys):
     for flags in (["--tol"], ["--tol-location", "host"], ["--tol-location", "disk"]):
         rc, out, err = run(capsys, "eval", str(r), *flags, "--max-tokens", "64", "--no-progress", "--json")
         assert rc == 2 and "non-finite values; check its ToL" in err and out == "", (flags, err)
+        # generate sampled token 0 (argmax of NaN logits, the end of text here) and printed the bare prompt
+        rc, out, err = run(capsys, "generate", str(r), *flags, "--prompt", "the king", "--max-new-tokens", "3",
+                           "--no-progress")
+        assert rc == 2 and "logits became non-finite" in err and "corrupted tol.safetensors" in err, (flags, err)
     assert run(capsys, "eval", str(good), "--tol", "--max-tokens", "64", "--no-progress")[0] == 0
 
     # precompute refuses to rename over something that is not a regular file (a FIFO here; /dev/full as root)
@@ -414,6 +437,51 @@ def test_precompute_and_training_refuse_non_finite_values(tmp_path, text):
         train(tmp_path / "run", get_preset("tiny-memoryllm", n_layer=1), tc, progress=False, log=lambda *a: None)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert 1 <= state["step"] < 6
+
+
+@needs_train_deps
+def test_checkpoints_fail_cleanly_and_follow_the_umask(tmp_path, text, capsys, monkeypatch):
+    """A checkpoint that cannot be written (a full disk: safetensors raises its own error, no OSError) gave a
+    traceback and left a partial model.safetensors.tmp: one line now, no .tmp, the previous checkpoint kept. A
+    state.json that is JSON but no checkpoint's was a KeyError on --resume. safetensors wrote the checkpoints
+    0600 whatever the umask. --minutes with a warm-up under its 3 timed steps could not be repeated by --steps."""
+    import safetensors.torch
+
+    from memllm_kernels.model import train as T
+
+    run_dir = tmp_path / "r"
+    args = ["train", "--preset", "tiny-memoryllm", "--out", str(run_dir), "--text", str(text), "--tokenizer",
+            "bpe-300", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--eval-every", "0",
+            "--final-eval-tokens", "16", "--ckpt-every", "2"]
+    old_mask = os.umask(0o022)
+    try:
+        assert run(capsys, *args, "--steps", "2")[0] == 0
+    finally:
+        os.umask(old_mask)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o644, name
+    weights = (run_dir / "model.safetensors").read_bytes()
+
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        real(tensors, path, metadata)  # a partial file is left behind, as a full disk leaves one
+        raise safetensors.SafetensorError("Error while serializing: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    rc, out, err = run(capsys, "train", "--out", str(run_dir), "--resume", "--steps", "4", "--no-progress")
+    assert rc == 2 and "the checkpoint of step 4 could not be written (" in err and "No space left" in err
+    assert "Traceback" not in err and not list(run_dir.glob("*.tmp"))
+    assert (run_dir / "model.safetensors").read_bytes() == weights and T._read_state(run_dir)["step"] == 2
+    monkeypatch.undo()
+
+    for bad in ("{}", "[1]", '{"step": "2", "tokens": 0, "elapsed_s": 1.0}'):
+        (run_dir / "state.json").write_text(bad)
+        rc, _, err = run(capsys, "train", "--out", str(run_dir), "--resume", "--steps", "4", "--no-progress")
+        assert rc == 2 and "state.json is not a checkpoint's state" in err, (bad, err)
+
+    rc, _, err = run(capsys, *[a if a != str(run_dir) else str(tmp_path / "m") for a in args], "--minutes", "0.01",
+                     "--warmup", "2")
+    assert rc == 2 and "--warmup 2 is shorter: give --warmup 3 or more" in err and not (tmp_path / "m").exists()
 
 
 @needs_train_deps

@@ -424,6 +424,50 @@ def test_edit_effect_focus_windows_find_a_late_token():
     assert np.abs(eff.delta[eff.reached]).max() > 0
 
 
+@pytest.mark.parametrize("swapped", [False, True], ids=["ffn", "tol"])
+def test_edits_nest_and_readers_see_the_edited_rows(swapped):
+    """Nested edited_rows failed ('RowOverride' object has no attribute 'store'), as did memory_lens inside a
+    block: memory_rows now gives the rows the model reads, a nested edit replaces the outer edit's rows, and
+    the analyses that read the FFN weights refuse an edited layer in one line (they said 'swapped for a ToL')."""
+    model = tiny_model()
+    if swapped:
+        swap_ffn_for_tol(model, torch.cat(list(iter_tol_chunks(model, 128))), backend="reference")
+    tok, other, src, d = 7, 8, 123, model.config.d_model
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)  # noqa: E731
+    orig = memory_rows(model, [tok, other], 0)
+    r1, r2 = torch.full((d,), 0.5), torch.full((d,), -2.0)
+    ids = torch.tensor([[tok, other, 3]])
+    with edited_rows(model, {(tok, 0): r1}):
+        close(memory_rows(model, [tok, other], 0), torch.stack([r1, orig[1]]))
+        with edited_rows(model, {(tok, 0): r2, (other, 0): torch.zeros(d)}), torch.no_grad():
+            close(memory_rows(model, [tok, other], 0), torch.stack([r2, torch.zeros(d)]))
+            x0 = model.tok_embeddings(ids)
+            term = model.layers[0].memory(torch.zeros_like(x0), x0, ids)[0]  # what the model adds
+            close(term[:2], torch.stack([r2, torch.zeros(d)]))
+        close(memory_rows(model, [tok, other], 0), torch.stack([r1, orig[1]]))  # the outer edit again
+        for call in (lambda: coefficients(model, 0), lambda: access_map(model, 0),
+                     lambda: suppressed_keys(model, 0, [1]).__enter__()):
+            with pytest.raises(ValueError, match="layer 0's memory is being edited .* outside the edited_rows"):
+                call()
+    close(memory_rows(model, [tok, other], 0), orig)
+    # the lens inside a copy edit reads the source's rows
+    ref = memory_lens(model, [src], k=3)
+    with edited_rows(model, copy_token_rows(model, tok, src)):
+        np.testing.assert_array_equal(memory_lens(model, [tok], k=3).top_ids, ref.top_ids)
+        np.testing.assert_allclose(memory_lens(model, [tok], k=3).top_logits, ref.top_logits, rtol=1e-5, atol=1e-5)
+    assert all(type(b.memory).__name__ != "RowOverride" for b in model.layers)
+
+
+def test_a_memory_module_of_another_kind_is_refused():
+    """A memory module the toolkit cannot read (an offload engine's, here a stand-in) got an AttributeError."""
+    model = tiny_model()
+    model.layers[1].memory = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"layer 1's memory module \(Identity\) is neither a MemoryFFN nor a ToL"):
+        memory_rows(model, [3], 1)
+    with pytest.raises(ValueError, match=r"layer 1's memory module \(Identity\) is not a MemoryFFN"):
+        coefficients(model, 1)
+
+
 # ---------------------------------------------------------------- bad arguments
 def test_clear_errors():
     model = tiny_model()
@@ -458,6 +502,8 @@ def test_ids_are_checked_where_they_enter():
     edit = lambda: suppressed_keys(model, 1, [3])  # noqa: E731
     with pytest.raises(ValueError, match="no tokens to analyse"):
         coefficients(model, 1, [])
+    with pytest.raises(ValueError, match="no tokens to analyse"):  # the lens returned an empty result
+        memory_lens(model, [])
     w = model.layers[1].memory.ffn.w_down.weight.clone()
     for bad, err, msg in (([1.7], TypeError, "keys: keys must be integers, got dtype float64"),
                           ([5, -1], IndexError, r"keys: key -1 is outside layer 1's keys \[0, 88\) \(at position 1\)")):
@@ -554,6 +600,41 @@ def test_resolve_token():
         resolve_token(None, "king", 300)
 
 
+class _WordTok:
+    """A stand-in tokenizer with the single tokens of `vocab`; everything else is per character."""
+
+    def __init__(self, vocab: dict):
+        self.vocab = vocab
+
+    def encode(self, s):
+        return [self.vocab[s]] if s in self.vocab else [100 + ord(c) % 100 for c in s]
+
+    def decode(self, ids):
+        inv = {v: k for k, v in self.vocab.items()}
+        return "".join(inv.get(i, "?") for i in ids)
+
+
+def test_default_edit_pair_needs_both_space_prefixed_words():
+    """' king' / ' queen' are the default pair only when both are single tokens: the word piece 'queen' was taken
+    for ' queen'. A given --edit-source alone gets an edit token that differs from it (it got ' king' itself)."""
+    from pathlib import Path
+
+    from memllm_kernels.interpret import RunHandle
+    from memllm_kernels.interpret.report import _pick_edit_tokens
+
+    words = {" king": 10, "queen": 12, " lord": 13, " lady": 14}  # no ' queen'
+    counts = np.zeros(300, np.int64)
+    counts[[13, 14, 12, 10]] = [50, 40, 30, 20]
+    model = tiny_model()
+    pick = lambda vocab, *given: _pick_edit_tokens(RunHandle(model, {}, _WordTok(vocab), Path(".")),  # noqa: E731
+                                                   counts, *given)[:2]
+    assert pick(words, None, None) == (13, 14)  # the two most frequent words
+    assert pick(words, None, " lord") == (14, 13) and pick(words, " lady", None) == (14, 13)
+    both = {**words, " queen": 15}
+    assert pick(both, None, None) == (10, 15)
+    assert pick(both, None, "king") == (15, 10)
+
+
 # ---------------------------------------------------------------- the `inspect` command on trained runs
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -627,7 +708,8 @@ def test_inspect_help_matches_the_docs():
         assert a.option_strings[-1] in docs, a.option_strings
         if a.default not in (None, False):
             assert "default" in a.help, a.option_strings
-    assert "two most frequent word tokens" in docs and "most frequent word token" in p.format_help()
+    assert "two most frequent word tokens" in docs
+    assert "most frequent word token" in " ".join(p.format_help().split())  # (argparse wraps the help's lines)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -636,6 +718,8 @@ def test_inspect_help_matches_the_docs():
     (["--clusters", "1"], "--clusters: expected an integer >= 2, got 1"),
     (["--threads", "-1"], "--threads: expected a positive integer up to 1,024, got -1"),
     (["--outlier-tau", "0"], "--outlier-tau: expected a positive number, got 0"),
+    (["--seed", "-1"], "--seed: expected a non-negative integer up to 4,294,967,295, got -1"),  # sklearn's range
+    (["--seed", str(2**33)], "--seed: expected a non-negative integer up to 4,294,967,295, got 8589934592"),
     (["--device", "bogus"], "unknown device 'bogus'"),
 ])
 def test_inspect_parser_refuses_bad_numbers(capsys, argv, message):
@@ -751,6 +835,7 @@ def test_inspect_one_token(runs, capsys):
     (["--top-k", "100000"], "--top-k 100000: the access maps rank the"),
     (["--knn", "100000"], "--knn 100000: the clustering coefficient's graph links each of the"),
     (["--edit-token", "king", "--edit-source", "king"], "--edit-source names the edit token itself"),
+    (["--token", "king", "--top-k", "1000"], "--top-k 1000: the token view lists its top keys"),  # named `k`
 ])
 def test_inspect_bad_arguments(runs, capsys, monkeypatch, argv, message):
     paths, _ = runs
@@ -769,3 +854,121 @@ def test_inspect_refuses_dense_and_missing_runs(runs, tmp_path, capsys):
     assert "is a dense model" in capsys.readouterr().err
     assert _inspect(str(tmp_path / "nope"), "--no-progress") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@needs_train_deps
+def test_inspect_checks_the_edits_and_the_dense_run_first(runs, tmp_path, capsys, monkeypatch):
+    """These were refused only after the other analyses, whose PNGs then blocked a rerun without --force: an edit
+    token absent from the validation windows, --eval-tokens below seq_len (the message named max_tokens), a
+    --dense run whose text is gone."""
+    import shutil
+
+    from memllm_kernels.interpret import open_run
+
+    paths, _ = runs
+    run = str(paths["memoryllm"])
+    h = open_run(run)
+    absent = int(np.setdiff1d(np.arange(h.model.config.vocab_size), h.token_ids("val"))[0])
+    dense = tmp_path / "dense"
+    shutil.copytree(paths["dense"], dense)
+    cfg = json.loads((dense / "config.json").read_text())
+    cfg["train"]["text"] = str(tmp_path / "gone")
+    (dense / "config.json").write_text(json.dumps(cfg))
+    _no_analyses(monkeypatch)
+    out = tmp_path / "rep"
+    for argv, message in ((["--edit-token", f"#{absent}"], f"(id {absent}) does not occur in the"),
+                          (["--eval-tokens", "31"], "--eval-tokens 31: the edits score windows of the run's 32 tokens"),
+                          (["--dense", str(dense)], f"--dense {dense}: cannot read its validation text")):
+        assert _inspect(run, "--out", str(out), "--no-progress", *argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("memllm inspect: error:") and message in err, err
+        assert not out.exists()  # nothing written that a rerun would have to --force
+
+
+@needs_train_deps
+def test_inspect_one_token_uses_outlier_tau(runs, capsys, monkeypatch):
+    """--outlier-tau was ignored with --token: the token view always counted outlier keys at tau 6."""
+    from memllm_kernels.interpret.clusters import DEFAULT_OUTLIER_TAU
+
+    report = importlib.import_module("memllm_kernels.interpret.report")
+    real, taus = report.outlier_key_counts, []
+
+    def spy(coef, value_norms, tau=DEFAULT_OUTLIER_TAU):
+        taus.append(tau)
+        return real(coef, value_norms, tau)
+    monkeypatch.setattr(report, "outlier_key_counts", spy)
+    paths, _ = runs
+    assert _inspect(str(paths["memoryllm"]), "--token", "king", "--layer", "0", "--outlier-tau", "0.5",
+                    "--no-progress") == 0
+    assert taus == [0.5] and "outlier keys (tau 0.5)" in capsys.readouterr().out
+
+
+@needs_train_deps
+def test_inspect_warns_when_an_edit_moves_what_it_cannot_reach(runs, tmp_path, capsys, monkeypatch):
+    """The report printed the loss change before the edited token's first occurrence but never said that it
+    must be 0: a change there now gets a warning in report.md and in the log."""
+    report = importlib.import_module("memllm_kernels.interpret.report")
+    real = report.edit_effect
+
+    def leaky(*a, **kw):  # an edit that moves positions it cannot reach
+        e = real(*a, **kw)
+        e.edited_loss = e.edited_loss + np.where(e.reached, 0, 0.25).astype(e.edited_loss.dtype)
+        return e
+    monkeypatch.setattr(report, "edit_effect", leaky)
+    paths, _ = runs
+    out = tmp_path / "rep"
+    assert _inspect(str(paths["memoryllm"]), "--out", str(out), "--skip", "identity,access,clusters,lens,sweeps",
+                    "--eval-tokens", "320", "--no-progress") == 0
+    warning = "WARNING: edit (a) changed the loss by up to 0.25 nats before the first"
+    assert warning in capsys.readouterr().out and warning in (out / "report.md").read_text()
+
+
+@needs_train_deps
+def test_run_tokens_names_the_splits(runs):
+    from memllm_kernels.interpret import open_run
+
+    paths, _ = runs
+    with pytest.raises(ValueError, match="split must be 'train' or 'val', got 'validation'"):  # was KeyError
+        open_run(paths["memoryllm"]).token_ids("validation")
+
+
+@pytest.fixture(scope="module")
+def number_run(tmp_path_factory):
+    """A MemoryLLM trained for 20 steps on a text of numbers only: no ' king', no word token."""
+    from memllm_kernels.model.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("numbers")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEMLLM_CACHE", str(root / "cache"))
+        rng = np.random.default_rng(1)
+        text = root / "text"
+        text.mkdir()
+        for i in range(6):
+            (text / f"n{i}.txt").write_text("\n".join(" ".join(map(str, rng.integers(0, 100, 8))) + "."
+                                                      for _ in range(150)) + "\n")
+        tc = TrainConfig(steps=20, batch_size=8, seq_len=32, tokenizer="bpe-320", text=str(text), eval_every=0,
+                         warmup=5, lr=3e-3)
+        train(root / "run", ModelConfig(kind="memoryllm", **{**TINY, "name": "t-numbers"}), tc, progress=False,
+              log=lambda *a: None)
+        yield root / "run"
+
+
+@needs_train_deps
+def test_inspect_a_text_without_words(number_run, tmp_path, capsys):
+    """Picking the edit pair crashed with an IndexError on a text without word tokens, and with a StopIteration
+    when --edit-token was its most frequent token; the lens table listed letters never seen in training. Its most
+    frequent tokens stand in for words now."""
+    from memllm_kernels.interpret import open_run
+
+    h = open_run(number_run)
+    counts = np.bincount(h.token_ids("train"), minlength=h.model.config.vocab_size)
+    frequent = np.argsort(-counts, kind="stable")
+    quick = ["--skip", "identity,access,clusters,sweeps", "--eval-tokens", "320", "--no-progress"]
+    for i, argv in enumerate(([], ["--edit-token", f"#{frequent[0]}"])):
+        out = tmp_path / f"rep{i}"
+        assert _inspect(str(number_run), "--out", str(out), *quick, *argv) == 0, capsys.readouterr().err
+        res = json.loads((out / "report.json").read_text())
+        assert (res["edits"]["token"], res["edits"]["source"]) == (frequent[0], frequent[1])
+    md = (out / "report.md").read_text()
+    table = md.split("Next tokens promoted by the memory of the most frequent tokens:\n\n")[1].split("\n\n")[0]
+    assert [row.split(" | ")[0][2:] for row in table.splitlines()[2:]] == [h.names.md(t) for t in frequent[:6]]

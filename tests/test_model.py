@@ -991,6 +991,21 @@ def test_split_is_by_whole_works(tmp_path):
     assert tr[0].text + va[0].text == single[0].text and tr[0].text.endswith("\n")
 
 
+def test_single_work_split_takes_the_nearest_line_boundary():
+    """The cut was the last newline before 90% of the text, however far back: a file whose only newline ends
+    its title line trained on the title and validated on the rest. Now the nearer line start either side,
+    unless it is far from the target (then the target, mid-line)."""
+    title, body = "A TITLE LINE\n", " ".join(f"word{i}" for i in range(2000))
+    for text in (title + body, title + body[:15000] + "\n" + body[15000:]):
+        tr, va = D.split_works([D.Work("w.txt", text)], 0.1)
+        assert tr[0].text + va[0].text == text
+        assert abs(len(va[0].text) - 0.1 * len(text)) < 300, len(va[0].text)
+    assert tr[0].text.endswith("\n")  # the second text's newline lies near the target
+    lines = "".join(f"line {i:04d}\n" for i in range(100))  # 10 chars a line: the cut is a line start
+    tr, va = D.split_works([D.Work("w.txt", lines)], 0.1)
+    assert tr[0].text.endswith("\n") and len(va[0].text) == 100
+
+
 def test_load_works_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         D.load_works(tmp_path / "nope")

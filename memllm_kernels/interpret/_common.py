@@ -3,8 +3,9 @@ turn token strings into ids and ids into printable names, progress bars, lazy op
 
 Every analysis takes a `Transformer` (the reference model of `memllm_kernels.model`) and reads its own
 modules: `model.tok_embeddings` (E), `model.layers[l].memory` (a `MemoryFFN`: `.norm` is norm_m,l,
-`.ffn.w_gate / w_up / w_down` the SwiGLU; or a `ToLMemory` after `swap_ffn_for_tol`), `model.norm` and
-`model.output` (final norm and LM head).
+`.ffn.w_gate / w_up / w_down` the SwiGLU; or a `ToLMemory` after `swap_ffn_for_tol`; or edits.py's
+`RowOverride` around either inside an `edited_rows` block), `model.norm` and `model.output` (final norm and LM
+head).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from .._checks import int_at_least
 from ..model.model import MemoryFFN, Transformer
+from ..model.tol import ToLMemory
 
 INTERPRET_EXTRA = "pip install 'memllm-kernels[interpret]'  (scikit-learn and matplotlib)"
 
@@ -122,14 +124,25 @@ def require_memory(model: Transformer) -> None:
 
 
 def memory_ffn(model: Transformer, layer) -> MemoryFFN:
-    """Layer `layer`'s memory FFN (FFN-M for Flex models), with clear errors for dense or swapped models."""
+    """Layer `layer`'s memory FFN (FFN-M for Flex models), with clear errors for dense, swapped or edited models."""
+    from .edits import RowOverride  # (edits.py imports this module)
+
     require_memory(model)
     layer = check_layer(model, layer)
     m = model.layers[layer].memory
-    if not isinstance(m, MemoryFFN):
+    if isinstance(m, MemoryFFN):
+        return m
+    if isinstance(m, RowOverride):
+        # the FFN weights do not hold the edited rows: coefficients read inside the block would describe a
+        # memory the model no longer uses
+        raise ValueError(f"layer {layer}'s memory is being edited (an edited_rows block is active): the key/value "
+                         "analyses and key edits read the FFN weights, which do not hold the edited rows; run them "
+                         "outside the edited_rows block")
+    if isinstance(m, ToLMemory):
         raise ValueError(f"layer {layer}'s memory FFN was swapped for a ToL ({type(m).__name__}): the key/value "
                          "analyses need the FFN weights; load the run without swapping (no --tol)")
-    return m
+    raise ValueError(f"layer {layer}'s memory module ({type(m).__name__}) is not a MemoryFFN: the key/value "
+                     "analyses need the FFN weights; load the run without swapping its memory")
 
 
 class IdOutOfRange(IndexError, ValueError):
@@ -194,16 +207,27 @@ def memory_rows(model: Transformer, tokens, layer) -> torch.Tensor:
     """The unscaled memory value (what a ToL stores) of `tokens` [N] at `layer`: [N, d] float32.
 
     Works before and after `swap_ffn_for_tol`: FFN_l(norm_m,l(E[t])) through the model's own MemoryFFN,
-    or the ToL row itself.
+    or the ToL row itself. Inside an `edited_rows` block it gives the edited rows, as the model reads them
+    (nested blocks too).
     """
     require_memory(model)
     layer = check_layer(model, layer)
-    ids = check_token_ids(model, tokens)
-    m = model.layers[layer].memory
+    return _rows(model, model.layers[layer].memory, check_token_ids(model, tokens), layer)
+
+
+def _rows(model: Transformer, m, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    from .edits import RowOverride  # (edits.py imports this module)
+
     if isinstance(m, MemoryFFN):
         return m.lookup(model.tok_embeddings(ids)).float()
-    table = m.store.table  # ToLMemory (model/tol.py): one shared [V, L, d] table
-    return table[ids.to(table.device), layer].float().to(ids.device)
+    if isinstance(m, ToLMemory):  # one shared [V, L, d] table
+        table = m.store.table
+        return table[ids.to(table.device), layer].float().to(ids.device)
+    if isinstance(m, RowOverride):  # the rows it wraps (themselves edited when blocks nest), plus its delta
+        j = m.slot[ids]
+        return _rows(model, m.inner, ids, layer) + torch.where((j >= 0)[:, None], m.delta[j.clamp(min=0)], 0.0)
+    raise ValueError(f"layer {layer}'s memory module ({type(m).__name__}) is neither a MemoryFFN nor a ToLMemory: "
+                     "the toolkit reads rows from the FFN or from an in-memory ToL (swap_ffn_for_tol)")
 
 
 # ---------------------------------------------------------------- tokens <-> names

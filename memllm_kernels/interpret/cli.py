@@ -16,8 +16,10 @@ from pathlib import Path
 
 from ..cli import _POS_FLOAT, _POS_INT, _THREADS, _device, _number  # memllm's own parser types
 from ._common import refuse_overwrite
-from .clusters import MIN_TSNE_SAMPLE
+from .clusters import MAX_SEED, MIN_TSNE_SAMPLE
 from .report import SECTIONS
+
+_SEED = _number(int, 0, high=MAX_SEED)  # scikit-learn's range: -1 or 2**33 failed only in the clusters section
 
 DESCRIPTION = """\
 Read a MemoryLLM / Flex run's FFN memory as token-key-value memory (paper sections 2.3.1 and 3): coefficient
@@ -65,7 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "run's vocabulary ('king' picks ' king' when both exist) or a raw id '#123' (quoted: an "
                    "unquoted # starts a shell comment)")
     p.add_argument("--dense", type=Path, help="a dense run for the layer sweep's comparison (paper Fig. 4)")
-    p.add_argument("--seed", type=int, default=0, help="seeds K-means, t-SNE and the token samples (default 0)")
+    p.add_argument("--seed", type=_SEED, default=0, help=f"seeds K-means, t-SNE and the token samples, 0 to "
+                   f"{MAX_SEED:,} (default 0)")
     p.add_argument("--clusters", type=_number(int, 2), default=16, help="K-means clusters per layer, from 2 to the "
                    "number of distinct tokens in the training split (default 16)")
     p.add_argument("--tsne-sample", type=_number(int, MIN_TSNE_SAMPLE), default=2000,
@@ -74,17 +77,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--knn", type=_POS_INT, default=None,
                    help="neighbours in the clustering coefficient's graph (default 10, lowered to the t-SNE sample - 1)")
     p.add_argument("--outlier-tau", type=_POS_FLOAT, default=6.0,
-                   help="outlier key: contribution > tau x the token's RMS contribution (default 6)")
-    p.add_argument("--top-k", type=_POS_INT, default=8, help="keys per token in access maps / promoted tokens (default 8)")
+                   help="outlier key: contribution > tau x the token's RMS contribution (default 6; also with --token)")
+    p.add_argument("--top-k", type=_POS_INT, default=8, help="keys per token in access maps; with --token, keys and "
+                   "promoted tokens listed (default 8)")
     p.add_argument("--eval-tokens", type=_POS_INT, default=16384,
-                   help="validation tokens per sweep point and for the edit measurements (default 16384)")
+                   help="validation tokens per sweep point and for the edit measurements, at least the run's "
+                   "seq_len when the edits run (default 16384)")
     p.add_argument("--alphas", type=_alphas, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5],
                    help="memory scales for the alpha sweep (default 1.0,0.9,0.8,0.7,0.6,0.5)")
-    p.add_argument("--edit-token", help="token whose memory the edit demo changes (default ' king'; when ' king' "
-                   "and ' queen' are not both single tokens, the most frequent word token of the training split)")
+    p.add_argument("--edit-token", help="token whose memory the edit demo changes, one that occurs in the validation "
+                   "split (default ' king', or ' queen' when ' king' is the --edit-source; when ' king' and ' queen' "
+                   "are not both single tokens, the most frequent word token of the training split, or its most "
+                   "frequent token when it has no words)")
     p.add_argument("--edit-source", help="token whose rows the rewrite demo copies in (default: the first of "
                    "' king', ' queen' that is not the edit token; when they are not both single tokens, the most "
-                   "frequent word token that is not the edit token)")
+                   "frequent word token that is not the edit token, or the most frequent token when the text has no "
+                   "words)")
     p.add_argument("--skip", type=_skip, default=[],
                    help=f"comma-separated sections to leave out: {', '.join(SECTIONS)} (default: none)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N")
@@ -107,8 +115,8 @@ def main(args: argparse.Namespace) -> int:
 
             if args.out is not None:  # refused before the analysis, not after it
                 refuse_overwrite([args.out / "token.md"], args.force)
-            text, _ = token_report(args.run, args.token, layer=args.layer, k=args.top_k, device=args.device,
-                                   progress=not args.no_progress)
+            text, _ = token_report(args.run, args.token, layer=args.layer, k=args.top_k,
+                                   outlier_tau=args.outlier_tau, device=args.device, progress=not args.no_progress)
             print(text)
             if args.out is not None:
                 args.out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ MIN_TSNE_SAMPLE = 5
 DEFAULT_CLUSTERS = 16
 DEFAULT_KNN = 10
 DEFAULT_OUTLIER_TAU = 6.0
+MAX_SEED = 2**32 - 1  # scikit-learn's random_state (K-means, PCA, t-SNE) takes seeds in [0, 2**32)
 # Above this many tokens K-means runs as MiniBatchKMeans: full Lloyd iterations over GPT-2's 50,257 x 688
 # coefficients with several restarts take minutes on two cores, mini-batches seconds.
 MINIBATCH_ABOVE = 20000

@@ -8,16 +8,19 @@ context manager that restores the model exactly (bit for bit) on exit:
         loses (1 - scale) * c_i(t) v_i, and nothing else changes. Which tokens are hit is predicted by the
         access map's inverted index.
     edited_rows(model, {(token, layer): new_row})
-        replaces token t's memory row at a layer (what its ToL stores) by `new_row` [d]. With ToLs that is
-        writing one row of the table; on an FFN model the layer's memory module is wrapped for the duration
-        so the FFN output of that one token is replaced (our helper: the model has no per-token hook).
+        replaces token t's memory row at a layer (what its ToL stores) by `new_row` [d]. The layer's memory
+        module (a MemoryFFN or a ToLMemory) is wrapped for the duration, so the memory term of that one token
+        is replaced and the weights or the table are not written (our helper: the model has no per-token
+        hook). Edits nest: an inner block's rows replace the outer block's, and `memory_rows` and the lens
+        read the edited rows. The key analyses and `suppressed_keys` read the FFN weights, which do not hold
+        the edited rows: they refuse a layer whose rows are being edited.
         `suppress_token_rows` (zeros) and `copy_token_rows` (another token's rows) build the mapping.
 
 `edit_effect` scores text before and inside an edit and reports the per-position loss changes: where the
 edited token occurs, where it does not, and which next tokens gain or lose probability. Because the memory
 enters the residual stream at the token's own position, a row edit cannot change any prediction made
-before the token's first occurrence in a window (causal attention): the report checks that this change is
-exactly zero.
+before the token's first occurrence in a window (causal attention): the report prints that change, which
+must be exactly zero, and warns when it is not.
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ def suppressed_keys(model: Transformer, layer: int, keys, scale: float = 0.0):
 
 # ---------------------------------------------------------------- token-row edits
 class RowOverride(nn.Module):
-    """Wraps a layer's memory module (MemoryFFN or ToLMemory): the memory term of the tokens in `slot`
-    becomes their new rows, everyone else's is the inner module's. forward(h, x0, ids) like the inner one.
+    """Wraps a layer's memory module (MemoryFFN, ToLMemory, or another RowOverride when edits nest): the memory
+    term of the tokens in `slot` becomes their new rows, everyone else's is the inner module's.
+    forward(h, x0, ids) like the inner one.
 
     `scale` reads and writes the inner module's, so set_memory_scale (alpha, dropped layers) still applies
     to edited rows as it would to a real ToL row.
@@ -71,7 +75,7 @@ class RowOverride(nn.Module):
         slot = torch.full((vocab_size,), -1, dtype=torch.int64, device=tokens.device)
         slot[tokens] = torch.arange(tokens.numel(), device=tokens.device)
         self.register_buffer("slot", slot, persistent=False)
-        self.register_buffer("delta", delta, persistent=False)  # new row - original row, [n, d]
+        self.register_buffer("delta", delta, persistent=False)  # new row - the inner module's row, [n, d]
 
     @property
     def scale(self) -> float:
@@ -93,7 +97,10 @@ class RowOverride(nn.Module):
 
 @contextlib.contextmanager
 def edited_rows(model: Transformer, rows: dict):
-    """Replace token rows of the memory inside the `with` block. rows: {(token, layer): new row [d]}."""
+    """Replace token rows of the memory inside the `with` block. rows: {(token, layer): new row [d]}.
+
+    Blocks nest: an inner block's rows replace the rows the outer block set, and the outer block's other
+    rows stay as it set them."""
     require_memory(model)
     if not rows:
         raise ValueError("no rows to edit")
@@ -111,7 +118,7 @@ def edited_rows(model: Transformer, rows: dict):
     try:
         for layer, new in sorted(by_layer.items()):
             toks = torch.tensor(sorted(new), dtype=torch.int64, device=dev)
-            old = memory_rows(model, toks, layer)
+            old = memory_rows(model, toks, layer)  # as the model reads them now: an outer block's edit included
             target = torch.stack([new[int(t)] for t in toks]).to(dev)
             block = model.layers[layer]
             inner = block.memory

@@ -64,6 +64,8 @@ def memory_lens(model: Transformer, tokens=None, layers=None, *, k: int = 10, in
     """
     require_memory(model)
     ids = check_token_ids(model, tokens)
+    if ids.numel() == 0:  # an empty result would only hide the mistake (a filter that kept nothing)
+        raise ValueError("no tokens to analyse (an empty token list)")
     layers = check_layers(model, layers)
     V = model.config.vocab_size
     k = int_in("k", k, 1, V)

@@ -21,18 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._common import (RunHandle, check_layers, open_run, progress_bar, refuse_overwrite, require_memory,
+from ._common import (RunHandle, check_layers, int_in, open_run, progress_bar, refuse_overwrite, require_memory,
                       resolve_token, token_counts)
 from .access import access_map
-from .clusters import (DEFAULT_CLUSTERS, DEFAULT_KNN, DEFAULT_OUTLIER_TAU, DEFAULT_TSNE_SAMPLE, MIN_TSNE_SAMPLE,
-                       cluster_layer, nearest_tokens, outlier_key_counts, plot_layer_summary)
+from .clusters import (DEFAULT_CLUSTERS, DEFAULT_KNN, DEFAULT_OUTLIER_TAU, DEFAULT_TSNE_SAMPLE, MAX_SEED,
+                       MIN_TSNE_SAMPLE, check_tau, cluster_layer, nearest_tokens, outlier_key_counts,
+                       plot_layer_summary)
 from .coefficients import check_decomposition, coefficients
 from .edits import copy_token_rows, edit_effect, edited_rows, suppress_token_rows, suppressed_keys
 from .lens import SUM, bigram_agreement, memory_lens
 from .sweeps import DEFAULT_ALPHAS, DEFAULT_EVAL_TOKENS, alpha_sweep, layer_drop_sweep, plot_layer_sweeps
 
 SECTIONS = ("identity", "access", "clusters", "lens", "sweeps", "edits")
-DEFAULT_EDIT_TOKENS = ("king", "queen")  # Shakespeare's most frequent noun pair that BPEs keep whole
+DEFAULT_EDIT_TOKENS = (" king", " queen")  # Shakespeare's most frequent noun pair that BPEs keep whole
 
 
 def _f(x, nd=3) -> str:
@@ -51,9 +52,23 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out + [""]
 
 
+def _is_word(name: str, min_letters: int = 1) -> bool:
+    """Whether a token's printable name (TokenNames: quoted, spaces kept) is a word: letters only."""
+    w = name.strip("'\" ")
+    return w.isalpha() and len(w) >= min_letters
+
+
+def _by_frequency(counts: np.ndarray) -> np.ndarray:
+    """The tokens seen in the training split, most frequent first."""
+    order = np.argsort(-counts, kind="stable")
+    return order[counts[order] > 0]
+
+
 def _pick_edit_tokens(h: RunHandle, counts: np.ndarray, edit_token, edit_source) -> tuple[int, int, list[str]]:
     """The token whose memory the edit demo changes and the token whose rows it copies in: the user's, else
-    ' king' / ' queen' when both are single tokens, else the two most frequent alphabetic tokens."""
+    ' king' / ' queen' when both are single tokens, else the two most frequent word tokens (3 or more letters)
+    seen in training, then the most frequent seen tokens of any kind. A token the user gives is paired with
+    the first of those that differs from it."""
     V = h.model.config.vocab_size
     notes = []
     if edit_token is not None:
@@ -62,22 +77,26 @@ def _pick_edit_tokens(h: RunHandle, counts: np.ndarray, edit_token, edit_source)
     if edit_source is not None:
         s, note = resolve_token(h.tokenizer, edit_source, V, "--edit-source")
         notes.append(f"edit source: {note}")
-    defaults = []
-    for w in DEFAULT_EDIT_TOKENS:
+    if edit_token is not None and edit_source is not None and s == t:
+        # its rows copied onto themselves: the demo would report +0.000 everywhere
+        raise ValueError(f"--edit-source names the edit token itself (id {t}); give another token to copy from")
+    pair = []
+    for w in DEFAULT_EDIT_TOKENS:  # the space-prefixed words exactly: not the word pieces 'king' / 'queen'
         try:
-            defaults.append(resolve_token(h.tokenizer, w, V)[0])
+            pair.append(resolve_token(h.tokenizer, w, V)[0])
         except ValueError:
             pass
-    if len(defaults) < 2:
-        alpha = [i for i in np.argsort(-counts, kind="stable")[:2000]
-                 if h.names(i).strip("'\" ").isalpha() and len(h.names(i).strip("'\" ")) >= 3]
-        defaults = [int(i) for i in alpha[:2]]
+    frequent = _by_frequency(counts)
+    words = [int(i) for i in frequent[:2000] if _is_word(h.names(i), 3)]
+    # a text without words (numbers, code) still gets an edit pair: its most frequent tokens
+    cands = (pair if len(pair) == 2 else []) + words + frequent.tolist()
     if edit_token is None:
-        t = defaults[0]
+        t = next((c for c in cands if edit_source is None or c != s), None)
     if edit_source is None:
-        s = next(d for d in defaults + [int(np.argmax(counts))] if d != t)
-    elif s == t:  # its rows copied onto themselves: the demo would report +0.000 everywhere
-        raise ValueError(f"--edit-source names the edit token itself (id {t}); give another token to copy from")
+        s = next((c for c in cands if c != t), None)
+    if t is None or s is None:
+        raise ValueError("found no two tokens for the edit demo (the training split has fewer than two distinct "
+                         "tokens); pass --edit-token and --edit-source, or --skip edits")
     return int(t), int(s), notes
 
 
@@ -113,9 +132,14 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
     layers = check_layers(model, None if layer is None else [layer])
     out = Path(out) if out is not None else h.path / "inspect"
     refuse_overwrite([out / f for f in report_files(layers, skip)], force)
+    int_in("--seed", seed, 0, MAX_SEED)  # scikit-learn's random_state range: it refused -1 only in the clusters
     dense_h = None
     if dense is not None and "sweeps" not in skip:
         dense_h = dense if isinstance(dense, RunHandle) else open_run(dense, device)
+        try:  # its text is read only in the sweeps section, after minutes of analyses: read it now
+            dense_val = dense_h.token_ids("val")
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--dense {dense_h.path}: cannot read its validation text ({e})") from None
     names = h.names
     seq_len = int(h.config["train"]["seq_len"])
     log(f"inspect {h.path} ({cfg.name}, kind {cfg.kind}, vocab {cfg.vocab_size}, {cfg.n_layer} layers, K_M "
@@ -124,7 +148,7 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
     val_ids = h.token_ids("val")
     counts = token_counts(train_ids, cfg.vocab_size)
     seen = np.flatnonzero(counts > 0)
-    # the clusters and edits sections would fail on these only after minutes of analyses: check them now
+    # the later sections would fail on these only after minutes of analyses (and leave their PNGs): check now
     if "clusters" not in skip:
         if len(seen) < MIN_TSNE_SAMPLE:
             raise ValueError(f"only {len(seen)} distinct tokens occur in the training split, too few to cluster "
@@ -140,8 +164,18 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
         elif knn >= sampled:  # an explicit k the sample cannot give
             raise ValueError(f"--knn {knn}: the clustering coefficient's graph links each of the {sampled:,} sampled "
                              f"tokens to at most {sampled - 1:,} others; give 1 to {sampled - 1:,}")
+        check_tau(outlier_tau)
     if "edits" not in skip:
         edit_tok, edit_src, edit_notes = _pick_edit_tokens(h, counts, edit_token, edit_source)
+        # the edits score whole windows of the run's seq_len tokens, those that hold the edit token
+        if eval_tokens < seq_len:
+            raise ValueError(f"--eval-tokens {eval_tokens}: the edits score windows of the run's {seq_len} tokens "
+                             f"(its seq_len); give at least {seq_len}")
+        n_win = (len(val_ids) - 1) // seq_len
+        if not (val_ids[:n_win * seq_len] == edit_tok).any():
+            raise ValueError(f"the edit token {names(edit_tok)} (id {edit_tok}) does not occur in the {n_win} windows "
+                             f"of {seq_len} tokens of the validation split, so editing it changes nothing there; "
+                             "pass another --edit-token, or --skip edits")
     if "access" not in skip and not 1 <= top_k <= cfg.ffn_memory_hidden:
         raise ValueError(f"--top-k {top_k}: the access maps rank the {cfg.ffn_memory_hidden} memory keys of a "
                          f"layer; give 1 to {cfg.ffn_memory_hidden}")
@@ -247,9 +281,13 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
                f"successor is among the {ba.k} most frequent tokens. [plot](lens_bigram.png)", ""]
         md += _table(["layer"] + [str(l) for l in ba.hit] + ["unigram"],
                      [["hit@10"] + list(ba.hit.values()) + [ba.unigram]])
-        examples = [i for i in np.argsort(-counts, kind="stable") if names(i).strip("'\" ").isalpha()][:6]
+        # tokens seen in training only: an unseen one keeps initial noise (module docstring)
+        frequent = _by_frequency(counts)
+        examples, what = [int(i) for i in frequent[:2000] if _is_word(names(i))][:6], "frequent words"
+        if not examples:  # a text without words (numbers, code)
+            examples, what = frequent[:6].tolist(), "the most frequent tokens"
         lens = memory_lens(model, examples, layers, k=5)
-        md += ["Next tokens promoted by the memory of frequent words:", ""]
+        md += [f"Next tokens promoted by the memory of {what}:", ""]
         md += _table(["token"] + [f"layer {l}" if l != SUM else "sum" for l in lens.layers],
                      [[names.md(t)] + [names.many([p for p, _ in lens.promoted(int(t), l)], md=True)
                                        for l in lens.layers] for t in examples])
@@ -261,8 +299,7 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
         sweeps = [sw]
         notes = []
         if dense_h is not None:
-            dcfg = dense_h.model.config
-            dval = dense_h.token_ids("val")
+            dcfg, dval = dense_h.model.config, dense_val
             dsw = layer_drop_sweep(dense_h.model, dval, int(dense_h.config["train"]["seq_len"]), max_tokens=eval_tokens,
                                    progress=progress)
             sweeps.append(dsw)
@@ -291,7 +328,7 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
     if "edits" not in skip:
         log("[6/6] memory edits")
         res["edits"] = _edits_section(h, edit_tok, edit_src, layers, val_ids, seq_len, eval_tokens, counts, md,
-                                      edit_notes, png, progress, access)
+                                      edit_notes, png, progress, log)
 
     res["seconds"] = time.perf_counter() - t_start
     md += [f"_Generated by `memllm inspect` in {res['seconds']:.0f} s ({torch.get_num_threads()} torch threads, "
@@ -313,7 +350,7 @@ def _jsonable(x):
 
 
 def _edits_section(h: RunHandle, tok: int, src: int, layers, val_ids, seq_len, eval_tokens, counts, md, notes,
-                   png, progress, access) -> dict:
+                   png, progress, log) -> dict:
     from scipy.stats import spearmanr
 
     model, names = h.model, h.names
@@ -359,6 +396,13 @@ def _edits_section(h: RunHandle, tok: int, src: int, layers, val_ids, seq_len, e
     s1, s2, s3 = e1.summary(), e2.summary(), e3.summary()
     out.update(suppress_token=s1, rewrite_token=s2, suppress_key={"layer": kl, "key": key, **s3,
                "spearman_contribution_vs_abs_delta": rho, "top20_overlap": overlap, "input_tokens": int(len(in_toks))})
+    for edit, s in (("(a)", s1), ("(b)", s2)):
+        if s["max_abs_delta_unreached"]:  # (None: no such position) causal attention makes it exactly 0
+            warning = (f"WARNING: edit {edit} changed the loss by up to {s['max_abs_delta_unreached']:.3g} nats before "
+                       f"the first {names(tok)} of a window, where a row edit cannot act (causal attention): "
+                       "expected exactly 0")
+            md += [f"**{warning}**", ""]
+            log(warning)
     md += ["### (a) Suppress the token's memory ([plot](edit_suppress_token.png))", ""]
     md += _table(["positions", "with the token as input", "mean delta there", "mean abs delta later in its window",
                   "positions before it (unreachable)", "max abs delta there"],
@@ -370,8 +414,8 @@ def _edits_section(h: RunHandle, tok: int, src: int, layers, val_ids, seq_len, e
            + ", ".join(f"{nm(t)} {v:+.3f}" for t, v in (s1.get("falling_after_focus") or [])[:8]), ""]
     md += [f"### (b) Rewrite: {nm(tok)} reads {nm(src)}'s memory", "",
            f"Mean loss change where {nm(tok)} is the input: {_f(s2['mean_delta_at_focus'])} nats over "
-           f"{s2['focus_positions']} positions; exactly {_f(s2['max_abs_delta_unreached'])} before its first "
-           "occurrence in each window.", "",
+           f"{s2['focus_positions']} positions; max abs change before its first occurrence in each window (0 "
+           f"expected): {_f(s2['max_abs_delta_unreached'])}.", "",
            "Next tokens that gained the most probability right after it (mean change of p): "
            + ", ".join(f"{nm(t)} {v:+.3f}" for t, v in (s2.get("rising_after_focus") or [])[:8]), "",
            "... and lost the most: "
@@ -389,15 +433,22 @@ def _edits_section(h: RunHandle, tok: int, src: int, layers, val_ids, seq_len, e
 
 # ---------------------------------------------------------------- one token
 def token_report(run, token: str, *, layer: int | None = None, k: int = 8, neighbours: int = 10,
-                 device: str = "cpu", progress: bool = False) -> tuple[str, dict]:
-    """One token across layers: its top keys (and the tokens that use its top key most), its nearest
-    neighbours in coefficient space (cosine, among seen tokens), the next tokens its memory promotes, its
-    outlier keys. token: text (one token of the vocabulary) or '#ID'. Returns (markdown, dict)."""
+                 outlier_tau: float = DEFAULT_OUTLIER_TAU, device: str = "cpu",
+                 progress: bool = False) -> tuple[str, dict]:
+    """One token across layers: its top k keys (and the tokens that use its top key most), its nearest
+    neighbours in coefficient space (cosine, among seen tokens), the k next tokens its memory promotes, its
+    outlier keys (contribution > outlier_tau x RMS). token: text (one token of the vocabulary) or '#ID'.
+    Returns (markdown, dict)."""
     h = run if isinstance(run, RunHandle) else open_run(run, device)
     model, cfg = h.model, h.model.config
     require_memory(model)
     layers = check_layers(model, None if layer is None else [layer])
     tok, note = resolve_token(h.tokenizer, token, cfg.vocab_size)
+    most = min(cfg.ffn_memory_hidden, cfg.vocab_size)
+    if not 1 <= k <= most:  # the lens would refuse it naming its own argument `k`
+        raise ValueError(f"--top-k {k}: the token view lists its top keys (of {cfg.ffn_memory_hidden}) and promoted "
+                         f"tokens (of {cfg.vocab_size:,}); give 1 to {most}")
+    outlier_tau = check_tau(outlier_tau)
     names = h.names
     try:
         counts = token_counts(h.token_ids("train"), cfg.vocab_size)
@@ -414,7 +465,7 @@ def token_report(run, token: str, *, layer: int | None = None, k: int = 8, neigh
         top = np.argsort(-contrib, kind="stable")[:k]
         am_users = _key_users(model, l, int(top[0]), pool)
         nb = nearest_tokens(model, l, tok, tokens=pool, n=neighbours)
-        n_out = int(outlier_key_counts(co.coef, co.value_norms)[0])
+        n_out = int(outlier_key_counts(co.coef, co.value_norms, outlier_tau)[0])
         prom = lens.promoted(tok, l)
         rows.append([str(l), ", ".join(f"{int(i)}:{contrib[i]:.3g}" for i in top[:5]),
                      names.many([t for t, _ in am_users[:5]], md=True),
@@ -423,7 +474,7 @@ def token_report(run, token: str, *, layer: int | None = None, k: int = 8, neigh
                                "top_key_users": am_users, "neighbours": nb, "promoted": prom, "outlier_keys": n_out})
     md += _table(["layer", "top keys (key:contribution)", "tokens that use its top key most",
                   f"nearest {neighbours} tokens (coefficient cosine)", f"promoted next tokens (top {k})",
-                  "outlier keys"], rows)
+                  f"outlier keys (tau {outlier_tau:g})"], rows)
     if SUM in lens.layers:
         info["promoted_sum"] = lens.promoted(tok, SUM)
         md += ["All layers' memory together promotes: " + names.many([t for t, _ in info["promoted_sum"]], md=True), ""]

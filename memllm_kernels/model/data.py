@@ -88,15 +88,22 @@ def load_works(source: str | os.PathLike | None = None) -> list[Work]:
 def split_works(works: list[Work], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[Work], list[Work]]:
     """Split by whole works: a seeded shuffle of the works, then works move to validation until they hold
     at least `val_fraction` of the characters (at least one work, never all). A single work is split at
-    the line boundary nearest (1 - val_fraction) of its length, its tail validating (said in the names).
+    the line boundary nearest (1 - val_fraction) of its length (mid-line there when no line boundary keeps
+    the validation share within half of val_fraction of it), its tail validating (said in the names).
     Returns (train, val), each sorted by name.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if len(works) == 1:
         w = works[0]
-        cut = w.text.rfind("\n", 0, int(len(w.text) * (1 - val_fraction)))
-        cut = cut + 1 if cut > 0 else int(len(w.text) * (1 - val_fraction))
+        target = int(len(w.text) * (1 - val_fraction))
+        # The nearer of the line starts just before and after the target, if it keeps the validation share
+        # within half of what was asked (the last newline before the target alone could end a title line, and
+        # leave nearly all the text to validation), else the target itself, mid-line.
+        slack = (len(w.text) - target) / 2
+        starts = [i + 1 for i in (w.text.rfind("\n", 0, target), w.text.find("\n", target)) if i >= 0]
+        starts = [c for c in starts if 0 < c < len(w.text) and abs(c - target) <= slack]
+        cut = min(starts, key=lambda c: abs(c - target)) if starts else target
         return [Work(f"{w.name}[:{cut}]", w.text[:cut])], [Work(f"{w.name}[{cut}:]", w.text[cut:])]
     order = np.random.default_rng(seed).permutation(len(works))
     total = sum(len(w.text) for w in works)

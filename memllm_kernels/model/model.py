@@ -427,7 +427,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     over the `top_k` most likely tokens (all if None), repeatable with `seed`. A row stops at `eos_id`
     (which is kept). cuda_graph: replay each decode step from a CUDA graph (DecodeGraph; CUDA only, the
     same tokens). compile: decode steps through torch.compile (graphs.compile_decode; its first step compiles,
-    tens of seconds; logits equal up to the rounding of fused kernels). Returns the new ids of each prompt.
+    tens of seconds; logits equal up to the rounding of fused kernels). Returns the new ids of each prompt;
+    ValueError if a step's logits were not finite (a corrupted ToL: NaN rows sampled token 0 without a word).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
@@ -473,8 +474,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         steps = []  # [B] ids of each step
         check_every = 1 if device.type == "cpu" else EOS_CHECK_EVERY  # a check costs nothing on the CPU
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end, as the ids are
         pos = torch.empty(1, dtype=torch.long, device=device)
         for t in range(max_new_tokens):
+            finite &= torch.isfinite(logits).all()  # NaN logits sample token 0 (argmax), a silent wrong answer
             nxt = _sample(logits, temperature, top_k, gen)
             steps.append(nxt)
             if eos_id is not None:
@@ -489,6 +492,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             elif t + 1 < max_new_tokens:
                 logits = decode(nxt[:, None], input_pos=pos.fill_(T0 + t), pad=pad)[:, -1]
         out = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]
+        if not bool(finite):
+            raise ValueError("the model's logits became non-finite (NaN or inf) while generating: its weights (did "
+                             "training diverge?) or its ToL (a corrupted tol.safetensors? rerun memllm precompute) "
+                             "hold non-finite values")
     finally:
         model.clear_caches()
     if eos_id is not None:  # a row ends at its first eos_id (kept); later steps ran only for the other rows

@@ -316,7 +316,7 @@ def check_tol_matches(path, meta: dict[str, str], shape, model: Transformer) -> 
     if meta.get("weights_sha256") != have:
         raise ValueError(f"{path}: ToL was computed from other weights (weights_sha256 "
                          f"{meta.get('weights_sha256')} in the file, {have} for this model); rerun "
-                         "`memllm precompute` for this model")
+                         "`memllm precompute RUN --force` for this model (it replaces the stale file)")
 
 
 def load_tol(path: str | os.PathLike, model: Transformer | None = None, *, mmap: bool = True) -> torch.Tensor:

@@ -281,7 +281,9 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
 
 
 def run_tokens(run_cfg: dict, run: Path, split: str = "val", text: str | None = None):
-    """(token ids, tokenizer) of a run's validation/training split, or of `text` (all of it)."""
+    """(token ids, tokenizer) of a run's validation ('val') or training ('train') split, or of `text` (all of it)."""
+    if split not in ("train", "val"):  # any other name failed as a bare KeyError 'validation_works'
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     tok = D.load_run_tokenizer(run, run_cfg["tokenizer"])
     if text is not None:
         return D.tokenize_works(D.load_works(text), tok), tok
@@ -296,15 +298,41 @@ def run_tokens(run_cfg: dict, run: Path, split: str = "val", text: str | None = 
     return D.tokenize_works(chosen, tok), tok
 
 
+def _read_state(run: Path) -> dict:
+    """state.json of a checkpoint: ValueError naming it when it is not one (valid JSON, but no step count)."""
+    state = _read_json(run / "state.json")
+    if not (isinstance(state, dict) and all(type(state.get(k)) is int and state[k] >= 0 for k in ("step", "tokens"))
+            and isinstance(state.get("elapsed_s"), (int, float))):
+        raise ValueError(f"{run}/state.json is not a checkpoint's state (step, tokens, elapsed_s); the run cannot be "
+                         "resumed: retrain with --force")
+    return state
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0o644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _save_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, tokens: int,
                      elapsed: float) -> None:
     from safetensors.torch import save_file, save_model
 
     meta = {"step": str(step)}
-    save_model(model, str(run / "model.safetensors.tmp"), metadata=meta)
-    state = opt.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
-    save_file(tensors, str(run / "optimizer.safetensors.tmp"), metadata=meta)
+    tmps = [run / "model.safetensors.tmp", run / "optimizer.safetensors.tmp"]
+    try:
+        save_model(model, str(tmps[0]), metadata=meta)
+        state = opt.state_dict()
+        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
+        save_file(tensors, str(tmps[1]), metadata=meta)
+        for t in tmps:  # safetensors creates its files 0600 whatever the umask; the run's other files follow it
+            os.chmod(t, _file_mode())
+    except Exception as e:  # a full disk: safetensors' SafetensorError is no OSError
+        for t in tmps:
+            t.unlink(missing_ok=True)
+        raise OSError(f"{run}: the checkpoint of step {step} could not be written ({_one_line(e)}); the previous "
+                      "checkpoint is kept") from None
     os.replace(run / "model.safetensors.tmp", run / "model.safetensors")
     os.replace(run / "optimizer.safetensors.tmp", run / "optimizer.safetensors")
     D.save_json(run / "state.json", {"step": step, "tokens": tokens, "elapsed_s": elapsed,
@@ -316,7 +344,7 @@ def _load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) 
     from safetensors import safe_open
     from safetensors.torch import load_file, load_model
 
-    state = _read_json(run / "state.json")
+    state = _read_state(run)
     for name in ("model.safetensors", "optimizer.safetensors"):
         try:
             with safe_open(str(run / name), "pt") as f:
@@ -413,7 +441,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
             raise FileNotFoundError(f"{out} has no checkpoint (state.json) to resume from")
         model_cfg = ModelConfig.from_dict(saved["model"])
         tc = TrainConfig(**saved["train"])
-        done = _read_json(out / "state.json")["step"]
+        done = _read_state(out)["step"]
         if (tc.steps if steps is None else steps) <= done:
             raise ValueError(f"{out} is already at step {done} of {tc.steps}; pass --steps above {done} to "
                              "train it further")
@@ -435,12 +463,19 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         if model_cfg is None or tc is None:
             raise ValueError("a new run needs a model config and a training config")
         D.parse_tokenizer_spec(tc.tokenizer)
+        if tc.minutes is not None and tc.warmup < 3:
+            # The first 3 steps time the budget before the step count exists: inside the warm-up their learning
+            # rate does not depend on it, so --steps N repeats the run exactly.
+            raise ValueError(f"--minutes times 3 steps inside the warm-up to fix the step count; --warmup {tc.warmup} "
+                             "is shorter: give --warmup 3 or more, or --steps")
         if tc.seq_len > model_cfg.block_size:
             raise ValueError(f"seq_len={tc.seq_len} exceeds the model's block_size={model_cfg.block_size}")
         # Everything that can fail on the text or the device fails before the output folder is touched.
         works = D.load_works(tc.text)
         device = pick_device(tc.device)
         train_works, val_works = D.split_works(works, tc.val_fraction, tc.seed)
+        chars = sum(len(w.text) for w in works)  # (a BPE trained on 25 MB took 18 s with no word before this)
+        log(f"data: {len(works):,} works, {chars:,} characters; tokenizing with {tc.tokenizer}")
         tok = D.make_tokenizer(tc.tokenizer, train_works)
         model_cfg = model_cfg.replace(vocab_size=tok.n_vocab)
         train_ids = D.tokenize_works(train_works, tok)
