@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from . import _checks, _ext, reference
 
@@ -97,8 +98,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def _first_outside(idx: torch.Tensor, bound: int) -> tuple[int, int] | None:
     """(value, flat position) of the first of idx's extreme values outside [0, bound), or None. One device sync on
-    GPU tensors."""
-    if idx.numel() == 0:
+    GPU tensors. Meta tensors have no values to check (None)."""
+    if idx.numel() == 0 or idx.is_meta:
         return None
     lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync on a GPU
     if lo >= 0 and hi < bound:
@@ -166,6 +167,38 @@ def _device_of(op: str, hidden) -> torch.device:
     return hidden.device
 
 
+def _no_forward_ad(op: str, backend: str, *tensors) -> None:
+    """torch gives a custom op no forward derivative (register_autograd registers a backward only): under
+    torch.func.jvp / jacfwd or with forward_ad dual tensors the compiled backends' outputs came back with a zero
+    tangent, without a word. Raise instead. Two global checks first (0.1 us), the tensors' tangents only when
+    forward AD is on."""
+    if torch.compiler.is_compiling() or (_fwad._current_level < 0
+                                         and torch._C._functorch.peek_interpreter_stack() is None):
+        return
+    if any(isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, jacfwd, forward_ad dual tensors) is not "
+                                  f"supported by backend {backend!r} (torch gives custom ops no forward derivative: "
+                                  "the tangent would be zero); use backend='reference', or reverse mode")
+
+
+class _ReferenceGatherAdd(torch.autograd.Function):
+    """backend='reference' with gradients: the reference forward, and the ops' own backward (repeated ids
+    accumulate in float32). Differentiating through the reference's casts rounded each row's gradient to the
+    table's dtype before the sum, so the oracle's gradient differed from the kernels' and the README's."""
+
+    @staticmethod
+    def forward(hidden, ids, table, layer):
+        return reference.tol_gather_add(hidden, ids, table, layer)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad)[:4]
+
+
 def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, layer: int | None = None,
                    *, backend: str = "auto", check_ids: bool = True) -> torch.Tensor:
     """Add token-wise lookup rows to the residual stream: hidden + table[ids] (or table[ids, layer]).
@@ -183,6 +216,8 @@ def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     backend = _pick_backend(backend, _device_of("tol_gather_add", hidden))
     if check_ids is not True and check_ids is not False:  # 'no' failed in pybind, None read as False
         _checks.flag("tol_gather_add", "check_ids", check_ids)
+    if backend != "reference":
+        _no_forward_ad("tol_gather_add", backend, hidden, table)
     if backend in ("cpu", "cuda"):
         args = (hidden, ids, table, layer, check_ids)
         checks = lambda: _checks.gather_add("tol_gather_add", hidden, ids, table, layer)  # noqa: E731
@@ -200,6 +235,8 @@ def tol_gather_add(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
         ids = _checked("tol_gather_add", ids, table.shape[0])
     if backend == "triton":
         return torch.ops.memllm.tol_gather_add_triton(hidden, ids, table, layer)
+    if torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad):
+        return _ReferenceGatherAdd.apply(hidden, ids, table, layer)
     return reference.tol_gather_add(hidden, ids, table, layer)
 
 
@@ -213,6 +250,8 @@ def tol_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, table: torch.Tensor
     backend = _pick_backend(backend, _device_of("tol_gather_add_", hidden))
     if check_ids is not True and check_ids is not False:
         _checks.flag("tol_gather_add_", "check_ids", check_ids)
+    if backend != "reference":
+        _no_forward_ad("tol_gather_add_", backend, hidden, table)
     _checks.no_grad("tol_gather_add_", "use tol_gather_add (out of place) when gradients are needed, or run under "
                     "torch.no_grad()", hidden=hidden, table=table)
     _checks.writable("tol_gather_add_", hidden=hidden)
@@ -251,7 +290,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     # Every backend alike (the reference would record a gradient the kernel has not got).
     _checks.no_grad("decode_attention", _checks.DECODE_NO_GRAD_HINT, qkv=qkv, k_cache=k_cache, v_cache=v_cache,
                     cos=cos, sin=sin)
-    _checks.writable("decode_attention", k_cache=k_cache, v_cache=v_cache)
+    _checks.caches_apart("decode_attention", k_cache, v_cache)
     reason = backend_unavailable_reason("triton", qkv.device)
     if reason is None and _triton_interpret() and torch.compiler.is_compiling():
         # torch.compile cannot trace an interpreted kernel (wrap_triton hands back the eager one)
@@ -262,7 +301,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         raise ValueError(f"decode_attention: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     elif backend == "triton" and reason is not None:
         raise RuntimeError(f"decode_attention: backend='triton' is not available: {reason}")
-    if check:
+    if check and not pos.is_meta:  # (meta tensors have no values to check)
         S, P = k_cache.shape[2], cos.shape[0]
         ends = [pos.reshape(-1)[:1].long()] + ([pad.min().long().reshape(1), pad.max().long().reshape(1)]
                                                if pad.numel() else [])

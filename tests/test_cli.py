@@ -381,6 +381,17 @@ def test_damaged_run_files_are_one_line_errors(tmp_path, text, capsys):
         (damaged("negvocab", "config.json",
                  lambda b: json.dumps({**config, "model": {**config["model"], "vocab_size": -5}}).encode()),
          "invalid model config"),
+        # hand edits of other fields: 'not all arguments converted during string formatting', or a list of
+        # unexpected weights, before ModelConfig checked types and ranges
+        (damaged("strd", "config.json",
+                 lambda b: json.dumps({**config, "model": {**config["model"], "d_model": "abc"}}).encode()),
+         "invalid model config: d_model must be an integer >= 1, got 'abc'"),
+        (damaged("neglayers", "config.json",
+                 lambda b: json.dumps({**config, "model": {**config["model"], "n_layer": -1}}).encode()),
+         "invalid model config: n_layer must be an integer >= 1, got -1"),
+        (damaged("eps", "config.json",
+                 lambda b: json.dumps({**config, "model": {**config["model"], "norm_eps": 0}}).encode()),
+         "invalid model config: norm_eps must be a positive finite number, got 0"),
         (damaged("model", "model.safetensors", lambda b: b[:len(b) // 2]), "model.safetensors cannot be read"),
         (damaged("tok", "tokenizer.json", lambda b: b"garbage"), "tokenizer file is corrupted"),
     ]

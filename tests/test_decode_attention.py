@@ -119,6 +119,29 @@ def test_float32_cache_for_bfloat16_qkv(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
+@pytest.mark.parametrize("qkv_dtype,cache_dtype", [(torch.float32, torch.float16), (torch.float64, torch.bfloat16),
+                                                   (torch.float64, torch.float32)], ids=str)
+def test_cache_narrower_than_qkv(backend, device, qkv_dtype, cache_dtype):
+    """The kernel attended to the token's own key and value at qkv's precision, where the spec reads them back
+    from the cache (float32 qkv over a float16 cache: off by 4e-5 at slot 0, where y is the cached v); and the
+    interpreter cast float64 straight to bfloat16 (an integer cast: garbage in the cache)."""
+    for pos in (0, 6):
+        qkv, k, v, cos, sin, p, pad = make_case(2, 4, 2, 8, 9, pos, qkv_dtype, device, pad=[0, 0])
+        k, v = k.to(cache_dtype), v.to(cache_dtype)
+        k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+        y = mk.decode_attention(qkv, k1, v1, cos, sin, p, pad, 4, backend=backend)
+        want = reference.decode_attention(qkv, k2, v2, cos, sin, p, pad, 4)
+        tol = TOL[torch.bfloat16] if cache_dtype == torch.bfloat16 else TOL[torch.float32]  # (interpreter: truncates)
+        torch.testing.assert_close(y, want, **tol)
+        torch.testing.assert_close(k1, k2, **TOL[cache_dtype])
+        exact = cache_dtype != torch.bfloat16 or device == "cuda"  # the interpreter truncates into bfloat16
+        torch.testing.assert_close(v1, v2, **(dict(rtol=0, atol=0) if exact else TOL[cache_dtype]))
+        if pos == 0:  # one key: y is the cached value
+            torch.testing.assert_close(y.view(2, 4, 8), v1[:, :, 0].repeat_interleave(2, 1).to(qkv_dtype),
+                                       rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
 def test_strided_qkv_rows(backend, device):
     """qkv as the rows of a wider tensor (a slice), as a projection's output may be."""
     qkv, k, v, cos, sin, pos, pad = make_case(3, 2, 2, 8, 9, 4, torch.float32, device)
@@ -169,6 +192,11 @@ BAD = [  # (name, change to the arguments, exception, message part)
     ("rope width", lambda a: a.__setitem__(3, a[3][:, :3]), ValueError, "cos and sin"),
     ("strided cache", lambda a: [a.__setitem__(i, a[i].transpose(2, 3).contiguous().transpose(2, 3)) for i in (1, 2)],
      ValueError, "contiguous"),
+    # written in place: the kernel's batch rows raced on one slot of an expanded cache, and the backends
+    # disagreed on k_cache is v_cache
+    ("expanded caches", lambda a: [a.__setitem__(i, a[i][:1].expand(2, -1, -1, -1)) for i in (1, 2)], ValueError,
+     "k_cache has elements that share memory"),
+    ("k_cache is v_cache", lambda a: a.__setitem__(2, a[1]), ValueError, "k_cache and v_cache share memory"),
 ]
 
 
@@ -234,6 +262,19 @@ def test_meta_device():
     ints = torch.empty(1, device="meta", dtype=torch.long)
     y = torch.ops.memllm.decode_attention(qkv, k, k, cos, cos, ints, ints, 32)
     assert y.device.type == "meta" and y.shape == (1, 32 * 64) and y.dtype == torch.bfloat16
+    # the wrapper's check=True read the slot from a meta tensor ('Cannot copy out of meta tensor')
+    y = mk.decode_attention(qkv, k, k.clone(), cos, cos, ints, ints, 32, backend="reference")
+    assert y.device.type == "meta" and y.shape == (1, 32 * 64)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_raw_op_refuses_caches_that_share_memory(backend, device):
+    qkv, k, v, cos, sin, pos, pad = _good(device)
+    for kc, vc, msg in ((k, k, "k_cache and v_cache share memory"),
+                        (k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1),
+                         "k_cache has elements that share memory")):
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.memllm.decode_attention(qkv, kc, vc, cos, sin, pos, pad, 4)
 
 
 # ---- the model's decode step: decode_attention against SDPA ----

@@ -691,6 +691,8 @@ def test_load_refuses_damaged_files(tmp_path):
                        "do not fit shape"),
         "config not an object": (edited("cfg.safetensors", lambda h: h["__metadata__"].update(config="[1]")),
                                  "'config' is not a JSON object"),
+        "other version": (edited("ver.safetensors", lambda h: h["__metadata__"].update(version="2")),
+                          "ToL format version '2', but this memllm-kernels reads version '1'"),
     })
     for what, (p, msg) in cases.items():
         with pytest.raises(ValueError, match=msg) as e:

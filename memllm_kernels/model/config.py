@@ -60,6 +60,19 @@ class ModelConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown model kind {self.kind!r}; choose one of {KINDS}")
+        # A hand-edited config.json reaches here too: a string d_model failed in a format string ('not all
+        # arguments converted'), n_layer -1 as a list of unexpected weights.
+        for name, least in (("vocab_size", 1), ("n_layer", 1), ("d_model", 1), ("n_head", 1), ("block_size", 1),
+                            ("ffn_hidden", 0), ("n_kv_head", 1)):
+            v = getattr(self, name)
+            if not (v is None and name == "n_kv_head") and not (type(v) is int and v >= least):
+                raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
+        for name in ("rope_base", "norm_eps"):
+            v = getattr(self, name)
+            if type(v) not in (int, float) or not 0 < v < float("inf"):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if type(self.tie_embeddings) is not bool:
+            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.ffn_hidden == 0:

@@ -264,6 +264,9 @@ def read_tol_header(path: str | os.PathLike) -> tuple[dict[str, str], dict, int]
     if meta.get("format") != TOL_FORMAT:
         raise ValueError(f"{path}: not a memllm ToL file (metadata format={meta.get('format')!r}, expected "
                          f"{TOL_FORMAT!r}); write one with `memllm precompute`")
+    if meta.get("version", TOL_VERSION) != TOL_VERSION:  # a later layout would be read as this one's
+        raise ValueError(f"{path}: ToL format version {meta['version']!r}, but this memllm-kernels reads version "
+                         f"{TOL_VERSION!r}; write the table again with this version's `memllm precompute`")
     entry = header.get(TENSOR)
     try:
         dtype = _TORCH_DTYPE[entry["dtype"]]

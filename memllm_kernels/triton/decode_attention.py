@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
-from .tol_gather_add import _INTERPRET, _fake_run, _on
+from .tol_gather_add import _INTERPRET, _fake_run, _on, to_out_dtype
 
 _BLOCK_S = 256 if _INTERPRET else 64  # keys per loop step (the interpreter pays per step, not per element)
 
@@ -40,6 +40,15 @@ def _load_block(kc, vc, start, end, cache_ss, i, im, HALF: tl.constexpr, BLOCK_S
     vp = vc + s[:, None] * cache_ss + i[None, :]
     return (tl.load(kp, mask=ld, other=0.0), tl.load(kp + HALF, mask=ld, other=0.0),
             tl.load(vp, mask=ld, other=0.0), tl.load(vp + HALF, mask=ld, other=0.0))
+
+
+@triton.jit
+def _to_dtype(x, dtype: tl.constexpr):
+    """x in dtype: rounded to nearest even where that narrows it (to_out_dtype: float64 through float32, as torch
+    converts), exact where it widens."""
+    if dtype.primitive_bitwidth < x.dtype.primitive_bitwidth:
+        return to_out_dtype(x, dtype)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -94,11 +103,15 @@ def decode_attention_kernel(
     v_off = (H + HKV + g) * 2 * HALF
     vn1 = tl.load(row + v_off + i, mask=im, other=0.0)
     vn2 = tl.load(row + v_off + HALF + i, mask=im, other=0.0)
+    # The token's own key and value as the caches hold them: the attention below reads them from registers, and
+    # must see what a read of the cache would (float32 qkv over a float16 cache was off by 4e-5).
+    kn1, kn2 = _to_dtype(kn1, k_ptr.dtype.element_ty), _to_dtype(kn2, k_ptr.dtype.element_ty)
+    vn1, vn2 = _to_dtype(vn1, v_ptr.dtype.element_ty), _to_dtype(vn2, v_ptr.dtype.element_ty)
     first = im & ok & (h % (H // HKV) == 0) & (j == 0)  # one program per key/value head writes its slot
-    tl.store(kc + pos * cache_ss + i, kn1.to(k_ptr.dtype.element_ty), mask=first)
-    tl.store(kc + pos * cache_ss + HALF + i, kn2.to(k_ptr.dtype.element_ty), mask=first)
-    tl.store(vc + pos * cache_ss + i, vn1.to(v_ptr.dtype.element_ty), mask=first)
-    tl.store(vc + pos * cache_ss + HALF + i, vn2.to(v_ptr.dtype.element_ty), mask=first)
+    tl.store(kc + pos * cache_ss + i, kn1, mask=first)
+    tl.store(kc + pos * cache_ss + HALF + i, kn2, mask=first)
+    tl.store(vc + pos * cache_ss + i, vn1, mask=first)
+    tl.store(vc + pos * cache_ss + HALF + i, vn2, mask=first)
     # Each key row of the block keeps its own softmax state (max, denominator, weighted sum of values) over the
     # loop, and the rows are combined once after it: the loop then reduces only within a warp (the score over
     # the head's dims), where one state for the block needed four reductions across warps per step (twelve
@@ -177,7 +190,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     (the kernel indexes by them); pos and pad are data, range-checked by the caller (memllm_kernels.ops.
     decode_attention, check=True): a bad slot reaching the kernel makes it write nothing and return NaN."""
     _checks.decode_attention("decode_attention", qkv, k_cache, v_cache, cos, sin, pos, pad, n_head, _checks.RAW)
-    _checks.writable("decode_attention", k_cache=k_cache, v_cache=v_cache)
+    _checks.caches_apart("decode_attention", k_cache, v_cache, _checks.RAW)
     B = qkv.shape[0]
     hd = int(k_cache.shape[-1])  # head sizes are constexprs: concrete ints even where torch traces symbolic shapes
     y = torch.empty(B, n_head * hd, dtype=qkv.dtype, device=qkv.device)

@@ -107,7 +107,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
         return None
     try:
         return t.view(-1, t.shape[-1])
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # a fake tensor (torch.compile, export) raises ValueError
         return None
 
 
