@@ -636,28 +636,32 @@ def test_default_edit_pair_needs_both_space_prefixed_words():
 
 
 # ---------------------------------------------------------------- the `inspect` command on trained runs
+def _train_runs(root, line, kinds):
+    """Runs of each kind trained for 20 steps on six works of 150 lines line(rng) (8 tokens and a full stop),
+    in root/<kind>."""
+    from memllm_kernels.model.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    text = root / "text"
+    text.mkdir()
+    for i in range(6):
+        (text / f"w{i}.txt").write_text("\n".join(" ".join(line(rng)) + "." for _ in range(150)) + "\n")
+    tc = TrainConfig(steps=20, batch_size=8, seq_len=32, tokenizer="bpe-320", text=str(text), eval_every=0, warmup=5,
+                     lr=3e-3)
+    for kind in kinds:
+        train(root / kind, ModelConfig(kind=kind, **{**TINY, "name": f"t-{kind}"}), tc, progress=False,
+              log=lambda *a: None)
+    return {kind: root / kind for kind in kinds}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two runs trained for 20 steps on a synthetic text: a MemoryLLM and a dense one (same data)."""
-    from memllm_kernels.model.train import TrainConfig, train
-
     root = tmp_path_factory.mktemp("interpret")
+    words = "the king queen lord lady sword crown night day love death fair foul speak hear go come".split()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEMLLM_CACHE", str(root / "cache"))
-        rng = np.random.default_rng(0)
-        words = "the king queen lord lady sword crown night day love death fair foul speak hear go come".split()
-        text = root / "text"
-        text.mkdir()
-        for i in range(6):
-            (text / f"w{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(150)) + "\n")
-        out = {}
-        for kind in ("memoryllm", "dense"):
-            cfg = ModelConfig(kind=kind, **{**TINY, "name": f"t-{kind}"})
-            tc = TrainConfig(steps=20, batch_size=8, seq_len=32, tokenizer="bpe-320", text=str(text), eval_every=0,
-                             warmup=5, lr=3e-3)
-            train(root / kind, cfg, tc, progress=False, log=lambda *a: None)
-            out[kind] = root / kind
-        yield out, mp
+        yield _train_runs(root, lambda rng: rng.choice(words, 8), ("memoryllm", "dense")), mp
 
 
 def _inspect(*argv):
@@ -935,22 +939,10 @@ def test_run_tokens_names_the_splits(runs):
 @pytest.fixture(scope="module")
 def number_run(tmp_path_factory):
     """A MemoryLLM trained for 20 steps on a text of numbers only: no ' king', no word token."""
-    from memllm_kernels.model.train import TrainConfig, train
-
     root = tmp_path_factory.mktemp("numbers")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEMLLM_CACHE", str(root / "cache"))
-        rng = np.random.default_rng(1)
-        text = root / "text"
-        text.mkdir()
-        for i in range(6):
-            (text / f"n{i}.txt").write_text("\n".join(" ".join(map(str, rng.integers(0, 100, 8))) + "."
-                                                      for _ in range(150)) + "\n")
-        tc = TrainConfig(steps=20, batch_size=8, seq_len=32, tokenizer="bpe-320", text=str(text), eval_every=0,
-                         warmup=5, lr=3e-3)
-        train(root / "run", ModelConfig(kind="memoryllm", **{**TINY, "name": "t-numbers"}), tc, progress=False,
-              log=lambda *a: None)
-        yield root / "run"
+        yield _train_runs(root, lambda rng: map(str, rng.integers(0, 100, 8)), ("memoryllm",))["memoryllm"]
 
 
 @needs_train_deps
