@@ -10,6 +10,7 @@ summary table at the end of the session.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -54,14 +55,18 @@ def machine_info(device: str) -> dict:
         # MEMLLM_COMMIT names the commit where the tree travels without its .git (or with an older one, as to a
         # GPU machine): whether that tree has changes is then unknown (None), not git's answer about another HEAD.
         commit = os.environ.get("MEMLLM_COMMIT") or head
-        dirty = None
+        if commit == "unknown":
+            commit = None
+        dirty = tree = None
         if head and commit and (head.startswith(commit) or commit.startswith(head)):
-            # Code changes only: results being rewritten by this very run do not make the tree dirty.
-            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                         ":(exclude)bench/results"], capture_output=True, text=True,
-                                        cwd=os.path.dirname(os.path.dirname(__file__)), timeout=10).stdout.strip())
+            # Code changes only: results being rewritten by this very run do not make the tree dirty. A changed
+            # tree is named by a hash of its diff, so that two runs of the same changes add to one results file.
+            diff = subprocess.run(["git", "diff", "HEAD", "--", ".", ":(exclude)bench/results"], capture_output=True,
+                                  cwd=os.path.dirname(os.path.dirname(__file__)), timeout=10).stdout
+            dirty = bool(diff)
+            tree = hashlib.sha1(diff).hexdigest()[:10] if diff else None
     except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+        commit, dirty, tree = None, None, None
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -78,6 +83,10 @@ def machine_info(device: str) -> dict:
         "cuda": torch.version.cuda,
         "commit": commit,
         "dirty": dirty,
+        "tree": tree,  # a hash of a changed tree's diff (None: clean, or unknown)
+        # MEMLLM_RUN names one run of several sessions (bench/gpu_check.sh's steps, on a tree whose changes git
+        # cannot see there): its sessions add to each other's results whatever the tree.
+        "run": os.environ.get("MEMLLM_RUN") or None,
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -249,10 +258,18 @@ def record(**row) -> dict:
 
 
 def _continues(old, info: dict) -> bool:
-    """Whether results `old` (a loaded file) come from a session of the same commit (clean trees) on this machine."""
-    same = ("commit", "dirty", "device", "gpu", "cpu", "torch")
-    return (isinstance(old, dict) and isinstance(old.get("machine"), dict) and bool(info.get("commit"))
-            and not info.get("dirty") and all(old["machine"].get(k) == info.get(k) for k in same))
+    """Whether results `old` (a loaded file) come from a session of the same tree on this machine: the same run
+    (MEMLLM_RUN), or the same commit, clean or with the same changes (their diff's hash). A tree whose state is
+    unknown (no commit; a commit named without git to tell its changes) continues only a session of its run."""
+    if not (isinstance(old, dict) and isinstance(old.get("machine"), dict)):
+        return False
+    m = old["machine"]
+    if not all(m.get(k) == info.get(k) for k in ("device", "gpu", "cpu", "torch")):
+        return False
+    if info.get("run"):
+        return m.get("run") == info["run"]
+    return (bool(info.get("commit")) and info.get("dirty") is not None and m.get("commit") == info["commit"]
+            and m.get("dirty") == info["dirty"] and m.get("tree") == info.get("tree"))
 
 
 def _merged(path: str, info: dict, rows: list[dict]) -> list[dict]:

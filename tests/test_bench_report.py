@@ -233,6 +233,30 @@ def test_runs_of_one_commit_add_to_its_results(tmp_path):
     assert harness._merged(str(tmp_path / "missing.json"), info, new) == new
 
 
+def test_sessions_continue_the_same_tree_or_run(tmp_path):
+    """A changed tree is named by its diff's hash: two sessions of the same changes add to one file (they replaced
+    each other, and the one-level previous/ kept only the last), other changes do not. A commit git cannot confirm
+    (MEMLLM_COMMIT on a tree without .git: dirty None) or no commit at all ('unknown' merged runs of any two trees)
+    continues only a session of the same run (MEMLLM_RUN, one gpu_check.sh run)."""
+    harness = _harness()
+    path = tmp_path / "op.json"
+    old = [_row("cuda", 1, 1.0, test="a")]
+    new = [_row("cuda", 8, 3.0, test="b")]
+    for saved, info, merges in [
+        ({"dirty": True, "tree": "abc"}, {"dirty": True, "tree": "abc"}, True),
+        ({"dirty": True, "tree": "abc"}, {"dirty": True, "tree": "def"}, False),
+        ({"dirty": None}, {"dirty": None}, False),
+        ({"commit": None, "dirty": None}, {"commit": None, "dirty": None}, False),
+        ({"dirty": None, "run": "r1"}, {"dirty": None, "run": "r1"}, True),
+        ({"dirty": False, "run": "r1"}, {"dirty": False, "run": "r2"}, False),
+    ]:
+        path.write_text(json.dumps({"machine": {**CPU, **saved}, "results": old}))
+        got = harness._merged(str(path), {**CPU, **info}, new)
+        assert (len(got) == 2) == merges, (saved, info)
+        assert (harness.set_aside(str(path), {**CPU, **info}) is None) == merges, (saved, info)
+    assert harness.machine_info("cpu")["tree"] is None or len(harness.machine_info("cpu")["tree"]) == 10
+
+
 def test_warm_up_rounds_are_not_counted():
     """bench/conftest.py's _pedantic: what `run` records during pytest-benchmark's warm-up rounds is dropped."""
     harness = _harness()
@@ -351,8 +375,8 @@ def test_replaced_results_are_set_aside(tmp_path):
 def test_decode_profile_runs_of_one_commit_add_to_its_results(tmp_path):
     """bench/decode_profile.py writes through _merged as the benchmark sessions do: gpu_check.sh's profile and host
     steps both run it, and the second run replaced the first's cases (here dense, then memoryllm; MEMLLM_COMMIT
-    names the tree's commit, so the tree counts as that commit's)."""
-    env = {**os.environ, "MEMLLM_COMMIT": "abc1234"}
+    names a commit git cannot confirm here, so MEMLLM_RUN, as gpu_check.sh sets it, makes the sessions one run)."""
+    env = {**os.environ, "MEMLLM_COMMIT": "abc1234", "MEMLLM_RUN": "test-run"}
     for provider in ("dense", "memoryllm", "dense"):
         proc = subprocess.run([sys.executable, "bench/decode_profile.py", "--device", "cpu", "--providers", provider,
                                "--modes", "eager", "--steps", "1", "--out", str(tmp_path)], cwd=ROOT, env=env,
@@ -383,3 +407,243 @@ def test_gpu_check_help_and_bad_arguments_run_nothing(tmp_path):
     proc = run(str(tmp_path / "out"), "gpu-tests", "ofload")
     assert proc.returncode == 2 and "unknown step ofload" in proc.stderr and "== " not in proc.stdout, proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
+
+
+def _e2e(op, provider, ms, **kw):
+    return dict(op=op, provider=provider, dtype="bfloat16", preset="1b", T=128, batch=1, ms=ms, **kw)
+
+
+CUDA = {"device": "cuda", "gpu": "test gpu", "cpu": "test cpu", "cpu_threads": 2, "torch": "x", "triton": "y",
+        "commit": "abc"}
+SHK = "shakespeare validation works (GPT-2 ids), hot set from the training works"
+ZIPF = "zipf(1.2) ids, no text (ModuleNotFoundError: No module named 'tiktoken')"
+
+
+def test_targets_whose_rows_are_absent_are_not_measured(tmp_path):
+    """A target whose rows are absent (a benchmark skipped for a missing package, or cut by gpu_check.sh's time limit
+    for its step) was simply not in targets_missed, so it looked met: it is 'not measured', in targets(), in the
+    report's Targets section and in `report.py targets`, and never met."""
+    rows = [_row("cpu_", 1, 0.004, speedup_vs_ffn=900.0), _row("cpu", 4096, 1.0, pct_ceiling=95.0)]  # no eager row
+    got = report.targets({"machine": CPU, "results": rows})
+    assert ("met", "cpu_ T=1: 900x the dense FFN (target 500x)") in got
+    assert ("met", "cpu T=4096: 95% of torch.add (target 70%)") in got
+    assert ("not measured", "cpu T=4096: x eager (target 2x)") in got  # the row is there, its x eager is not
+    assert ("not measured", "cpu_ T=512: x the dense FFN (target 100x)") in got
+    assert report.targets_missed({"machine": CPU, "results": rows}) == []
+    assert "cpu_ T=512: x the dense FFN (target 100x)" in report.targets_not_measured({"machine": CPU, "results": rows})
+    # The host tier's decode targets on a GPU: its row cut, so neither 2x nor 3% is met.
+    dec = [_e2e("e2e_offload_decode_compiled", "dense", 1.5, text=SHK),
+           _e2e("e2e_offload_decode_compiled", "memoryllm", 0.77, text=SHK, peak_memory_bytes=14e9)]
+    got = report.targets({"machine": CUDA, "results": dec})
+    assert [s for s, t in got if "memoryllm-host:" in t] == ["not measured"]
+    assert not [t for s, t in got if s == "met" and "memoryllm-host" in t]
+    # A whole folder: the ops without any file (hit rates without the text packages) are not measured either.
+    _results(tmp_path / "tol_gather_add.json", rows)
+    text = open(report.write_report(str(tmp_path))).read()
+    targets_part = text.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    assert "1 not measured" not in targets_part and "\nMet:\n" in targets_part
+    not_measured = targets_part.split("Not measured", 1)[1].split("Met:", 1)[0]
+    assert "- hot+lru/shk at 5% of the vocabulary: hits (target 90%; needs the real text)" in not_measured
+    assert "- cpu T=4096: x eager (target 2x)" in not_measured
+    proc = subprocess.run([sys.executable, "bench/report.py", "targets", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"targets in {tmp_path}: 0 missed, ") and "2 met" in lines[0], lines
+    assert "TARGET NOT MEASURED: hot+lru/shk at 5% of the vocabulary: hits (target 90%; needs the real text)" in lines
+    assert "TARGET MET: cpu_ T=1: 900x the dense FFN (target 500x)" in lines
+
+
+def test_e2e_tables_say_which_rows_ran_on_synthetic_ids():
+    """bench_offload.py falls back to zipf ids where the text packages are missing, and the rows looked like real-text
+    rows: the e2e tables have a text column, and a warning under them where a row ran on synthetic ids."""
+    rows = [_e2e("e2e_offload_decode", "dense", 2.0, text=SHK), _e2e("e2e_offload_decode", "memoryllm", 1.0, text=ZIPF)]
+    head, cells = report.table("e2e_offload_decode", rows)
+    col = head.index("text")
+    assert [c[col] for c in cells] == ["shakespeare", "zipf"]
+    lines = report.text_table("e2e_offload_decode", rows)
+    assert any(line.startswith("WARNING: 1 row(s) ran on synthetic zipf ids") for line in lines), lines
+    assert f"text zipf: {ZIPF}" in lines
+    md = report.markdown_table("e2e_offload_decode", rows)
+    assert "| text |" in md and "| zipf |" in md and "**WARNING: 1 row(s) ran on synthetic zipf ids" in md
+    # Rows that record no text (bench_e2e.py's random ids): no column, no note.
+    head, _ = report.table("e2e_decode", [_e2e("e2e_decode", "dense", 2.0)])
+    assert "text" not in head and report.text_table("e2e_decode", [_e2e("e2e_decode", "dense", 2.0)])[-1][:5] != "text "
+
+
+def test_compare_names_the_settings_that_differ_and_fits_long_names(tmp_path, capsys):
+    """compare paired rows of the same op/provider/shape whatever their recorded settings (real text against zipf ids,
+    SDPA against decode_attention, another table size): each pair now names the settings that differ, and stderr warns.
+    The op column was 20 characters wide: e2e_offload_decode_compiled ran into the provider."""
+    op = "e2e_offload_decode_compiled"
+    old = _results(tmp_path / "old.json", [
+        _e2e(op, "dense", 2.0, text=SHK, attention="sdpa"), _e2e(op, "memoryllm-host-devlru", 1.0, text=SHK,
+                                                                   attention="sdpa", table_bytes=100)])
+    new = _results(tmp_path / "new.json", [
+        _e2e(op, "dense", 2.0, text=SHK, attention="sdpa"), _e2e(op, "memoryllm-host-devlru", 1.0, text=ZIPF,
+                                                                   attention="memllm", table_bytes=200)])
+    assert report.main(["compare", old, new]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()[3:]
+    assert [line.split()[:2] for line in lines] == [[op, "dense"], [op, "memoryllm-host-devlru"]], out
+    assert lines[0].split()[-1] == "1.00" and "settings differ" not in lines[0]
+    assert lines[1].endswith("settings differ: text shakespeare->zipf, attention sdpa->memllm, table_bytes 100->200")
+    assert "1 of 2 pairs ran with different settings" in err
+    header = out.splitlines()[2]
+    assert header.index("provider") == lines[0].index("dense") > len(op)  # columns as wide as their contents
+
+
+def test_malformed_rows_are_refused_in_one_line(tmp_path):
+    """A results row without 'provider' (or with a string where a time belongs) crashed `report` with a KeyError
+    traceback, and so would have crashed the benchmark session's summary, which calls write_report: load refuses the
+    file in one line naming it and the row, report leaves it out, compare stops; rows in memory are left out."""
+    bad = [_row("cpu_", 1, 1.0), {"op": "tol_gather_add", "dtype": "bfloat16", "preset": "1b", "T": 8, "ms": 1.0}]
+    path = _results(tmp_path / "tol_gather_add.json", bad)
+    with pytest.raises(ValueError, match=r"tol_gather_add.json: results\[1\] has no 'provider'"):
+        report.load(path)
+    slow = tmp_path / "other"
+    slow.mkdir()
+    with pytest.raises(ValueError, match=r"results\[0\] has no time"):
+        report.load(_results(slow / "e2e_decode.json", [_e2e("e2e_decode", "dense", "fast")]))
+    _results(tmp_path / "decode_attention.json", [dict(op="decode_attention", provider="sdpa", dtype="float32",
+                                                       preset="1b", T="128", batch=1, ms=1.0)])
+    _results(tmp_path / "e2e_prefill.json", [_e2e("e2e_prefill", "dense", 1.0)])
+    proc = subprocess.run([sys.executable, "bench/report.py", "report", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    skipped = proc.stderr.splitlines()
+    assert len(skipped) == 2 and all(line.startswith("report: skipped ") for line in skipped), skipped
+    assert "decode_attention.json: results[0] has no usable 'T' ('128')" in skipped[0]
+    assert "tol_gather_add.json: results[1] has no 'provider'" in skipped[1]
+    assert "## e2e_prefill" in (tmp_path / "report.md").read_text()
+    proc = _compare(path, path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("report.py compare: error: ") and "results[1] has no 'provider'" in line
+    # In memory (a session's rows, merged with an older file's): the bad row is left out, named on stderr.
+    assert len(report.text_table("tol_gather_add", bad)) == 2
+    assert report.targets({"machine": CPU, "results": bad + ["x"]})  # no crash
+
+
+# ---------------------------------------------------------------- bench/gpu_check.sh, with a fake python
+FAKE_PY = r"""#!/usr/bin/env bash
+# A python for gpu_check.sh's dry runs: logs its arguments and environment; runs gpu_check's text check on the real
+# python; "builds" by writing the extension into --build-lib (FAKE_BUILD_SLEEP, FAKE_BUILD_FAIL); the rest succeeds.
+printf 'ARGS %s\n' "$*" >> "$FAKE_LOG"
+echo "ENV MEMLLM_BUILD_CUDA=${MEMLLM_BUILD_CUDA-unset} MEMLLM_COMMIT=${MEMLLM_COMMIT-unset} MEMLLM_RUN=${MEMLLM_RUN-unset}" >> "$FAKE_LOG"
+if [ "$1" = -c ]; then
+  [[ $2 == *find_spec* ]] && exec "$REAL_PY" "$@"
+  exit 0
+fi
+if [ "$1" = setup.py ]; then
+  [ -n "${FAKE_BUILD_SLEEP:-}" ] && sleep "$FAKE_BUILD_SLEEP"
+  [ -n "${FAKE_BUILD_FAIL:-}" ] && { echo "error: the fake build failed"; exit 1; }
+  while [ $# -gt 0 ]; do [ "$1" = --build-lib ] && lib=$2; shift; done
+  mkdir -p "$lib/memllm_kernels" && echo new > "$lib/memllm_kernels/_C.abi3.so"
+fi
+exit 0
+"""
+
+
+@pytest.fixture
+def gpu_check(tmp_path):
+    """A copy of gpu_check.sh in a tree without .git, whose extension ("old") is older than its csrc/, and a function
+    running it with the fake python: (CompletedProcess, seconds, fake python's log)."""
+    import time
+
+    repo = tmp_path / "repo"
+    for d in ("bench", "csrc", "memllm_kernels"):
+        (repo / d).mkdir(parents=True)
+    (repo / "bench" / "gpu_check.sh").write_text(open(os.path.join(ROOT, "bench", "gpu_check.sh")).read())
+    (repo / "memllm_kernels" / "_C.abi3.so").write_text("old")
+    (repo / "csrc" / "ops.cpp").write_text("")
+    (repo / "setup.py").write_text("")
+    os.utime(repo / "memllm_kernels" / "_C.abi3.so", (1e9, 1e9))
+    fake = tmp_path / "fakepy"
+    fake.write_text(FAKE_PY)
+    fake.chmod(0o755)
+    log = tmp_path / "fake.log"
+
+    def run(*args, cwd=repo, **env):
+        log.write_text("")
+        full = {**os.environ, "PYTHON": str(fake), "REAL_PY": sys.executable, "FAKE_LOG": str(log),
+                "GIT_DIR": str(tmp_path / "no-git"), "BENCH_DEVICE": "cuda", **env}
+        for k in ("MEMLLM_COMMIT", "COMMIT", "MEMLLM_RUN"):
+            if k not in env:
+                full.pop(k, None)
+        t = time.monotonic()
+        proc = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), *args], cwd=cwd, env=full,
+                              capture_output=True, text=True, timeout=60)
+        return proc, time.monotonic() - t, log.read_text()
+    run.repo = repo
+    return run
+
+
+def test_gpu_check_skips_what_the_budget_cannot_fit_and_says_so(gpu_check, tmp_path):
+    """BUDGET=50 ran 158 s (the build had a fixed 300 s limit) and ended "done (status 0)" with every step skipped,
+    the skips on stderr only: a step gets what is left less the kill grace, the build too, and a run with skipped
+    steps ends naming them, in the results folder's log too, with exit status 3."""
+    proc, secs, log = gpu_check(str(tmp_path / "out"), BUDGET="50")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    last = proc.stdout.splitlines()[-1]
+    assert "SKIPPED for lack of budget (BUDGET=50s): build gpu-tests offload e2e linear compiled profile gather " \
+           "tests (status 3)" in last, last
+    assert "   SKIPPED build: " in proc.stdout and secs < 20
+    assert "setup.py" not in log and "-m pytest" not in log
+    assert (tmp_path / "out" / "gpu-check.log").read_text().splitlines()[-1] == last
+    assert (gpu_check.repo / "memllm_kernels" / "_C.abi3.so").read_text() == "old"
+
+
+def test_gpu_check_stops_a_build_at_the_budget_and_keeps_the_extension(gpu_check, tmp_path):
+    """The build ran under `timeout 300` whatever the budget, after deleting the built extension: now it is stopped
+    within BUDGET (GRACE and MIN_STEP shrink the kill grace and the smallest step for this test), built aside, and the
+    extension in memllm_kernels/ is replaced only by one that has built."""
+    proc, secs, log = gpu_check(str(tmp_path / "out"), "build", "offload", BUDGET="4", GRACE="1", MIN_STEP="1",
+                                FAKE_BUILD_SLEEP="30")
+    assert proc.returncode == 1 and secs < 10, (secs, proc.stdout)  # 30 s of fake build, 300 s before
+    assert "stopped at the" in proc.stdout and "BUILD FAILED (memllm_kernels/ left as it was); not run: offload" \
+        in proc.stdout.splitlines()[-1]
+    assert (gpu_check.repo / "memllm_kernels" / "_C.abi3.so").read_text() == "old"
+    proc, _, log = gpu_check(str(tmp_path / "out"), "build", FAKE_BUILD_FAIL="1")
+    assert proc.returncode == 1 and "the fake build failed" in proc.stdout
+    assert (gpu_check.repo / "memllm_kernels" / "_C.abi3.so").read_text() == "old"
+
+
+def test_gpu_check_builds_for_the_cpu_under_bench_device_cpu(gpu_check, tmp_path):
+    """BENCH_DEVICE=cpu forced MEMLLM_BUILD_CUDA=1, so its build always failed, after deleting the working CPU
+    extension: it builds the C++ kernels only and moves the new extension in (an older one of another name out)."""
+    stale = gpu_check.repo / "memllm_kernels" / "_C.cpython-312-x86_64-linux-gnu.so"
+    stale.write_text("stale")
+    proc, _, log = gpu_check(str(tmp_path / "out"), "build", BENCH_DEVICE="cpu", BUDGET="200")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    build = [line for line in log.splitlines() if line.startswith("ARGS setup.py")]
+    assert build == ["ARGS setup.py build_ext --build-lib build/gpu-check/lib --build-temp build/gpu-check/temp"]
+    assert "MEMLLM_BUILD_CUDA=0" in log.split("ARGS setup.py", 1)[1].splitlines()[1]
+    assert (gpu_check.repo / "memllm_kernels" / "_C.abi3.so").read_text().strip() == "new" and not stale.exists()
+    assert proc.stdout.splitlines()[-1].endswith("(status 0)")
+
+
+def test_gpu_check_results_dir_commit_text_packages_and_skip_reasons(gpu_check, tmp_path):
+    """A relative RESULTS_DIR is the caller's, not the checkout's; without .git the commit was 'unknown' and
+    bench/conftest.py merged the results of any two trees: COMMIT names it, and without it the run says so loudly,
+    records none and gives its steps a run id of their own; the text packages the real-text benchmarks need are
+    checked before any step; the benchmark steps pass -rs, so that pytest's skip reasons reach the logs."""
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    shadow = tmp_path / "shadow"  # a tiktoken that cannot be imported, before the installed one
+    shadow.mkdir()
+    (shadow / "tiktoken.py").write_text("raise ImportError('no tiktoken here')\n")
+    proc, _, log = gpu_check("rel", "offload", cwd=caller, BUDGET="200", MIN_STEP="1",
+                             PYTHONPATH=f"{shadow}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (caller / "rel" / "gpu-check.log").exists() and not (gpu_check.repo / "rel").exists()
+    head = proc.stdout.split("== ", 3)
+    assert "WARNING: COMMIT UNKNOWN" in head[1], proc.stdout
+    assert "MEMLLM_COMMIT=unset MEMLLM_RUN=gpu-check-" in log
+    before_steps = proc.stdout.split(" offload (")[0]
+    assert "REAL TEXT MISSING: tiktoken (ImportError: no tiktoken here" in before_steps, before_steps
+    pytest_args = [line for line in log.splitlines() if line.startswith("ARGS -m pytest")]
+    assert len(pytest_args) == 1 and " -rs " in pytest_args[0] and "bench/bench_offload.py" in pytest_args[0]
+    proc, _, log = gpu_check(str(tmp_path / "out"), "offload", BUDGET="200", MIN_STEP="1", COMMIT="abc1234")
+    assert "COMMIT UNKNOWN" not in proc.stdout and "commit abc1234" in proc.stdout
+    assert "MEMLLM_COMMIT=abc1234 MEMLLM_RUN=gpu-check-" in log
