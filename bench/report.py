@@ -343,7 +343,8 @@ def _plots(op: str, rows: list[dict], out_dir: str, label: str) -> list[str]:
 
 def load_folder(out_dir: str) -> list[tuple[str, dict]]:
     """(op, results) of each <op>.json in out_dir, sorted; a file that is not a results file, or has a malformed
-    row, is named on stderr in one line and left out (another tool's JSON beside the results, a file cut short)."""
+    row, is named on stderr in one line and left out (another tool's JSON beside the results, a file cut short).
+    ValueError if none is left (not a results folder: bench/results/model, say)."""
     found = []
     for name in sorted(os.listdir(out_dir)):
         if not name.endswith(".json") or name.startswith("pytest-benchmark"):
@@ -353,6 +354,8 @@ def load_folder(out_dir: str) -> list[tuple[str, dict]]:
         except (OSError, ValueError) as e:
             # The benchmark session that calls write_report at its end, and the other ops' tables, must not die on it.
             print(f"report: skipped {e}", file=sys.stderr)
+    if not found:
+        raise ValueError(f"no benchmark results (<op>.json with 'machine' and 'results') in {out_dir}")
     return found
 
 
@@ -369,9 +372,13 @@ STATUS_TITLES = (("missed", "Missed"),
                  ("met", "Met"))
 
 
+def _counts(checked: list[tuple[str, str]]) -> str:
+    """'2 missed, 0 not measured, 5 met'."""
+    return ", ".join(f"{sum(1 for s, _ in checked if s == status)} {status}" for status, _ in STATUS_TITLES)
+
+
 def targets_markdown(checked: list[tuple[str, str]], device) -> str:
-    counts = ", ".join(f"{sum(1 for s, _ in checked if s == status)} {status}" for status, _ in STATUS_TITLES)
-    parts = [f"## Targets\n\nEvery target checked on {device or 'this device'} results: {counts}.\n"]
+    parts = [f"## Targets\n\nEvery target checked on {device or 'this device'} results: {_counts(checked)}.\n"]
     for status, title in STATUS_TITLES:
         items = [t for s, t in checked if s == status]
         if items:
@@ -382,8 +389,6 @@ def targets_markdown(checked: list[tuple[str, str]], device) -> str:
 def write_report(out_dir: str) -> str:
     """report.md (and PNGs) for every <op>.json in out_dir; returns the report's path."""
     found = load_folder(out_dir)
-    if not found:  # not a results folder (bench/results/model, say): say so rather than write an empty report
-        raise ValueError(f"no benchmark results (<op>.json with 'machine' and 'results') in {out_dir}")
     parts, pngs = [], []
     for op, data in found:
         label = machine_label(data["machine"])
@@ -560,14 +565,11 @@ def main(argv=None) -> int:
                 print(write_report(args.folder))
                 return 0
             found = load_folder(args.folder)
-            if not found:
-                raise ValueError(f"no benchmark results (<op>.json with 'machine' and 'results') in {args.folder}")
         except ValueError as e:
             print(f"report.py {args.cmd}: error: {e}", file=sys.stderr)
             return 2
         checked = folder_targets(found)
-        print(f"targets in {args.folder}: " + ", ".join(f"{sum(1 for s, _ in checked if s == status)} {status}"
-                                                        for status, _ in STATUS_TITLES))
+        print(f"targets in {args.folder}: {_counts(checked)}")
         for status, _ in STATUS_TITLES:
             for _, text in (x for x in checked if x[0] == status):
                 print(f"TARGET {status.upper()}: {text}")

@@ -318,23 +318,6 @@ def outputs_apart(op: str, writes: dict, reads: dict, err: Raise = PUBLIC) -> No
                                 f"); an output must not overlap an input or another output: pass tensors of their own")
 
 
-def caches_apart(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, err: Raise = PUBLIC) -> None:
-    """decode_attention writes both caches in place: each must own its elements (an expand()ed cache made the batch
-    rows race on one slot) and they must not overlap (k_cache is v_cache: the backends disagreed). The caches
-    alone, not outputs_apart's spans over every input: this runs per layer of an eager decode step (~1 us)."""
-    writable(op, k_cache=k_cache, v_cache=v_cache)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if any(n > 1 and s == 0 for n, s in zip(t.shape, t.stride())):
-            raise err.shape(f"{op}: {name} has elements that share memory (shape {list(t.shape)}, strides "
-                            f"{list(t.stride())}: an expand()ed tensor?), so it cannot be written; pass a cache of "
-                            "its own")
-    if torch.compiler.is_compiling() or k_cache.is_meta or is_fake(k_cache) or not (k_cache.numel() and v_cache.numel()):
-        return
-    (k0, k1), (v0, v1) = _byte_span(k_cache), _byte_span(v_cache)
-    if k0 <= v1 and v0 <= k1 and k_cache.device == v_cache.device:
-        raise err.shape(f"{op}: k_cache and v_cache share memory; each cache must be a tensor of its own")
-
-
 def flag(op: str, name: str, v) -> None:
     """A bool option (check_ids): True or False. The C++ ops refused 'no' with a pybind cast error and took None as
     False, as did the Python paths, silently."""

@@ -290,7 +290,10 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     # Every backend alike (the reference would record a gradient the kernel has not got).
     _checks.no_grad("decode_attention", _checks.DECODE_NO_GRAD_HINT, qkv=qkv, k_cache=k_cache, v_cache=v_cache,
                     cos=cos, sin=sin)
-    _checks.caches_apart("decode_attention", k_cache, v_cache)
+    # Both caches are written in place: each must own its elements (an expand()ed cache made the batch rows race
+    # on one slot) and they must not overlap (k_cache is v_cache: the backends disagreed). The caches alone, not
+    # every input: this runs per layer of an eager decode step.
+    _checks.outputs_apart("decode_attention", {"k_cache": k_cache, "v_cache": v_cache}, {})
     reason = backend_unavailable_reason("triton", qkv.device)
     if reason is None and _triton_interpret() and torch.compiler.is_compiling():
         # torch.compile cannot trace an interpreted kernel (wrap_triton hands back the eager one)

@@ -326,8 +326,9 @@ def _save_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer, 
         state = opt.state_dict()
         tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
         save_file(tensors, str(tmps[1]), metadata=meta)
+        mode = _file_mode()
         for t in tmps:  # safetensors creates its files 0600 whatever the umask; the run's other files follow it
-            os.chmod(t, _file_mode())
+            os.chmod(t, mode)
     except Exception as e:  # a full disk: safetensors' SafetensorError is no OSError
         for t in tmps:
             t.unlink(missing_ok=True)

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from .. import _checks
-from .. import ops as _ops
 from . import ops
 
 CHUNK_BYTES = 64 << 20
@@ -215,12 +214,8 @@ class DiskTable:
         gathered. One cold 1b row: 0.21-0.27 ms this way, 1.24-1.30 ms when its 24 pages fault in one by one
         (2-core AMD EPYC VM's virtual disk; bench_offload.py, disk_read_rows). IndexError for an id outside
         [0, V); check_ids=False skips that (the engine checked the step's ids): a bad id then reads a NaN row."""
-        table = self.table  # checks that the table is open and the file unchanged before any read
-        if check_ids:  # before willneed, which skips bad ids: the gather below no longer checks
-            _checks.index_tensor("DiskTable.read_rows", "ids", ids)
-            _ops._check_id_range("DiskTable.read_rows", ids, table.shape[0])
-        self.willneed(ids)
-        ops.tol_host_gather(self._table, ids, out, check_ids=False)
+        self.willneed(ids)  # checks that the table is open and the file unchanged (self.table) before any read
+        ops.tol_host_gather(self._table, ids, out, check_ids=check_ids)  # (willneed skips bad ids)
         self.note_read(ids.numel())
 
     def note_read(self, rows: int) -> None:

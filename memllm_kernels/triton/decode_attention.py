@@ -190,7 +190,10 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     (the kernel indexes by them); pos and pad are data, range-checked by the caller (memllm_kernels.ops.
     decode_attention, check=True): a bad slot reaching the kernel makes it write nothing and return NaN."""
     _checks.decode_attention("decode_attention", qkv, k_cache, v_cache, cos, sin, pos, pad, n_head, _checks.RAW)
-    _checks.caches_apart("decode_attention", k_cache, v_cache, _checks.RAW)
+    # Both caches are written in place: each must own its elements (an expand()ed cache made the batch rows race
+    # on one slot) and they must not overlap (k_cache is v_cache: the backends disagreed). The caches alone, not
+    # every input: this runs per layer of an eager decode step.
+    _checks.outputs_apart("decode_attention", {"k_cache": k_cache, "v_cache": v_cache}, {}, _checks.RAW)
     B = qkv.shape[0]
     hd = int(k_cache.shape[-1])  # head sizes are constexprs: concrete ints even where torch traces symbolic shapes
     y = torch.empty(B, n_head * hd, dtype=qkv.dtype, device=qkv.device)
