@@ -472,7 +472,7 @@ def test_triton_row_ops_on_a_gpu_that_is_not_current():
 # ================================================================ tol_cache_prefetch
 @pytest.mark.parametrize("backend,device", NO_TRITON)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("n", [0, 1, 6, 300])
+@pytest.mark.parametrize("n", [0, 1, 6, 300, 3000])  # 3000: past the CUDA kernel's 1024-position scan
 def test_cache_prefetch_matches_reference(backend, device, dtype, n):
     table = host_table((VOCAB, 4, 24), dtype, device)
     slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
@@ -512,6 +512,16 @@ def test_cache_prefetch_unchecked_bad_ids_give_nan_rows_and_no_slot(backend, dev
     assert first.tolist() == [0, 1, 2, 0, 4]
     assert slots.tolist()[1:3] + slots.tolist()[4:] == [-1, -1, -1]
     assert torch.equal(out[0].cpu(), table.cpu()[3]) and torch.isnan(out[[1, 2, 4]]).all() and not out[3].any()
+    # The same ids 300 times (1500 positions: the CUDA kernel's first positions come from a [V] scratch, bad ids
+    # from the scan): the first position of each value, bad ones included, as for a short step.
+    long_ids = ids.repeat(300)
+    out = torch.zeros(1500, 2, 8, dtype=torch.float16, device=device)
+    first = torch.zeros(1500, dtype=torch.int32, device=device)
+    slots = torch.zeros(1500, dtype=torch.int32, device=device)
+    mk.tol_cache_prefetch(long_ids, slot_map, cache, table, out, first, slots, backend=backend, check_ids=False)
+    assert first.tolist() == [0, 1, 2, 0, 4] * 300
+    assert torch.equal(out[0].cpu(), table.cpu()[3]) and torch.isnan(out[[1, 2, 4]]).all()
+    assert not out[3].any() and not out[5:].any()  # repeats' own rows are left alone
 
 
 @pytest.mark.parametrize("backend,device", NO_TRITON)
@@ -1357,7 +1367,8 @@ def test_device_bookkeeping_equals_the_host_bookkeeping(tmp_path, policy, tier):
     counts = np.bincount(np.random.default_rng(1).zipf(1.5, 2000) % VOCAB, minlength=VOCAB)
     engines = {}
     for bk in ("host", "device"):
-        source = {"tensor": lambda: table, "host": lambda: HostTable.from_file(path), "disk": lambda: DiskTable(path)}
+        source = {"tensor": lambda: table, "host": lambda: HostTable.from_file(path),
+                  "disk": lambda: DiskTable(path, page_cache_bytes=1 << 40)}  # a bound never reached: counted only
         engines[bk] = OffloadEngine(source[tier](), cache_rows=CACHE, policy=policy, token_counts=counts,
                                     bookkeeping=bk)
     g = torch.Generator().manual_seed(4)
@@ -1377,6 +1388,9 @@ def test_device_bookkeeping_equals_the_host_bookkeeping(tmp_path, policy, tier):
     # rows read from the file: device bookkeeping reported only the hot set's (its steps' misses were not counted)
     assert host["rows_from_disk"] - dev["rows_from_disk"] == (host["admissions"] if tier == "disk" else 0)
     assert (dev["rows_from_disk"] > dev["hot_rows"]) == (tier == "disk")
+    if tier == "disk":  # the page-cache bound counts every row read (device bookkeeping's misses were left out)
+        for bk, st in (("host", host), ("device", dev)):
+            assert engines[bk].source._since_drop == st["rows_from_disk"] * row_bytes, bk
     assert (dev["bookkeeping"], host["bookkeeping"]) == ("device", "host")
     assert "(run on the device)" in format_stats(dev) and "(run on the device)" not in format_stats(host)
     assert policy == "static" or dev["admissions"] > 0

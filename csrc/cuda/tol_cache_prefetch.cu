@@ -3,15 +3,22 @@
 //
 // Grid: x = positions b of ids, y = chunks of a row (a 96 KiB 1b row splits into 12 blocks of 8 KiB, so a
 // single decode token still has many PCIe loads in flight). Each block finds the first position holding
-// ids[b] (a block-wide scan of ids[0:b] with a shared atomicMin, in each chunk's block: O(N) per position
-// and chunk, ~25M compares for a 2048-token prompt of the 1b shape, small beside that prompt's forward;
-// quadratic, so a very long prompt pays more), looks up the slot, and if b is that first position copies its chunk
-// of layers [layer_begin, layer_end) from the cache slot (hit) or the host row (miss, mapped memory).
+// ids[b], looks up the slot, and if b is that first position copies its chunk of layers
+// [layer_begin, layer_end) from the cache slot (hit) or the host row (miss, mapped memory).
+// First positions: up to kScanMax positions (decode, short prompts) each block scans ids[0:b] (a shared
+// atomicMin; at most 1024 / 256 = 4 loads per thread). A longer step would make that scan quadratic (16384
+// prompt tokens: 1.6G compares over 12 chunks), so first_owner_kernel writes, per token, the least position
+// holding it into an int32 [V] scratch (atomicMin; 0.2 MB at GPT-2's vocabulary, 1/(L*d*2) of a bf16 table),
+// and each block reads its first position there: O(V + N). An id outside [0, V) (check_ids=false) has no
+// entry and keeps the scan, so both paths give the same `first`.
 // No host synchronisation: everything it decides stays on the device (usable in a CUDA graph).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
 
 #include "tol_offload_cuda.cuh"
 
@@ -20,25 +27,41 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kChunkBytes = 8 << 10;
+constexpr int64_t kScanMax = 1024;
+
+// owner[id] = the least position b with ids[b] == id, for ids in [0, V) (owner starts at INT32_MAX).
+template <typename index_t>
+__global__ void first_owner_kernel(const index_t* __restrict__ ids, int64_t N, int64_t num_rows,
+                                   int32_t* __restrict__ owner) {
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < N;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const index_t id = ids[b];
+    if (id >= 0 && static_cast<int64_t>(id) < num_rows) atomicMin(&owner[id], static_cast<int32_t>(b));
+  }
+}
 
 template <typename vec_t, typename index_t>
 __global__ void cache_prefetch_kernel(const index_t* __restrict__ ids, const int32_t* __restrict__ slot_map,
                                       const char* __restrict__ cache, int64_t cache_rs, int64_t num_slots,
                                       const char* __restrict__ host, int64_t host_rs, int64_t num_rows,
                                       char* __restrict__ out, int64_t out_rs, int32_t* __restrict__ first,
-                                      int32_t* __restrict__ slots, int64_t N, int64_t offset_bytes,
-                                      int64_t range_vecs, int64_t chunk_vecs) {
+                                      int32_t* __restrict__ slots, const int32_t* __restrict__ owner, int64_t N,
+                                      int64_t offset_bytes, int64_t range_vecs, int64_t chunk_vecs) {
   __shared__ int first_s;
   for (int64_t b = blockIdx.x; b < N; b += gridDim.x) {
     const index_t id = ids[b];
+    const bool ok = id >= 0 && static_cast<int64_t>(id) < num_rows;
     if (threadIdx.x == 0) first_s = static_cast<int>(b);
     __syncthreads();
-    for (int64_t a = threadIdx.x; a < b; a += blockDim.x) {
-      if (ids[a] == id) atomicMin(&first_s, static_cast<int>(a));
+    if (owner != nullptr && ok) {
+      if (threadIdx.x == 0) first_s = owner[id];
+    } else {
+      for (int64_t a = threadIdx.x; a < b; a += blockDim.x) {
+        if (ids[a] == id) atomicMin(&first_s, static_cast<int>(a));
+      }
     }
     __syncthreads();
     const int f = first_s;
-    const bool ok = id >= 0 && static_cast<int64_t>(id) < num_rows;
     int32_t slot = ok ? slot_map[id] : -1;
     if (slot < 0 || slot >= num_slots) slot = -1;  // a slot outside the cache reads as a miss
     if (blockIdx.y == 0 && threadIdx.x == 0) {
@@ -95,12 +118,22 @@ void cache_prefetch_cuda(const at::Tensor& ids, const at::Tensor& slot_map, cons
   TORCH_CHECK(chunks <= 65535, op + ": a row range of " + to_str(range_bytes) + " bytes needs more than 65535 chunks");
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(N, 1 << 30)), static_cast<unsigned>(chunks));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // On the current stream (at::full's fill too) and from its allocator, so a captured step captures it.
+  at::Tensor owner;
+  if (N > kScanMax) owner = at::full({V}, std::numeric_limits<int32_t>::max(), first.options());
   AT_DISPATCH_INDEX_TYPES(ids_c.scalar_type(), "tol_cache_prefetch_cuda", [&] {
     const index_t* id_ptr = ids_c.const_data_ptr<index_t>();
+    if (owner.defined()) {
+      const int64_t blocks = std::min<int64_t>((N + kThreads - 1) / kThreads, 1 << 16);
+      first_owner_kernel<index_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(id_ptr, N, V,
+                                                                                       owner.data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const int32_t* owner_ptr = owner.defined() ? owner.const_data_ptr<int32_t>() : nullptr;
     with_copy_type(w, [&](auto vec) {
       cache_prefetch_kernel<decltype(vec), index_t><<<grid, kThreads, 0, stream>>>(
           id_ptr, sm.const_data_ptr<int32_t>(), c, crs, cache.size(0), h, hrs, V, o, ors,
-          first.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), N, offset, range_vecs, chunk_vecs);
+          first.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), owner_ptr, N, offset, range_vecs, chunk_vecs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

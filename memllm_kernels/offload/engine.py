@@ -493,6 +493,9 @@ class OffloadEngine:
             step = _Step(ids, n, first.view(ids.shape), buf, [])
             if self.bookkeeping == "device":
                 self._admit(flat, first, slots, buf)
+                if isinstance(self.source, DiskTable):  # the rows the op read from the mapping: its page bound
+                    host, f, s = flat.numpy(), first.numpy(), slots.numpy()
+                    self.source.note_read(int(((f == np.arange(n)) & (s < 0) & (host >= 0) & (host < self.V)).sum()))
             else:
                 self._bookkeep(step, flat.numpy(), slots.numpy(), first.numpy())
             return step
