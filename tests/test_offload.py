@@ -1535,6 +1535,44 @@ def test_engine_step_buffers_are_reused_and_wait_step_counts_like_reads(miss_pat
         fresh.wait_step([0])
 
 
+@pytest.mark.parametrize("miss_path", ["mapped", "staged"])
+def test_engine_keeps_step_buffers_within_keep_buffer_bytes(miss_path):
+    """A long prompt grew the step buffers for good (a 16384-token 1b prompt: 1.5 GiB held for the whole decode);
+    steps whose rows exceed keep_buffer_bytes get buffers of their own, freed after them, and the engine's stay
+    the tensors they were (a CUDA graph reading them is not recaptured); growth stops at that bound."""
+    import weakref
+
+    table = torch.randn(VOCAB, 3, 8)
+    row = 3 * 8 * 4
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="lru", miss_path=miss_path, keep_buffer_bytes=6 * row)
+    engine.prefetch(torch.randint(0, VOCAB, (1, 3)))
+    first, buf = engine.step_buffers()
+    assert buf.shape[0] == 4  # the next power of two
+    engine.prefetch(torch.randint(0, VOCAB, (1, 5)))
+    first, buf = engine.step_buffers()
+    assert buf.shape[0] == 6  # 8 would pass the bound: 6 rows
+    for n in (7, 40):  # past the bound: this step's own buffers, as right as the engine's
+        ids = torch.randint(0, VOCAB, (n,))
+        ids[-1] = ids[0]  # a repeat
+        engine.prefetch(ids)
+        assert all(x is y for x, y in zip(engine.step_buffers(), (first, buf)))
+        step_buf = weakref.ref(engine._step.buf)
+        assert engine._step.buf.shape[0] == n
+        for layer in range(3):
+            h = torch.randn(n, 8)
+            want = h + table[ids, layer]
+            assert torch.equal(engine.gather_add_(h, ids, layer), want)
+        assert torch.equal(engine.step_rows(ids), table[ids])
+        engine.prefetch(torch.randint(0, VOCAB, (2,)))  # the next step: the long one's buffers are gone
+        assert step_buf() is None and engine._step.buf is buf
+    engine.check_consistency()
+    engine.reserve(12)  # asked for explicitly: grown past the bound
+    assert engine.step_buffers()[1].shape[0] >= 12
+    for bad, err in ((-1, ValueError), (1.5, TypeError)):
+        with pytest.raises(err, match="keep_buffer_bytes"):
+            OffloadEngine(table, cache_rows=CACHE, keep_buffer_bytes=bad)
+
+
 def test_engine_statistics_match_the_directory_replay():
     rng = np.random.default_rng(2)
     toks = (rng.zipf(1.4, 3000) % VOCAB).astype(np.int64)

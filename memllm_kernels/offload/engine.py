@@ -50,6 +50,10 @@ from .policy import POLICIES, CacheDirectory, hot_set_from_counts
 from .tiers import DiskTable, mem_available
 
 MISS_PATHS = ("auto", "mapped", "staged")
+# Step buffers the engine keeps between steps: 256 MiB holds 2730 tokens' rows at the 1b shape (96 KiB each), any
+# decode batch. A longer step (a prompt) gets buffers of its own, freed after it: a 16384-token prompt's 1.5 GiB
+# would otherwise stay on the device for the rest of the decode (and the 1b decode's whole budget is 2.5 GB).
+KEEP_BUFFER_BYTES = 256 << 20
 BOOKKEEPING = ("host", "device")
 
 
@@ -135,6 +139,9 @@ class OffloadEngine:
         step costs the host two launches and no bookkeeping, and an admitted row is copied from the step's
         rows already on the device instead of read over PCIe a second time. Its statistics count each
         prefetched step once for every layer; explicit evict() frees slots that are refilled lowest first.
+    keep_buffer_bytes: the step buffers ([N, L, d] rows and the index) are kept and reused while a step's rows fit
+        in this many bytes (default 256 MiB: 2730 tokens at the 1b shape); a longer step, such as a long prompt,
+        gets buffers of its own, freed after it, instead of holding its size on the device for good.
     """
 
     # The engine's state outlives the call that made it: made under torch.inference_mode() (generate, a user's
@@ -143,7 +150,7 @@ class OffloadEngine:
     def __init__(self, source, *, device="cpu", cache_rows: int, policy: str = "hot+lru", hot=None,
                  token_counts=None, hot_fraction: float = 0.75, layer_groups: int | None = None,
                  miss_path: str = "auto", backend: str = "auto", check_memory: bool = True,
-                 bookkeeping: str = "host"):
+                 bookkeeping: str = "host", keep_buffer_bytes: int = KEEP_BUFFER_BYTES):
         if isinstance(source, torch.Tensor):
             source = _TensorSource(source)
         self.source = source
@@ -178,6 +185,7 @@ class OffloadEngine:
         self._rows_backend = ops._backend(backend, self.device, triton_ok=True)  # tol_host_gather's
         self.row_bytes = self.L * self.d * table.element_size()
         self._layer_bytes = self.d * table.element_size()
+        self.keep_buffer_bytes = _checks.int_at_least("keep_buffer_bytes", keep_buffer_bytes, 0)
         cache_rows = _checks.int_at_least("cache_rows", cache_rows, 0)
         if cache_rows > self.V:
             raise ValueError(f"a cache of {cache_rows} rows is larger than the vocabulary (V={self.V}); "
@@ -272,9 +280,13 @@ class OffloadEngine:
             raise ValueError(f"a cache of {rows} rows needs {need / 2**30:.2f} GiB ({self.row_bytes} bytes per row) "
                              f"but {where}; use fewer --cache-rows")
 
-    def _ensure_buffers(self, n: int) -> None:
+    def _ensure_buffers(self, n: int, most: int | None = None) -> None:
+        """Grow the engine's step buffers to hold n tokens: to the next power of two (fewer regrowths, each of
+        which makes a CUDA graph capture again), but not past `most` rows where n fits in them."""
         if self._buf is None or self._buf.shape[0] < n:
             cap = 1 << max(0, (n - 1).bit_length())
+            if most is not None and n <= most:
+                cap = min(cap, most)
             old = self._buf
             with torch.inference_mode(False):  # state, as in __init__ (the three buffers below too)
                 self._buf = torch.empty((cap, self.L, self.d), dtype=self.dtype, device=self.device)
@@ -293,6 +305,23 @@ class OffloadEngine:
         """A step's first [n] (buffer row of each position; a CUDA graph reads it at the buffer's start) and
         slots [n] (cache slot or -1), after it in the same buffer."""
         return self._first[:n], self._first[n:2 * n]
+
+    def _step_buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first_slots int32 [2n]: first [n] then slots [n]; buf [>= n, L, d]) for a step of n tokens: the
+        engine's own buffers, grown to n, if they hold n already or n tokens' rows fit in keep_buffer_bytes; else
+        new ones for this step alone (a long prompt), freed with it, so the engine's stay as they were (a CUDA
+        graph that reads them stays valid)."""
+        held = self._buf is not None and self._buf.shape[0] >= n and self._first.shape[0] >= 2 * n
+        if held or n * self.row_bytes <= self.keep_buffer_bytes:
+            self._ensure_buffers(n, self.keep_buffer_bytes // self.row_bytes)
+            return self._first[:2 * n], self._buf
+        with torch.inference_mode(False):  # like the engine's own (a step may be read outside inference mode)
+            first_slots = torch.empty(2 * n, dtype=torch.int32, device=self.device)
+            buf = torch.empty((n, self.L, self.d), dtype=self.dtype, device=self.device)
+        if self._cuda:  # used on the side stream too; freed on main with the step
+            first_slots.record_stream(self._side)
+            buf.record_stream(self._side)
+        return first_slots, buf
 
     def _groups(self, G: int):
         return [(g * self.L // G, (g + 1) * self.L // G) for g in range(G)]
@@ -483,8 +512,8 @@ class OffloadEngine:
 
     def _prefetch_mapped(self, ids, flat, groups: int, inline: bool) -> _Step:
         n = flat.numel()
-        self._ensure_buffers(n)
-        (first, slots), buf = self._first_slots(n), self._buf
+        first_slots, buf = self._step_buffers(n)
+        first, slots = first_slots[:n], first_slots[n:]
         if not self._cuda:
             if isinstance(self.source, DiskTable):  # the op would fault each missing row in page by page
                 host = flat.numpy()
@@ -518,7 +547,7 @@ class OffloadEngine:
                     ev.record(self._side)
                     events.append(ev)
         step = _Step(ids, n, first.view(ids.shape), buf, events, inline=inline)
-        self._unfinished = (step, flat, self._first[:2 * n])
+        self._unfinished = (step, flat, first_slots)
         return step
 
     def _finish(self) -> None:
@@ -572,8 +601,8 @@ class OffloadEngine:
         n = host_ids.shape[0]
         tokens, positions, miss_toks, miss_pos, hits = _plan_step(host_ids, self.directory.slot_of)  # checks ids
         nm = len(miss_toks)
-        self._ensure_buffers(max(n, 1))
-        (first, slots), buf = self._first_slots(n), self._buf
+        first_slots, buf = self._step_buffers(max(n, 1))
+        first, slots = first_slots[:n], first_slots[n:2 * n]
         if nm:
             if self._staging_event is not None:
                 self._staging_event.synchronize()  # the last step's copy out of staging is done
@@ -810,7 +839,8 @@ class OffloadEngine:
         self._step = _Step(ids, n, first.view(ids.shape), buf, [rows], inline=True, captured=True)
 
     def reserve(self, n: int) -> None:
-        """Make the step buffers hold steps of n tokens (they grow, never shrink)."""
+        """Make the step buffers hold steps of n tokens (they grow, never shrink; keep_buffer_bytes does not
+        apply to what is reserved)."""
         self._ensure_buffers(max(1, int(n)))
 
     def end_capture(self) -> None:
@@ -835,8 +865,9 @@ class OffloadEngine:
 
     def step_buffers(self) -> tuple:
         """The device tensors a prefetched step is read from (first-row index, rows). They stay the same
-        tensors until a step of more tokens than any before grows them: a CUDA graph that captured reads of
-        them is stale after that (DecodeGraph checks and recaptures)."""
+        tensors until a step of more tokens than any before grows them (within keep_buffer_bytes; a longer step
+        reads buffers of its own): a CUDA graph that captured reads of them is stale after that (DecodeGraph
+        checks and recaptures)."""
         return self._first, self._buf
 
     def _fused(self, hidden, ids, layer):
