@@ -142,6 +142,33 @@ def test_cache_narrower_than_qkv(backend, device, qkv_dtype, cache_dtype):
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
+def test_head_offsets_beyond_int32(backend, device):
+    """Caches whose key/value heads are their outer dim ([Hkv, B, S, hd] storage seen as [B, Hkv, S, hd]): a head
+    stride of 2^30 (an int32 argument) times head 2 is 2^31, which the kernel computed in int32 (a segfault under
+    the interpreter, a read and write far outside the cache on a GPU). torch.empty maps the 2 x 4.3 GB lazily;
+    only the slots used are ever written, so this stays cheap."""
+    B, H, Hkv, S, hd, hs = 1, 6, 3, 4, 8, 2**30
+    assert (Hkv - 1) * hs >= 2**31 > hs
+
+    def cache():
+        c = torch.empty((Hkv - 1) * hs + S * hd, dtype=torch.float16, device=device).as_strided(
+            (B, Hkv, S, hd), (hd, hs, hd, 1))
+        for g in range(Hkv):
+            c[:, g] = torch.randn(B, S, hd, device=device).half()
+        return c
+
+    qkv, _, _, cos, sin, pos, pad = make_case(B, H, Hkv, hd, S, 2, torch.float16, device, pad=[0])
+    k, v = cache(), cache()
+    k2, v2 = k.contiguous(), v.contiguous()
+    y = mk.decode_attention(qkv, k, v, cos, sin, pos, pad, H, backend=backend)
+    want = reference.decode_attention(qkv, k2, v2, cos, sin, pos, pad, H)
+    torch.testing.assert_close(y, want, **TOL[torch.float16])
+    torch.testing.assert_close(k, k2, **TOL[torch.float16])  # the rotated key: to the rounding of its terms
+    assert torch.equal(v, v2)
+    del k, v
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
 def test_strided_qkv_rows(backend, device):
     """qkv as the rows of a wider tensor (a slice), as a projection's output may be."""
     qkv, k, v, cos, sin, pos, pad = make_case(3, 2, 2, 8, 9, 4, torch.float32, device)
@@ -318,6 +345,18 @@ def test_model_step_matches_sdpa(kind, kw):
     assert torch.equal(out["sdpa"][1][0][1], out["memllm"][1][0][1])  # the first layer's values: copies
 
 
+@pytest.mark.parametrize("mode", ["sdpa", "memllm"])
+@torch.no_grad()
+def test_model_step_of_an_empty_batch(mode):
+    """A batch of 0 rows decodes to 0 rows of logits through either path (the op takes B = 0; the model's
+    qkv.view(B, -1) raised 'cannot reshape tensor of 0 elements' before it)."""
+    model = tiny_model()
+    model.decode_attention = mode
+    model.setup_caches(0, 8)
+    logits = model(torch.zeros(0, 1, dtype=torch.long), input_pos=torch.tensor([3]))
+    assert logits.shape == (0, 1, 300)
+
+
 def test_rope_tables_stay_float32_under_a_cast():
     """model.to(bfloat16) casts every floating buffer; the RoPE tables are recomputed in float32 (decode_attention
     takes float32 tables only: a bfloat16 model's decode raised TypeError), equal to a float32 model's."""
@@ -401,6 +440,38 @@ def test_refuses_grad(backend, device, raw, which):
     with torch.no_grad():
         y = call()
     assert not y.requires_grad and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("raw", [False, True], ids=["public", "raw"])
+def test_refuses_forward_mode_ad(backend, device, raw):
+    """Nor has the op a forward derivative: with forward-AD dual tensors the Triton op returned y with no tangent
+    (the step read as a constant, without a word; torch.func.jvp of the raw op did the same). It raises now, before
+    anything is written; the reference differentiates."""
+    import torch.autograd.forward_ad as fwAD
+
+    if raw and backend == "reference":
+        pytest.skip("the reference has no raw op")
+    qkv, k, v, cos, sin, pos, pad = make_case(2, 2, 1, 8, 6, 3, torch.float64, device)
+    before = k.clone(), v.clone()
+
+    def call(q):
+        if raw:
+            return torch.ops.memllm.decode_attention(q, k, v, cos, sin, pos, pad, 2)
+        return mk.decode_attention(q, k, v, cos, sin, pos, pad, 2, backend=backend)
+
+    with fwAD.dual_level():
+        if backend == "reference":
+            assert fwAD.unpack_dual(call(fwAD.make_dual(qkv, torch.ones_like(qkv)))).tangent is not None
+            return
+        with pytest.raises(NotImplementedError, match="decode_attention: forward-mode AD .* backend 'triton'"):
+            call(fwAD.make_dual(qkv, torch.ones_like(qkv)))
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+    if raw:
+        with pytest.raises(NotImplementedError, match="decode_attention: forward-mode AD"):
+            torch.func.jvp(call, (qkv,), (torch.ones_like(qkv),))
+    with torch.no_grad():
+        assert torch.isfinite(call(qkv)).all()
 
 
 def test_model_auto_decodes_through_sdpa_while_grad_is_on(monkeypatch):

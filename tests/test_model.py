@@ -346,6 +346,48 @@ def test_forward_input_check_names_the_bad_value():
     with pytest.raises(IndexError, match=r"input_pos 8 is outside \[0, 8\) \(the KV cache's slots"):
         model._check_inputs(torch.tensor([[1]]), torch.tensor([8]))
     model._check_inputs(torch.zeros(0, 1, dtype=torch.long), None)  # nothing to check
+    model._check_inputs(None, None, torch.tensor([0, 8]))  # pad: [0, cache length]
+    with pytest.raises(IndexError, match=r"pad 9 is outside \[0, 9\) \(a row's left-padding slots, at most the KV"):
+        model._check_inputs(None, None, torch.tensor([0, 9]))
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "memllm"])
+def test_forward_checks_the_decode_arguments(mode):
+    """input_pos and pad as decode_attention takes them, on both decode paths: int32 slots work (the SDPA step failed
+    in index_copy_), a pad is [B] (SDPA broadcast one row's pad to every row, decode_attention raised), a pad without
+    input_pos raises (it was ignored: padded rows scored unpadded), and a negative pad raises IndexError before
+    anything is written (SDPA moved RoPE past the token's position, which decode_attention reads as pad 0; with
+    check=False both read it as 0)."""
+    model = tiny_model("memoryllm")
+    model.decode_attention = mode
+    ids = random_ids(model.config, B=2, T=6)
+    pad = torch.tensor([0, 2])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="pad is for decoding with a KV cache"):
+            model(ids, pad=pad)
+        model.setup_caches(2, 10)
+        want = model(ids, input_pos=torch.arange(6), pad=pad)
+        for bad, exc, msg in ((torch.tensor([0]), ValueError, r"pad must have shape \[2\], got \[1\]"),
+                              (pad.float(), TypeError, "pad must be an int32 or int64 tensor"),
+                              (torch.tensor([-1, 2]), IndexError, r"pad -1 is outside \[0, 11\)")):
+            with pytest.raises(exc, match=msg):
+                model(ids, input_pos=torch.arange(6), pad=bad)
+        for bad, exc, msg in ((torch.tensor(6), ValueError, r"input_pos must have shape \[1\], got \[\]"),
+                              (6, TypeError, "input_pos must be an int32 or int64 tensor, got int")):
+            with pytest.raises(exc, match=msg):
+                model(ids[:, :1], input_pos=bad, pad=pad)
+        with pytest.raises(ValueError, match=r"ids is \[1, 1\] but the KV cache was set up for batch 2"):
+            model(ids[:1, :1], input_pos=torch.tensor([6]))
+        caches = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in model.layers]
+        with pytest.raises(IndexError, match=r"pad -3 is outside"):
+            model(ids[:, :1], input_pos=torch.tensor([6]), pad=torch.tensor([-3, 2]))
+        assert all(torch.equal(b.attn.kv_cache.k, k) and torch.equal(b.attn.kv_cache.v, v)
+                   for b, (k, v) in zip(model.layers, caches))  # nothing written
+        got = model(ids[:, :1], input_pos=torch.tensor([6]), pad=torch.tensor([-3, 2]), check=False)
+        model.setup_caches(2, 10)
+        assert torch.equal(model(ids, input_pos=torch.arange(6, dtype=torch.int32), pad=pad.int()), want)
+        assert torch.equal(model(ids[:, :1], input_pos=torch.tensor([6], dtype=torch.int32), pad=pad), got)
+    model.clear_caches()
 
 
 @pytest.mark.requires_cuda
@@ -463,6 +505,27 @@ def test_decode_graph_is_cuda_only_and_says_so():
             DecodeGraph(model, 1, compile=mode)
     with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
         generate(model, [[1, 2]], 4, cuda_graph=True)
+
+
+def test_decode_graph_checks_its_inputs_before_the_device():
+    """A call's tokens and pad are copied into the graph's own inputs, which broadcast a pad of one row to every row
+    and truncated float ids without a word: both are checked first (here on a graph object without a capture, as
+    the checks touch no device)."""
+    from memllm_kernels.model import DecodeGraph
+
+    model = tiny_model("memoryllm")
+    model.setup_caches(2, 8)
+    graph = object.__new__(DecodeGraph)  # what __call__ reads before the replay
+    graph.model, graph._kv, graph.batch, graph.max_len = model, model.layers[0].attn.kv_cache, 2, 8
+    tokens = torch.tensor([[1], [2]])
+    with pytest.raises(ValueError, match=r"pad must be \[2\] int32 or int64, got \[1\] torch.int64"):
+        graph(tokens, 3, torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"pad must be \[2\] int32 or int64, got \[2\] torch.float32"):
+        graph(tokens, 3, torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"tokens must be \[2, 1\] int32 or int64, got \[2, 1\] torch.float32"):
+        graph(tokens.float(), 3)
+    with pytest.raises(ValueError, match=r"tokens must be \[2, 1\]"):
+        graph(tokens[:1], 3)
 
 
 @pytest.mark.requires_cuda

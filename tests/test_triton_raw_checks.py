@@ -178,6 +178,23 @@ def test_cached_gather_add_in_place_refuses_hidden_sharing_memory_with_a_table(b
         ops.tol_cached_gather_add_triton_(hidden, ids, slot_map, cache, host_table, layer)
 
 
+def test_cached_gather_add_in_place_refuses_hidden_sharing_memory_with_the_slot_map(backend, device):
+    """The kernel reads slot_map[id] too: a hidden whose bytes are also the slot map had a program read a slot another
+    had already overwritten (a hit read as a miss, rows wrong by 7 at d=65536, a program per row); one buffer with
+    the two apart is fine."""
+    _, ids, _, cache, host_table, layer = cached_args(device)
+    buf = torch.zeros(26, dtype=torch.int32, device=device)
+    hidden = buf[:16].view(torch.float32).view(2, 8)
+    slot_map = buf[6:16]  # inside hidden's second row
+    with pytest.raises(RuntimeError, match=r"^tol_cached_gather_add_triton_: hidden shares memory with ids or a"):
+        ops.tol_cached_gather_add_triton_(hidden, ids, slot_map, cache, host_table, layer)
+    slot_map = buf[16:]  # apart
+    slot_map[0], slot_map[4] = 2, 0
+    want = oref.tol_cached_gather_add(hidden, ids, slot_map, cache, host_table, layer)
+    ops.tol_cached_gather_add_triton_(hidden, ids, slot_map, cache, host_table, layer)
+    torch.testing.assert_close(hidden, want, rtol=0, atol=0)
+
+
 def test_cached_gather_add_valid_matches_reference(backend, device):
     hidden, _, slot_map, cache, host_table, layer = cached_args(device)
     ids = idx([4, 1, 0, 9], device)  # hits (4, 0) and misses

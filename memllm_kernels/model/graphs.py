@@ -154,8 +154,12 @@ class DecodeGraph:
         if self.model.layers[0].attn.kv_cache is not self._kv:
             raise RuntimeError("the model's KV cache was set up again after this graph was captured; "
                                "make a new DecodeGraph")
-        if tuple(tokens.shape) != (self.batch, 1):
-            raise ValueError(f"tokens must be [{self.batch}, 1], got {list(tokens.shape)}")
+        if tuple(tokens.shape) != (self.batch, 1) or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be [{self.batch}, 1] int32 or int64, got {list(tokens.shape)} "
+                             f"{tokens.dtype}")
+        # The copies into the graph's inputs would broadcast a pad of one row to every row, and truncate float ids.
+        if pad is not None and (tuple(pad.shape) != (self.batch,) or pad.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"pad must be [{self.batch}] int32 or int64, got {list(pad.shape)} {pad.dtype}")
         if not 0 <= int(pos) < self.max_len - 1:
             raise ValueError(f"pos={pos} is outside [0, {self.max_len - 1}) (slot {self.max_len - 1} is the "
                              f"graph's scratch slot: set up the cache one slot longer)")

@@ -121,6 +121,7 @@ class KVCache(nn.Module):
 
     def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """pos: [T] cache slots; k, v: [B, H_kv, T, head_dim]. Returns the whole cache (k, v)."""
+        pos = pos.long()  # index_copy_ takes int64 slots only (no copy if they are)
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         return self.k, self.v
@@ -166,11 +167,11 @@ class Attention(nn.Module):
         if decode is not None:
             pad, backend = decode
             c = self.kv_cache
+            qkv = qkv.view(B, qkv.shape[-1])  # (not view(B, -1), which cannot size a batch of 0 rows)
             if backend == "triton":  # arguments right by construction: the kernel, without the wrapper's checks
-                y = torch.ops.memllm.decode_attention(qkv.view(B, -1), c.k, c.v, cos, sin, input_pos, pad, H)
+                y = torch.ops.memllm.decode_attention(qkv, c.k, c.v, cos, sin, input_pos, pad, H)
             else:  # (~9 us a layer in Python); generate() keeps slots and positions in range: check=False
-                y = ops.decode_attention(qkv.view(B, -1), c.k, c.v, cos, sin, input_pos, pad, H, backend=backend,
-                                         check=False)
+                y = ops.decode_attention(qkv, c.k, c.v, cos, sin, input_pos, pad, H, backend=backend, check=False)
             return self.wo(y.view(B, 1, H * hd))
         # q and k rotated together, as the H + H_kv heads of one tensor: RoPE's ~9 small kernels run once per
         # layer instead of twice.
@@ -286,7 +287,9 @@ class Transformer(nn.Module):
         """RoPE rows cos, sin [B, T, hd/2] and the additive mask [B, 1, T, S] of tokens at cache slots input_pos [T]
         of rows with pad [B] left-padding slots."""
         slots = torch.arange(self._cache_len, device=input_pos.device)
-        pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # [B, T] RoPE positions
+        # [B, T] RoPE positions. A negative pad (check=False lets one through) reads as 0, as decode_attention reads
+        # it: never a RoPE row past the token's slot, nor past the tables.
+        pos = (input_pos[None, :] - pad.clamp(min=0)[:, None]).clamp(min=0)
         causal = slots[None, :] <= input_pos[:, None]  # [T, S]
         real = slots[None, :] >= pad[:, None]  # [B, S]: not a padding slot
         mask = causal[None] & real[:, None, :]
@@ -339,9 +342,19 @@ class Transformer(nn.Module):
         device); never inside torch.compile or a CUDA-graph capture, which cannot read values.
         """
         B, T = ids.shape
-        if (check and ids.device.type != "cpu" and not torch.compiler.is_compiling()
+        if input_pos is not None:
+            _check_index_arg("input_pos", input_pos, (T,))
+            if pad is not None:
+                _check_index_arg("pad", pad, (B,))
+        elif pad is not None:  # plain causal attention reads no pad: a padded batch's logits were silently unpadded
+            raise ValueError("pad is for decoding with a KV cache (it needs input_pos); without input_pos attention is "
+                             "plain causal over ids and pad would be ignored")
+        if (check and not torch.compiler.is_compiling()
                 and not (ids.is_cuda and torch.cuda.is_current_stream_capturing())):
-            self._check_inputs(ids, input_pos)
+            if ids.device.type != "cpu":
+                self._check_inputs(ids, input_pos, pad)
+            elif pad is not None:  # torch's CPU lookups raise for a bad id or slot, but take a negative pad
+                self._check_inputs(None, None, pad)
         x0 = self.tok_embeddings(ids)
         decode = None  # (pad, backend) of a one-token step through decode_attention
         if input_pos is None:
@@ -351,6 +364,10 @@ class Transformer(nn.Module):
         else:
             if self._cache_len == 0:
                 raise RuntimeError("input_pos was given but no KV cache is set up; call setup_caches first")
+            cache_batch = self.layers[0].attn.kv_cache.k.shape[0]
+            if B != cache_batch:  # (index_copy_ or decode_attention failed on it, naming neither)
+                raise ValueError(f"ids is [{B}, {T}] but the KV cache was set up for batch {cache_batch} "
+                                 "(setup_caches)")
             pad = torch.zeros(B, dtype=torch.long, device=ids.device) if pad is None else pad
             backend = self.decode_attention_backend(ids.device) if T == 1 else None
             if backend is not None:  # RoPE rows, cache writes and the mask are the kernel's
@@ -368,17 +385,36 @@ class Transformer(nn.Module):
             h = block(h, x0, ids, cos, sin, mask, input_pos, decode, memory_rows)
         return self.output(self.norm(h))
 
-    def _check_inputs(self, ids: torch.Tensor, input_pos: torch.Tensor | None) -> None:
-        """IndexError for a token id outside the vocabulary or a cache slot outside the KV cache: the smallest
-        and largest of each read in one host sync."""
-        ends = [t.reshape(-1).aminmax() for t in (ids, input_pos) if t is not None and t.numel()]
-        if not ends:
+    def _check_inputs(self, ids: torch.Tensor | None, input_pos: torch.Tensor | None,
+                      pad: torch.Tensor | None = None) -> None:
+        """IndexError for a token id outside the vocabulary, a cache slot outside the KV cache or a pad outside
+        [0, cache length] (decode_attention's range: a negative pad moved the SDPA step's RoPE past the token's
+        position, where the kernel reads it as 0, and past the RoPE tables: a device-side assert): the smallest and
+        largest of each read in one host sync."""
+        cache = self._cache_len  # no cache: forward says so
+        limits = (("token id", ids, self.config.vocab_size, "the model's vocabulary"),
+                  ("input_pos", input_pos, cache, "the KV cache's slots (setup_caches)"),
+                  ("pad", pad, cache + 1, f"a row's left-padding slots, at most the KV cache's {cache}"))
+        named = [(what, t, limit, of) for what, t, limit, of in limits
+                 if t is not None and t.numel() and (what == "token id" or cache)]
+        if not named:
             return
-        vals = torch.stack([v.to(device=ids.device, dtype=torch.long) for e in ends for v in e]).tolist()
-        if ids.numel():
-            _range_error("token id", vals[0], vals[1], self.config.vocab_size, "the model's vocabulary")
-        if input_pos is not None and input_pos.numel() and self._cache_len:  # no cache: forward says so
-            _range_error("input_pos", vals[-2], vals[-1], self._cache_len, "the KV cache's slots (setup_caches)")
+        device = named[0][1].device
+        vals = torch.stack([v.to(device=device, dtype=torch.long) for _, t, _, _ in named
+                            for v in t.reshape(-1).aminmax()]).tolist()
+        for i, (what, _, limit, of) in enumerate(named):
+            _range_error(what, vals[2 * i], vals[2 * i + 1], limit, of)
+
+
+def _check_index_arg(name: str, t, shape: tuple) -> None:
+    """input_pos [T] or pad [B]: an int32 or int64 tensor of that shape, as decode_attention takes them (the SDPA step
+    failed on int32 slots in index_copy_, on a 0-d input_pos with 'too many indices', and broadcast a pad of one
+    row to every row where decode_attention raised). Metadata only: no host sync, and traceable."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
 def _range_error(what: str, lo: int, hi: int, limit: int, of: str) -> None:

@@ -28,11 +28,17 @@ from .tol_host_gather import tol_host_gather_kernel, tol_host_gather_triton  # n
 _LIB = torch.library.Library("memllm", "IMPL")
 
 
-def _refuse_grad(name: str, hint: str = _checks.NO_GRAD_HINT) -> None:
+def _refuse_grad(name: str, hint: str = _checks.NO_GRAD_HINT, forward_ad: bool = False) -> None:
+    """forward_ad: refuse forward-AD dual tensors too (memllm_kernels.ops._no_forward_ad), for an op whose public
+    wrapper does not (its tangents were dropped without a word: y came back without one)."""
     op = getattr(torch.ops.memllm, name).default
 
     def autograd(keyset, *args):
         _checks.no_grad(name, hint, **{a.name: v for a, v in zip(op._schema.arguments, args)})
+        if forward_ad:
+            from ..ops import _no_forward_ad  # (memllm_kernels.ops imports this package)
+
+            _no_forward_ad(name, "triton", *args)
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     for key in ("AutogradCPU", "AutogradCUDA"):
@@ -43,7 +49,8 @@ for _name in ("tol_gather_add_triton_", "tol_cached_gather_add_triton_", "tol_ho
     _refuse_grad(_name)
 # decode_attention writes the KV caches in place and has no derivative for its output either: triton_op's own
 # Autograd kernel let a cache that requires grad be written, and gave y a grad_fn that failed only in backward.
-_refuse_grad("decode_attention", _checks.DECODE_NO_GRAD_HINT)
+# Nor a forward derivative: under forward-AD dual tensors y came back with no tangent (the reference has one).
+_refuse_grad("decode_attention", _checks.DECODE_NO_GRAD_HINT, forward_ad=True)
 
 
 def aot_specs():

@@ -61,7 +61,10 @@ def decode_attention_kernel(
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     j = tl.program_id(2)  # this program's share of the keys (SPLITS > 1: partial results, combined later)
-    g = h // (H // HKV)  # this query head's key/value head
+    # This query head's key/value head, 64-bit: g * cache_hs is an offset, and a head stride under 2^31 (passed as
+    # int32) times g passed it where the heads are not the caches' inner dims (a [Hkv, B, S, hd] cache permuted to
+    # [B, Hkv, S, hd]: a segfault under the interpreter at head stride 2^30, g = 2).
+    g = (h // (H // HKV)).to(tl.int64)
     acc_ty = tl.float64 if FP64 else tl.float32
     dtype = qkv_ptr.dtype.element_ty
     # 1/sqrt(hd) in the accumulation type, computed here: a float argument arrives as float32 from an eager
