@@ -186,8 +186,9 @@ inline void check_outputs_apart(const std::string& op, std::initializer_list<Nam
   }
 }
 
-// `reads`: the tables the kernel reads rows from. hidden must not share memory with them or with ids: a hidden
-// that is a view of its own table would read rows it already overwrote (the reference reads before writing).
+// `reads`: the tables the kernel reads (rows, and the cached op's slot map). hidden must not share memory with them
+// or with ids: a hidden that is a view of its own table would read rows it already overwrote (the reference reads
+// before writing); one over the slot map read a hit as a miss.
 // By byte span, not ATen's assert_no_overlap, which gives up on strided views such as table[:T, l].
 template <typename Launch>
 void run_in_place(const at::Tensor& hidden, const at::Tensor& ids, std::initializer_list<at::Tensor> reads,

@@ -268,16 +268,26 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size() - 1
 
 
+# functorch's wrappers (torch.func.jvp, vmap) have no memory of their own: "Cannot access data pointer of Tensor that
+# doesn't have storage" from the overlap checks. About 0.1 us a call.
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _no_address(t: torch.Tensor) -> bool:
+    """Fake tensors (torch.compile's tracing) and functorch's wrappers have no addresses to compare."""
+    return is_fake(t) or _wrapped(t)
+
+
 def not_aliased(op: str, hidden: torch.Tensor, *reads: torch.Tensor) -> None:
     """hidden, written in place, must not share memory with ids or a table the kernel reads: a hidden that is a view
     of its own table would read rows other programs already overwrote. By byte span, as the C++ in-place ops
     (run_in_place; ATen's own overlap test gives up on strided views such as table[:T, l]). Fake and meta tensors
     have no addresses to compare: skipped, so a call traced by torch.compile goes without this check."""
-    if torch.compiler.is_compiling() or hidden.numel() == 0 or hidden.device.type == "meta" or is_fake(hidden):
+    if torch.compiler.is_compiling() or hidden.numel() == 0 or hidden.device.type == "meta" or _no_address(hidden):
         return
     h0, h1 = _byte_span(hidden)
     for t in reads:
-        if t.numel() and t.device == hidden.device and not is_fake(t):
+        if t.numel() and t.device == hidden.device and not _no_address(t):
             t0, t1 = _byte_span(t)
             if not (h1 < t0 or t1 < h0):
                 raise RuntimeError(f"{op}: hidden shares memory with ids or a table it reads (a view of its own "
@@ -303,7 +313,7 @@ def outputs_apart(op: str, writes: dict, reads: dict, err: Raise = PUBLIC) -> No
     spans = []
     for tensors in (writes, reads):
         for name, t in tensors.items():
-            if t is None or t.is_meta or (type(t) is not torch.Tensor and is_fake(t)):
+            if t is None or t.is_meta or (type(t) is not torch.Tensor and is_fake(t)) or _wrapped(t):
                 continue
             lo = t.data_ptr()
             lo, hi = (lo, lo + t.nbytes - 1) if t.is_contiguous() else _byte_span(t)

@@ -443,6 +443,28 @@ def test_refuses_grad(backend, device, raw, which):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_jvp_with_the_caches_as_inputs(backend, device):
+    """torch.func.jvp over qkv and both caches: the wrappers' overlap checks read the functorch wrappers' data
+    pointers ("Cannot access data pointer of Tensor that doesn't have storage") on every backend. Now the reference
+    differentiates (central differences agree) and the Triton op says it has no forward derivative."""
+    qkv, k, v, cos, sin, pos, pad = make_case(2, 2, 1, 8, 6, 3, torch.float64, device)
+    dq = torch.randn_like(qkv)
+
+    def f(q, kk, vv):
+        return mk.decode_attention(q, kk, vv, cos, sin, pos, pad, 2, backend=backend)
+
+    primals, tangents = (qkv, k.clone(), v.clone()), (dq, torch.zeros_like(k), torch.zeros_like(v))
+    if backend != "reference":
+        with pytest.raises(NotImplementedError, match="decode_attention: forward-mode AD"):
+            torch.func.jvp(f, primals, tangents)
+        return
+    y, dy = torch.func.jvp(f, primals, tangents)
+    eps = 1e-6
+    fd = (f(qkv + eps * dq, k.clone(), v.clone()) - f(qkv - eps * dq, k.clone(), v.clone())) / (2 * eps)
+    assert torch.allclose(dy, fd, atol=1e-7), (dy - fd).abs().max()  # float64: O(eps^2) truncation, ~1e-10 here
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("raw", [False, True], ids=["public", "raw"])
 def test_refuses_forward_mode_ad(backend, device, raw):
     """Nor has the op a forward derivative: with forward-AD dual tensors the Triton op returned y with no tangent

@@ -283,6 +283,64 @@ def test_cached_gather_add_refuses_a_hidden_that_shares_memory_with_its_inputs(b
     assert torch.equal(cache, before)
 
 
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_cached_gather_add_refuses_a_hidden_that_shares_memory_with_the_slot_map(backend, device):
+    """The ops read slot_map[id] while writing hidden: a hidden over the slot map's bytes had a later row read a slot
+    entry an earlier row had overwritten (a hit read as a miss: 7.0 off on the C++ op, d=65536, a row per
+    thread chunk). Refused on every backend; one buffer with the two apart is fine."""
+    table = host_table((VOCAB, 8), torch.float32, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    buf = torch.zeros(16 + VOCAB, dtype=torch.int32, device=device)
+    hidden = buf[:16].view(torch.float32).view(2, 8)
+    ids = torch.tensor([1, 2], device=device)
+    for shared in (buf[8:8 + VOCAB], buf[16:16 + VOCAB]):  # over hidden's second row, then just after it
+        buf.zero_()
+        shared.copy_(slot_map)
+        if shared.data_ptr() < hidden[1].data_ptr() + 32:
+            with pytest.raises(RuntimeError, match="shares memory with ids"):
+                mk.tol_cached_gather_add_(hidden, ids, shared, cache, table, backend=backend)
+        else:
+            want = hidden.cpu() + table.cpu()[ids.cpu()]
+            assert torch.equal(mk.tol_cached_gather_add_(hidden, ids, shared, cache, table, backend=backend).cpu(),
+                               want)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_offload_ops_refuse_forward_mode_ad(backend, device):
+    """torch gives the custom ops no forward derivative: with forward-AD dual tensors tol_host_gather and the cached
+    gather-adds returned no tangent on the C++ and Triton backends, without a word. They raise now (as
+    tol_gather_add), before anything is written; the reference differentiates."""
+    import torch.autograd.forward_ad as fwAD
+
+    table = host_table((VOCAB, 2, 8), torch.float64, device)
+    slot_map, cache = slot_setup(VOCAB, CACHE, table, device)
+    ids = torch.tensor([1, 2, 1], device=device)
+    hidden = torch.randn(3, 8, dtype=torch.float64, device=device)
+    calls = {"tol_cached_gather_add": lambda h: mk.tol_cached_gather_add(h, ids, slot_map, cache, table, 1,
+                                                                         backend=backend),
+             "tol_cached_gather_add_": lambda h: mk.tol_cached_gather_add_(h, ids, slot_map, cache, table, 1,
+                                                                           backend=backend)}
+    with fwAD.dual_level():
+        for name, call in calls.items():
+            dual = fwAD.make_dual(hidden.clone(), torch.ones_like(hidden))
+            if backend == "reference":
+                assert torch.equal(fwAD.unpack_dual(call(dual)).tangent, torch.ones_like(hidden)), name
+                continue
+            with pytest.raises(NotImplementedError, match=f"^{name}: forward-mode AD .* backend '{backend}'"):
+                call(dual)
+            assert torch.equal(fwAD.unpack_dual(dual).primal, hidden), name  # nothing written
+        if device == "cpu":  # a dual table (tol_host_gather reads CPU tables only there)
+            out = torch.zeros(3, 2, 8, dtype=torch.float64)
+            dual = fwAD.make_dual(table, torch.ones_like(table))
+            if backend == "reference":
+                mk.tol_host_gather(dual, ids, out, backend=backend)
+                assert torch.equal(fwAD.unpack_dual(out).tangent, torch.ones(3, 2, 8, dtype=torch.float64))
+            else:
+                with pytest.raises(NotImplementedError, match="^tol_host_gather: forward-mode AD"):
+                    mk.tol_host_gather(dual, ids, out, backend=backend)
+                assert not out.any()
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_raw_writing_ops_refuse_grad_and_bump_versions(backend, device):
     """Called raw, the ops that write in place refuse a tensor that requires grad before writing (the C++ ones wrote

@@ -96,7 +96,7 @@ void cached_gather_add_cuda_(const at::Tensor& hidden, const at::Tensor& ids, co
                              const at::Tensor& cache, const at::Tensor& host_table, std::optional<int64_t> layer,
                              bool check_ids) {
   const CachedViews v = check_cached_gather_add_args("tol_cached_gather_add_", hidden, ids, slot_map, cache, host_table, layer);
-  run_in_place(hidden, ids, {cache, host_table}, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
+  run_in_place(hidden, ids, {slot_map, cache, host_table}, [&](const at::Tensor& out, int64_t out_rs, const at::Tensor& h, int64_t h_rs,
                                 const at::Tensor& ids_flat) {
     launch("tol_cached_gather_add_", out, out_rs, h, h_rs, ids_flat, slot_map, cache, host_table, v, check_ids);
   });

@@ -73,13 +73,15 @@ def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, r
     op = "tol_host_gather"
     _checks.host_gather(op, table, ids, out, rows)
     _checks.flag(op, "check_ids", check_ids)
+    b = _backend(backend, out.device, triton_ok=True)
+    if b != "reference":  # (a dual table's tangent was dropped: out came back without one)
+        _ops._no_forward_ad(op, b, table, out)
     _checks.outputs_apart(op, {"out": out}, {"table": table, "ids": ids, "rows": rows})
     _checks.no_grad(op, table=table, out=out)
     if check_ids:
         ids = _checked(op, ids, table.shape[0])
         if rows is not None:
             rows = _checked(op, rows, out.shape[0], "row")
-    b = _backend(backend, out.device, triton_ok=True)
     if b in ("cpu", "cuda"):
         torch.ops.memllm.tol_host_gather(table, ids, out, rows, False)
     elif b == "triton":
@@ -119,6 +121,8 @@ def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: tor
     op = "tol_cached_gather_add"
     b = _backend(backend, _ops._device_of(op, hidden), triton_ok=True)
     _checks.flag(op, "check_ids", check_ids)
+    if b != "reference":  # as tol_gather_add: the compiled backends have no forward derivative
+        _ops._no_forward_ad(op, b, hidden, cache, host_table)
     _checks.int_arg(op, "layer", layer, optional=True)  # the C++ ops read True and torch.tensor(1.9) as layer 1
     if b in ("cpu", "cuda"):  # the kernels check everything themselves; the Python checks only name an error
         return _ops._run_compiled(torch.ops.memllm.tol_cached_gather_add, hidden, ids, slot_map, cache, host_table,
@@ -137,6 +141,8 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
     op = "tol_cached_gather_add_"
     b = _backend(backend, _ops._device_of(op, hidden), triton_ok=True)
     _checks.flag(op, "check_ids", check_ids)
+    if b != "reference":
+        _ops._no_forward_ad(op, b, hidden, cache, host_table)
     _checks.int_arg(op, "layer", layer, optional=True)  # the C++ ops read True and torch.tensor(1.9) as layer 1
     _checks.no_grad(op, "use tol_cached_gather_add (out of place) when gradients are needed, or run under "
                     "torch.no_grad()", hidden=hidden, slot_map=slot_map, cache=cache, host_table=host_table)
@@ -148,7 +154,7 @@ def tol_cached_gather_add_(hidden: torch.Tensor, ids: torch.Tensor, slot_map: to
         return hidden
     ids = _check_cached(op, hidden, ids, slot_map, cache, host_table, layer, check_ids)
     _checks.no_overlap(op, "hidden", hidden)
-    _checks.not_aliased(op, hidden, ids, cache, host_table)
+    _checks.not_aliased(op, hidden, ids, slot_map, cache, host_table)
     if b == "triton":
         torch.ops.memllm.tol_cached_gather_add_triton_(hidden, ids, slot_map, cache, host_table, layer)
     else:
