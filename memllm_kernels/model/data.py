@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def load_works(source: str | os.PathLike | None = None) -> list[Work]:
         raise FileNotFoundError(f"text source {path} does not exist")
     if path.is_file():
         return [Work(path.stem, _read_utf8(path))]
+    if not path.is_dir():  # a FIFO or a device: it was searched as a folder, "holds no *.txt files"
+        raise ValueError(f"text source {path} is neither a file nor a folder")
     files = sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not files:
         raise ValueError(f"folder {path} holds no *.txt files")
@@ -158,6 +161,23 @@ class GPT2Tokenizer:
 
 
 MIN_BPE = 300  # the 256 byte tokens, EOT and some merges
+# The BPE trainer's time grows with the square of a word's length: one 400,000-character line without a space took
+# 35 s for bpe-4096 (2-core AMD EPYC VM), a 2 MB one about 15 min. Runs of non-space (or space) characters longer than
+# this are cut into pieces of this length for training (no real word is as long; other text is given unchanged).
+MAX_TRAINING_WORD = 1000
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (MAX_TRAINING_WORD + 1, MAX_TRAINING_WORD + 1))
+
+
+def _training_pieces(texts):
+    """The texts for BPE training, each run longer than MAX_TRAINING_WORD characters cut into pieces of that length
+    (the lookbehinds start a match only where a run starts: a linear scan)."""
+    for text in texts:
+        start = 0
+        for m in _LONG_RUN.finditer(text):
+            yield text[start:m.start()]
+            yield from (m.group()[i:i + MAX_TRAINING_WORD] for i in range(0, m.end() - m.start(), MAX_TRAINING_WORD))
+            start = m.end()
+        yield text[start:]
 
 
 class BPETokenizer:
@@ -181,7 +201,7 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(texts, trainer)
+        tok.train_from_iterator(_training_pieces(texts), trainer)
         got = tok.get_vocab_size()
         if got != vocab_size:  # the text has fewer distinct merges than asked for
             fix = (f"ask for bpe-{got} or fewer, or give more text" if got >= MIN_BPE else
@@ -196,9 +216,12 @@ class BPETokenizer:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: the run's BPE tokenizer file is missing")
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            tok = cls(Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception for a corrupted file
             raise ValueError(f"{path}: the run's BPE tokenizer file is corrupted ({e})") from None
+        if tok.eot_id is None:  # (every work's ids end with it: an edited file failed as a TypeError on None)
+            raise ValueError(f"{path}: the run's BPE tokenizer has no {EOT} token")
+        return tok
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -258,15 +281,23 @@ def tokenize_works(works: list[Work], tok, cache: bool = True) -> np.ndarray:
     """All works' ids, each followed by <|endoftext|>, as one 1-D array (uint16 when the vocabulary fits).
 
     Cached as `<cache_dir>/tokens/<key>.npy`, key = sha256 of the tokenizer and every work's name and
-    text, so an edited text or another tokenizer never reuses stale ids.
+    text, so an edited text or another tokenizer never reuses stale ids; a damaged cache file is made again.
     """
     h = hashlib.sha256(tok.fingerprint.encode())
     for w in works:
         h.update(b"\0" + w.name.encode() + b"\0" + hashlib.sha256(w.text.encode()).digest())
     path = cache_dir() / "tokens" / f"{h.hexdigest()}.npy"
-    if cache and path.is_file():
-        return np.load(path, mmap_mode="r")
     dtype = np.uint16 if tok.n_vocab <= 65536 else np.int32
+    if cache and path.is_file():
+        try:
+            # Read, not mapped: the ids were in memory when they were made, and a cache file cut under a mapping was
+            # SIGBUS at the next batch read.
+            ids = np.load(path)
+        except Exception:  # noqa: BLE001 -- any damage (an empty file was EOFError, a traceback; zipfile's own
+            ids = None  # BadZipFile for one that starts like an archive): the ids are made again
+        if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype == dtype:
+            return ids
+        # damaged: tokenized again below, and the file replaced
     parts = [np.asarray(ids + [tok.eot_id], dtype=dtype) for ids in tok.encode_batch([w.text for w in works])]
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     if cache:

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import _checks, ops, reference
 from ..offload import ops as offload_ops
+from ..offload.tiers import MAPPED, map_tol
 from .config import ModelConfig
 from .model import MemoryFFN, Transformer
 
@@ -254,7 +255,7 @@ def read_tol_header(path: str | os.PathLike) -> tuple[dict[str, str], dict, int]
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also a 4,301-digit number (int's limit), arrays nested 10,000 deep
         raise ValueError(f"{path}: corrupted safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupted safetensors header (a JSON {type(header).__name__}, not an object)")
@@ -282,8 +283,8 @@ def read_tol_header(path: str | os.PathLike) -> tuple[dict[str, str], dict, int]
     if (8 + n) % 8:  # every safetensors writer pads to 8; unaligned data cannot be viewed as the table in place
         raise ValueError(f"{path}: corrupted header: its length {n} leaves the data unaligned (safetensors pads "
                          "headers to a multiple of 8 bytes)")
-    if len(shape) != 3:
-        raise ValueError(f"{path}: corrupted header: ToL shape {shape} is not [V, L, d]")
+    if len(shape) != 3 or 0 in shape:  # an empty table passed here, and its reads failed without naming the file
+        raise ValueError(f"{path}: corrupted header: ToL shape {shape} is not [V, L, d] with V, L, d >= 1")
     nbytes = math.prod(shape) * dtype.itemsize  # Python ints: torch.Size's numel wraps past 2**63
     if begin != 0 or end != nbytes:
         raise ValueError(f"{path}: corrupted header: data_offsets [{begin}, {end}] do not fit shape {shape} "
@@ -306,7 +307,7 @@ def check_tol_matches(path, meta: dict[str, str], shape, model: Transformer) -> 
         raise ValueError(f"{path}: ToL shape {list(shape)} does not match the model's [V, L, d] = {want}")
     try:
         theirs = json.loads(meta.get("config", ""))
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: arrays nested 10,000 deep
         theirs = None
     if not isinstance(theirs, dict):
         raise ValueError(f"{path}: corrupted metadata: 'config' is not a JSON object")
@@ -326,16 +327,19 @@ def load_tol(path: str | os.PathLike, model: Transformer | None = None, *, mmap:
     """Read a ToL file as a CPU tensor [V, L, d], after checking it belongs to `model` (if given).
 
     mmap=True maps the file (private, copy-on-write): rows are paged in from disk as lookups touch
-    them, so a table larger than RAM still opens. mmap=False reads it all into memory.
+    them, so a table larger than RAM still opens. mmap=False reads it all into memory. A mapped table
+    put in a model (swap_ffn_for_tol) is checked before each layer's read: OSError once its file has
+    been truncated or written in place (a read past a truncated file's end is SIGBUS, which kills the
+    process); reads of it elsewhere are not.
     """
+    if mmap:
+        table, watch, _, _ = map_tol(path, model)
+        MAPPED[table] = watch  # (where TokenLookupTable finds it; the file stays open while the table lives)
+        return table
     meta, entry, offset = read_tol_header(path)
     shape, dtype = entry["shape"], _TORCH_DTYPE[entry["dtype"]]
     if model is not None:
         check_tol_matches(path, meta, shape, model)
-    size = offset + entry["data_offsets"][1]
-    if mmap:
-        raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
-        return raw[offset:].view(dtype).view(shape)
     out = torch.empty(shape, dtype=dtype)
     with open(path, "rb") as f:
         f.seek(offset)
@@ -354,6 +358,19 @@ class TokenLookupTable(nn.Module):
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.register_buffer("table", table, persistent=False)
+        self.watch = MAPPED.get(table)  # a table load_tol mapped: its file's FileWatch
+
+    def checked(self) -> torch.Tensor:
+        """The table, after checking that the file load_tol mapped it from has neither shrunk nor been written in
+        place (an fstat: 4 us a layer in all on a 2-core AMD EPYC VM, where a CPU forward takes milliseconds): `memllm
+        eval --tol` on the CPU read a truncated file's mapping, and SIGBUS killed it. Not while torch.compile traces
+        (no Python there), nor once model.to() copied the table."""
+        table = self.table
+        if not torch.compiler.is_compiling() and self.watch is not None:
+            self.watch = MAPPED.get(table)  # None once moved or cast: a copy, which no file change reaches
+            if self.watch is not None:
+                self.watch.check()
+        return table
 
 
 class ToLMemory(nn.Module):
@@ -368,7 +385,7 @@ class ToLMemory(nn.Module):
         x0: [B, T, d]; ids: [B, T]. Returns h + scale * ToL[ids, layer]."""
         if self.scale == 0.0:
             return h
-        table = self.store.table
+        table = self.store.checked()
         if self.scale != 1.0:
             # The op adds rows unscaled. alpha != 1 is an analysis knob (paper Table 1), not the serving
             # path, so a plain torch gather does it rather than a scaled copy of the whole table.

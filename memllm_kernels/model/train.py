@@ -22,9 +22,11 @@ A run directory holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -75,6 +77,10 @@ class TrainConfig:
     def __post_init__(self):
         """Refuse counts that would train on nothing or fail after minutes (a step count of 0, a checkpoint
         interval of 0), before a run folder is touched."""
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), _SETTING_TYPES.get(f.name, type(f.default))
+            if not ((v is None and f.default is None) or (type(v) is not bool and isinstance(v, kind))):
+                raise ValueError(f"{f.name} must be {_TYPE_NAMES[kind]}, got {v!r}")
         for name in ("steps", "batch_size", "seq_len", "eval_tokens", "ckpt_every", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -89,6 +95,15 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if self.final_eval_tokens is not None and self.final_eval_tokens < 1:
             raise ValueError(f"final_eval_tokens must be positive (None: the whole split), got {self.final_eval_tokens!r}")
+
+
+_NUMBER = (int, float)
+# The type of each TrainConfig field (or None, where that is its default): its default's, a number for the float
+# ones. Checked first: in a config.json edited by hand a text of 5 or a beta of "x" failed as a TypeError deep in
+# the data loading or the first optimizer step.
+_SETTING_TYPES = {"text": str, "final_eval_tokens": int, **{n: _NUMBER for n in (
+    "minutes", "lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "z_loss", "val_fraction")}}
+_TYPE_NAMES = {int: "an integer", str: "a string", _NUMBER: "a number"}
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -243,6 +258,25 @@ def read_run_config(run: Path) -> dict:
     if missing is None or missing or not isinstance(cfg["model"], dict) or not isinstance(cfg["train"], dict):
         raise ValueError(f"{path} is not a run's config (an object with model, train, tokenizer and data"
                          + (f"; missing {missing})" if missing else ")"))
+    # Each field a command reads, checked here: hand edits (a tokenizer of 5, a train section without its text, data
+    # that is a list) failed as AttributeError, KeyError or TypeError in eval, generate and --resume.
+    try:
+        ModelConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} holds an invalid model config: {e}") from None
+    try:
+        if not isinstance(cfg["tokenizer"], str):
+            raise ValueError(f"tokenizer must be a string, got {cfg['tokenizer']!r}")
+        D.parse_tokenizer_spec(cfg["tokenizer"])
+        lacking = [k for k in ("text", "val_fraction", "seed", "seq_len") if k not in cfg["train"]]  # (evaluation's)
+        if lacking:
+            raise ValueError(f"train lacks {lacking}")
+        TrainConfig(**cfg["train"])
+        works = [cfg["data"].get(k) if isinstance(cfg["data"], dict) else None for k in ("train_works", "val_works")]
+        if not all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in works):
+            raise ValueError("data must hold the lists of work names train_works and val_works")
+    except (TypeError, ValueError) as e:  # TypeError: a field TrainConfig does not have
+        raise ValueError(f"{path} holds an invalid run config: {e}") from None
     return cfg
 
 
@@ -254,7 +288,7 @@ def _read_json(path: Path):
     """A JSON file's contents; ValueError naming the file when it is not JSON (an interrupted write, say)."""
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also a 4,301-digit number (int's limit), arrays nested 10,000 deep
         raise ValueError(f"{path} is corrupted (not JSON: {e})") from None
 
 
@@ -266,8 +300,10 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
         raise FileNotFoundError(f"{run} has no model.safetensors (training never reached a checkpoint)")
     from safetensors.torch import load_model
 
+    model_cfg = ModelConfig.from_dict(cfg["model"])
+    check_weights_fit(run / "model.safetensors", model_cfg)
     try:
-        model = Transformer(ModelConfig.from_dict(cfg["model"]))
+        model = Transformer(model_cfg)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{run}/config.json holds an invalid model config: {e}") from None
     try:
@@ -278,6 +314,54 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
         raise ValueError(f"{run}/model.safetensors does not fit the run's config: missing {missing}, "
                          f"unexpected {unexpected}")
     return model.to(device).eval(), cfg
+
+
+def check_weights_fit(path: Path, cfg: ModelConfig, fix: str = "") -> None:
+    """ValueError naming `path` unless its tensors (from the safetensors header: no data read) are what a model of
+    `cfg` loads, checked before that model is built: a config.json edited to ffn_hidden 10,000,000 allocated 7.7 GB
+    for 46 s (2-core AMD EPYC VM) before the mismatch was found, and larger values were killed by the OOM killer.
+    Layer 0 and the rest are loaded into a 1-layer model on the meta device (no memory; the checkpoint-upgrade hooks
+    run, as in a real load); every other layer must have layer 0's tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors' SafetensorError: truncated or corrupted
+        raise ValueError(f"{path} cannot be read ({_one_line(e)}){fix}") from None
+    problems, layers = [], set()
+    for k, shape in have.items():
+        m = re.match(r"layers\.(\d+)\.", k)
+        if m:
+            layers.add(int(m.group(1)))
+            first = "layers.0." + k[m.end():]
+            if m.group(1) != "0" and have.get(first) != shape:
+                problems.append(f"{k} is {list(shape)}, {first} {list(have[first]) if first in have else 'absent'}")
+    if layers != set(range(cfg.n_layer)):
+        held = f"{len(layers)} (numbered {min(layers)} to {max(layers)})" if layers else "none"
+        problems.append(f"its layers: {held}, the config's: {cfg.n_layer}")
+    with torch.device("meta"):
+        one = Transformer(cfg.replace(n_layer=1))
+        sd = {k: torch.empty(s) for k, s in have.items() if not re.match(r"layers\.(?!0\.)", k)}
+    try:
+        missing, unexpected = one.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # size mismatches
+        problems.append(_one_line(e).removeprefix("Error(s) in loading state_dict for Transformer: "))
+    else:
+        tied = {n for names in _aliases(one) for n in names if any(a not in missing for a in names)}
+        missing = [n for n in missing if n not in tied]
+        if missing or unexpected:
+            problems.append(f"missing {missing}, unexpected {unexpected}")
+    if problems:
+        raise ValueError(f"{path} cannot be read into the run's model: {'; '.join(problems)[:1000]}{fix}")
+
+
+def _aliases(model: torch.nn.Module) -> list[list[str]]:
+    """Names of the state_dict entries that are one tensor (tied embeddings), in groups."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def run_tokens(run_cfg: dict, run: Path, split: str = "val", text: str | None = None):
@@ -302,9 +386,11 @@ def _read_state(run: Path) -> dict:
     """state.json of a checkpoint: ValueError naming it when it is not one (valid JSON, but no step count)."""
     state = _read_json(run / "state.json")
     if not (isinstance(state, dict) and all(type(state.get(k)) is int and state[k] >= 0 for k in ("step", "tokens"))
-            and isinstance(state.get("elapsed_s"), (int, float))):
-        raise ValueError(f"{run}/state.json is not a checkpoint's state (step, tokens, elapsed_s); the run cannot be "
-                         "resumed: retrain with --force")
+            and isinstance(state.get("elapsed_s"), (int, float))  # param_groups: a KeyError or TypeError on --resume
+            and isinstance(state.get("param_groups"), list)
+            and all(isinstance(g, dict) for g in state["param_groups"])):
+        raise ValueError(f"{run}/state.json is not a checkpoint's state (step, tokens, elapsed_s, param_groups); the "
+                         "run cannot be resumed: retrain with --force")
     return state
 
 
@@ -365,13 +451,19 @@ def _load_checkpoint(run: Path, model: Transformer, opt: torch.optim.Optimizer) 
     osd = opt.state_dict()
     per: dict[int, dict] = {}
     for key, v in flat.items():
-        i, k = key.split(".", 1)
-        per.setdefault(int(i), {})[k] = v
+        i, _, k = key.partition(".")
+        per.setdefault(int(i) if i.isdigit() and k else -1, {})[k] = v  # -1: no "<param>.<name>" key (see below)
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, s in per.items():  # (a run saved by a version of this model with other parameters, say)
-        if i >= len(params) or any(v.dim() and v.shape != params[i].shape for v in s.values()):
+        # AdamW's state (make_optimizer's, no amsgrad): a key name changed by one byte was a KeyError in opt.step()
+        if not 0 <= i < len(params) or any(v.dim() and v.shape != params[i].shape for v in s.values()) \
+                or set(s) != {"step", "exp_avg", "exp_avg_sq"}:
             raise ValueError(f"{run}/optimizer.safetensors does not match this model's parameters (a run saved by "
                              "another version of memllm_kernels?); it cannot be resumed: retrain with --force")
+    if len(state["param_groups"]) != len(osd["param_groups"]):  # (zip below would drop the difference)
+        raise ValueError(f"{run}/state.json holds {len(state['param_groups'])} optimizer parameter groups, this "
+                         f"model's optimizer {len(osd['param_groups'])}; the run cannot be resumed: retrain with "
+                         "--force")
     osd["state"] = per
     for g, saved in zip(osd["param_groups"], state["param_groups"]):
         g.update(saved)
@@ -412,14 +504,16 @@ def _trim_log(path: Path, step: int) -> None:
     def past(line: str) -> bool:
         try:
             return json.loads(line).get("step", 0) > step
-        except (ValueError, AttributeError):  # not a log record (a line cut by a crash): kept as it is
+        # not a log record (a line cut by a crash, a step of "5", arrays nested 10,000 deep): kept as it is
+        except (ValueError, AttributeError, TypeError, RecursionError):
             return False
 
-    lines = path.read_text().splitlines(keepends=True)
+    # surrogateescape: bytes that are no UTF-8 (a disk error) are kept as they are instead of failing the resume
+    lines = path.read_text(errors="surrogateescape").splitlines(keepends=True)
     keep = [ln for ln in lines if not past(ln)]
     if len(keep) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
+        tmp.write_text("".join(keep), errors="surrogateescape")
         os.replace(tmp, path)
 
 
@@ -446,6 +540,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         if (tc.steps if steps is None else steps) <= done:
             raise ValueError(f"{out} is already at step {done} of {tc.steps}; pass --steps above {done} to "
                              "train it further")
+        check_weights_fit(out / "model.safetensors", model_cfg, "; the run cannot be resumed: retrain with --force")
         if device is not None:
             tc.device = device
         if final_eval_tokens is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import _checks
 from . import ops
@@ -43,6 +44,61 @@ def _open_tol(path, model=None):
     if model is not None:
         check_tol_matches(path, meta, shape, model)
     return meta, entry, offset, shape, dtype
+
+
+class FileWatch:
+    """An open file and its size and modification time when it was mapped. check() raises OSError naming the file
+    once it has shrunk (a read of a page past its new end is SIGBUS, which kills the process instead of raising)
+    or been written in place (its rows would mix with the old ones a cache holds): one fstat, 0.8 us on a 2-core
+    AMD EPYC VM. A file renamed over it is harmless: the open file and its mapping keep the old one."""
+
+    def __init__(self, path, size: int):
+        self.path, self.size = str(path), size
+        self.file = open(path, "rb")
+        st = os.fstat(self.file.fileno())
+        self.mtime = st.st_mtime_ns
+        if st.st_size != size:  # replaced or cut between the header's read and this open
+            self.file.close()
+            raise ValueError(f"{path}: changed while it was opened ({st.st_size} bytes, its header describes {size})")
+
+    def check(self) -> None:
+        st = os.fstat(self.file.fileno())
+        if st.st_size < self.size or st.st_mtime_ns != self.mtime:
+            what = (f"shrank to {st.st_size} bytes while mapped ({self.size} when opened)"
+                    if st.st_size < self.size else "was written while mapped")
+            raise OSError(f"ToL file {self.path} {what}: it was truncated or overwritten in place, and its rows can "
+                          "no longer be trusted; replace it with a new file instead (memllm precompute --force "
+                          "renames one over it)")
+
+    def __del__(self):
+        if hasattr(self, "file"):
+            self.file.close()  # quietly: a file left to its finalizer warns (ResourceWarning)
+
+    def __reduce__(self):
+        # A copy of what holds it (copy.deepcopy or torch.save of a model with a mapped table) holds the rows in
+        # memory, not the mapping: None there. (An open file cannot be pickled: both raised TypeError.)
+        return type(None), ()
+
+
+# The tables model.tol.load_tol mapped, each with its file's FileWatch for as long as it lives: a model reading one
+# checks the file first (model.tol.TokenLookupTable). Not an attribute of the tensor, which torch.save would pickle.
+MAPPED = WeakTensorKeyDictionary()
+
+
+def map_tol(path, model=None) -> tuple[torch.Tensor, FileWatch, mmap.mmap, dict]:
+    """(table [V, L, d] over a private mapping of the ToL file, checked against `model` if given; its FileWatch; the
+    mapping; the tensor entry). The tensor holds the mapping (through numpy) while it lives. DiskTable and
+    model.tol.load_tol map files this way."""
+    _, entry, offset, shape, dtype = _open_tol(path, model)
+    nbytes = entry["data_offsets"][1]
+    watch = FileWatch(path, offset + nbytes)
+    # ACCESS_COPY (MAP_PRIVATE): reads come straight from the page cache like a shared mapping, but the buffer is
+    # writable for torch; nothing ever writes it, so no page is ever copied.
+    mapping = mmap.mmap(watch.file.fileno(), offset + nbytes, access=mmap.ACCESS_COPY)
+    # Through numpy, which holds the mapping's buffer while the tensor lives (torch.frombuffer does not: an unmap
+    # under a live view made the next read SIGSEGV). (read_tol_header refuses an empty table.)
+    raw = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset)
+    return torch.from_numpy(raw).view(dtype).view(shape), watch, mapping, entry
 
 
 def mem_available() -> int | None:
@@ -154,28 +210,14 @@ class DiskTable:
         if page_cache_bytes is not None:
             page_cache_bytes = _checks.int_at_least("page_cache_bytes", page_cache_bytes, 0,
                                                     " (0: release the pages after every read)")
-        _, entry, offset, shape, dtype = _open_tol(path, model)
+        self._table, self._watch, self._map, entry = map_tol(path, model)
         self.path = str(path)
         self.nbytes = entry["data_offsets"][1]
-        self._offset = offset
-        self._file = open(path, "rb")
-        size = self._size = offset + self.nbytes
-        self._mtime = os.fstat(self._file.fileno()).st_mtime_ns
-        # ACCESS_COPY (MAP_PRIVATE): reads come straight from the page cache like a shared mapping, but the
-        # buffer is writable for torch.frombuffer; nothing ever writes it, so no page is ever copied.
-        self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        self._offset = self._watch.size - self.nbytes
+        self._file = self._watch.file
         self.advice = advice
-        if self._map is not None:
-            self._map.madvise(flag[advice])
-        n = int(np.prod(shape))
-        if self._map is not None and n:
-            # Through numpy, which holds the mapping's buffer while the tensor lives (torch.frombuffer does not:
-            # close() unmapped it under a live view, and the next read was SIGSEGV), so close() leaves the
-            # mapping to the last view.
-            raw = np.frombuffer(self._map, dtype=np.uint8, count=self.nbytes, offset=offset)
-            self._table = torch.from_numpy(raw).view(dtype).view(shape)
-        else:
-            self._table = torch.empty(shape, dtype=dtype)
+        self._map.madvise(flag[advice])
+        shape = self._table.shape
         self.row_bytes = int(np.prod(shape[1:])) * self._table.element_size()
         self.page_cache_bytes = page_cache_bytes
         self._since_drop = 0
@@ -199,14 +241,7 @@ class DiskTable:
         cache holds. The engine reads it through here at every step; a truncation during a read still kills it.
         ValueError once closed, as a closed file's reads."""
         self._check_open()
-        if self._map is not None:
-            st = os.fstat(self._file.fileno())
-            if st.st_size < self._size or st.st_mtime_ns != self._mtime:
-                what = (f"shrank to {st.st_size} bytes while mapped ({self._size} when opened)"
-                        if st.st_size < self._size else "was written while mapped")
-                raise OSError(f"ToL file {self.path} {what}: it was truncated or overwritten in place, and its rows "
-                              "can no longer be trusted; replace it with a new file instead (memllm precompute "
-                              "--force renames one over it)")
+        self._watch.check()
         return self._table
 
     def read_rows(self, ids: torch.Tensor, out: torch.Tensor, *, check_ids: bool = True) -> None:
