@@ -454,6 +454,43 @@ def test_targets_whose_rows_are_absent_are_not_measured(tmp_path):
     assert "TARGET MET: cpu_ T=1: 900x the dense FFN (target 500x)" in lines
 
 
+def test_gpu_targets_are_met_at_their_bounds_and_missed_past_them():
+    """Each GPU target at its bound is met and just past it missed: 2x eager, 90% of device-copy bandwidth, 85% of
+    pinned memcpy, and for the host tier's decode 2x dense, within 3% of all-in-VRAM and 2.5 GB peak VRAM.
+    These rows only exist on GPU results, so a flipped or shifted comparison would have gone unnoticed here."""
+    def tol(T, **kw):
+        return dict(op="tol_gather_add", provider="cuda", dtype="bfloat16", preset="1b", T=T, ms=0.01, **kw)
+
+    def gather(T, pct):
+        return dict(op="offload_gather", provider="cuda", dtype="bfloat16", preset="1b", T=T, ms=0.01, pct_memcpy=pct)
+
+    def dec(vram_ms, host_ms, speedup, peak):
+        return [_e2e("e2e_offload_decode", "dense", 1.5), _e2e("e2e_offload_decode", "memoryllm", vram_ms),
+                _e2e("e2e_offload_decode", "memoryllm-host", host_ms, speedup_vs_dense=speedup,
+                     peak_memory_bytes=peak),
+                _e2e("e2e_offload_decode", "memoryllm-host-devlru", host_ms, speedup_vs_dense=speedup,
+                     peak_memory_bytes=peak)]
+
+    def status(rows, part):
+        return sorted({s for s, t in report.targets({"machine": CUDA, "results": rows}) if part in t})
+
+    at = [tol(16384, pct_copy_bw=90.0, speedup_vs_eager=2.0), tol(1, speedup_vs_eager=2.0), gather(64, 85.0)]
+    past = [tol(16384, pct_copy_bw=89.9, speedup_vs_eager=1.99), tol(1, speedup_vs_eager=1.99), gather(64, 84.9)]
+    for part in ("cuda T=16384: 90%", "cuda T=1: 2.00x eager", "host-row gather, 64 rows"):
+        assert status(at, part) == ["met"], part
+    for part in ("cuda T=16384: 90%", "cuda T=1: 1.99x eager", "host-row gather, 64 rows"):
+        assert status(past, part) == ["missed"], part
+    assert status(past, "cuda T=16384: 1.99x eager") == ["missed"]
+    met = dec(1.0, 1.02, 2.0, 2.5e9)  # 2% slower (3% itself is not exact in floats), exactly 2x and 2.5 GB
+    assert status(met, "memoryllm-host:") == ["met"] and status(met, "memoryllm-host-devlru:") == ["met"]
+    for rows, part in ((dec(1.0, 1.031, 2.5, 1e9), "% slower than all-in-VRAM"),
+                       (dec(1.0, 1.0, 1.99, 1e9), "the dense model's tokens/s"),
+                       (dec(1.0, 1.0, 2.5, 2.6e9), "peak VRAM")):
+        got = [(s, t) for s, t in report.targets({"machine": CUDA, "results": rows}) if "memoryllm-host:" in t]
+        assert [s for s, t in got if part in t] == ["missed"], (part, got)
+        assert [s for s, t in got if part not in t] == ["met", "met"], (part, got)
+
+
 def test_e2e_tables_say_which_rows_ran_on_synthetic_ids():
     """bench_offload.py falls back to zipf ids where the text packages are missing, and the rows looked like real-text
     rows: the e2e tables have a text column, and a warning under them where a row ran on synthetic ids."""

@@ -214,8 +214,9 @@ def test_memory_scale_and_layer_drop_semantics():
         torch.nn.init.zeros_(model.layers[0].memory.ffn.w_down.weight)  # layer 0's memory is now zero
         zeroed = model(ids)
     torch.testing.assert_close(dropped, zeroed)
-    with pytest.raises(ValueError, match=r"drop_layers \[5\] outside \[0, 2\)"):
-        model.set_memory_scale(1.0, drop_layers=[5])
+    for bad in (5, 2, -1):  # 2: the first past the last layer (n_layer 2)
+        with pytest.raises(ValueError, match=rf"drop_layers \[{bad}\] outside \[0, 2\)"):
+            model.set_memory_scale(1.0, drop_layers=[bad])
     with pytest.raises(ValueError, match="dense model"):
         tiny_model("dense").set_memory_scale(0.5)
 
@@ -293,6 +294,9 @@ def test_generate_sampling_options():
         generate(model, [[1] * 60], 10)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], 3)
+    V = model.config.vocab_size  # the first id past the vocabulary, named by generate's own check
+    with pytest.raises(IndexError, match=rf"prompt 1 has token id {V}, outside the vocabulary \[0, {V}\)"):
+        generate(model, [[1], [2, V]], 3)
 
 
 def test_generate_stops_each_row_at_its_eos():
@@ -330,6 +334,11 @@ def test_sampling_draws_what_multinomial_draws():
         probs = torch.softmax(scaled, -1)
         for _ in range(20):
             assert torch.equal(_sample(logits, temperature, top_k, g1), torch.multinomial(probs, 1, generator=g2)[:, 0])
+    # top_k = V - 1 still leaves out the least likely token, which 400 draws without top_k do pick
+    small = torch.tensor([[0.0, 0.0, 0.0, -1.0]]).expand(400, 4)
+    g = torch.Generator().manual_seed(0)
+    assert int(_sample(small, 1.0, 3, g).max()) < 3
+    assert bool((_sample(small, 1.0, None, g) == 3).any())
 
 
 def test_forward_input_check_names_the_bad_value():
@@ -526,6 +535,9 @@ def test_decode_graph_checks_its_inputs_before_the_device():
         graph(tokens.float(), 3)
     with pytest.raises(ValueError, match=r"tokens must be \[2, 1\]"):
         graph(tokens[:1], 3)
+    for pos in (7, 8, -1):  # slot 7 of the 8 is the graph's scratch slot
+        with pytest.raises(ValueError, match=rf"pos={pos} is outside \[0, 7\) \(slot 7 is the graph's scratch slot"):
+            graph(tokens, pos)
 
 
 @pytest.mark.requires_cuda

@@ -1387,6 +1387,55 @@ def test_directory_refuses_bad_ids_before_changing_anything():
     assert simulate([], 10, 2, "lru")["lookups"] == 0
 
 
+def test_simulate_counts_a_steps_repeated_token_as_one_access():
+    """The directory sees each step's distinct tokens once, in order of first use, as the engine hands them to it.
+    Replayed per position, a step [1, 2, 1] made 1 the most recent: the next step's miss then evicted 2 instead of
+    1, and the third step's 1 hit (3 hits where the engine has none)."""
+    got = simulate([1, 2, 1, 3, 3, 3, 1, 1, 1], 10, 2, "lru", step=3)
+    assert (got["lookups"], got["hits"], got["admissions"], got["evictions"]) == (9, 0, 4, 2)
+
+
+def test_hot_set_ranks_ties_by_id_in_a_large_vocabulary():
+    """Ties go to the smaller id at any vocabulary size: numpy's default sort is not stable, so past its small-array
+    cutoff (16 elements) the hot set took arbitrary ids among equal counts, a different cache for the same corpus."""
+    counts = np.random.default_rng(0).integers(0, 4, 1000)
+    want = sorted(range(1000), key=lambda t: (-int(counts[t]), t))[:300]
+    assert hot_set_from_counts(counts, 300).tolist() == want
+    assert hot_set_from_counts(counts / 7.0, 300).tolist() == want  # float frequencies too
+
+
+def test_hot_set_takes_its_share_of_the_cache_rounded():
+    """hot_fraction x C, rounded: 0.29 x 100 is 28.999999999999996 in floats, which int() truncates to 28."""
+    d = CacheDirectory(1000, 100, "hot+lru", hot=list(range(200)), hot_fraction=0.29)
+    assert len(d.hot) == 29 and d.tail_capacity == 71
+    assert [t for t, _ in d.preload()] == list(range(29))
+
+
+def test_evicting_a_hot_token_of_an_all_hot_cache_opens_a_tail_slot():
+    """evict() of a hot token hands its slot to the tail. With a hot set filling the whole cache the tail had no
+    capacity and kept none after the eviction: the freed slot stayed empty and every later miss was refused."""
+    d = CacheDirectory(10, 2, "hot+lru", hot=[0, 1], hot_fraction=1.0)
+    assert d.preload() == [(0, 0), (1, 1)]
+    assert d.access([5]) == ([], [])  # no tail yet
+    assert d.evict([0]) == [(0, 0)]
+    assert d.access([5]) == ([(5, 0)], [])
+    assert d.access([6]) == ([(6, 0)], [(5, 0)])  # the tail is that one slot; hot token 1 is never its victim
+    assert d.resident(1) and d.hot_rows == 1
+
+
+def test_a_cache_may_hold_the_whole_vocabulary():
+    """C may be V (the bound is [0, V], inclusive): an off-by-one there refused a cache of every row."""
+    d = CacheDirectory(10, 10, "lru")
+    adm, ev = d.access(list(range(10)))
+    assert [t for t, _ in adm] == list(range(10)) and ev == [] and all(d.resident(t) for t in range(10))
+    table = torch.randn(VOCAB, 2, 4)
+    engine = OffloadEngine(table, cache_rows=VOCAB, policy="lru")
+    for _ in range(3):
+        _check_step(engine, table, torch.randint(0, VOCAB, (2, 5)))
+    engine.check_consistency()
+    assert engine.stats()["evictions"] == 0
+
+
 # ================================================================ the engine
 def _check_step(engine, table, ids):
     engine.prefetch(ids)
@@ -1674,6 +1723,65 @@ def test_engine_errors(monkeypatch):
     assert after["lookups"] == before["lookups"] and after["admissions"] == before["admissions"]  # nothing moved
     with pytest.raises(IndexError, match="layer=2 is outside"):
         engine.gather_add_(torch.zeros(1, 4), torch.tensor([1]), 2)
+
+
+def test_layer_groups_cover_every_layer_once():
+    """On a GPU a step's rows move in layer groups, one event each: a group bound off by one leaves a layer's rows
+    unmoved. Only GPU runs use more than one group, so the arithmetic is checked here, for every L and count."""
+    for L in range(1, 10):
+        engine = OffloadEngine(torch.randn(VOCAB, L, 2), cache_rows=CACHE, policy="lru")
+        for G in range(1, L + 1):
+            groups = engine._groups(G)
+            assert len(groups) == G and all(lb < le for lb, le in groups), (L, G, groups)
+            assert [layer for lb, le in groups for layer in range(lb, le)] == list(range(L)), (L, G, groups)
+
+
+def test_gather_add_waits_for_the_group_that_moves_its_layer():
+    """gather_add_ on a GPU waits only for the event of _group_of(layer): that group must be the one whose range
+    holds the layer, or the layer reads rows still in flight. Checked here for every L and group count (it was
+    not so where the count does not divide L: L=3 in 2 groups, layer 1 moved in group 1 but waited for group 0;
+    the tiny preset's 6 layers in the GPU's default 4 groups: layers 1 and 4)."""
+    for L in range(1, 10):
+        engine = OffloadEngine(torch.randn(VOCAB, L, 2), cache_rows=CACHE, policy="lru")
+        for G in range(1, L + 1):
+            groups = engine._groups(G)
+            for layer in range(L):
+                lb, le = groups[engine._group_of(layer, G)]
+                assert lb <= layer < le, (L, G, layer, groups)
+
+
+@pytest.mark.parametrize("miss_path", ["mapped", "staged"])
+def test_engine_refuses_a_bad_layer_of_a_prefetched_step_with_index_error(miss_path):
+    """gather_add_ with layer L or -1 raises IndexError naming the layer on the prefetched path too (the step
+    buffer's op raised RuntimeError there), before anything is written or counted."""
+    table = torch.randn(VOCAB, 2, 4)
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="lru", miss_path=miss_path)
+    ids = torch.tensor([1, 2])
+    engine.prefetch(ids)
+    h = torch.zeros(2, 4)
+    for layer in (2, -1):
+        with pytest.raises(IndexError, match=rf"layer={layer} is outside the table's \[0, 2\) layers"):
+            engine.gather_add_(h, ids, layer)
+    assert not h.any() and engine.stats()["lookups"] == 0
+
+
+def test_fused_path_statistics_per_layer():
+    """The fused path (ids not prefetched) counts per position: hits where the token is resident, misses the rest,
+    and one host row of d elements moved per miss, in its layer only; hit_rate is hits / lookups."""
+    table = torch.randn(VOCAB, 3, 8)
+    engine = OffloadEngine(table, cache_rows=CACHE, policy="lru")
+    engine.prefetch(torch.arange(4))  # tokens 0..3 resident; no layer read them: nothing counted
+    before = engine.stats()
+    ids = torch.tensor([0, 1, 20, 30, 30])  # 2 hits, 3 misses (30 twice)
+    h = torch.zeros(5, 8)
+    engine.gather_add_(h, ids, 1)
+    assert torch.equal(h, table[ids, 1])
+    after = engine.stats()
+    p = after["per_layer"][1]
+    assert (p["lookups"], p["hits"], p["misses"], p["hit_rate"]) == (5, 2, 3, 0.4)
+    moved = [a["bytes_h2d"] - b["bytes_h2d"] for a, b in zip(after["per_layer"], before["per_layer"])]
+    assert moved == [0, 3 * 8 * 4, 0]
+    assert after["per_layer"][0]["hit_rate"] is None and after["hit_rate"] == 0.4
 
 
 def test_engine_checks_its_table_at_construction():

@@ -301,6 +301,35 @@ def test_unknown_or_unavailable_backend_raises():
         mk.tol_gather_add(h, ids, t, backend="cuda")  # CPU tensors (and maybe no GPU at all)
 
 
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_bad_id_error_names_the_first_position_of_a_repeated_id(backend, device):
+    """The IndexError names the bad id's first position (README: "the message names the id, its position and V"):
+    with the id repeated, the first one, where the caller's ids went wrong."""
+    h, table = torch.zeros(5, 8, device=device), torch.randn(5, 8, device=device)
+    ids = torch.tensor([0, 7, 3, 7, 7], device=device)
+    for fn in (mk.tol_gather_add, mk.tol_gather_add_):
+        with pytest.raises(IndexError, match=r"id 7 \(at flat position 1 of ids\) is outside \[0, V\)"):
+            fn(h, ids, table, backend=backend)
+    assert not h.any()
+
+
+def test_auto_picks_the_cpu_kernel_for_cpu_tensors(monkeypatch):
+    """README: backend="auto" picks 'cpu' for CPU tensors. Picking the reference there still gives the same sums
+    (only many times slower), so this checks which code ran: the reference must not."""
+    from memllm_kernels import ops
+
+    monkeypatch.setattr(ops, "_PICKED", {})  # the backend chosen per device is cached: choose afresh
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("backend='auto' ran the reference on CPU tensors")
+
+    monkeypatch.setattr(reference, "tol_gather_add", no_reference)
+    h, ids, t = torch.randn(3, 8), torch.tensor([0, 2, 2]), torch.randn(4, 8)
+    expected = h + t[ids]
+    torch.testing.assert_close(mk.tol_gather_add(h, ids, t), expected, rtol=0, atol=0)
+    torch.testing.assert_close(mk.tol_gather_add_(h, ids, t), expected, rtol=0, atol=0)
+
+
 def test_available_backends_are_usable():
     names = mk.available_backends()
     assert names[:2] == ["reference", "cpu"]

@@ -327,7 +327,10 @@ class OffloadEngine:
         return [(g * self.L // G, (g + 1) * self.L // G) for g in range(G)]
 
     def _group_of(self, layer: int, G: int) -> int:
-        return min(G - 1, layer * G // self.L) if G > 1 else 0
+        """The g of _groups(G) whose [g L // G, (g + 1) L // G) holds `layer`: the last g with g L // G <= layer,
+        i.e. g L < (layer + 1) G. (layer G // L was not that where G does not divide L: with L=6 and 4 groups,
+        layers 1 and 4 waited for the group before their own, and read rows still in flight on a GPU.)"""
+        return ((layer + 1) * G - 1) // self.L if G > 1 else 0
 
     def _indices(self, longs: list, ints: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Host ints as an int64 [len(longs)] and an int32 [len(ints)] tensor on the device, through one pinned
