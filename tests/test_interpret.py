@@ -286,6 +286,25 @@ def _ids(n=2000, seed=0):
     return np.random.default_rng(seed).integers(0, 300, n)
 
 
+def test_memory_rows_of_a_mapped_tol_check_its_file(tmp_path):
+    """memory_rows read a table that load_tol mapped without the model's check of its file: a file truncated under
+    it was a SIGBUS, not an error. A file written in place (its modification time moved) now raises OSError."""
+    import os
+
+    from memllm_kernels.model.tol import load_tol, precompute_tol
+
+    model = tiny_model()
+    path = tmp_path / "tol.safetensors"
+    precompute_tol(model, path, progress=False)
+    swap_ffn_for_tol(model, load_tol(path, model, mmap=True), backend="reference")
+    before = memory_rows(model, [1, 2], 1)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(OSError, match="was written while mapped"):
+        memory_rows(model, [1, 2], 1)
+    assert before.shape == (2, model.config.d_model)
+
+
 def test_layer_sweep_uses_the_models_memory_knob_and_restores_it():
     model = tiny_model()
     ids = _ids()

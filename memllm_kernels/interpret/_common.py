@@ -221,7 +221,7 @@ def _rows(model: Transformer, m, ids: torch.Tensor, layer: int) -> torch.Tensor:
     if isinstance(m, MemoryFFN):
         return m.lookup(model.tok_embeddings(ids)).float()
     if isinstance(m, ToLMemory):  # one shared [V, L, d] table
-        table = m.store.table
+        table = m.store.checked()  # a mapped file that changed raises OSError, not SIGBUS
         return table[ids.to(table.device), layer].float().to(ids.device)
     if isinstance(m, RowOverride):  # the rows it wraps (themselves edited when blocks nest), plus its delta
         j = m.slot[ids]
