@@ -719,3 +719,16 @@ def test_bpe_training_on_a_huge_line_without_spaces(tmp_path):
     t0 = time.perf_counter()
     tok = D.BPETokenizer.train([text], 1024)
     assert time.perf_counter() - t0 < 15 and tok.decode(tok.encode(text)) == text
+
+
+def test_file_watch_refuses_a_file_of_another_size_than_its_header_describes(tmp_path):
+    """FileWatch opens the file after its header was read: a file cut or grown in between (replaced by another) is
+    refused at the open, larger as well as smaller (its header no longer describes it)."""
+    from memllm_kernels.offload.tiers import FileWatch
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(64))
+    FileWatch(path, 64).check()
+    for described in (63, 65):
+        with pytest.raises(ValueError, match=r"f.bin: changed while it was opened \(64 bytes, its header describes"):
+            FileWatch(path, described)

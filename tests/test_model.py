@@ -659,6 +659,21 @@ def test_writer_rejects_wrong_chunks(tmp_path):
     assert not path.exists() and not (tmp_path / "t.safetensors.partial").exists()
 
 
+def test_writer_leaves_an_existing_partial_file_alone(tmp_path):
+    """write_tol_file writes <path>.partial and renames it: a file of that name (the user's, or what a killed write
+    left) was truncated and overwritten, or deleted on an error. It is refused and left as it was."""
+    path = tmp_path / "t.safetensors"
+    mine = tmp_path / "t.safetensors.partial"
+    mine.write_bytes(b"my notes")
+    for chunks in ([torch.zeros(5, 2, 4)], [torch.zeros(3, 2, 4)]):  # a good table and a bad one
+        with pytest.raises(ValueError, match=r"t.safetensors.partial exists .*remove it, or write the ToL somewhere"):
+            write_tol_file(path, chunks, (5, 2, 4), torch.float32, {"format": "memllm-tol"})
+        assert mine.read_bytes() == b"my notes" and not path.exists()
+    mine.unlink()
+    write_tol_file(path, [torch.zeros(5, 2, 4)], (5, 2, 4), torch.float32, {"format": "memllm-tol"})
+    assert path.is_file() and not mine.exists()
+
+
 def test_precompute_bf16(tmp_path):
     model = tiny_model("flex3")
     f32 = load_tol(_tol_file(tmp_path, model, "a.safetensors")[0], model)

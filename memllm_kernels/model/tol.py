@@ -137,7 +137,8 @@ def _header_bytes(shape, dtype: torch.dtype, metadata: dict[str, str]) -> bytes:
 def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, metadata: dict[str, str],
                    *, progress=None) -> int:
     """Stream `chunks` (tensors whose row-major concatenation is the [V, L, d] table) into a safetensors
-    file. Writes `<path>.partial` and renames it at the end, so `path` is complete or absent.
+    file. Writes `<path>.partial` (ValueError if that exists) and renames it at the end, so `path` is complete
+    or absent.
 
     progress: optional callable(rows_written) after each chunk. Returns the file size in bytes.
     """
@@ -149,8 +150,13 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
     expected = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
     tmp = Path(f"{path}.partial")
     written = rows = 0
+    try:  # created, never truncated: a file of that name is not ours to overwrite (nor, below, to delete)
+        f = open(tmp, "xb")
+    except FileExistsError:
+        raise ValueError(f"{tmp} exists (what an interrupted write left, or a file of yours): remove it, or write "
+                         "the ToL somewhere else") from None
     try:
-        with open(tmp, "wb") as f:
+        with f:
             f.write(head)
             for chunk in chunks:
                 if chunk.dtype != dtype or tuple(chunk.shape[1:]) != tuple(shape[1:]):
