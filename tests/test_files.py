@@ -467,6 +467,37 @@ def test_a_mapped_tol_in_a_model_refuses_its_file_truncated_or_rewritten(run_dir
 
 
 @needs_train_deps
+def test_a_compiled_decode_step_refuses_its_mapped_tol_truncated(run_dir, tmp_path):
+    """compile_decode's graph reads a mapped table with no Python of the model's to check the file: the step checks
+    it before the graph runs (a file cut under it was SIGBUS at the next step). In a subprocess, as above."""
+    script = textwrap.dedent(f"""
+        import os, shutil, torch
+        from memllm_kernels.model import compile_decode
+        from memllm_kernels.model.tol import load_tol, swap_ffn_for_tol
+        from memllm_kernels.model.train import load_run
+        path = {str(tmp_path / "tol.safetensors")!r}
+        shutil.copy({str(run_dir / "tol.safetensors")!r}, path)
+        model = load_run({str(run_dir)!r})[0]
+        swap_ffn_for_tol(model, load_tol(path, model))
+        with torch.no_grad():
+            model.setup_caches(1, 8)
+            model(torch.tensor([[1, 2]]), input_pos=torch.arange(2))
+            step = compile_decode(model)
+            print("step", step(torch.tensor([[3]]), input_pos=torch.tensor([2])).shape[-1])
+            os.truncate(path, 100)
+            try:
+                step(torch.tensor([[4]]), input_pos=torch.tensor([3]))
+            except OSError as e:
+                print("OSError", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"rc {out.returncode}: {out.stderr[-2000:]}"
+    lines = out.stdout.splitlines()
+    assert lines[0] == "step 300" and len(lines) == 2, out.stdout
+    assert lines[1].startswith(f"OSError ToL file {tmp_path / 'tol.safetensors'} shrank to 100 bytes"), out.stdout
+
+
+@needs_train_deps
 def test_a_mapped_tol_copies_and_saves_as_before(run_dir, tmp_path):
     """The mapped table's file check travels with neither a copy nor a saved table: copy.deepcopy of a model reading it
     and torch.save of the table (loaded with weights_only) work as with any tensor (an open file in either raised

@@ -170,6 +170,16 @@ def test_unknown_preset_lists_valid_ones():
         ModelConfig(kind="moe")
 
 
+def test_block_size_is_bounded_by_ropes_float32_positions():
+    """A config.json edited to block_size 10^8 built 9.6 GB of RoPE tables before anything checked it; past 2^24
+    float32 positions are no longer exact, so that is the bound."""
+    pos = torch.arange((1 << 24) - 1, (1 << 24) + 2, dtype=torch.float32)  # rope_tables' positions
+    assert pos.tolist() == [(1 << 24) - 1, 1 << 24, 1 << 24]  # two positions, one angle past 2^24
+    assert tiny("dense").replace(block_size=1 << 24).block_size == 1 << 24  # a config only: no tables built
+    with pytest.raises(ValueError, match=r"block_size must be at most 2\^24 = 16777216 \(RoPE's positions"):
+        tiny("dense", block_size=10**8)
+
+
 def test_config_json_roundtrip():
     cfg = tiny("flex2", n_kv_head=2)
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg

@@ -1094,6 +1094,25 @@ def test_tiers_refuse_missing_truncated_and_mismatched_files(tmp_path):
             cls(tmp_path / "m.safetensors", Transformer(cfg.replace(n_layer=3)))
 
 
+def test_host_table_refuses_a_file_cut_while_it_fills(tmp_path, monkeypatch):
+    """A file cut after its header was checked, while HostTable.from_file reads it: a ValueError naming how far it
+    got, not a loop that reads 0 bytes forever."""
+    from memllm_kernels.offload import tiers
+
+    path, table = _tol_file(tmp_path)
+    open_tol = tiers._open_tol
+
+    def open_then_cut(p, model=None):
+        header = open_tol(p, model)
+        os.truncate(p, header[2] + 1000)  # the header's offset + 1000 data bytes
+        return header
+
+    monkeypatch.setattr(tiers, "_open_tol", open_then_cut)
+    nbytes = table.numel() * table.element_size()
+    with pytest.raises(ValueError, match=rf"truncated while reading \(1000 of {nbytes} data bytes\)"):
+        HostTable.from_file(path, chunk_bytes=300)
+
+
 def test_disk_tier_refuses_a_file_truncated_under_it(tmp_path):
     """A ToL file truncated in place while a disk-tier engine maps it: the next step raises an OSError naming the
     file (a read of a vanished page was SIGBUS, which killed the process). In a subprocess, so that a regression

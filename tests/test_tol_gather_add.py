@@ -360,6 +360,24 @@ def test_inplace_refuses_hidden_that_shares_memory_with_its_inputs(backend, devi
     assert torch.equal(table, before)
 
 
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+def test_inplace_refuses_a_table_over_the_last_bytes_of_hidden(backend, device):
+    """Overlap goes by byte span to the last byte of the last element: a bf16 table starting in the upper half of
+    hidden's last float32 element shares memory with it (a span that ended at that element's first byte let it
+    through). The raw op too, where there is one."""
+    buf = torch.zeros(64, dtype=torch.uint8, device=device)
+    hidden = buf[:16].view(torch.float32).view(2, 2)  # bytes 0-15
+    table = buf[14:30].view(torch.bfloat16).view(4, 2)  # bytes 14-29
+    ids = torch.tensor([0, 1], device=device)
+    with pytest.raises(RuntimeError, match="shares memory"):
+        mk.tol_gather_add_(hidden, ids, table, backend=backend)
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match="shares memory"):
+            torch.ops.memllm.tol_gather_add_(hidden, ids, table, None)
+    assert not buf.any()
+    mk.tol_gather_add_(hidden, ids, buf[16:32].view(torch.bfloat16).view(4, 2), backend=backend)  # just after: fine
+
+
 def test_raw_inplace_op_refuses_hidden_over_its_tables_memory_in_another_storage():
     """Two tensors over one buffer (torch.from_numpy twice) have separate storages: the C++ op compared spans only
     within one storage and wrote hidden over the rows it read; it compares addresses now, as the wrapper does."""

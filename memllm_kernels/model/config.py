@@ -67,6 +67,9 @@ class ModelConfig:
             v = getattr(self, name)
             if not (v is None and name == "n_kv_head") and not (type(v) is int and v >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
+        if self.block_size > 1 << 24:  # a config.json edited to 10^8 built 9.6 GB of RoPE tables before any check
+            raise ValueError(f"block_size must be at most 2^24 = {1 << 24} (RoPE's positions are float32, exact up to "
+                             f"2^24), got {self.block_size}")
         for name in ("rope_base", "norm_eps"):
             v = getattr(self, name)
             if type(v) not in (int, float) or not 0 < v < float("inf"):

@@ -53,14 +53,20 @@ def compile_decode(model: Transformer, mode: str | None = None):
         # Inductor's own CUDA graphs would replay the engine's op without its Python (waits, bookkeeping).
         raise ValueError(f"mode={mode!r} makes torch.compile capture CUDA graphs, which cannot hold the offload "
                          f"engine's step; use 'max-autotune-no-cudagraphs', or DecodeGraph for a graph")
+    from .tol import TokenLookupTable, prefetch_for_forward
+
     fwd = torch.compile(model.forward, dynamic=False, fullgraph=True, mode=mode)
-    if engine is None:
+    # A table load_tol mapped from its file: the compiled graph reads it with no Python to check the file first (a
+    # file cut under the mapping was SIGBUS at the next step), so each step checks it here, an fstat.
+    store = next((m for m in model.modules() if isinstance(m, TokenLookupTable)), None)
+    if engine is None and store is None:
         return fwd
 
-    from .tol import prefetch_for_forward
-
     def step(ids, input_pos=None, pad=None, check=True):
-        prefetch_for_forward(engine, ids, model)
+        if engine is not None:
+            prefetch_for_forward(engine, ids, model)
+        if store is not None:
+            store.checked()
         return fwd(ids, input_pos=input_pos, pad=pad, check=check)
     return step
 
