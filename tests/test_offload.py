@@ -2359,6 +2359,33 @@ def test_decode_graph_steady_state_has_no_host_sync(tmp_path, bookkeeping):
     engine.check_consistency()
 
 
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("bookkeeping", ["host", "device"])
+def test_decode_graph_of_a_batch_over_keep_buffer_bytes(tmp_path, bookkeeping):
+    """A batch whose rows exceed keep_buffer_bytes (0 here) gets step buffers of its own, freed after the step:
+    DecodeGraph reserves the engine's own first, so its replays read buffers that live (they read the capture's
+    freed ones, and no recapture noticed) and give the eager model's logits."""
+    from memllm_kernels.model import DecodeGraph
+    from memllm_kernels.model.tol import swap_ffn_for_engine
+
+    model, path = _tiny_model_and_file(tmp_path)
+    model.cuda()
+    engine = OffloadEngine(HostTable.from_file(path, model), device="cuda", cache_rows=15, policy="lru",
+                           bookkeeping=bookkeeping, keep_buffer_bytes=0)
+    swap_ffn_for_engine(model, engine)
+    toks = torch.randint(0, 300, (12, 2, 1), device="cuda")
+    with torch.no_grad():
+        model.setup_caches(2, 20)
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]], device="cuda"), input_pos=torch.arange(3, device="cuda"))
+        step = DecodeGraph(model, 2)
+        got = [step(toks[t], 3 + t).clone() for t in range(12)]
+        assert step.captures == 1
+        for t in range(12):
+            want = model(toks[t], input_pos=torch.tensor([3 + t], device="cuda"))  # eager, the same slots
+            torch.testing.assert_close(got[t], want, atol=1e-5, rtol=0)
+    engine.check_consistency()
+
+
 def _engine_models_on_gpu(tmp_path, variants: dict) -> tuple[dict, dict]:
     """Copies of one tiny model on the GPU, each reading its ToL through its own engine (pinned host tier, 15
     cache rows) built with the OffloadEngine arguments variants[name]: ({name: model}, {name: engine})."""
@@ -2445,20 +2472,26 @@ def test_decode_graph_with_reference_ops_prefetches_eagerly(tmp_path):
 
 
 @pytest.mark.requires_cuda
-def test_decode_graph_capture_error_is_the_forwards_own(tmp_path):
-    """A forward that raises while the engine's step is captured: the error is the forward's (the forked
-    stream is joined, so the capture's end does not fail first), and the engine then runs eager steps that
-    equal the in-memory ToL's."""
+@pytest.mark.parametrize("where", ["forward", "admit", "before the fork"])
+def test_decode_graph_capture_error_is_the_forwards_own(tmp_path, monkeypatch, where):
+    """A forward, or the engine's captured step (after it forked its stream, or before), that raises while the
+    step is captured: the error is that one (the forked stream is joined if it was forked, so the capture's end
+    does not fail first), and the engine then runs eager steps that equal the in-memory ToL's."""
     import copy
 
     from memllm_kernels.model import DecodeGraph, load_tol, swap_ffn_for_tol
     from memllm_kernels.model.tol import swap_ffn_for_engine
 
+    def failing(f):
+        def under_capture(*args, **kwargs):
+            if torch.cuda.is_current_stream_capturing():
+                raise ArithmeticError(f"{where} failed under capture")
+            return f(*args, **kwargs)
+        return under_capture
+
     class Broken(DecodeGraph):
         def _forward(self):
-            if torch.cuda.is_current_stream_capturing():
-                raise ArithmeticError("forward failed under capture")
-            return super()._forward()
+            return (failing(super()._forward) if where == "forward" else super()._forward)()
 
     model, path = _tiny_model_and_file(tmp_path)
     reference = copy.deepcopy(model)
@@ -2469,11 +2502,14 @@ def test_decode_graph_capture_error_is_the_forwards_own(tmp_path):
                            bookkeeping="device")
     swap_ffn_for_engine(model, engine)
     assert engine.graph_step
+    if where != "forward":
+        name = "_admit" if where == "admit" else "_first_slots"
+        monkeypatch.setattr(engine, name, failing(getattr(engine, name)))
     with torch.no_grad():
         for m in (model, reference):
             m.setup_caches(1, 20)
             m(torch.tensor([[1, 2, 3]], device="cuda"), input_pos=torch.arange(3, device="cuda"))
-        with pytest.raises(ArithmeticError, match="forward failed under capture"):
+        with pytest.raises(ArithmeticError, match=f"^{where} failed under capture$"):
             Broken(model, 1)
         nxt, pos = torch.tensor([[7]], device="cuda"), torch.tensor([3], device="cuda")
         torch.testing.assert_close(model(nxt, input_pos=pos), reference(nxt, input_pos=pos), atol=1e-5, rtol=0)

@@ -129,8 +129,12 @@ class DecodeGraph:
                     self._forward()
             main.wait_stream(side)
             whole = self.engine is not None and self.engine.graph_step
+            if self.engine is not None:
+                # The graph reads the engine's own step buffers (capture_step allocates nothing): a batch whose rows
+                # exceed keep_buffer_bytes would get buffers of its own, freed after the step, and each replay would
+                # read the capture's freed ones.
+                self.engine.reserve(self.tokens.numel())
             if whole:
-                self.engine.reserve(self.tokens.numel())  # capture_step allocates nothing
                 self.engine.captured_layers = []
             elif self.engine is not None:
                 # The capture's reads of the step buffer are recorded, not run: prefetch once so that the buffer
@@ -141,9 +145,9 @@ class DecodeGraph:
                 self.engine.captured_layers = []
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
-                if whole:  # the engine's transfer and bookkeeping are part of the graph
-                    self.engine.capture_step(self.tokens)
                 try:
+                    if whole:  # the engine's transfer and bookkeeping are part of the graph
+                        self.engine.capture_step(self.tokens)
                     self.logits = self._forward()
                 finally:  # joined even if the forward raised, or the capture's end would hide its error
                     if whole:

@@ -241,6 +241,7 @@ class OffloadEngine:
         self._unfinished = None  # the mapped CUDA path's last step, until its host copies are queued (_finish)
         self._step: _Step | None = None
         self._fork = torch.cuda.Stream(self.device) if self._cuda else None  # capture_step's forked stream
+        self._forked = False  # whether capture_step forked it (end_capture joins it then)
         self.captured_layers: list[int] = []  # layers read by a forward under CUDA-graph capture (wait_step)
         # Per-layer counters as Python lists: a numpy scalar update costs ~1 us, four per layer per step add up.
         self._lookups, self._hits, self._misses, self._bytes = ([0] * self.L for _ in range(4))
@@ -266,6 +267,10 @@ class OffloadEngine:
             self._last_use = torch.from_numpy(last_use.astype(np.int64)).to(self.device)
             self._admitted_at = torch.full((cache_rows,), -1, dtype=torch.int64, device=self.device)
             self._counters = torch.zeros(len(_ref.ADMIT_COUNTERS), dtype=torch.int64, device=self.device)
+        if self._cuda:  # written on the side stream: an engine dropped without close() frees them after its work
+            state = (self._owner, self._last_use, self._admitted_at, self._counters) if bookkeeping == "device" else ()
+            for t in (self.cache, self.slot_map, *state):
+                t.record_stream(self._side)
 
     # ------------------------------------------------------------ set-up helpers
     def _check_free_memory(self, rows: int) -> None:
@@ -834,6 +839,7 @@ class OffloadEngine:
             raise RuntimeError(f"capture_step: reserve({n}) before the capture, so the step buffers exist")
         (first, slots), buf = self._first_slots(n), self._buf
         self._fork.wait_stream(torch.cuda.current_stream(self.device))
+        self._forked = True  # end_capture joins the fork from here on, even if what follows raises
         with torch.cuda.stream(self._fork):
             self._prefetch_op(flat, buf, first, slots, 0, None)
             rows = torch.cuda.Event()
@@ -848,8 +854,12 @@ class OffloadEngine:
 
     def end_capture(self) -> None:
         """Join capture_step's forked stream into the capturing stream (before the capture ends). The captured
-        step is dropped: its event belongs to the graph, and an eager read may not wait on it (it prefetches)."""
-        torch.cuda.current_stream(self.device).wait_stream(self._fork)
+        step is dropped: its event belongs to the graph, and an eager read may not wait on it (it prefetches).
+        Nothing to join when capture_step raised before it forked (a wait on the fork would then wait, inside the
+        capture, on work recorded outside it)."""
+        if self._forked:
+            torch.cuda.current_stream(self.device).wait_stream(self._fork)
+            self._forked = False
         self._step = None
 
     def wait_side(self) -> None:
