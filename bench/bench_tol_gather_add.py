@@ -168,7 +168,8 @@ def test_tol_gather_add(benchmark, device, dtype, preset, T, provider):
     sec = t["s"]
     row = record(op="tol_gather_add", provider=provider, dtype=dtype, preset=preset, d=d, K=K, T=T,
                  ms=sec * 1e3, ms_launch=t["s_launch"] and t["s_launch"] * 1e3, bytes=bytes_moved, flops=flops,
-                 ffn_flops=ffn_flops, ffn_bytes=ffn_bytes, input_sets=_sets(bytes_moved))
+                 ffn_flops=ffn_flops, ffn_bytes=ffn_bytes, input_sets=_sets(bytes_moved),
+                 **({} if provider in ("add", "ffn") else dict(vocab=_table(device, dtype, d).shape[0], layer=LAYER)))
     if flops:
         row["tflops"] = flops / sec / 1e12
     benchmark.extra_info.update(row)

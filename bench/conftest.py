@@ -305,6 +305,11 @@ def set_aside(path: str, info: dict) -> str | None:
     return prev
 
 
+# The ops whose bytes all move within the device's memory, where the device copy is their ceiling (rows read from
+# host memory or disk have pinned memcpy or the disk as theirs).
+DEVICE_MEMORY_OPS = ("tol_gather_add", "decode_attention", "decode_linear")
+
+
 def _derive(rows: list[dict]) -> None:
     """Adds GB/s, % of the same-bytes torch.add ceiling and speed-ups, from rows of one session."""
     key = lambda r: (r["op"], r["dtype"], r["preset"], r["T"], r.get("batch"))  # noqa: E731
@@ -314,7 +319,7 @@ def _derive(rows: list[dict]) -> None:
     for r in rows:
         if r.get("bytes"):
             r["gbps"] = r["bytes"] / (r["ms"] * 1e-3) / 1e9
-            if copy is not None and r["provider"] != "copy":
+            if copy is not None and r["provider"] != "copy" and r["op"] in DEVICE_MEMORY_OPS:
                 r["pct_copy_bw"] = 100 * r["gbps"] / copy["gbps_copy"]
         add, ffn = by.get((key(r), "add")), by.get((key(r), "ffn"))
         eagers = [e for e in (by.get((key(r), "eager")), by.get((key(r), "eager_select"))) if e is not None]

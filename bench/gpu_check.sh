@@ -5,7 +5,9 @@
 # commit) and report.md into RESULTS_DIR/<machine>/ (e.g. nvidia-h200).
 #
 #   bash bench/gpu_check.sh [RESULTS_DIR] [STEP ...]     RESULTS_DIR default bench/results (in this checkout); a
-#                                                         relative RESULTS_DIR is taken from the caller's directory
+#                                                         relative RESULTS_DIR is taken from the caller's directory;
+#                                                         a first argument that names a step is a step (so
+#                                                         `bash bench/gpu_check.sh host` runs the host step alone)
 #
 # Steps, run in the order given (default: build gpu-tests offload e2e linear compiled profile gather tests, the most
 # wanted results first; host and attention are short calls of their own and run only when named):
@@ -71,15 +73,21 @@ case ${1:-} in
   -h|--help) sed -n '2,/^set -uo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
   -*) echo "$0: unknown option $1 (usage: bash $0 [RESULTS_DIR] [STEP ...]; --help)" >&2; exit 2 ;;
 esac
+known=" build gpu-tests offload e2e compiled profile host gather attention linear tests "
 out=${1:-}
+# `bash bench/gpu_check.sh host` took "host" for RESULTS_DIR and ran every step (the build and the whole suite
+# first) into ./host: a first argument that names a step is a step, and RESULTS_DIR its default.
+if [ -n "$out" ] && [[ $known == *" $out "* ]]; then
+  out=""
+else
+  shift || true
+fi
 [ -n "$out" ] && [[ $out != /* ]] && out=$PWD/$out  # the caller's directory, before the cd below
 cd "$(dirname "$0")/.." || exit 2
 out=${out:-$PWD/bench/results}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build, for scripts run from bench/ (decode_profile)
-shift || true
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build gpu-tests offload e2e linear compiled profile gather tests)
-known=" build gpu-tests offload e2e compiled profile host gather attention linear tests "
 for step in "${steps[@]}"; do  # a misspelt step is named now, not after the steps before it have run for minutes
   [[ $known == *" $step "* ]] || { echo "unknown step $step (${known:1:-1})" >&2; exit 2; }
 done
@@ -90,7 +98,8 @@ mkdir -p "$out" || exit 2
 exec > >(tee -ia "$out/gpu-check.log") 2>&1  # stdout and stderr, also into the results folder's log
 PY=${PYTHON:-python3}
 device=${BENCH_DEVICE:-cuda}
-budget=${BUDGET:-540} grace=${GRACE:-30} min_step=${MIN_STEP:-45}
+# base 10: BUDGET=0540 (or 08) was read as octal by $((...)) (an error for 08, and 352 s for 0540)
+budget=$((10#${BUDGET:-540})) grace=$((10#${GRACE:-30})) min_step=$((10#${MIN_STEP:-45}))
 t_start=$(date +%s)
 status=0
 skipped=()  # steps (or parts) left out for lack of budget

@@ -2,7 +2,8 @@
 
     python bench/report.py report bench/results/nvidia-h200      # report.md + PNG plots in that folder
     python bench/report.py targets bench/results/nvidia-h200     # each target: met, missed or not measured
-    python bench/report.py compare OLD.json NEW.json             # time ratio per benchmark
+    python bench/report.py compare OLD.json NEW.json             # time ratio per benchmark (stderr: those only in
+                                                                 # one file or without a time, another machine)
 
 The benchmark session (bench/conftest.py) writes the JSON and calls `write_report` itself. A target whose rows are
 absent (its benchmark skipped, deselected, or cut by bench/gpu_check.sh's time limit for its step) is reported as
@@ -178,7 +179,8 @@ COLUMNS = {
     "offload_hit_rate": [("policy/hot set", "provider", "s"), ("cache", "preset", "s"), ("rows", "T", "d"),
                          ("hits %", _pct("hit_rate"), ".1f"), ("lookups", "lookups", "d"), ("ms", "ms", ".0f")],
     "decode_attention": _FIRST + [("batch", "batch", "d"), ("ms", "ms", ".4f"), ("GB/s", "gbps", ".1f"),
-                                  ("x sdpa", "speedup_vs_sdpa", ".2f"), ("ms launch", "ms_launch", ".4f")],
+                                  ("% copy", "pct_copy_bw", ".0f"), ("x sdpa", "speedup_vs_sdpa", ".2f"),
+                                  ("ms launch", "ms_launch", ".4f")],
     "decode_linear": [("projection", "provider", "s"), ("dtype", "dtype", "s"), ("preset", "preset", "s"),
                       ("N", "N", "d"), ("K", "K", "d"), ("ms", "ms", ".4f"), ("GB/s", "gbps", ".1f"),
                       ("% copy", "pct_copy_bw", ".0f"), ("per step", "per_step", "d"),
@@ -535,14 +537,48 @@ def targets_not_measured(data: dict) -> list[str]:
 def compare(old_path: str, new_path: str) -> list[tuple]:
     """Rows (key, old ms, new ms, new/old, differing settings) for benchmarks present in both files; the last is
     param_differences of the pair (empty where the two rows recorded the same settings)."""
+    return compare_all(old_path, new_path)[0]
+
+
+def _positive(v) -> bool:
+    return _is_num(v) and v > 0 and v != float("inf")
+
+
+def compare_all(old_path: str, new_path: str) -> tuple[list[tuple], dict[str, list[tuple]]]:
+    """(compare's rows, the benchmarks left out of them by kind): "only in old" and "only in new" (a benchmark one
+    run skipped, deselected or did not have), "with no time" (a pair where a time is zero, negative or not finite: no
+    ratio). Each left out key once, in its file's order. These were dropped without a word: a comparison of a
+    whole run against a -k run looked complete."""
     old, new = load(old_path), load(new_path)
     old_by = {_key(r): r for r in old["results"]}
-    rows = []
+    new_keys = {_key(r) for r in new["results"]}
+    rows, no_time = [], []
     for r in new["results"]:
         o = old_by.get(_key(r))
-        if o is not None and _ms(o) and _ms(r):
+        if o is None:
+            continue
+        if _positive(_ms(o)) and _positive(_ms(r)):
             rows.append((_key(r), _ms(o), _ms(r), _ms(r) / _ms(o), param_differences(o, r)))
-    return rows
+        else:
+            no_time.append(_key(r))
+    left = {"only in old": [k for k in old_by if k not in new_keys],
+            "only in new": [k for k in dict.fromkeys(_key(r) for r in new["results"]) if k not in old_by],
+            "with no time": no_time}
+    return rows, left
+
+
+def _key_text(key: tuple) -> str:
+    """A compare key in one line: 'tol_gather_add cpu_ bfloat16 1b T=512' (its variant fields after the provider)."""
+    parts = [str(key[0]), " ".join(str(k) for k in (key[1],) + key[len(KEY_FIELDS):])]
+    parts += [f"{name}={v}" if name in ("T", "batch") else str(v)
+              for name, v in zip(KEY_FIELDS[2:], key[2:len(KEY_FIELDS)]) if v is not None]
+    return " ".join(parts)
+
+
+def _machine_differences(old: dict, new: dict) -> list[str]:
+    """'field old->new' for what tells two machines apart (device, GPU, CPU, threads)."""
+    return [f"{k} {old.get(k)}->{new.get(k)}" for k in ("device", "gpu", "cpu", "cpu_threads")
+            if old.get(k) != new.get(k)]
 
 
 def main(argv=None) -> int:
@@ -576,11 +612,24 @@ def main(argv=None) -> int:
         return 0
     try:  # a missing, unreadable or foreign file: one line naming it, not a traceback
         old, new = load(args.old), load(args.new)
-        rows = compare(args.old, args.new)
+        rows, left = compare_all(args.old, args.new)
     except (OSError, ValueError) as e:
         print(f"report.py compare: error: {e}", file=sys.stderr)
         return 2
     print(f"old: {machine_label(old['machine'])}\nnew: {machine_label(new['machine'])}")
+    machines = _machine_differences(old["machine"], new["machine"])
+    if machines:  # the old: and new: lines say it too; a ratio then compares machines, not only code
+        print(f"warning: the two files come from different machines ({', '.join(machines)}): each ratio is the "
+              "machines' as much as the code's" + ("; a CPU and a GPU run their benchmarks at other sizes"
+                                                     if old["machine"].get("device") != new["machine"].get("device")
+                                                     else ""), file=sys.stderr)
+    for what, keys in left.items():  # benchmarks without a ratio: named, not dropped without a word
+        if keys:
+            shown = "; ".join(_key_text(k) for k in keys[:10]) + (f"; and {len(keys) - 10} more" if len(keys) > 10
+                                                                    else "")
+            print(f"{len(keys)} benchmark(s) {what}" + (" (zero, negative or not finite: no ratio)"
+                                                         if what == "with no time" else "") + f": {shown}",
+                  file=sys.stderr)
     if not rows:
         print("no benchmark in common", file=sys.stderr)
         return 1

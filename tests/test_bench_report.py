@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -304,7 +305,7 @@ def test_compare_refuses_bad_inputs_in_one_line(tmp_path):
             assert line.startswith("report.py compare: error: ") and str(tmp_path / bad).rstrip("/") in line, line
     other = _results(tmp_path / "other.json", [_row("cpu_", 8, 1.0)])
     proc = _compare(good, other)
-    assert proc.returncode == 1 and proc.stderr.strip() == "no benchmark in common", proc.stderr
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == "no benchmark in common", proc.stderr
 
 
 def test_compare_pairs_each_variant_with_its_own(tmp_path, capsys):
@@ -684,3 +685,78 @@ def test_gpu_check_results_dir_commit_text_packages_and_skip_reasons(gpu_check, 
     proc, _, log = gpu_check(str(tmp_path / "out"), "offload", BUDGET="200", MIN_STEP="1", COMMIT="abc1234")
     assert "COMMIT UNKNOWN" not in proc.stdout and "commit abc1234" in proc.stdout
     assert "MEMLLM_COMMIT=abc1234 MEMLLM_RUN=gpu-check-" in log
+
+
+def test_compare_names_the_benchmarks_it_gives_no_ratio(tmp_path):
+    """compare dropped without a word a benchmark only one file has (a whole run against a -k run looked complete), a
+    pair with a zero time, and never said that the two files came from two machines (a CPU against a GPU): each is
+    named on stderr, and the ratios of the pairs it can compare are unchanged."""
+    old = _results(tmp_path / "old.json", [_row("cpu_", 1, 1.0), _row("cpu_", 8, 0.0), _row("cpu_", 64, 1.0)])
+    new = _results(tmp_path / "new.json", [_row("cpu_", 1, 2.0), _row("cpu_", 8, 1.0), _row("cpu_", 512, 1.0)])
+    proc = _compare(old, new)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[-1] for line in proc.stdout.splitlines()[3:]] == ["2.00"], proc.stdout
+    err = proc.stderr.splitlines()
+    assert "1 benchmark(s) only in old: tol_gather_add cpu_ bfloat16 1b T=64" in err, err
+    assert "1 benchmark(s) only in new: tol_gather_add cpu_ bfloat16 1b T=512" in err, err
+    assert any(line.startswith("1 benchmark(s) with no time") and line.endswith("cpu_ bfloat16 1b T=8")
+               for line in err), err
+    assert not any("different machines" in line for line in err)
+    gpu = _results(tmp_path / "gpu.json", [_row("cpu_", 1, 2.0)], device="cuda", gpu="test gpu")
+    proc = _compare(old, gpu)
+    assert proc.returncode == 0 and "different machines (device cpu->cuda, gpu None->test gpu)" in proc.stderr
+    rows, left = report.compare_all(old, new)
+    assert [r[3] for r in rows] == [2.0] and [len(v) for v in left.values()] == [1, 1, 1]
+
+
+def test_derived_fractions_of_the_ceilings():
+    """bench/conftest.py's _derive on rows as a GPU session records them (these fields exist only on GPU results, so
+    the CPU runs above never check them): GB/s from the recorded bytes (3 x T x d for the gather-add, in place too),
+    % of the device copy, % of the same-bytes torch.add, % of the same dtype's matmul FLOP/s, % of pinned memcpy, and
+    the e2e speed-up with its weight-traffic bound."""
+    harness = _harness()
+    T, d = 4096, 2048
+    nbytes = 3 * T * d * 2
+
+    def tol(p, ms, **kw):
+        return dict(op="tol_gather_add", provider=p, dtype="bfloat16", preset="1b", T=T, ms=ms, bytes=nbytes, **kw)
+
+    copy = dict(op="tol_gather_add", provider="copy", dtype="bfloat16", preset="-", T=0, ms=1.0, bytes=4e9,
+                gbps_copy=4000.0)
+    matmul = dict(op="tol_gather_add", provider="matmul", dtype="bfloat16", preset="-", T=4096, ms=1.0,
+                  tflops_matmul=800.0)
+    gather = [dict(op="offload_gather", provider=p, dtype="bfloat16", preset="1b", T=16, ms=ms, bytes=16 * 98304)
+              for p, ms in (("cuda", 0.02), ("memcpy", 0.018))]
+    e2e = [dict(op="e2e_offload_decode_compiled", provider=p, dtype="bfloat16", preset="1b", T=128, batch=1, ms=ms,
+                weight_bytes_read=w) for p, ms, w in (("dense", 1.5, 2.2e9), ("memoryllm-host", 0.75, 1.0e9))]
+    rows = [copy, matmul, tol("cuda_", 0.0126), tol("add", 0.012), tol("eager", 0.024),
+            tol("ffn", 0.5, tflops=400.0)] + gather + e2e
+    harness._derive(rows)
+    op = rows[2]
+    assert op["gbps"] == pytest.approx(nbytes / 0.0126e-3 / 1e9)  # 3994 GB/s
+    assert op["pct_copy_bw"] == pytest.approx(100 * op["gbps"] / 4000.0)
+    assert op["pct_ceiling"] == pytest.approx(100 * 0.012 / 0.0126)
+    assert op["speedup_vs_eager"] == pytest.approx(24 / 12.6)
+    assert op["speedup_vs_ffn"] == pytest.approx(0.5 / 0.0126)
+    assert rows[5]["pct_matmul"] == pytest.approx(50.0) and "pct_copy_bw" not in copy
+    assert gather[0]["pct_memcpy"] == pytest.approx(90.0) and "pct_memcpy" not in gather[1]
+    assert "pct_copy_bw" not in gather[0]  # rows read from host memory: pinned memcpy is their ceiling, not the copy
+    host = e2e[1]
+    assert host["speedup_vs_dense"] == pytest.approx(2.0) and host["bound_vs_dense"] == pytest.approx(2.2)
+    assert host["pct_bound"] == pytest.approx(100 * 2.0 / 2.2)
+
+
+def test_gpu_check_takes_a_step_name_first_as_a_step(gpu_check, tmp_path):
+    """`bash bench/gpu_check.sh host` took "host" for RESULTS_DIR and ran every step into ./host, the build and the
+    whole suite first; BUDGET=0540 (or GRACE=08) was read as octal by bash's arithmetic (08: an error, and a step
+    limit of -30 s). A step name first is a step, with the default RESULTS_DIR; the numbers are decimal."""
+    proc, _, log = gpu_check("attention", BUDGET="200", MIN_STEP="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "setup.py" not in log and not (gpu_check.repo / "attention").exists()
+    (pytest_args,) = [line for line in log.splitlines() if line.startswith("ARGS -m pytest")]
+    assert "bench/bench_decode_attention.py" in pytest_args
+    assert (gpu_check.repo / "bench" / "results" / "gpu-check.log").exists()
+    proc, _, log = gpu_check(str(tmp_path / "out"), "attention", BUDGET="0200", GRACE="08", MIN_STEP="01")
+    assert proc.returncode == 0 and "value too great" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    # 200 s read as decimal (the setup may take a second or two here); GRACE=08 leaves the step its 90 s cap
+    assert re.search(r"\((19\d|200)s of 200s left\)", proc.stdout) and "limit 90s" in proc.stdout, proc.stdout
