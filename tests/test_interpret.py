@@ -107,6 +107,37 @@ def test_identity_check_catches_a_wrong_decomposition(monkeypatch):
     assert not check_decomposition(model, 0)["ok"]
 
 
+def test_identity_check_flags_nan_rows():
+    """A NaN row compared false with the tolerance: check_decomposition said ok with error 0.0 and the verified
+    coefficients came back with a NaN row. Now the token is named and the layer is not ok."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.tok_embeddings.weight[5] = float("nan")
+    chk = check_decomposition(model, 0)
+    assert chk["nonfinite_tokens"] == 1 and not chk["ok"] and chk["max_rel_err"] < IDENTITY_RTOL  # the rest still fit
+    with pytest.raises(ValueError, match=r"layer 0: 1 token\(s\) have a NaN or inf .*first: token id 5"):
+        coefficients(model, 0)
+    assert check_decomposition(model, 0, [4, 6])["ok"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_identity_check_of_a_half_precision_model(dtype, monkeypatch):
+    """A bf16 / fp16 model's own FFN rounds its output (0.5-0.75 eps off the float32 sum): the float32 tolerance
+    called its correct decomposition a mismatch, so coefficients() and every clustering raised AssertionError.
+    The tolerance follows the FFN's dtype, and a decomposition without the gate still fails it."""
+    model = tiny_model().to(dtype)
+    ref = ffn_reference64(model, 1, torch.arange(300)).t()  # the same (rounded) weights, in float64
+    co = coefficients(model, 1)  # verify=True
+    summed = torch.from_numpy(co.coef).double() @ key_value_weights(model, 1).values.double()
+    assert ((summed - ref).abs().max() / ref.abs().max()) < 2 * torch.finfo(dtype).eps  # q's rounding to dtype
+    chk = check_decomposition(model, 1)
+    assert chk["ok"] and 0 < chk["max_rel_err"] < chk["rtol"] == 8 * torch.finfo(dtype).eps
+    coef_mod = importlib.import_module("memllm_kernels.interpret.coefficients")
+    monkeypatch.setattr(coef_mod, "coefficients_of", lambda q, kv: q @ kv.keys.t())
+    with pytest.raises(AssertionError, match="differs from the memory FFN's output"):
+        coefficients(model, 1)
+
+
 def test_coefficients_of_a_token_subset_match_the_full_table():
     model = tiny_model()
     full = coefficients(model, 1).coef
@@ -124,6 +155,9 @@ def test_access_map_matches_brute_force_and_finds_a_planted_dead_key():
     co = coefficients(model, layer)
     contrib = co.contributions
     V, K = contrib.shape
+    # ||v_i|| from the weights themselves (the identity test checks the coefficients): value i is W_down's column i
+    np.testing.assert_allclose(co.value_norms, model.layers[layer].memory.ffn.w_down.weight.detach().norm(dim=0),
+                               rtol=1e-6)
     assert am.top_keys.shape == am.top_coef.shape == am.top_contrib.shape == (V, k)
     brute = np.argsort(-contrib, axis=1, kind="stable")[:, :k]
     np.testing.assert_allclose(np.take_along_axis(contrib, am.top_keys, 1), np.take_along_axis(contrib, brute, 1),
@@ -246,6 +280,43 @@ def test_planted_outlier_key_is_counted():
     assert planted.mean() > base.mean() + 0.5
 
 
+def test_outlier_key_counts_streams_rows():
+    """The contributions and their float64 squares of all rows at once peaked at 3x the coefficients (14 GB of
+    temporaries at the 1B shape); row chunks keep the peak a fraction of it, with the same counts."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    coef = rng.normal(size=(40000, 100)).astype(np.float32)
+    coef[::7, 3] = 50.0  # an outlier key in every 7th token
+    vn = rng.uniform(0.5, 2, 100).astype(np.float32)
+    a = np.abs(coef.astype(np.float64)) * vn
+    want = (a > 6 * np.sqrt((a ** 2).mean(1, keepdims=True))).sum(1)  # the definition, in float64 throughout
+    tracemalloc.start()
+    try:
+        got = outlier_key_counts(coef, vn)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, want)
+    assert got[::7].min() >= 1 and peak < coef.nbytes, peak / coef.nbytes
+
+
+@needs_sklearn
+def test_set_analyses_refuse_repeated_tokens():
+    """A token stream passed as `tokens` made repeats cosine-1 cliques (clustering coefficient 1.0 for 3 tokens x 3)
+    and listed one token twice in a key's inverted index and among the nearest tokens."""
+    model = tiny_model()
+    text = [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for call in (lambda: cluster_layer(model, 0, tokens=text, n_clusters=2, sample=9, tsne=False),
+                 lambda: access_map(model, 0, k=2, tokens=[4, 3, 3]),
+                 lambda: nearest_tokens(model, 0, 5, tokens=[7, 8, 7])):
+        with pytest.raises(ValueError, match="tokens: token id [137] occurs more than once"):
+            call()
+    am = access_map(model, 0, k=2, tokens=[4, 3], tokens_per_key=2)
+    assert all(sorted(am.key_tokens[i]) == [3, 4] for i in range(am.n_keys))
+    assert len(memory_lens(model, [3, 3], k=2).tokens) == 2  # a per-token result takes repeats
+
+
 # ---------------------------------------------------------------- logit lens
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
 def test_memory_lens_matches_brute_force(kind):
@@ -258,6 +329,7 @@ def test_memory_lens_matches_brute_force(kind):
         for j, r in enumerate(rows + [rows[0] + rows[1]]):
             logits = model.output(model.norm(r))
             np.testing.assert_allclose(lens.top_logits[:, j], logits.topk(6).values.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(lens.top_ids[:, j], logits.topk(6).indices.numpy())  # the tokens, too
 
 
 def test_planted_promotion_is_found_by_the_lens_and_the_bigram_check():
@@ -320,11 +392,25 @@ def test_layer_sweep_uses_the_models_memory_knob_and_restores_it():
     assert [m.scale for m in model.memory_modules()] == [1.0, 1.0]
 
 
+def test_layer_sweep_baseline_is_at_alpha_1():
+    """The points drop one layer at alpha 1; the baseline was measured at whatever scale the model was left at
+    (alpha 0.5 here), so 'ppl / baseline' compared two alphas. The model's scales are restored afterwards."""
+    model = tiny_model()
+    ids = _ids()
+    ref = evaluate(model, ids, 32, max_tokens=640)["loss"]
+    model.set_memory_scale(0.5)
+    assert evaluate(model, ids, 32, max_tokens=640)["loss"] != pytest.approx(ref, rel=1e-6)
+    sw = layer_drop_sweep(model, ids, 32, layers=[0], max_tokens=640)
+    assert sw.baseline[0] == pytest.approx(ref, rel=1e-6)
+    assert [m.scale for m in model.memory_modules()] == [0.5, 0.5]
+
+
 def test_alpha_sweep_endpoints():
     model = tiny_model()
     ids = _ids()
     al = alpha_sweep(model, ids, 32, alphas=[1.0, 0.5, 0.0], max_tokens=640)
     assert [p[0] for p in al.points] == [1.0, 0.5, 0.0] and al.points[0][1] == al.baseline[0]
+    assert al.baseline[0] == pytest.approx(evaluate(model, ids, 32, max_tokens=640)["loss"], rel=1e-6)
     model.set_memory_scale(1.0, [0, 1])  # alpha 0 is every layer's memory dropped
     assert al.points[2][1] == pytest.approx(evaluate(model, ids, 32, max_tokens=640)["loss"], rel=1e-6)
     model.set_memory_scale(0.5)
@@ -425,6 +511,31 @@ def test_edit_effect_measures_the_edit():
     with pytest.raises(ValueError, match="no focus token"):
         edit_effect(model, ids, lambda: edited_rows(model, suppress_token_rows(model, absent)), seq_len=32,
                     focus=[absent], windows="focus")
+
+
+def test_edit_effect_frees_the_base_pass_before_the_edit():
+    """The base pass's [B, T, V] log-probabilities stayed alive through the edited pass (16.8 GB a block at the 1B
+    shape, batch 16 x 2,048); now only its losses and focus sums are kept. And a batch whose logits cannot fit is
+    refused before the first forward, as evaluate() refuses it."""
+    import gc
+
+    from memllm_kernels.model import train as train_mod
+
+    model = tiny_model()
+    ids = _ids(3000, 5)
+    tok = int(np.bincount(ids).argmax())
+    alive = []
+
+    def edit():
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and o.shape == (4, 32, 300)))
+        return edited_rows(model, suppress_token_rows(model, tok))
+    eff = edit_effect(model, ids, edit, seq_len=32, focus=[tok], max_tokens=256, batch_size=4)
+    assert alive == [0, 0] and eff.summary()["focus_positions"] > 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "mem_available", lambda: 1000)
+        with pytest.raises(ValueError, match="a batch of 4 x 32 tokens needs at least"):
+            edit_effect(model, ids, edit, seq_len=32, max_tokens=256, batch_size=4)
 
 
 def test_edit_effect_focus_windows_find_a_late_token():
@@ -578,6 +689,8 @@ def test_ids_are_checked_where_they_enter():
     (lambda m: nearest_tokens(m, 1, 3, n=2.5), "n must be an int"),
     (lambda m: knn_graph(np.ones((5, 3)), 2.0), "k must be an int"),
     (lambda m: knn_graph(np.ones((5, 3)), 5), r"k must be in \[1, 4\] for 5 tokens, got 5"),
+    (lambda m: suppressed_keys(m, 1, [3], scale=float("nan")).__enter__(), "scale must be a finite number, got nan"),
+    (lambda m: bigram_agreement(m, _ids(), min_count=2.5), "min_count must be an int"),
 ])
 def test_options_are_checked_before_any_work(call, message):
     """Each was accepted (tau NaN counted no outlier) or failed inside range(), topk, sklearn or numpy indexing
@@ -944,6 +1057,46 @@ def test_inspect_warns_when_an_edit_moves_what_it_cannot_reach(runs, tmp_path, c
                     "--eval-tokens", "320", "--no-progress") == 0
     warning = "WARNING: edit (a) changed the loss by up to 0.25 nats before the first"
     assert warning in capsys.readouterr().out and warning in (out / "report.md").read_text()
+
+
+@needs_train_deps
+def test_inspect_reads_one_key_column_streamed(runs, tmp_path, monkeypatch):
+    """The token view (each layer's top-key users) and the edit demo (c) built the whole [N, K] coefficient matrix
+    to read one column: 2.8 GB a layer at the 1B shape, twice that while joined. They stream it now, with the
+    same numbers."""
+    report = importlib.import_module("memllm_kernels.interpret.report")
+    real, sizes = report.coefficients, []
+
+    def spy(model, layer, tokens=None, **kw):
+        sizes.append(model.config.vocab_size if tokens is None else len(tokens))
+        return real(model, layer, tokens, **kw)
+    monkeypatch.setattr(report, "coefficients", spy)
+    paths, _ = runs
+    run = str(paths["memoryllm"])
+    assert _inspect(run, "--token", "king", "--no-progress") == 0
+    assert _inspect(run, "--out", str(tmp_path / "rep"), "--skip", "identity,access,clusters,lens,sweeps",
+                    "--eval-tokens", "320", "--no-progress") == 0
+    assert sizes and set(sizes) == {1}, sizes  # one token's coefficients at a time, never a whole pool
+    model = tiny_model()
+    full = coefficients(model, 1)
+    col = np.abs(full.coef[:, 40]) * full.value_norms[40]
+    users = report._key_users(model, 1, 40, np.arange(0, 300, 2), n=5)
+    want = np.arange(0, 300, 2)[np.argsort(-col[::2], kind="stable")[:5]]
+    assert [t for t, _ in users] == want.tolist()
+    np.testing.assert_allclose([c for _, c in users], col[want], rtol=1e-6)
+
+
+@needs_train_deps
+def test_inspect_names_nan_rows_in_one_line(runs, capsys, monkeypatch):
+    """A run whose memory outputs hold NaN failed the identity section with an AssertionError traceback that blamed
+    the decomposition; it is the run's weights, said in one line."""
+    report = importlib.import_module("memllm_kernels.interpret.report")
+    real = report.check_decomposition
+    monkeypatch.setattr(report, "check_decomposition", lambda *a, **kw: {**real(*a, **kw), "nonfinite_tokens": 3,
+                                                                          "ok": False})
+    paths, _ = runs
+    assert _inspect(str(paths["memoryllm"]), "--skip", "access,clusters,lens,sweeps,edits", "--no-progress") == 2
+    assert "NaN or inf memory outputs (layer, tokens): [(0, 3), (1, 3)]" in capsys.readouterr().err
 
 
 @needs_train_deps

@@ -184,6 +184,21 @@ def check_token_ids(model: Transformer, tokens, name: str = "tokens") -> torch.T
     return checked_ids(tokens, V, name).to(device)
 
 
+def check_token_set(model: Transformer, tokens, name: str = "tokens") -> torch.Tensor | None:
+    """None (the vocabulary) or check_token_ids' tensor, refused when an id repeats (ValueError naming it). For the
+    analyses of a set of tokens: a token stream passed as `tokens` listed a token twice in a key's inverted index,
+    and its repeats made cosine-1 cliques that pushed the clustering coefficient towards 1 (1.0 for 3 tokens x 3)."""
+    if tokens is None:
+        return None
+    ids = check_token_ids(model, tokens, name)
+    s = ids.sort().values
+    rep = s[1:][s[1:] == s[:-1]]
+    if rep.numel():
+        raise ValueError(f"{name}: token id {int(rep[0])} occurs more than once; give each token once "
+                         "(np.unique(ids) for the tokens of a text)")
+    return ids
+
+
 def check_token(model: Transformer, token, name: str = "token") -> int:
     """One token id (an int, not 1.7) in [0, V), as an int."""
     ids = check_token_ids(model, [token], name)

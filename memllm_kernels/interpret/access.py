@@ -19,7 +19,7 @@ import torch
 
 from .._checks import int_at_least
 from ..model.model import Transformer
-from ._common import check_layer, int_in, new_figure, save_figure
+from ._common import check_layer, check_token_set, int_in, new_figure, save_figure
 from .coefficients import DEFAULT_CHUNK_TOKENS, iter_coefficients, key_value_weights
 
 
@@ -94,6 +94,7 @@ def access_map(model: Transformer, layer: int, *, k: int = 8, tokens_per_key: in
     K = kv.keys.shape[0]
     k = int_in("k", k, 1, K, " (the layer's key count)")
     tokens_per_key = int_at_least("tokens_per_key", tokens_per_key, 1)
+    tokens = check_token_set(model, tokens)
     vnorm = kv.value_norms
     dev = vnorm.device
     utilization = torch.zeros(K, dtype=torch.int64, device=dev)

@@ -26,6 +26,7 @@ must be exactly zero, and warns when it is not.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ from torch import nn
 
 from .._checks import int_at_least
 from ..model.model import Transformer
+from ..model.train import check_batch_fits
 from ._common import (check_id_stream, check_layer, check_layers, check_token, check_token_ids, checked_ids, int_in,
                       memory_ffn, memory_rows, new_figure, progress_bar, require_memory, save_figure)
 
@@ -43,6 +45,9 @@ from ._common import (check_id_stream, check_layer, check_layers, check_token, c
 def suppressed_keys(model: Transformer, layer: int, keys, scale: float = 0.0):
     """Scale the values of `keys` at `layer` by `scale` (0: suppress) inside the `with` block."""
     m = memory_ffn(model, layer)
+    scale = float(scale)
+    if not math.isfinite(scale):  # NaN or inf made every token's memory at the layer NaN: a loss of NaN, not a number
+        raise ValueError(f"scale must be a finite number, got {scale}")
     w = m.ffn.w_down.weight  # [d, K]: value i is column i
     K = w.shape[1]
     keys = checked_ids(keys, K, "keys", "key", f"layer {layer}'s keys")
@@ -260,19 +265,23 @@ def edit_effect(model: Transformer, ids: np.ndarray, edit, *, seq_len: int, focu
     base, edited, reached = [], [], []
     dprob = torch.zeros(V, dtype=torch.float64, device=dev) if focus else None
     n_focus = 0
+    check_batch_fits(min(batch_size, n_win), seq_len, V, dev)  # as evaluate() does, before the first forward
     for s in progress_bar(range(0, n_win, batch_size), enabled=progress, desc="edit effect", leave=False):
         x, y = win[s:s + batch_size, :-1], win[s:s + batch_size, 1:]
-        lp0 = torch.log_softmax(model(x).float(), -1)
-        with edit():
-            lp1 = torch.log_softmax(model(x).float(), -1)
-        base.append(-lp0.gather(-1, y[..., None])[..., 0].reshape(-1))
-        edited.append(-lp1.gather(-1, y[..., None])[..., 0].reshape(-1))
+        at = torch.isin(x, focus_t) if focus else None
+        # each pass is reduced to what is kept before the next runs: the base pass's [B, T, V] log-probabilities
+        # stayed alive through the edited pass (3 such blocks at its peak, 2 now: 16 x 2,048 x 128,256 float32 is
+        # 16.8 GB each at the 1B shape)
+        for sign, losses, ctx in ((-1.0, base, contextlib.nullcontext), (1.0, edited, edit)):
+            with ctx():
+                lp = torch.log_softmax(model(x).float(), -1)
+            losses.append(-lp.gather(-1, y[..., None])[..., 0].reshape(-1))
+            if focus and at.any():
+                dprob += sign * lp[at].exp().double().sum(0)
+            del lp
         if focus:
-            at = torch.isin(x, focus_t)
             reached.append((at.cumsum(1) > 0).reshape(-1))
-            if at.any():
-                dprob += (lp1[at].exp() - lp0[at].exp()).double().sum(0)
-                n_focus += int(at.sum())
+            n_focus += int(at.sum())
         else:
             reached.append(torch.ones(x.numel(), dtype=torch.bool, device=dev))
     inputs = win[:, :-1].reshape(-1).cpu().numpy()

@@ -142,6 +142,7 @@ def bigram_agreement(model: Transformer, ids: np.ndarray, layers=None, *, k: int
     top-k, over the tokens seen at least `min_count` times in the id stream `ids` (e.g. the training split)."""
     V = model.config.vocab_size
     ids = check_id_stream(model, ids)
+    min_count = int_at_least("min_count", min_count, 1)  # (2.5 was taken as 3)
     toks, succ = top_successors(ids, V, min_count)
     if not len(toks):
         raise ValueError(f"no token occurs {min_count} times in the text; lower min_count")

@@ -27,7 +27,7 @@ from .access import access_map
 from .clusters import (DEFAULT_CLUSTERS, DEFAULT_KNN, DEFAULT_OUTLIER_TAU, DEFAULT_TSNE_SAMPLE, MAX_SEED,
                        MIN_TSNE_SAMPLE, check_tau, cluster_layer, nearest_tokens, outlier_key_counts,
                        plot_layer_summary)
-from .coefficients import check_decomposition, coefficients
+from .coefficients import check_decomposition, coefficients, iter_coefficients, key_value_weights
 from .edits import copy_token_rows, edit_effect, edited_rows, suppress_token_rows, suppressed_keys
 from .lens import SUM, bigram_agreement, memory_lens
 from .sweeps import DEFAULT_ALPHAS, DEFAULT_EVAL_TOKENS, alpha_sweep, layer_drop_sweep, plot_layer_sweeps
@@ -203,6 +203,10 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
                "FFN output, every vocabulary token:", ""]
         md += _table(["layer", "tokens", "max abs error", "max rel error", "ok"],
                      [[r["layer"], r["tokens"], r["max_abs_err"], r["max_rel_err"], str(r["ok"])] for r in rows])
+        nonfinite = [(r["layer"], r["nonfinite_tokens"]) for r in rows if r["nonfinite_tokens"]]
+        if nonfinite:  # the model's data, not the decomposition: one line from `memllm inspect`, no traceback
+            raise ValueError(f"NaN or inf memory outputs (layer, tokens): {nonfinite}; the run's embedding or memory "
+                             "FFN weights hold NaN or inf, and nothing can be read from those rows")
         if not all(r["ok"] for r in rows):
             raise AssertionError(f"the key-value decomposition does not reproduce the memory FFN: {rows}")
 
@@ -384,8 +388,7 @@ def _edits_section(h: RunHandle, tok: int, src: int, layers, val_ids, seq_len, e
                      description=f"key {key} of layer {kl} suppressed (the key {names(tok)} reads most)")
     e3.plot(png("edit_suppress_key.png"), names=names)
     # does the access map predict who is hit? contribution of the key to each input token vs its mean |delta|
-    co = coefficients(model, kl)
-    contrib = np.abs(co.coef[:, key]) * co.value_norms[key]
+    _, contrib = _key_column(model, kl, key)  # [V], indexed by token id
     grouped = e3.by_input(min_count=5)
     in_toks = np.array([t for t, _, _ in grouped])
     hit = np.array([abs(v) for _, v, _ in grouped])
@@ -481,9 +484,20 @@ def token_report(run, token: str, *, layer: int | None = None, k: int = 8, neigh
     return "\n".join(md), info
 
 
+def _key_column(model, layer: int, key: int, tokens=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N], contributions |c_key(t)| ||v_key|| [N]) of `tokens` (None: all) at `layer`, streamed in chunks: the
+    whole [N, K] coefficient matrix for one of its columns was 2.8 GB a layer for the 1B preset (128,256 x 5,464),
+    and twice that while its chunks were joined."""
+    vnorm = key_value_weights(model, layer).value_norms[key]
+    ids, col = [], []
+    for chunk, c in iter_coefficients(model, layer, tokens, verify=True):
+        ids.append(chunk.cpu())
+        col.append((c[:, key].abs() * vnorm).cpu())
+    return torch.cat(ids).numpy(), torch.cat(col).numpy()
+
+
 def _key_users(model, layer: int, key: int, pool, n: int = 10) -> list[tuple[int, float]]:
     """The n tokens (of `pool`, None: all) with the largest contribution on `key` at `layer`."""
-    co = coefficients(model, layer, pool)
-    c = np.abs(co.coef[:, key]) * co.value_norms[key]
+    ids, c = _key_column(model, layer, key, pool)
     order = np.argsort(-c, kind="stable")[:n]
-    return [(int(co.tokens[i]), float(c[i])) for i in order]
+    return [(int(ids[i]), float(c[i])) for i in order]

@@ -95,7 +95,10 @@ def layer_drop_sweep(model: Transformer, ids: np.ndarray, seq_len: int, *, layer
     layers = check_layers(model, layers)
     ids, seq_len, batch_size, max_tokens = _eval_args(model, ids, seq_len, batch_size, max_tokens)
     what = "memory" if model.config.has_memory else "ffn"
-    loss, ppl, n = _eval(model, ids, seq_len, batch_size, max_tokens)
+    # the baseline at alpha 1 with no layer dropped, as every point below is (memory_scale(model, 1.0, [l])): a
+    # model left at alpha 0.5 gave a baseline at 0.5 and points at 1
+    with memory_scale(model, 1.0) if what == "memory" else contextlib.nullcontext():
+        loss, ppl, n = _eval(model, ids, seq_len, batch_size, max_tokens)
     res = SweepResult(model.config.name, what, (loss, ppl), tokens=n)
     for l in progress_bar(layers, enabled=progress, desc=f"layer sweep ({what})", leave=False):
         ctx = memory_scale(model, 1.0, [l]) if what == "memory" else dropped_ffn(model, l)
