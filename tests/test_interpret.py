@@ -118,6 +118,20 @@ def test_identity_check_flags_nan_rows():
     with pytest.raises(ValueError, match=r"layer 0: 1 token\(s\) have a NaN or inf .*first: token id 5"):
         coefficients(model, 0)
     assert check_decomposition(model, 0, [4, 6])["ok"]
+    # access_map without the check (its default): topk ranked the NaN row's keys first and key_max was NaN for all
+    with pytest.raises(ValueError, match="layer 0: token id 5 has NaN or inf coefficients"):
+        access_map(model, 0)
+    assert np.isfinite(access_map(model, 0, tokens=[4, 6]).key_max).all()
+
+
+def test_knn_graph_refuses_a_sample_beyond_memory(monkeypatch):
+    """13 n^2 bytes: a sample of 50,000 tokens needs 32 GB; refused before any is allocated."""
+    clusters = importlib.import_module("memllm_kernels.interpret.clusters")
+    monkeypatch.setattr(clusters, "mem_available", lambda: 13 * 100 * 100 - 1)
+    with pytest.raises(ValueError, match=r"k-NN graph of 100 tokens needs about 0.0 GiB .*--tsne-sample"):
+        knn_graph(np.random.default_rng(0).standard_normal((100, 8)), 3)
+    monkeypatch.setattr(clusters, "mem_available", lambda: 13 * 100 * 100)
+    assert knn_graph(np.random.default_rng(0).standard_normal((100, 8)), 3).shape == (100, 100)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

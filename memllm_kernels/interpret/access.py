@@ -105,6 +105,10 @@ def access_map(model: Transformer, layer: int, *, k: int = 8, tokens_per_key: in
     for ids, c in iter_coefficients(model, layer, tokens, chunk_tokens=chunk_tokens, verify=verify,
                                     progress=progress, desc=f"access L{layer}"):
         contrib = c.abs() * vnorm
+        bad = ~torch.isfinite(contrib).all(1)
+        if bad.any():  # (verify=False) topk ranks NaN first, and one NaN row made key_max NaN for every key
+            raise ValueError(f"layer {layer}: token id {int(ids[bad][0])} has NaN or inf coefficients; the "
+                             "embedding or the memory FFN's weights hold NaN or inf")
         val, idx = contrib.topk(k, dim=1)
         ids_all.append(ids.cpu())
         tk.append(idx.cpu())

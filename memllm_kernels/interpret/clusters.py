@@ -31,6 +31,7 @@ import torch
 
 from .._checks import int_at_least
 from ..model.model import Transformer
+from ..offload.tiers import mem_available
 from ._common import check_layer, check_token, check_token_set, int_in, new_figure, require, save_figure
 from .coefficients import DEFAULT_CHUNK_TOKENS, coefficients
 
@@ -94,6 +95,12 @@ def knn_graph(x: np.ndarray, k: int = DEFAULT_KNN) -> np.ndarray:
     """
     n = x.shape[0]
     k = int_in("k", k, 1, n - 1, f" for {n} tokens")
+    # The similarity (float32), the graph (bool) and local_clustering's two float32 products: 13 n^2 bytes, 32 GB
+    # for a sample of 50,000 tokens; refused up front rather than swapped or killed.
+    need, avail = 13 * n * n, mem_available()
+    if avail is not None and need > avail:
+        raise ValueError(f"the k-NN graph of {n} tokens needs about {need / 2**30:.1f} GiB of memory, "
+                         f"{avail / 2**30:.1f} GiB is available; sample fewer tokens (--tsne-sample)")
     u = torch.from_numpy(normalise_rows(x))
     sim = u @ u.t()
     sim.fill_diagonal_(-float("inf"))
