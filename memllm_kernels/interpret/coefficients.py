@@ -183,8 +183,9 @@ def coefficients(model: Transformer, layer: int, tokens=None, *, chunk_tokens: i
 
 @torch.inference_mode()
 def check_decomposition(model: Transformer, layer: int, tokens=None, *,
-                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
-    """Compare sum_i c_i v_i with the memory FFN's own output for `tokens` (None: all) at `layer`.
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS, progress: bool = False) -> dict:
+    """Compare sum_i c_i v_i with the memory FFN's own output for `tokens` (None: all) at `layer`; progress: a bar
+    over the tokens (two FFN passes over the 1b vocabulary per layer).
 
     Returns {layer, tokens, max_abs_err, max_rel_err (relative to the largest output entry), rtol (the FFN's
     dtype's: identity_rtol), nonfinite_tokens (NaN or inf output or coefficients: errors are over the other
@@ -196,7 +197,8 @@ def check_decomposition(model: Transformer, layer: int, tokens=None, *,
     max_err = max_out = 0.0
     n = n_bad = 0
     rtol = IDENTITY_RTOL
-    for chunk, c in iter_coefficients(model, layer, tokens, chunk_tokens=chunk_tokens):
+    for chunk, c in iter_coefficients(model, layer, tokens, chunk_tokens=chunk_tokens, progress=progress,
+                                      desc=f"identity L{layer}"):
         out = m.lookup(model.tok_embeddings(chunk))
         rtol = identity_rtol(out.dtype)
         out = out.float()

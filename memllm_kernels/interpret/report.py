@@ -196,7 +196,8 @@ def write_report(run, out=None, *, layer: int | None = None, dense=None, seed: i
     # ---- 1. identity
     if "identity" not in skip:
         log("[1/6] key-value decomposition check")
-        rows = [check_decomposition(model, l) for l in progress_bar(layers, enabled=progress, desc="identity")]
+        rows = [check_decomposition(model, l, progress=progress)
+                for l in progress_bar(layers, enabled=progress, desc="identity")]
         res["identity"] = rows
         md += ["## 1. The key-value decomposition", "",
                "c_i(t) = (q.k_i) silu(q.g_i) with q = norm_m,l(E[t]); sum_i c_i v_i against the model's own memory "
