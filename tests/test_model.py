@@ -640,6 +640,56 @@ def test_precompute_values_and_file(tmp_path, kind):
 
 
 @needs_safetensors
+def test_tol_data_checksums(tmp_path, monkeypatch, capsys):
+    """The header holds the crc32 of each DATA_CRC_BLOCK bytes of the data (here 1000: 21 blocks, chunks that
+    straddle them), each equal to zlib's of those bytes. A flipped data byte passed every check: the readers of the
+    whole table (load_tol(mmap=False), the host tier) and verify_tol now refuse it naming the token rows; mapped
+    reads do not look (documented). A file without checksums (written before them) is read unchecked; a malformed
+    list is a corrupted header."""
+    import zlib
+
+    from memllm_kernels.model import tol as T
+    from memllm_kernels.offload import DiskTable, HostTable
+
+    monkeypatch.setattr(T, "DATA_CRC_BLOCK", 1000)
+    table = torch.randn(100, 3, 17)  # 204 bytes a row, 20,400 in all
+    path = tmp_path / "t.safetensors"
+    write_tol_file(path, table.split(9), table.shape, torch.float32, {"format": "memllm-tol", "config": "{}"})
+    meta, _, offset = read_tol_header(path)
+    data = path.read_bytes()[offset:]
+    want = [f"{zlib.crc32(data[i:i + 1000]):08x}" for i in range(0, len(data), 1000)]
+    assert meta["data_crc32"] == ",".join(want) and len(want) == 21
+    assert T.verify_tol(path, progress=True)["blocks"] == 21 and "check t.safetensors" in capsys.readouterr().err
+    assert torch.equal(load_tol(path, mmap=False), table)
+
+    raw = bytearray(path.read_bytes())
+    raw[offset + 5 * 1000 + 300] ^= 0x01  # block 5: bytes 5000-5999, rows 24-29
+    path.write_bytes(bytes(raw))
+    msg = r"t.safetensors: corrupted data: bytes 5000 to 5999 of its table \(token rows 24 to 29\)"
+    for read in (lambda: load_tol(path, mmap=False), lambda: HostTable.from_file(path, chunk_bytes=777),
+                 lambda: T.verify_tol(path)):
+        with pytest.raises(ValueError, match=msg):
+            read()
+    assert not torch.equal(load_tol(path), table)  # mapped: rows read on demand, unchecked
+    assert not torch.equal(DiskTable(path).table, table)
+
+    def rewrite(edit):
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        edit(header["__metadata__"])
+        hb = json.dumps(header).encode()
+        hb += b" " * (-len(hb) % 8)
+        path.write_bytes(struct.pack("<Q", len(hb)) + hb + bytes(raw[8 + n:]))
+
+    rewrite(lambda m: m.pop("data_crc32"))  # an older file: no checksums, read as it is
+    assert T.verify_tol(path)["blocks"] == 0 and load_tol(path, mmap=False).shape == table.shape
+    for bad in ("", "zz", ",".join(want[:-1]), ",".join(want).upper(), 5):
+        rewrite(lambda m: m.update(data_crc32=bad))
+        with pytest.raises(ValueError, match="corrupted header: data_crc32 is not 21 crc32s in hex"):
+            read_tol_header(path)
+
+
+@needs_safetensors
 def test_chunked_writer_equals_one_shot(tmp_path):
     # The writer: one table streamed in 43 chunks is byte-identical to it written at once.
     table = torch.randn(300, 2, 32)

@@ -22,5 +22,6 @@ from .tol import (  # noqa: F401
     precompute_tol,
     read_tol_header,
     swap_ffn_for_tol,
+    verify_tol,
     weights_checksum,
 )

@@ -6,12 +6,15 @@ For Flex models the table holds FFN-M only; FFN-C reads the residual stream and 
 
 File format: a plain safetensors file with one tensor "tol" [V, L, d] and string metadata:
     format "memllm-tol", version, config (the model's ModelConfig as JSON), dtype, weights_sha256 (see
-    `weights_checksum`), layout. It is written in vocabulary chunks straight to disk: we write the
+    `weights_checksum`), layout, data_crc32 (the crc32 of each 64 MiB block of the data, in hex, comma-separated:
+    `DataCheck`; files written before it have none, and are read unchecked). It is written in vocabulary chunks straight to disk: we write the
     safetensors header ourselves (8-byte little-endian header length, JSON padded with spaces to a
     multiple of 8, then the raw row-major data), so peak memory is one chunk (64 MiB by default), not
     the table -- the 1b preset's table is 12.6 GB in bf16, more than half of a 24 GB machine.
 Any safetensors reader opens the result; `load_tol` additionally refuses a file that does not belong
-to the model, is truncated, or has a corrupted header, with a ValueError that names the file.
+to the model, is truncated, or has a corrupted header, with a ValueError that names the file. Readers that read the
+whole table (load_tol(mmap=False), the host tier) also compare its data with data_crc32 as they read; a mapped
+table or the disk tier reads rows on demand, unchecked: `verify_tol` (`memllm check`) reads the file once to check.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import struct
 import time
 import weakref
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -49,6 +53,11 @@ def _st_dtype(dtype) -> str:
     return _ST_DTYPE[dtype]
 _TORCH_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+# Bytes of table data per crc32 in the header: 188 blocks (1.7 KB of header) for the 1b preset's 12.6 GB; crc32
+# runs at 2.6 GB/s on one core of the 2-core AMD EPYC VM (blake2b 0.6, sha256 1.2), so a check adds ~5 s to a read
+# of that table. Per block, so that an error names the token rows that changed.
+DATA_CRC_BLOCK = 64 << 20
+DATA_CRC_KEY = "data_crc32"
 
 
 # ---------------------------------------------------------------- weights the table comes from
@@ -146,8 +155,12 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
     path = Path(path)
     if path.exists() and not path.is_file():  # the rename would replace a folder's entry or a device node
         raise ValueError(f"{path} exists and is not a regular file; write the ToL somewhere else")
-    head = _header_bytes(shape, dtype, metadata)
     expected = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+    # The data's crc32s go in the header, which precedes the data: written with placeholders of the same length
+    # first, and again at the end.
+    crcs = [0] * -(-expected // DATA_CRC_BLOCK)
+    head = _header_bytes(shape, dtype, _with_crcs(metadata, crcs))
+    crc = block_fill = 0  # the running crc32 of the block being written, and its bytes so far
     tmp = Path(f"{path}.partial")
     written = rows = 0
     try:  # created, never truncated: a file of that name is not ours to overwrite (nor, below, to delete)
@@ -164,6 +177,14 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
                                      f"{dtype} table")
                 buf = chunk.cpu().contiguous().view(-1).view(torch.uint8).numpy()
                 f.write(buf)
+                at = 0
+                while at < buf.nbytes and written + at < expected:  # split at block boundaries
+                    take = min(buf.nbytes - at, DATA_CRC_BLOCK - block_fill)
+                    crc = zlib.crc32(buf[at:at + take], crc)
+                    at, block_fill = at + take, block_fill + take
+                    if block_fill == DATA_CRC_BLOCK or written + at == expected:
+                        crcs[(written + at - 1) // DATA_CRC_BLOCK] = crc
+                        crc = block_fill = 0
                 written += buf.nbytes
                 rows += chunk.shape[0]
                 if progress is not None:
@@ -171,6 +192,10 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
             if written != expected:
                 raise ValueError(f"chunks held {rows} rows ({written} bytes), the table needs {shape[0]} "
                                  f"({expected} bytes)")
+            final = _header_bytes(shape, dtype, _with_crcs(metadata, crcs))
+            assert len(final) == len(head)  # fixed-width hex: the data stays where it is
+            f.seek(0)
+            f.write(final)
             f.flush()
             os.fsync(f.fileno())  # on storage before the rename: a crash leaves the old file or the whole new one
         os.replace(tmp, path)
@@ -181,6 +206,10 @@ def write_tol_file(path: str | os.PathLike, chunks, shape, dtype: torch.dtype, m
             pass
         raise
     return len(head) + written
+
+
+def _with_crcs(metadata: dict[str, str], crcs: list[int]) -> dict[str, str]:
+    return {**metadata, DATA_CRC_KEY: ",".join(f"{c:08x}" for c in crcs)}
 
 
 def tol_metadata(model: Transformer, dtype: torch.dtype) -> dict[str, str]:
@@ -295,12 +324,103 @@ def read_tol_header(path: str | os.PathLike) -> tuple[dict[str, str], dict, int]
     if begin != 0 or end != nbytes:
         raise ValueError(f"{path}: corrupted header: data_offsets [{begin}, {end}] do not fit shape {shape} "
                          f"{entry['dtype']} ({nbytes} bytes)")
+    DataCheck(path, meta, entry)  # a malformed data_crc32 is a corrupted header too
     expected = 8 + n + nbytes
     if size != expected:
         what = "truncated" if size < expected else "has trailing bytes"
         raise ValueError(f"{path}: {what}: {size} bytes on disk, the header describes {expected} "
                          f"({shape} {entry['dtype']})")
     return meta, entry, 8 + n
+
+
+class DataCheck:
+    """A ToL file's data against the crc32 of each DATA_CRC_BLOCK bytes in its header (data_crc32), block by block
+    as a reader reads them in order. A file without data_crc32 (written before it) is read unchecked (`enabled`
+    False). ValueError for a malformed data_crc32 (at construction) and for a block that differs (naming its token
+    rows)."""
+
+    def __init__(self, path, meta: dict, entry: dict):
+        self.path, self.nbytes = path, entry["data_offsets"][1]
+        self.row_bytes = self.nbytes // max(1, entry["shape"][0])
+        self.crcs, self.done = None, 0  # the file's crc32s; the blocks checked so far
+        text = meta.get(DATA_CRC_KEY)
+        if text is None:
+            return
+        n = -(-self.nbytes // DATA_CRC_BLOCK)
+        parts = text.split(",") if isinstance(text, str) and text else []
+        if len(parts) != n or not all(len(p) == 8 and set(p) <= set("0123456789abcdef") for p in parts):
+            raise ValueError(f"{path}: corrupted header: {DATA_CRC_KEY} is not {n} crc32s in hex (one per "
+                             f"{DATA_CRC_BLOCK >> 20} MiB of its {self.nbytes} data bytes)")
+        self.crcs = [int(p, 16) for p in parts]
+
+    @property
+    def enabled(self) -> bool:
+        return self.crcs is not None
+
+    def block(self, b: int, data) -> None:
+        """Compare data (a buffer of block b's bytes) with block b's crc32."""
+        if zlib.crc32(data) != self.crcs[b]:
+            lo, hi = b * DATA_CRC_BLOCK, min((b + 1) * DATA_CRC_BLOCK, self.nbytes)
+            raise ValueError(f"{self.path}: corrupted data: bytes {lo} to {hi - 1} of its table (token rows "
+                             f"{lo // self.row_bytes} to {(hi - 1) // self.row_bytes}) differ from what memllm "
+                             "precompute wrote (their crc32 in the header): the file was damaged after it was "
+                             "written; compute it again (memllm precompute RUN --force)")
+
+    def upto(self, data, n: int) -> None:
+        """data: a buffer of the table's data bytes, of which the first n have been read: checks each block that is
+        complete in them and not yet checked."""
+        if self.crcs is None:
+            return
+        while self.done < len(self.crcs):
+            lo = self.done * DATA_CRC_BLOCK
+            hi = min(lo + DATA_CRC_BLOCK, self.nbytes)
+            if hi > n:
+                return
+            self.block(self.done, data[lo:hi])
+            self.done += 1
+
+
+def verify_tol(path: str | os.PathLike, model: Transformer | None = None, *, progress: bool = False) -> dict:
+    """Read a ToL file once and compare its data with the crc32s in its header (and its header with `model`, if
+    given): what the disk tier and a mapped table, which read rows on demand, never do. ValueError naming the file
+    and the token rows of a damaged block. The file's pages are dropped from the page cache behind the reads.
+    progress: a tqdm bar in bytes. Returns {path, bytes, blocks (0: the file has no checksums), seconds}."""
+    meta, entry, offset = read_tol_header(path)
+    if model is not None:
+        check_tol_matches(path, meta, entry["shape"], model)
+    check = DataCheck(path, meta, entry)
+    nbytes = entry["data_offsets"][1]
+    t0 = time.perf_counter()
+    if check.enabled:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"check {Path(path).name}")
+        buf = bytearray(min(DATA_CRC_BLOCK, nbytes))
+        try:
+            with open(path, "rb", buffering=0) as f:
+                fd = f.fileno()
+                f.seek(offset)
+                for b in range(len(check.crcs)):
+                    lo = b * DATA_CRC_BLOCK
+                    view = memoryview(buf)[:min(DATA_CRC_BLOCK, nbytes - lo)]
+                    got = 0
+                    while got < len(view):
+                        k = f.readinto(view[got:])
+                        if not k:
+                            raise ValueError(f"{path}: truncated while reading ({lo + got} of {nbytes} data bytes)")
+                        got += k
+                    check.block(b, view)
+                    if hasattr(os, "posix_fadvise"):  # a check, not a read to keep: leave the page cache as it was
+                        os.posix_fadvise(fd, offset + lo, len(view), os.POSIX_FADV_DONTNEED)
+                    if bar is not None:
+                        bar.update(len(view))
+        finally:
+            if bar is not None:
+                bar.close()
+    return {"path": str(path), "bytes": nbytes, "blocks": len(check.crcs) if check.enabled else 0,
+            "seconds": time.perf_counter() - t0}
 
 
 def check_tol_matches(path, meta: dict[str, str], shape, model: Transformer) -> None:
@@ -333,7 +453,8 @@ def load_tol(path: str | os.PathLike, model: Transformer | None = None, *, mmap:
     """Read a ToL file as a CPU tensor [V, L, d], after checking it belongs to `model` (if given).
 
     mmap=True maps the file (private, copy-on-write): rows are paged in from disk as lookups touch
-    them, so a table larger than RAM still opens. mmap=False reads it all into memory. A mapped table
+    them, so a table larger than RAM still opens. mmap=False reads it all into memory and compares it with the
+    crc32s in its header (DataCheck; ValueError naming the damaged rows). A mapped table
     put in a model (swap_ffn_for_tol) is checked before each layer's read: OSError once its file has
     been truncated or written in place (a read past a truncated file's end is SIGBUS, which kills the
     process); reads of it elsewhere are not.
@@ -353,6 +474,7 @@ def load_tol(path: str | os.PathLike, model: Transformer | None = None, *, mmap:
         got = f.readinto(view)
     if got != entry["data_offsets"][1]:
         raise ValueError(f"{path}: truncated while reading ({got} of {entry['data_offsets'][1]} data bytes)")
+    DataCheck(path, meta, entry).upto(view, got)
     return out
 
 
