@@ -232,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default) = memllm on a GPU with Triton, sdpa elsewhere")
     g.add_argument("--no-progress", action="store_true", help="no progress bar while --tol-location host loads")
 
+    k = sub.add_parser("check", help="read a run's ToL once and check its data against its checksums",
+                       description="Read a ToL file once: its header against the run's model (config and weights) "
+                       "and its data against the crc32 of each 64 MiB that memllm precompute wrote into it. The disk "
+                       "tier and a mapped table (eval/generate --tol on the CPU) read rows on demand and never check "
+                       "them; the host tier checks as it loads.")
+    k.add_argument("run", type=Path, help="run directory")
+    k.add_argument("--tol", type=Path, help="the ToL file (default RUN/tol.safetensors)")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     i = sub.add_parser("info", help="parameter counts of presets or a run",
                        description="Parameter counts in the paper's convention (attention + FFN matrices, no "
                        "embeddings, head or norms; millions truncated). No argument: every preset.")
@@ -266,6 +275,15 @@ def _cmd_train(a) -> int:
     if not a.preset:
         raise ValueError("--preset is required for a new run (e.g. --preset tiny-memoryllm); see `memllm info`")
     cfg = get_preset(a.preset)
+    if not a.force and a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
+        from .model.train import prepare_out_dir
+
+        prepare_out_dir(a.out, force=False)  # refuses, before seconds to minutes of reading and tokenizing the text
+    if a.force and (a.out / "config.json").is_file() and not _is_run_config(a.out / "config.json"):
+        # --force deletes the run files by name: in another tool's folder (a Hugging Face model: config.json,
+        # tokenizer.json, model.safetensors) those are that tool's files
+        raise FileExistsError(f"{a.out} holds a config.json that is not a memllm run's: --force would delete it and "
+                              "any model.safetensors, tokenizer.json, log.jsonl there; give another --out")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     settings = {k: defaults[k] if v is None else v for k, v in settings.items()}
     tc = TrainConfig(steps=500 if a.steps is None else a.steps, minutes=a.minutes, **settings,
@@ -273,6 +291,15 @@ def _cmd_train(a) -> int:
                      text=str(Path(a.text).expanduser().resolve()) if a.text else None, device=a.device or "auto")
     res = train(a.out, cfg, tc, force=a.force, progress=not a.no_progress)
     return 130 if res.get("interrupted") else 0
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether a config.json is (by its sections) one that `memllm train` wrote, damaged settings or not."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8)
+        return False
+    return isinstance(cfg, dict) and {"model", "train", "tokenizer", "data"} <= cfg.keys()
 
 
 # The run settings of `memllm train`: None in the parser, so that --resume can tell which were given; a new run
@@ -468,7 +495,8 @@ def _attach_engine(model, cfg, run: Path, device: str, location: str, cache_rows
 
 
 def _cmd_eval(a) -> int:
-    from .model.train import evaluate, run_tokens
+    from .model import ModelConfig
+    from .model.train import evaluate, read_run_config, run_tokens
 
     if a.threads:
         import torch
@@ -476,15 +504,22 @@ def _cmd_eval(a) -> int:
         torch.set_num_threads(a.threads)
     if a.ffn and a.tol_location:
         raise ValueError("--tol-location runs the ToL; it cannot be combined with --ffn")
+    # The settings and the text are checked before the model and its ToL load (minutes, for a large table read
+    # into host memory).
+    cfg = read_run_config(a.run)
+    mcfg = ModelConfig.from_dict(cfg["model"])
+    seq_len = a.seq_len or cfg["train"]["seq_len"]
+    if seq_len > mcfg.block_size:  # (else the forward refused it, after the progress bar had started)
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's block_size={mcfg.block_size}")
+    bad = sorted({i for i in a.drop_layers if not 0 <= i < mcfg.n_layer})
+    if bad:
+        raise ValueError(f"drop_layers {bad} outside [0, {mcfg.n_layer})")  # (model.set_memory_scale's words)
+    ids, _ = run_tokens(cfg, a.run, "val", a.text)
     model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
                                              progress=not a.no_progress, embedding=a.embedding_location,
                                              bookkeeping=a.cache_bookkeeping)
     if a.alpha != 1.0 or a.drop_layers:
         model.set_memory_scale(a.alpha, a.drop_layers)
-    ids, _ = run_tokens(cfg, a.run, "val", a.text)
-    seq_len = a.seq_len or cfg["train"]["seq_len"]
-    if seq_len > model.config.block_size:  # (else the forward refused it, after the progress bar had started)
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's block_size={model.config.block_size}")
     res = evaluate(model, ids, seq_len, a.batch_size, a.max_tokens, progress=not a.no_progress)
     if not math.isfinite(res["loss"]):  # a perplexity of nan is no result (and no valid JSON)
         src = "its ToL (a corrupted tol.safetensors? rerun memllm precompute)" if (a.tol or a.tol_location) else \
@@ -509,19 +544,26 @@ def _cmd_eval(a) -> int:
 
 
 def _cmd_generate(a) -> int:
-    from .model import generate
+    from .model import ModelConfig, generate
     from .model.data import load_run_tokenizer
+    from .model.train import read_run_config
 
     if a.cuda_graph and not a.device.startswith("cuda"):
         raise ValueError(f"--cuda-graph replays CUDA graphs: it needs --device cuda, not {a.device}")
-    model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
-                                             progress=not a.no_progress, embedding=a.embedding_location,
-                                             bookkeeping=a.cache_bookkeeping)
-    model.decode_attention = a.decode_attention
+    # The prompts are checked before the model and its ToL load (minutes, for a large table in host memory).
+    cfg = read_run_config(a.run)
     tok = load_run_tokenizer(a.run, cfg["tokenizer"])
     prompts = [tok.encode(p) for p in a.prompt]
     if any(not p for p in prompts):
         raise ValueError("empty prompt")
+    block_size = ModelConfig.from_dict(cfg["model"]).block_size
+    if max(map(len, prompts)) + a.max_new_tokens > block_size:
+        raise ValueError(f"prompt ({max(map(len, prompts))} tokens) + --max-new-tokens ({a.max_new_tokens}) exceeds "
+                         f"the model's block_size={block_size}")
+    model, cfg, engine = _load_for_inference(a.run, a.device, a.tol, a.tol_location, a.cache_rows, a.cache_policy,
+                                             progress=not a.no_progress, embedding=a.embedding_location,
+                                             bookkeeping=a.cache_bookkeeping)
+    model.decode_attention = a.decode_attention
     outs = generate(model, prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
                     eos_id=tok.eot_id, cuda_graph=a.cuda_graph, compile=a.compile)
     for text, new in zip(a.prompt, outs):
@@ -564,6 +606,22 @@ def _cmd_info(a) -> int:
     return 0
 
 
+def _cmd_check(a) -> int:
+    from .model.tol import verify_tol
+    from .model.train import load_run
+
+    path = a.tol if a.tol is not None else _tol_path(a.run)
+    model = load_run(a.run, "cpu")[0]
+    res = verify_tol(path, model, progress=not a.no_progress)
+    if not res["blocks"]:
+        print(f"{path}: header matches the run's model; its data has no checksums (written before memllm-kernels "
+              f"wrote them), so it was not checked: `memllm precompute {a.run} --force` writes it again with them")
+    else:
+        print(f"{path}: intact: {res['bytes'] / 1e9:.2f} GB in {res['blocks']} blocks match their crc32s, header "
+              f"matches the run's model ({res['seconds']:.1f} s)")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from .interpret.cli import main as inspect_main
 
@@ -577,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     handler = {"train": _cmd_train, "precompute": _cmd_precompute, "eval": _cmd_eval,
-               "generate": _cmd_generate, "info": _cmd_info, "inspect": _cmd_inspect}[args.cmd]
+               "generate": _cmd_generate, "check": _cmd_check, "info": _cmd_info, "inspect": _cmd_inspect}[args.cmd]
     try:
         return handler(args)
     except BrokenPipeError:  # the reader went away (`memllm info | head -1`): not an error of ours

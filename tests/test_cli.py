@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import zlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 import memllm_kernels as mk
 from memllm_kernels.cli import build_parser, main
 
-SUBCOMMANDS = ["train", "precompute", "eval", "generate", "info"]
+SUBCOMMANDS = ["train", "precompute", "eval", "generate", "check", "info"]
 # Training needs the model's runtime dependencies; a bare GPU test machine may lack them.
 needs_train_deps = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("safetensors", "tokenizers", "tqdm")),
@@ -121,6 +123,16 @@ def test_end_to_end_smoke(tmp_path, text, capsys):
     rc, out, err = run(capsys, "info", str(runs))
     assert rc == 0 and "tiny-memoryllm" in out
 
+    # check: the table read once against its crc32s; a damaged byte names its rows, exit 2
+    rc, out, err = run(capsys, "check", str(runs), "--no-progress")
+    assert rc == 0 and f"{runs / 'tol.safetensors'}: intact: 0.00 GB in 1 blocks match their crc32s" in out, err
+    raw = bytearray((runs / "tol.safetensors").read_bytes())
+    raw[-5] ^= 0xFF
+    (runs / "tol.safetensors").write_bytes(bytes(raw))
+    rc, out, err = run(capsys, "check", str(runs), "--no-progress")
+    assert rc == 2 and "tol.safetensors: corrupted data: bytes 0 to 1966079 of its table (token rows 0 to 319)" in err
+    assert f"memllm precompute {runs} --force" in err and len(err.strip().splitlines()) == 1
+
 
 def test_info_prints_the_paper_counts(capsys):
     rc, out, _ = run(capsys, "info")
@@ -189,6 +201,54 @@ def test_refusals_have_clear_messages(tmp_path, text, capsys):
     assert run(capsys, "train", "--out", str(runs), "--resume", "--no-progress", "--steps", "2", "--device", "cpu")[0] == 0
     assert run(capsys, *args, "--force", "--seed", "1")[0] == 0
     assert (runs / "model.safetensors").read_bytes() != before
+
+
+def test_existing_out_is_refused_before_the_text_is_read(tmp_path, capsys):
+    """An existing run (or a file) as --out was refused only after the text was read and tokenized (seconds for
+    Shakespeare, minutes for a large --text): now first, so a missing text is not even looked at."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    for out, message in ((tmp_path / "run", "already exists and is not empty; pass --force"),
+                         (tmp_path / "run" / "notes.txt", "exists and is not a directory")):
+        rc, _, err = run(capsys, "train", "--preset", "tiny-memoryllm", "--out", str(out), "--text",
+                         str(tmp_path / "missing.txt"), "--steps", "1")
+        assert rc == 2 and message in err and "does not exist" not in err, err
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_force_refuses_a_folder_of_another_tool(tmp_path, capsys):
+    """--force deletes the run files by name: in a Hugging Face model folder it deleted config.json, tokenizer.json
+    and model.safetensors. A config.json that is not a run's is refused now."""
+    folder = tmp_path / "hf-model"
+    folder.mkdir()
+    for name, data in (("config.json", '{"architectures": ["GPT2LMHeadModel"]}'), ("tokenizer.json", "{}")):
+        (folder / name).write_text(data)
+    rc, _, err = run(capsys, "train", "--preset", "tiny-memoryllm", "--out", str(folder), "--force", "--text",
+                     str(tmp_path / "missing.txt"), "--steps", "1")
+    assert rc == 2 and "holds a config.json that is not a memllm run's" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json"]
+
+
+@needs_train_deps
+def test_bad_input_is_refused_before_the_model_loads(tmp_path, text, capsys, monkeypatch):
+    """generate's empty or too long prompt, eval's missing text, bad layer or seq_len were refused only after the
+    model and its ToL had loaded (minutes for a large table read into host memory with --tol-location host)."""
+    runs = tmp_path / "run"
+    assert run(capsys, "train", "--preset", "tiny-memoryllm", "--out", str(runs), "--text", str(text), "--steps", "1",
+               "--tokenizer", "bpe-300", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+               "--final-eval-tokens", "16", "--no-progress")[0] == 0
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr("memllm_kernels.cli._load_for_inference", no_loading)
+    for argv, message in ((["generate", "--prompt", "the", "--prompt", ""], "empty prompt"),
+                          (["generate", "--prompt", "the king", "--max-new-tokens", "255"],
+                           "tokens) + --max-new-tokens (255) exceeds the model's block_size=256"),
+                          (["eval", "--text", str(tmp_path / "missing.txt")], "missing.txt does not exist"),
+                          (["eval", "--drop-layers", "0,6"], "drop_layers [6] outside [0, 6)"),
+                          (["eval", "--seq-len", "999"], "--seq-len 999 exceeds the model's block_size=256")):
+        rc, _, err = run(capsys, argv[0], str(runs), "--tol-location", "host", *argv[1:])
+        assert rc == 2 and message in err, err
 
 
 @pytest.mark.requires_cuda
@@ -406,10 +466,20 @@ def test_damaged_run_files_are_one_line_errors(tmp_path, text, capsys):
     assert rc == 2 and "optimizer.safetensors cannot be read" in err
     assert (r / "config.json").read_bytes() == before
 
-    # a ToL whose data bytes became 0xFF (NaN in float32); its header and weights checksum still fit the model
-    def nan_rows(b):
+    # a ToL whose data bytes became 0xFF (NaN in float32); its header and weights checksum still fit the model, and
+    # its data checksums are made to fit too (else the host tier refuses it as it loads: below)
+    def nan_rows(b, crcs=True):
         (n,) = struct.unpack("<Q", b[:8])
-        return b[:8 + n] + b"\xff" * (len(b) - 8 - n)
+        data = b"\xff" * (len(b) - 8 - n)
+        header = json.loads(b[8:8 + n])
+        if crcs:
+            header["__metadata__"]["data_crc32"] = f"{zlib.crc32(data):08x}"  # one 64 MiB block
+        hb = json.dumps(header).encode()
+        hb += b" " * (-len(hb) % 8)
+        return struct.pack("<Q", len(hb)) + hb + data
+    r = damaged("nancrc", "tol.safetensors", partial(nan_rows, crcs=False))
+    rc, _, err = run(capsys, "eval", str(r), "--tol-location", "host", "--max-tokens", "64", "--no-progress")
+    assert rc == 2 and "tol.safetensors: corrupted data: bytes 0 to" in err, err
     r = damaged("nan", "tol.safetensors", nan_rows)
     for flags in (["--tol"], ["--tol-location", "host"], ["--tol-location", "disk"]):
         rc, out, err = run(capsys, "eval", str(r), *flags, "--max-tokens", "64", "--no-progress", "--json")
@@ -563,6 +633,53 @@ def test_resume_interrupts_and_misdirected_paths(tmp_path, text, capsys, monkeyp
         assert rc == code and ("interrupted" in err if code == 130 else err == "")
 
 
+def test_runs_interrupted_before_the_step_count_is_fixed_or_in_the_final_evaluation(tmp_path, text, capsys,
+                                                                                       monkeypatch):
+    """A --minutes run stopped by Ctrl-C before its 3rd step kept the placeholder 500 steps in config.json, which
+    --resume then trained: the count comes from the steps there were. Ctrl-C in the final evaluation left a run at
+    its last step without summary.json, which --resume refused ('already at step 2'): it now evaluates."""
+    import signal
+
+    from memllm_kernels.model import train as T
+
+    args = ["--preset", "tiny-memoryllm", "--text", str(text), "--tokenizer", "bpe-300", "--batch-size", "2",
+            "--seq-len", "16", "--no-progress", "--warmup", "3"]
+    orig_get_batch = T.get_batch
+
+    def get_batch(ids, step, tc):
+        if step == 0:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the first step
+        return orig_get_batch(ids, step, tc)
+
+    monkeypatch.setattr(T, "get_batch", get_batch)
+    handler_before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc, out, _ = run(capsys, "train", "--out", str(tmp_path / "m"), "--minutes", "0.05", *args)
+    finally:
+        signal.signal(signal.SIGINT, handler_before)
+    monkeypatch.setattr(T, "get_batch", orig_get_batch)
+    steps = json.loads((tmp_path / "m" / "config.json").read_text())["train"]["steps"]
+    assert rc == 130 and steps != 500 and f"stopped at step 1 of {steps} with a checkpoint" in out, out
+
+    orig_evaluate, calls = T.evaluate, []
+
+    def evaluate(*a, **kw):
+        calls.append(kw.get("max_tokens"))
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C in the final evaluation
+        return orig_evaluate(*a, **kw)
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    rc, _, err = run(capsys, "train", "--out", str(tmp_path / "e"), "--steps", "2", "--eval-every", "0",
+                     "--final-eval-tokens", "32", *args)
+    assert rc == 130 and "interrupted" in err and not (tmp_path / "e" / "summary.json").exists()
+    rc, out, _ = run(capsys, "train", "--out", str(tmp_path / "e"), "--resume", "--no-progress")
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert rc == 0 and calls == [32, 32] and summary["steps"] == 2 and summary["final_train_loss"] is None, out
+    rc, _, err = run(capsys, "train", "--out", str(tmp_path / "e"), "--resume", "--no-progress")
+    assert rc == 2 and "already at step 2 of 2" in err  # now that it has its summary
+
+
 def test_unknown_options_are_reported_by_the_subcommand(capsys):
     """`memllm generate RUN --ffn` printed the top-level usage and 'memllm: error'; the subcommand's own now."""
     with pytest.raises(SystemExit) as e:
@@ -570,3 +687,20 @@ def test_unknown_options_are_reported_by_the_subcommand(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("usage: memllm generate")
     assert "memllm generate: error: unrecognized arguments: --ffn" in err
+
+
+@pytest.mark.filterwarnings("ignore:'memllm_kernels.interpret.cli' found in sys.modules")  # runpy's, as under -m
+def test_standalone_inspect_is_interrupted_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """`python -m memllm_kernels.interpret.cli inspect RUN` ended Ctrl-C with a traceback; now one line, as memllm."""
+    import runpy
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("memllm_kernels.interpret.report.write_report", interrupted)
+    monkeypatch.setattr(sys, "argv", ["cli.py", "inspect", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        try:
+            runpy.run_module("memllm_kernels.interpret.cli", run_name="__main__")
+        except KeyboardInterrupt:
+            pytest.fail("KeyboardInterrupt escaped (a traceback)")
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "memllm inspect: interrupted"

@@ -300,6 +300,9 @@ def test_generate_sampling_options():
     greedy = generate(model, [[1, 2]], 6)[0]
     stopped = generate(model, [[1, 2]], 6, eos_id=greedy[2])[0]
     assert stopped == greedy[:3]
+    # a temperature that is 0 in float32 made the logits inf, the probabilities NaN and token 0 the pick
+    for tiny_t in (1e-300, 1e-40, 1e-30):
+        assert generate(model, [[1, 2]], 6, temperature=tiny_t, seed=0)[0] == greedy, tiny_t
     with pytest.raises(ValueError, match="exceeds block_size"):
         generate(model, [[1] * 60], 10)
     with pytest.raises(ValueError, match="at least one token"):
@@ -775,8 +778,13 @@ def test_load_refuses_other_weights(tmp_path):
     model = tiny_model("memoryllm")
     path, _ = _tol_file(tmp_path, model)
     other = tiny_model("memoryllm")  # same config, other random weights
-    with pytest.raises(ValueError, match=f"{path}.*other weights"):
-        load_tol(path, other)
+    with pytest.raises(ValueError, match=f"{path}.*other weights.*rerun `memllm precompute {tmp_path} --force`"):
+        load_tol(path, other)  # (the run's folder, not a placeholder RUN)
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    path.rename(elsewhere)
+    with pytest.raises(ValueError, match=f"rerun `memllm precompute RUN --out {elsewhere} --force`"):
+        load_tol(elsewhere, other)
+    elsewhere.rename(path)
     with torch.no_grad():
         model.layers[1].memory.ffn.w_up.weight[3, 4] += 1e-3  # one weight changed
     with pytest.raises(ValueError, match="other weights"):
@@ -1209,6 +1217,8 @@ def test_bpe_tokenizer_and_token_cache(tmp_path, monkeypatch):
     assert D.load_run_tokenizer(tmp_path, "bpe-320").fingerprint == tok.fingerprint
     with pytest.raises(ValueError, match="unknown tokenizer"):
         D.make_tokenizer("sentencepiece", works)
+    with pytest.raises(ValueError, match=r"tokenizer bpe-10: at least bpe-300"):  # from the spec: before any text
+        D.parse_tokenizer_spec("bpe-10")
     with pytest.raises(ValueError, match=r"bpe-1000: the training text yields only (\d+) ids; ask for bpe-\1 or fewer") \
             as e:
         D.make_tokenizer("bpe-1000", works)

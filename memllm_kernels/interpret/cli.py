@@ -143,4 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main(build_parser().parse_args()))
+    try:
+        sys.exit(main(build_parser().parse_args()))
+    except KeyboardInterrupt:  # as `memllm inspect` ends: one line, no traceback
+        print("\nmemllm inspect: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -247,6 +247,8 @@ def parse_tokenizer_spec(spec: str) -> int | None:
         n = int(spec[4:])
         if n > MAX_BPE_VOCAB:
             raise ValueError(f"tokenizer {spec}: at most bpe-{MAX_BPE_VOCAB} (GPT-2 has 50,257 ids, Llama-3 128,256)")
+        if n < MIN_BPE:  # here, not after the text was read and split (BPETokenizer.train says it too)
+            raise ValueError(f"tokenizer {spec}: at least bpe-{MIN_BPE} (256 bytes + {EOT} need >= {MIN_BPE})")
         return n
     raise ValueError(f"unknown tokenizer {spec!r}; use 'gpt2' or 'bpe-N' (e.g. bpe-8192)")
 

@@ -438,7 +438,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     """logits [B, V] -> next ids [B]. temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # Shifted to a maximum of 0 first, and the temperature at least float32's smallest normal: a temperature of
+    # 1e-300 (0 in float32) made every logit inf, the probabilities NaN, and token 0 the pick.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

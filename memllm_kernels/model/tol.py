@@ -364,7 +364,7 @@ class DataCheck:
             raise ValueError(f"{self.path}: corrupted data: bytes {lo} to {hi - 1} of its table (token rows "
                              f"{lo // self.row_bytes} to {(hi - 1) // self.row_bytes}) differ from what memllm "
                              "precompute wrote (their crc32 in the header): the file was damaged after it was "
-                             "written; compute it again (memllm precompute RUN --force)")
+                             f"written; compute it again ({_precompute_hint(self.path)})")
 
     def upto(self, data, n: int) -> None:
         """data: a buffer of the table's data bytes, of which the first n have been read: checks each block that is
@@ -446,7 +446,15 @@ def check_tol_matches(path, meta: dict[str, str], shape, model: Transformer) -> 
     if meta.get("weights_sha256") != have:
         raise ValueError(f"{path}: ToL was computed from other weights (weights_sha256 "
                          f"{meta.get('weights_sha256')} in the file, {have} for this model); rerun "
-                         "`memllm precompute RUN --force` for this model (it replaces the stale file)")
+                         f"`{_precompute_hint(path)}` for this model (it replaces the stale file)")
+
+
+def _precompute_hint(path) -> str:
+    """The command that writes the ToL at `path` again: a run's own file (RUN/tol.safetensors) names its run."""
+    path = Path(path)
+    if path.name == "tol.safetensors":
+        return f"memllm precompute {path.parent} --force"
+    return f"memllm precompute RUN --out {path} --force"
 
 
 def load_tol(path: str | os.PathLike, model: Transformer | None = None, *, mmap: bool = True) -> torch.Tensor:

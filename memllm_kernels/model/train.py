@@ -537,7 +537,9 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         model_cfg = ModelConfig.from_dict(saved["model"])
         tc = TrainConfig(**saved["train"])
         done = _read_state(out)["step"]
-        if (tc.steps if steps is None else steps) <= done:
+        target = tc.steps if steps is None else steps
+        # At its last step but without summary.json (interrupted in the final evaluation), a resume evaluates.
+        if target < done or (target == done and (out / "summary.json").is_file()):
             raise ValueError(f"{out} is already at step {done} of {tc.steps}; pass --steps above {done} to "
                              "train it further")
         check_weights_fit(out / "model.safetensors", model_cfg, "; the run cannot be resumed: retrain with --force")
@@ -636,16 +638,19 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
             step += 1
             tokens += x.numel()
             step_times.append(dt)
-            if tc.minutes is not None and step == start + 3 and not resume:
+            if tc.minutes is not None and not resume and (step == start + 3 or (interrupt.hit and step < start + 3)):
                 # Fix the step count from the 2nd and 3rd steps' speed (the 1st warms caches up), leaving
                 # ~10% of the time for evaluations; recorded in config.json so the run is repeatable
-                # with --steps.
-                tc.steps = max(step + 1, int(0.9 * tc.minutes * 60 / (sum(step_times[1:]) / 2)))
+                # with --steps. Interrupted before that, from the steps there were: config.json kept the
+                # placeholder 500, which a --resume then trained.
+                timed = step_times[1:] or step_times
+                per_step = sum(timed) / len(timed)
+                tc.steps = max(step + 1, int(0.9 * tc.minutes * 60 / per_step))
                 run_cfg["train"]["steps"] = tc.steps
                 D.save_json(out / "config.json", run_cfg)
                 if bar:
                     bar.total = tc.steps
-                log(f"--minutes {tc.minutes}: {tc.steps} steps at {sum(step_times[1:]) / 2:.2f} s/step")
+                log(f"--minutes {tc.minutes}: {tc.steps} steps at {per_step:.2f} s/step")
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{ce_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{x.numel() / dt:,.0f}")
