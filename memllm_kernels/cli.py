@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a decode step's attention: memllm = one kernel per layer for RoPE, the cache write and "
                    "attention (Triton on a GPU, its PyTorch reference on the CPU); sdpa = torch's SDPA; auto "
                    "(default) = memllm on a GPU with Triton, sdpa elsewhere")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar while --tol-location host loads")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the host tier's load, the decode steps)")
 
     k = sub.add_parser("check", help="read a run's ToL once and check its data against its checksums",
                        description="Read a ToL file once: its header against the run's model (config and weights) "
@@ -565,7 +566,7 @@ def _cmd_generate(a) -> int:
                                              bookkeeping=a.cache_bookkeeping)
     model.decode_attention = a.decode_attention
     outs = generate(model, prompts, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
-                    eos_id=tok.eot_id, cuda_graph=a.cuda_graph, compile=a.compile)
+                    eos_id=tok.eot_id, cuda_graph=a.cuda_graph, compile=a.compile, progress=not a.no_progress)
     for text, new in zip(a.prompt, outs):
         print(text + tok.decode([i for i in new if i != tok.eot_id]))
         if len(a.prompt) > 1:

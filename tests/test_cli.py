@@ -660,6 +660,10 @@ def test_runs_interrupted_before_the_step_count_is_fixed_or_in_the_final_evaluat
     monkeypatch.setattr(T, "get_batch", orig_get_batch)
     steps = json.loads((tmp_path / "m" / "config.json").read_text())["train"]["steps"]
     assert rc == 130 and steps != 500 and f"stopped at step 1 of {steps} with a checkpoint" in out, out
+    (tmp_path / "m" / "tol.safetensors").write_bytes(b"a ToL of the step-1 weights")
+    rc, out, _ = run(capsys, "train", "--out", str(tmp_path / "m"), "--resume", "--steps", "2", "--no-progress",
+                     "--final-eval-tokens", "32")
+    assert rc == 0 and f"{tmp_path / 'm' / 'tol.safetensors'} holds the ToL of the weights before this resume" in out
 
     orig_evaluate, calls = T.evaluate, []
 

@@ -290,8 +290,10 @@ def test_generate_batched_left_padding_matches_single(kind):
     assert seq[len(prompts[0]):] == single[0]
 
 
-def test_generate_sampling_options():
+def test_generate_sampling_options(capsys):
     model = tiny_model("memoryllm")
+    assert generate(model, [[1, 2]], 4, progress=True) == generate(model, [[1, 2]], 4)
+    assert "generate" in capsys.readouterr().err  # the bar over the decode steps (only with progress)
     a = generate(model, [[1, 2], [3]], 10, temperature=1.0, top_k=20, seed=3)
     b = generate(model, [[1, 2], [3]], 10, temperature=1.0, top_k=20, seed=3)
     c = generate(model, [[1, 2], [3]], 10, temperature=1.0, top_k=20, seed=4)

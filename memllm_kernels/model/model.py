@@ -458,7 +458,7 @@ EOS_CHECK_EVERY = 16  # decode steps between checks for all rows done on a GPU (
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, seed: int | None = None, eos_id: int | None = None,
-             cuda_graph: bool = False, compile: bool = False) -> list[list[int]]:
+             cuda_graph: bool = False, compile: bool = False, progress: bool = False) -> list[list[int]]:
     """Continue a batch of prompts (lists of ids, any lengths >= 1) with a KV cache.
 
     Prompts are left-padded to a common length; `pad` keeps padding out of attention and RoPE, so each
@@ -466,7 +466,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     over the `top_k` most likely tokens (all if None), repeatable with `seed`. A row stops at `eos_id`
     (which is kept). cuda_graph: replay each decode step from a CUDA graph (DecodeGraph; CUDA only, the
     same tokens). compile: decode steps through torch.compile (graphs.compile_decode; its first step compiles,
-    tens of seconds; logits equal up to the rounding of fused kernels). Returns the new ids of each prompt;
+    tens of seconds; logits equal up to the rounding of fused kernels). progress: a tqdm bar over the decode steps
+    (on stderr; it reads nothing from the device). Returns the new ids of each prompt;
     ValueError if a step's logits were not finite (a corrupted ToL: NaN rows sampled token 0 without a word).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -515,7 +516,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         done = torch.zeros(B, dtype=torch.bool, device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end, as the ids are
         pos = torch.empty(1, dtype=torch.long, device=device)
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_new_tokens, unit="tok", desc="generate", leave=False, disable=not progress)
         for t in range(max_new_tokens):
+            bar.update(1)
             finite &= torch.isfinite(logits).all()  # NaN logits sample token 0 (argmax), a silent wrong answer
             nxt = _sample(logits, temperature, top_k, gen)
             steps.append(nxt)
@@ -530,6 +535,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 logits = graph(nxt[:, None], T0 + t, pad)[:, -1]
             elif t + 1 < max_new_tokens:
                 logits = decode(nxt[:, None], input_pos=pos.fill_(T0 + t), pad=pad)[:, -1]
+        bar.close()
         out = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]
         if not bool(finite):
             raise ValueError("the model's logits became non-finite (NaN or inf) while generating: its weights (did "

@@ -674,6 +674,9 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, tc: Trai
         if bar:
             bar.close()
         logf.close()
+    if resume and step > start and (out / "tol.safetensors").is_file():  # (eval --tol would refuse it, later)
+        log(f"note: {out / 'tol.safetensors'} holds the ToL of the weights before this resume; "
+            f"`memllm precompute {out} --force` writes theirs")
     if interrupt.hit and step < tc.steps:
         log(f"interrupted: stopped at step {step} of {tc.steps} with a checkpoint; continue with "
             f"`memllm train --out {out} --resume`")
