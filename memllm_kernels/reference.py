@@ -43,7 +43,8 @@ def tol_gather_add(
     """hidden + table[ids] (table [V, d]) or hidden + table[ids, layer] (table [V, L, d]).
 
     hidden: [..., d] float32/float16/bfloat16; ids: [...] int32/int64 (hidden's leading shape);
-    returns a new tensor shaped and typed like hidden.
+    returns a new contiguous tensor shaped and typed like hidden (as the kernels do: the sum alone kept a
+    transposed hidden's strides, so backend='reference' returned a non-contiguous tensor).
     The sum is taken in float32 (float64 if an input is float64; rounded to a 16-bit hidden through float32,
     as torch converts float64) and rounded once to hidden's dtype. For two 16-bit operands this
     equals PyTorch's own same-dtype `hidden + rows` (which also upcasts to float32), and since
@@ -52,7 +53,7 @@ def tol_gather_add(
     """
     rows = tol_rows(table, ids, layer)
     acc = torch.promote_types(torch.promote_types(hidden.dtype, table.dtype), torch.float32)  # float64 stays
-    return (hidden.to(acc) + rows.to(acc)).to(hidden.dtype)
+    return (hidden.to(acc) + rows.to(acc)).to(hidden.dtype).contiguous()
 
 
 def tol_gather_add_backward_table(grad: torch.Tensor, ids: torch.Tensor, table_shape, table_dtype,

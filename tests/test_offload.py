@@ -52,7 +52,7 @@ NO_TRITON = [p for p in ALL_BACKENDS if p.values[0] != "triton"]
 # ---- tolerances, with reasons ----
 # tol_host_gather and tol_cache_prefetch copy rows: bit exact. tol_cached_gather_add adds in float32 and rounds
 # once, exactly like tol_gather_add, so it must equal tol_gather_add over the full table bit for bit (Triton's
-# interpreter truncates fp32 -> bf16: assert_matches_reference allows exactly that, as in test_tol_gather_add).
+# interpreter too).
 STRESS_STEPS = 100_000
 
 

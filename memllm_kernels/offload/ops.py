@@ -65,7 +65,8 @@ def tol_host_gather(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, r
     table: [V, d] or [V, L, d], dense rows, on out's device or in host memory (on a GPU: registered or
            pinned memory, read by the kernel over PCIe; the pinned host tier is such memory).
     ids:   [N] int32/int64 on out's device (on the CPU for a CPU out), each in [0, V).
-    out:   [M, ...] with table's row shape and dtype; rows: [N] int32/int64 in [0, M), or None (M >= N).
+    out:   [M, ...] with table's row shape and dtype; rows: [N] int32/int64 in [0, M), or None (M >= N). A row
+           given twice in rows gets one of its writes, which one unspecified (the backends write in parallel).
     Returns out. check_ids=False skips the range checks (no device sync): a bad id then writes a NaN row,
     a bad destination row is skipped; nothing outside table or out is touched. out must share no memory with
     table, ids or rows, nor have elements that share memory (ValueError).

@@ -32,12 +32,15 @@ def cached_rows(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.Tensor, 
     host_table[id]; [..., d] (with layer, or for [V, d] tables) or [..., L, d] (whole token rows, layer None)
     in the tables' dtype on cache's device. An id outside [0, V) gets a NaN row (check_ids=False)."""
     flat, ok = valid_ids(ids, host_table.shape[0])
-    slots = slot_map[flat.to(slot_map.device)].long().to(cache.device)
-    hit = (slots >= 0) & (slots < cache.shape[0])
-    rows = host_table.index_select(0, flat.to(host_table.device)).to(cache.device)  # [N, ...]
-    if cache.shape[0]:
-        from_cache = cache.index_select(0, slots.clamp(0, cache.shape[0] - 1))
-        rows = torch.where(hit.view(-1, *([1] * (rows.dim() - 1))), from_cache, rows)
+    if host_table.shape[0] == 0:  # V = 0: every id is bad (check_ids=False), nothing to read (indexing raised)
+        rows = cache.new_empty(flat.shape[0], *cache.shape[1:])
+    else:
+        slots = slot_map[flat.to(slot_map.device)].long().to(cache.device)
+        hit = (slots >= 0) & (slots < cache.shape[0])
+        rows = host_table.index_select(0, flat.to(host_table.device)).to(cache.device)  # [N, ...]
+        if cache.shape[0]:
+            from_cache = cache.index_select(0, slots.clamp(0, cache.shape[0] - 1))
+            rows = torch.where(hit.view(-1, *([1] * (rows.dim() - 1))), from_cache, rows)
     rows = nan_where_bad(rows, ok.to(rows.device))
     if layer is not None:
         rows = rows[:, layer]
@@ -50,7 +53,7 @@ def tol_cached_gather_add(hidden: torch.Tensor, ids: torch.Tensor, slot_map: tor
     float32 (float64 if an input is float64), rounded once to hidden's dtype (as tol_gather_add)."""
     rows = cached_rows(ids, slot_map, cache, host_table, layer)
     acc = torch.promote_types(torch.promote_types(hidden.dtype, cache.dtype), torch.float32)
-    return (hidden.to(acc) + rows.to(acc)).to(hidden.dtype)
+    return (hidden.to(acc) + rows.to(acc)).to(hidden.dtype).contiguous()  # a new contiguous tensor, as the kernels
 
 
 def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
@@ -73,7 +76,7 @@ def tol_cache_prefetch(ids: torch.Tensor, slot_map: torch.Tensor, cache: torch.T
     flat = ids.reshape(-1).long()
     first.copy_(first_occurrence(flat))
     clamped, ok = valid_ids(flat.to(slot_map.device), host_table.shape[0])
-    s = slot_map[clamped].long()
+    s = slot_map[clamped].long() if slot_map.numel() else torch.full_like(clamped, -1)  # V = 0: no slot to read
     s = torch.where(ok & (s >= 0) & (s < cache.shape[0]), s, -1)  # a bad id (check_ids=False): -1, a NaN row
     slots.copy_(s.to(torch.int32))
     uniq = (first.long() == torch.arange(flat.numel(), device=first.device)).nonzero().reshape(-1)

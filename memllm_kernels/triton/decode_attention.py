@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
-from .tol_gather_add import _INTERPRET, _fake_run, _on, to_out_dtype
+from .tol_gather_add import _INTERPRET, _fake_run, _on, to_acc, to_out_dtype
 
 _BLOCK_S = 256 if _INTERPRET else 64  # keys per loop step (the interpreter pays per step, not per element)
 
@@ -45,10 +45,15 @@ def _load_block(kc, vc, start, end, cache_ss, i, im, HALF: tl.constexpr, BLOCK_S
 @triton.jit
 def _to_dtype(x, dtype: tl.constexpr):
     """x in dtype: rounded to nearest even where that narrows it (to_out_dtype: float64 through float32, as torch
-    converts), exact where it widens."""
+    converts), exact where it widens; float16 <-> bfloat16 through float32, rounded once (under the interpreter a
+    plain cast truncated: a float16 qkv's value was stored in a bfloat16 cache an ulp off)."""
+    if dtype.primitive_bitwidth > x.dtype.primitive_bitwidth:
+        return to_acc(x, dtype)
+    if dtype.primitive_bitwidth == x.dtype.primitive_bitwidth and dtype != x.dtype:
+        return to_out_dtype(to_acc(x, tl.float32), dtype)
     if dtype.primitive_bitwidth < x.dtype.primitive_bitwidth:
         return to_out_dtype(x, dtype)
-    return x.to(dtype)
+    return x
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _checks
-from .tol_gather_add import _fake_run, _on, _rows, _tiles, to_out_dtype
+from .tol_gather_add import _fake_run, _on, _rows, _tiles, to_acc, to_out_dtype
 
 
 @triton.jit
@@ -33,11 +33,11 @@ def tol_cached_gather_add_kernel(
     miss = id_ok & ~hit
     mask = row_ok[:, None] & (cols < d)[None, :]
     acc = tl.float64 if FP64 else tl.float32
-    h = tl.load(hidden_ptr + rows[:, None] * hidden_rs + cols[None, :], mask=mask).to(acc)
-    rc = tl.load(cache_ptr + slot[:, None] * cache_rs + cache_layer_offset + cols[None, :],
-                 mask=mask & hit[:, None], other=0.0).to(acc)
-    rh = tl.load(host_ptr + ids[:, None] * host_rs + host_layer_offset + cols[None, :],
-                 mask=mask & miss[:, None], other=0.0).to(acc)
+    h = to_acc(tl.load(hidden_ptr + rows[:, None] * hidden_rs + cols[None, :], mask=mask), acc)
+    rc = to_acc(tl.load(cache_ptr + slot[:, None] * cache_rs + cache_layer_offset + cols[None, :],
+                        mask=mask & hit[:, None], other=0.0), acc)
+    rh = to_acc(tl.load(host_ptr + ids[:, None] * host_rs + host_layer_offset + cols[None, :],
+                        mask=mask & miss[:, None], other=0.0), acc)
     r = tl.where(hit[:, None], rc, rh)
     r = tl.where(id_ok[:, None], r, float("nan"))
     out = to_out_dtype(h + r, out_ptr.dtype.element_ty)

@@ -24,6 +24,19 @@ from .. import _checks
 # under it we launch 8x bigger tiles: T=4097, d=2048 becomes 129 programs (~0.3 s), not 1025.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TILE_ELEMS = 1 << 16 if _INTERPRET else 1 << 13
+# The kernels' own bfloat16 conversions under the interpreter (compiled away on a GPU): Triton 3.8's interpreter
+# converts float32 <-> bfloat16 itself (triton/runtime/interpreter.py, _convert_float), truncating instead of
+# rounding and getting subnormals wrong both ways: a bfloat16 subnormal was read as 0 or as another number (2.8e-40
+# as 5.9e-39), and a float32 sum below 2^-126 was stored as up to 40000 times itself (5.3e-44 as 2.2e-39).
+INTERPRET_BF16 = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def to_acc(x, acc: tl.constexpr):
+    """A loaded element x in the accumulation type acc (float32 or float64), exactly."""
+    if INTERPRET_BF16 and x.dtype == tl.bfloat16:  # a bfloat16 is the top half of its float32
+        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(acc)
 
 
 @triton.jit
@@ -33,6 +46,11 @@ def to_out_dtype(x, dtype: tl.constexpr):
     the interpreter's direct float64 -> bfloat16 cast is an integer cast: garbage)."""
     if x.dtype == tl.float64 and dtype.primitive_bitwidth < 32:
         x = x.to(tl.float32)
+    if INTERPRET_BF16 and dtype == tl.bfloat16 and x.dtype == tl.float32:
+        # Round to nearest even on the bits (as c10::BFloat16 and the C++ kernels do); NaN stays a quiet NaN.
+        u = x.to(tl.uint32, bitcast=True)
+        r = tl.where(x != x, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype, fp_downcast_rounding="rtne")
 
 
@@ -53,7 +71,7 @@ def tol_gather_add_kernel(
                 mask=mask & id_ok[:, None], other=float("nan"))
     # Sum in float32 (float64 if an input is float64), round once to hidden's dtype.
     acc = tl.float64 if FP64 else tl.float32
-    out = to_out_dtype(h.to(acc) + r.to(acc), out_ptr.dtype.element_ty)
+    out = to_out_dtype(to_acc(h, acc) + to_acc(r, acc), out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * out_rs + cols[None, :], out, mask=mask)
 
 
