@@ -366,20 +366,28 @@ def check_gather(a: dict, backends: list[str]) -> None:
     want = reference.tol_gather_add(hidden, ids, table, layer)
     assert_reference_claims(want, hidden, rows)
     snap = Snapshot(hidden=hidden, ids=ids, table=table)
+    check_both("tol_gather_add", lambda h, b: mk.tol_gather_add(h, ids, table, layer, backend=b, check_ids=check_ids),
+               lambda h, b: mk.tol_gather_add_(h, ids, table, layer, backend=b, check_ids=check_ids),
+               hidden, hbase, want, snap, backends)
+
+
+def check_both(name: str, op, op_, hidden, hbase, want, snap: Snapshot, backends: list[str]) -> None:
+    """The functional op(hidden, backend) and the in-place op_(h, backend) (on a copy of hidden's buffer) of every
+    backend: want bit for bit, a contiguous output, its inputs unchanged, and op_ writing nothing outside h."""
     for b in ["reference"] + backends:
-        out = mk.tol_gather_add(hidden, ids, table, layer, backend=b, check_ids=check_ids)
+        out = op(hidden, b)
         assert out.is_contiguous(), f"{b}: a non-contiguous output {describe(out)}"
-        assert_bits(out, want, f"tol_gather_add {b}")
-        snap.unchanged(f"tol_gather_add {b}")
+        assert_bits(out, want, f"{name} {b}")
+        snap.unchanged(f"{name} {b}")
     if overlapping(hidden):
         return
     for b in ["reference"] + backends:
         base = hbase.clone()
         h = view_of(base, hidden)
-        assert mk.tol_gather_add_(h, ids, table, layer, backend=b, check_ids=check_ids) is h
-        assert_bits(h, want, f"tol_gather_add_ {b}")
-        assert_written_only_in(base, hbase, h, f"tol_gather_add_ {b}")
-        snap.unchanged(f"tol_gather_add_ {b}")
+        assert op_(h, b) is h
+        assert_bits(h, want, f"{name}_ {b}")
+        assert_written_only_in(base, hbase, h, f"{name}_ {b}")
+        snap.unchanged(f"{name}_ {b}")
 
 
 def test_gather_add_matches_reference():
@@ -437,20 +445,12 @@ def check_cached(a: dict, backends: list[str]) -> None:
     assert_bits(want, reference.tol_gather_add(hidden, ids, table, layer), "cached reference vs tol_gather_add over "
                 "the cached table")
     snap = Snapshot(hidden=hidden, ids=ids, slot_map=slot_map, cache=cache, host_table=host)
-    for b in ["reference"] + backends:
-        out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, host, layer, backend=b, check_ids=check_ids)
-        assert out.is_contiguous(), f"{b}: a non-contiguous output {describe(out)}"
-        assert_bits(out, want, f"tol_cached_gather_add {b}")
-        snap.unchanged(f"tol_cached_gather_add {b}")
-    if overlapping(hidden):
-        return
-    for b in ["reference"] + backends:
-        base = hbase.clone()
-        h = view_of(base, hidden)
-        assert mk.tol_cached_gather_add_(h, ids, slot_map, cache, host, layer, backend=b, check_ids=check_ids) is h
-        assert_bits(h, want, f"tol_cached_gather_add_ {b}")
-        assert_written_only_in(base, hbase, h, f"tol_cached_gather_add_ {b}")
-        snap.unchanged(f"tol_cached_gather_add_ {b}")
+    check_both("tol_cached_gather_add",
+               lambda h, b: mk.tol_cached_gather_add(h, ids, slot_map, cache, host, layer, backend=b,
+                                                     check_ids=check_ids),
+               lambda h, b: mk.tol_cached_gather_add_(h, ids, slot_map, cache, host, layer, backend=b,
+                                                      check_ids=check_ids),
+               hidden, hbase, want, snap, backends)
 
 
 def test_cached_gather_add_matches_reference():
