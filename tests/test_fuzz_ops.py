@@ -341,6 +341,15 @@ def kernels_for(small: bool) -> list[str]:
     return ["cpu"] + (["triton"] if TRITON and small else [])
 
 
+def fuzz_backends(name: str, n: int, draw, check) -> None:
+    """fuzz() of check(draw(rng, gen, case, small), backends): 30% of the cases small, run by Triton too."""
+    def body(rng, gen, case):
+        small = TRITON and rng.random() < 0.3
+        check(draw(rng, gen, case, small), kernels_for(small))
+
+    fuzz(name, n, body)
+
+
 # ================================================================ tol_gather_add(_)
 def draw_gather(rng, gen, case: dict, small: bool, valid_only: bool = False) -> dict:
     hd, td = draw_dtypes(rng)
@@ -391,11 +400,7 @@ def check_both(name: str, op, op_, hidden, hbase, want, snap: Snapshot, backends
 
 
 def test_gather_add_matches_reference():
-    def body(rng, gen, case):
-        small = TRITON and rng.random() < 0.3
-        check_gather(draw_gather(rng, gen, case, small), kernels_for(small))
-
-    fuzz("gather_add", 800, body)
+    fuzz_backends("gather_add", 800, draw_gather, check_gather)
 
 
 # ================================================================ tol_cached_gather_add(_)
@@ -454,11 +459,7 @@ def check_cached(a: dict, backends: list[str]) -> None:
 
 
 def test_cached_gather_add_matches_reference():
-    def body(rng, gen, case):
-        small = TRITON and rng.random() < 0.3
-        check_cached(draw_cached(rng, gen, case, small), kernels_for(small))
-
-    fuzz("cached_gather_add", 700, body)
+    fuzz_backends("cached_gather_add", 700, draw_cached, check_cached)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="Triton's interpreter only (TRITON_INTERPRET=1)")
@@ -559,11 +560,7 @@ def check_host_gather(a: dict, backends: list[str]) -> None:
 
 
 def test_host_gather_matches_reference():
-    def body(rng, gen, case):
-        small = TRITON and rng.random() < 0.3
-        check_host_gather(draw_host_gather(rng, gen, case, small), kernels_for(small))
-
-    fuzz("host_gather", 400, body)
+    fuzz_backends("host_gather", 400, draw_host_gather, check_host_gather)
 
 
 # ================================================================ tol_cache_prefetch
