@@ -76,6 +76,21 @@ __attribute__((always_inline)) inline void add_row(hidden_t* __restrict__ o, con
   }
 }
 
+// Starts loading the first kPrefetchBytes of a row a later token reads. Rows lie at random places in a table of
+// hundreds of MB (a 1b row is 4 KiB of bf16, a page of its own), so a row's first loads wait for a page walk and
+// DRAM, which the hardware prefetcher cannot foresee; asked one token ahead they overlap the current row's add,
+// and the prefetcher streams the rest of the row. Measured on the 2-core AMD EPYC VM (T=4096, d=2048, bf16,
+// in-place op against torch.add of the same bytes, interleaved in one process, medians of 25 rounds): no prefetch
+// 46-57%; 1 KiB one token ahead 57-70%; the whole 4 KiB row 48-64% (more lines than the core keeps in flight);
+// 1 KiB 2 tokens ahead 64-70%, 4 ahead 57-67%.
+constexpr int64_t kPrefetchBytes = 1024;
+
+inline void prefetch_row(const void* row, int64_t row_bytes) {
+  const char* p = static_cast<const char*>(row);
+  const int64_t n = std::min(row_bytes, kPrefetchBytes);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, /*read*/ 0, /*no temporal locality*/ 0);
+}
+
 // The row of an id outside the table (reachable only with check_ids=false): nothing is read, the row is NaN.
 template <typename hidden_t>
 inline void nan_row(hidden_t* o, int64_t d) {

@@ -37,6 +37,10 @@ template <typename hidden_t, typename table_t, typename index_t>
 __attribute__((always_inline)) inline void add_rows(const RowArgs<hidden_t, table_t, index_t>& a, int64_t begin,
                                                     int64_t end) {
   for (int64_t t = begin; t < end; ++t) {
+    if (t + 1 < end) {  // the next token's row (in range: the path with a bad id calls this one token at a time)
+      prefetch_row(a.table + static_cast<int64_t>(a.ids[t + 1]) * a.tv.row_stride + a.tv.layer_offset,
+                   a.d * static_cast<int64_t>(sizeof(table_t)));
+    }
     add_row(a.out + t * a.out_rs, a.hidden + t * a.hidden_rs,
             a.table + static_cast<int64_t>(a.ids[t]) * a.tv.row_stride + a.tv.layer_offset, a.d);
   }
