@@ -209,9 +209,9 @@ def test_cached_gather_add_matches_full_table(backend, device, hidden_dtype, tab
     out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, layer, backend=backend)
     assert torch.equal(hidden, before)
     full = table.to(device)
-    assert_matches_reference(out, hidden, ids, full, layer, backend)
+    assert_matches_reference(out, hidden, ids, full, layer)
     assert mk.tol_cached_gather_add_(hidden, ids, slot_map, cache, table, layer, backend=backend) is hidden
-    assert_matches_reference(hidden, before, ids, full, layer, backend)
+    assert_matches_reference(hidden, before, ids, full, layer)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -225,7 +225,7 @@ def test_cached_gather_add_float64_table(backend, device, hidden_dtype):
     hidden = torch.ones(VOCAB, 16, device=device).to(hidden_dtype)
     ids = torch.arange(VOCAB, device=device)  # every token: the cached ones hit, the rest miss
     out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, 2, backend=backend)
-    assert_matches_reference(out, hidden, ids, table.to(device), 2, backend)
+    assert_matches_reference(out, hidden, ids, table.to(device), 2)
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
@@ -242,7 +242,7 @@ def test_cached_gather_add_unchecked_bad_ids_give_nan_rows(backend, device, inpl
     out = fn(hidden, ids, slot_map, cache, table, 2, backend=backend, check_ids=False)
     assert torch.isnan(out[[1, 2, 4, 5]]).all()
     good = torch.tensor([0, 3], device=device)
-    assert_matches_reference(out[good], before[good], ids[good], table.to(device), 2, backend)
+    assert_matches_reference(out[good], before[good], ids[good], table.to(device), 2)
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
@@ -256,7 +256,7 @@ def test_cached_gather_add_with_an_empty_cache_and_huge_vocabulary(backend, devi
     ids = torch.tensor([V - 1, 0, V - 2, V - 1], device=device, dtype=torch.int32)
     hidden = torch.randn(4, 8, device=device, dtype=torch.bfloat16)
     out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, 1, backend=backend)
-    assert_matches_reference(out, hidden, ids, table.to(device), 1, backend)
+    assert_matches_reference(out, hidden, ids, table.to(device), 1)
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
@@ -412,10 +412,10 @@ def test_cached_gather_add_strided_and_leading_dims(backend, device):
     ids = torch.randint(0, VOCAB, (3, 5), device=device)
     assert not hidden.is_contiguous()
     out = mk.tol_cached_gather_add(hidden, ids, slot_map, cache, table, 1, backend=backend)
-    assert_matches_reference(out, hidden, ids, table.to(device), 1, backend)
+    assert_matches_reference(out, hidden, ids, table.to(device), 1)
     before = hidden.clone()
     mk.tol_cached_gather_add_(hidden, ids, slot_map, cache, table, 1, backend=backend)
-    assert_matches_reference(hidden, before, ids, table.to(device), 1, backend)
+    assert_matches_reference(hidden, before, ids, table.to(device), 1)
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)

@@ -32,7 +32,7 @@ def _interpreted(backend):
     return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def assert_matches_reference(out, hidden, ids, table, layer, backend):
+def assert_matches_reference(out, hidden, ids, table, layer):
     expected = reference.tol_gather_add(hidden, ids, table, layer)
     assert out.dtype == expected.dtype and out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=False)
@@ -60,10 +60,10 @@ def test_matches_reference(backend, device, hidden_dtype, table_dtype, T, d, lay
     before = hidden.clone()
     out = mk.tol_gather_add(hidden, ids, table, layer, backend=backend)
     assert torch.equal(hidden, before), "the functional op modified its input"
-    assert_matches_reference(out, hidden, ids, table, layer, backend)
+    assert_matches_reference(out, hidden, ids, table, layer)
     ret = mk.tol_gather_add_(hidden, ids, table, layer, backend=backend)
     assert ret is hidden
-    assert_matches_reference(hidden, before, ids, table, layer, backend)
+    assert_matches_reference(hidden, before, ids, table, layer)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -78,7 +78,7 @@ def test_float64_operands(backend, device, hidden_dtype, table_dtype):
     ids[2] = 0
     table[0, 2, :2] = torch.tensor([2**-8 + 2**-30, 2**-11 + 2**-40], dtype=torch.float64).to(table_dtype)
     hidden[2] = 1
-    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 2, backend=backend), hidden, ids, table, 2, backend)
+    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 2, backend=backend), hidden, ids, table, 2)
 
 
 def strided(kind, T, d, dtype, device):
@@ -99,9 +99,9 @@ def test_strided_hidden(backend, device, kind, T, d, hidden_dtype, table_dtype):
     hidden = strided(kind, T, d, hidden_dtype, device)
     assert not hidden.is_contiguous()
     before = hidden.clone()
-    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 3, backend=backend), hidden, ids, table, 3, backend)
+    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 3, backend=backend), hidden, ids, table, 3)
     mk.tol_gather_add_(hidden, ids, table, 3, backend=backend)
-    assert_matches_reference(hidden, before, ids, table, 3, backend)
+    assert_matches_reference(hidden, before, ids, table, 3)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -113,13 +113,13 @@ def test_leading_dims_and_transposed(backend, device):
     assert not hidden.is_contiguous()
     out = mk.tol_gather_add(hidden, ids, table, 2, backend=backend)
     assert out.shape == (3, 5, 64) and out.is_contiguous()
-    assert_matches_reference(out, hidden, ids, table, 2, backend)
+    assert_matches_reference(out, hidden, ids, table, 2)
     before = hidden.clone()
     mk.tol_gather_add_(hidden, ids, table, 2, backend=backend)
-    assert_matches_reference(hidden, before, ids, table, 2, backend)
+    assert_matches_reference(hidden, before, ids, table, 2)
     one_token = torch.randn(64, device=device, dtype=torch.bfloat16)  # hidden [d], ids []
     out = mk.tol_gather_add(one_token, torch.tensor(7, device=device), table, 0, backend=backend)
-    assert_matches_reference(out, one_token, torch.tensor(7, device=device), table, 0, backend)
+    assert_matches_reference(out, one_token, torch.tensor(7, device=device), table, 0)
 
 
 @pytest.mark.parametrize("backend,device", WITH_REFERENCE)
@@ -133,7 +133,7 @@ def test_strided_ids_and_layer_major_table(backend, device):
     hidden = torch.randn(4, 24, device=device)
     for layer in range(3):
         out = mk.tol_gather_add(hidden, ids, table, layer, backend=backend)
-        assert_matches_reference(out, hidden, ids.contiguous(), table.contiguous(), layer, backend)
+        assert_matches_reference(out, hidden, ids.contiguous(), table.contiguous(), layer)
 
 
 @pytest.mark.parametrize("backend,device", WITH_REFERENCE)
@@ -157,7 +157,7 @@ def test_huge_vocab_ids(backend, device):
     table = torch.randn(V, L, d, device=device, dtype=torch.bfloat16)
     ids = torch.tensor([V - 1, 0, 100_000, V - 1, 65_536], device=device, dtype=torch.int32)
     hidden = torch.randn(5, d, device=device, dtype=torch.bfloat16)
-    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 1, backend=backend), hidden, ids, table, 1, backend)
+    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 1, backend=backend), hidden, ids, table, 1)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -172,7 +172,7 @@ def test_offsets_beyond_int32(backend, device):
     table[ids] = torch.randn(3, L, d, device=device, dtype=torch.bfloat16)
     hidden = torch.randn(3, d, device=device, dtype=torch.bfloat16)
     assert (V - 1) * L * d + d > 2**31
-    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 1, backend=backend), hidden, ids, table, 1, backend)
+    assert_matches_reference(mk.tol_gather_add(hidden, ids, table, 1, backend=backend), hidden, ids, table, 1)
     del table
 
 
@@ -190,7 +190,7 @@ def test_unchecked_bad_ids_never_read_out_of_bounds(backend, device, inplace):
         out = mk.tol_gather_add(hidden, ids, table, 3, backend=backend, check_ids=False)
     assert torch.isnan(out[[2, 4]]).all()
     good = torch.tensor([0, 1, 3, 5], device=device)
-    assert_matches_reference(out[good], before[good], ids[good], table, 3, backend)
+    assert_matches_reference(out[good], before[good], ids[good], table, 3)
 
 
 @pytest.mark.parametrize("backend,device", WITH_REFERENCE)
@@ -588,7 +588,7 @@ def test_torch_compile_fullgraph_checks_ids(backend, device):
         with pytest.raises(Exception, match="cannot compile a Triton kernel run by the interpreter"):
             compiled(h, ids)
         return
-    assert_matches_reference(compiled(h, ids), reference.tol_gather_add(h, ids, table, 0), ids, table, 1, backend)
+    assert_matches_reference(compiled(h, ids), reference.tol_gather_add(h, ids, table, 0), ids, table, 1)
     with pytest.raises(IndexError, match=r"id 10 \(at flat position 1 of ids\) is outside \[0, V\)"):
         compiled(h, torch.tensor([1, 10, 0], device=device))
 
